@@ -1,0 +1,109 @@
+//! Types and constants shared by the eBPF programs and the netwatch loader.
+//!
+//! Everything here crosses the kernel boundary byte for byte: each struct is
+//! `#[repr(C)]`, ordered large to small, with explicit padding.
+#![no_std]
+
+/// Name of the ring buffer map that carries [`StateEvent`]s to user space.
+pub const EVENTS_MAP: &str = "EVENTS";
+/// Name of the per-CPU array (one `u64` slot) counting events the ring buffer refused.
+pub const DROPS_MAP: &str = "DROPS";
+/// Name of the tracepoint program.
+pub const STATE_PROGRAM: &str = "inet_sock_set_state";
+
+/// `IPPROTO_TCP`: the tracepoint also fires for SCTP and MPTCP sockets.
+pub const IPPROTO_TCP: u16 = 6;
+/// `AF_INET`.
+pub const AF_INET: u16 = 2;
+/// `AF_INET6`.
+pub const AF_INET6: u16 = 10;
+
+/// Field offsets of `sock:inet_sock_set_state`, a stable tracepoint ABI.
+///
+/// The loader checks them against
+/// `/sys/kernel/tracing/events/sock/inet_sock_set_state/format` before attaching.
+pub mod tracepoint {
+    /// `const void *skaddr`
+    pub const SKADDR: usize = 8;
+    /// `int oldstate`
+    pub const OLDSTATE: usize = 16;
+    /// `int newstate`
+    pub const NEWSTATE: usize = 20;
+    /// `__u16 sport`
+    pub const SPORT: usize = 24;
+    /// `__u16 dport`
+    pub const DPORT: usize = 26;
+    /// `__u16 family`
+    pub const FAMILY: usize = 28;
+    /// `__u16 protocol`
+    pub const PROTOCOL: usize = 30;
+    /// `__u8 saddr[4]`
+    pub const SADDR: usize = 32;
+    /// `__u8 daddr[4]`
+    pub const DADDR: usize = 36;
+    /// `__u8 saddr_v6[16]`
+    pub const SADDR_V6: usize = 40;
+    /// `__u8 daddr_v6[16]`
+    pub const DADDR_V6: usize = 56;
+
+    /// Every field as (name, offset, size), for checking the format file.
+    pub const FIELDS: [(&str, usize, usize); 11] = [
+        ("skaddr", SKADDR, 8),
+        ("oldstate", OLDSTATE, 4),
+        ("newstate", NEWSTATE, 4),
+        ("sport", SPORT, 2),
+        ("dport", DPORT, 2),
+        ("family", FAMILY, 2),
+        ("protocol", PROTOCOL, 2),
+        ("saddr", SADDR, 4),
+        ("daddr", DADDR, 4),
+        ("saddr_v6", SADDR_V6, 16),
+        ("daddr_v6", DADDR_V6, 16),
+    ];
+}
+
+/// One TCP state transition, as the kernel saw it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateEvent {
+    /// `bpf_ktime_get_ns()` at the transition (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    /// Kernel address of the socket: stable for the socket's life, reused after it.
+    pub skaddr: u64,
+    /// Local address; an IPv4 address fills the first 4 bytes.
+    pub saddr: [u8; 16],
+    /// Remote address; an IPv4 address fills the first 4 bytes.
+    pub daddr: [u8; 16],
+    /// Name of the thread on the CPU when the state changed (often not the owner).
+    pub comm: [u8; 16],
+    /// Thread group id of the task on the CPU when the state changed.
+    pub tgid: u32,
+    /// Local port, host byte order.
+    pub sport: u16,
+    /// Remote port, host byte order.
+    pub dport: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// Kernel TCP state before the change (`TCP_ESTABLISHED` = 1 ...).
+    pub oldstate: u8,
+    /// Kernel TCP state after the change.
+    pub newstate: u8,
+    /// Explicit padding to a multiple of 8 bytes.
+    pub _pad: [u8; 4],
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `StateEvent` is `repr(C)`, `Copy`, has no implicit padding and every bit pattern is valid.
+unsafe impl aya::Pod for StateEvent {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_event_has_no_implicit_padding() {
+        let fields = 8 + 8 + 16 + 16 + 16 + 4 + 2 + 2 + 2 + 1 + 1 + 4;
+        assert_eq!(core::mem::size_of::<StateEvent>(), fields);
+        assert_eq!(core::mem::size_of::<StateEvent>() % 8, 0);
+    }
+}

@@ -1,0 +1,164 @@
+//! Command line: `netwatch [watch]` streams, `netwatch snapshot` is a faster `netstat -ntp`.
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::socket::TcpState;
+use crate::table::Tuple;
+
+/// Live TCP connection monitor: a /proc snapshot kept current by eBPF.
+///
+/// With no subcommand, streams every TCP state transition (needs root).
+#[derive(Debug, Parser)]
+#[command(name = "netwatch", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub watch: WatchArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Stream TCP state transitions live (the default; needs root).
+    Watch(WatchArgs),
+    /// Print the sockets and their processes once, like `netstat -ntp` (no root needed).
+    Snapshot(SnapshotArgs),
+}
+
+/// Filters shared by snapshot and watch.
+#[derive(Debug, Args, Clone, Default)]
+pub struct Filters {
+    /// IPv4 sockets only.
+    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
+    pub ipv4: bool,
+    /// IPv6 sockets only (including IPv4-mapped addresses).
+    #[arg(short = '6', long = "ipv6")]
+    pub ipv6: bool,
+    /// Only sockets with this local or remote port.
+    #[arg(long, value_name = "N")]
+    pub port: Option<u16>,
+    /// Only sockets owned by this process.
+    #[arg(long, value_name = "N")]
+    pub pid: Option<u32>,
+    /// Only sockets in this state (ESTABLISHED, time-wait, LISTEN, ...).
+    #[arg(long, value_name = "NAME", value_parser = parse_state)]
+    pub state: Option<TcpState>,
+}
+
+/// `netwatch snapshot` flags, as netstat spells them.
+#[derive(Debug, Args, Clone, Default)]
+pub struct SnapshotArgs {
+    /// TCP sockets (the default when neither -t nor -u is given).
+    #[arg(short = 't', long = "tcp")]
+    pub tcp: bool,
+    /// UDP sockets.
+    #[arg(short = 'u', long = "udp")]
+    pub udp: bool,
+    /// Listening sockets only (unconnected ones, for UDP).
+    #[arg(short = 'l', long = "listening", conflicts_with = "all")]
+    pub listening: bool,
+    /// Sockets in every state (default: all but listening, as netstat).
+    #[arg(short = 'a', long = "all")]
+    pub all: bool,
+    /// Numeric addresses: accepted for netstat habits, netwatch never resolves names.
+    #[arg(short = 'n', long = "numeric")]
+    pub numeric: bool,
+    /// Show the PID/Program name column.
+    #[arg(short = 'p', long = "program")]
+    pub program: bool,
+    /// Show the User (uid) and Inode columns.
+    #[arg(short = 'e', long = "extend")]
+    pub extend: bool,
+    /// One JSON object per socket per line.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub filters: Filters,
+}
+
+/// `netwatch watch` flags.
+#[derive(Debug, Args, Clone)]
+pub struct WatchArgs {
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+    /// Also print each socket of the starting /proc baseline once.
+    #[arg(long)]
+    pub baseline: bool,
+    /// Ring buffer size in KiB (a power of two, at least 4).
+    #[arg(long, value_name = "KIB", default_value_t = 16384, value_parser = parse_ring_kib)]
+    pub ring_buffer_kib: u32,
+    /// After lost events, keep going without re-reading /proc (the table may drift).
+    #[arg(long)]
+    pub no_resync: bool,
+    #[command(flatten)]
+    pub filters: Filters,
+}
+
+impl Filters {
+    /// Whether a socket passes the filters. `states` are the states the
+    /// socket is seen in: one for a snapshot, old and new for a transition.
+    pub fn matches(&self, tuple: &Tuple, pid: Option<u32>, states: &[TcpState]) -> bool {
+        (!self.ipv4 || !tuple.proto.is_ipv6())
+            && (!self.ipv6 || tuple.proto.is_ipv6())
+            && self
+                .port
+                .is_none_or(|port| tuple.local.port() == port || tuple.remote.port() == port)
+            && self.pid.is_none_or(|wanted| pid == Some(wanted))
+            && self.state.is_none_or(|wanted| states.contains(&wanted))
+    }
+}
+
+fn parse_state(name: &str) -> Result<TcpState, String> {
+    TcpState::from_name(name).ok_or_else(|| {
+        format!("unknown TCP state '{name}' (try ESTABLISHED, SYN_SENT, TIME_WAIT, LISTEN, ...)")
+    })
+}
+
+fn parse_ring_kib(value: &str) -> Result<u32, String> {
+    let kib: u32 = value
+        .parse()
+        .map_err(|_| format!("'{value}' is not a size in KiB"))?;
+    if kib < 4 || !kib.is_power_of_two() || kib > (1 << 20) {
+        return Err(format!(
+            "ring buffer size must be a power of two from 4 to 1048576 KiB, not {kib}"
+        ));
+    }
+    Ok(kib)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("netwatch").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn no_subcommand_means_watch() {
+        let cli = parse(&["--json", "--port", "80"]).unwrap();
+        assert!(cli.command.is_none());
+        assert!(cli.watch.json);
+        assert_eq!(cli.watch.filters.port, Some(80));
+    }
+
+    #[test]
+    fn netstat_flags_combine() {
+        let cli = parse(&["snapshot", "-tanp", "--state", "time-wait"]).unwrap();
+        let Some(Command::Snapshot(args)) = cli.command else {
+            panic!("expected the snapshot subcommand");
+        };
+        assert!(args.tcp && args.all && args.numeric && args.program);
+        assert_eq!(args.filters.state, Some(TcpState::TimeWait));
+    }
+
+    #[test]
+    fn bad_input_is_an_error_not_a_panic() {
+        assert!(parse(&["snapshot", "--state", "nope"]).is_err());
+        assert!(parse(&["snapshot", "--port", "70000"]).is_err());
+        assert!(parse(&["snapshot", "-l", "-a"]).is_err());
+        assert!(parse(&["--ring-buffer-kib", "1000"]).is_err());
+        assert!(parse(&["snapshot", "-4", "-6"]).is_err());
+    }
+}

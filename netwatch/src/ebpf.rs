@@ -1,0 +1,354 @@
+//! Loads netwatch's eBPF program, attaches it to `sock:inet_sock_set_state`
+//! and reads its transitions and loss counters.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::Path;
+
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::programs::TracePoint;
+use aya::{Ebpf, EbpfLoader};
+use netwatch_common::{tracepoint, StateEvent, AF_INET6, DROPS_MAP, EVENTS_MAP, STATE_PROGRAM};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+use crate::socket::{Proto, TcpState};
+use crate::table::{Transition, Tuple};
+
+/// Where tracefs is mounted on current systems.
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+const FORMAT: &str = "events/sock/inet_sock_set_state/format";
+
+/// Why the probe could not start, each with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("netwatch needs root (CAP_BPF and CAP_PERFMON) to load its eBPF programs: run it with sudo, or use `netwatch snapshot`, which needs no root")]
+    NotRoot,
+    #[error("tracefs is not mounted at {TRACEFS} and mounting it failed ({0}): mount it with `mount -t tracefs tracefs {TRACEFS}`")]
+    NoTracefs(io::Error),
+    #[error(
+        "this kernel has no sock:inet_sock_set_state tracepoint (it needs Linux 4.16 or later)"
+    )]
+    NoTracepoint,
+    #[error("the sock:inet_sock_set_state tracepoint has an unexpected layout ({0}); this kernel is not supported")]
+    Layout(String),
+    #[error("loading the eBPF program failed: {0}")]
+    Load(String),
+}
+
+/// The attached program, its ring buffer and its loss counters.
+pub struct StateProbe {
+    ring: AsyncFd<RingBuf<MapData>>,
+    drops: PerCpuArray<MapData, u64>,
+    program_fd: i32,
+    // Owns the program and its link: dropping it detaches everything.
+    _ebpf: Ebpf,
+}
+
+/// Loss counters since the program was loaded; both only ever grow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LossCounters {
+    /// Events the ring buffer had no room for.
+    pub ring_buffer_full: u64,
+    /// Calls the kernel skipped because the program was already running on that CPU.
+    pub recursion: u64,
+}
+
+impl StateProbe {
+    /// Checks the prerequisites, loads the program with a ring buffer of
+    /// `ring_bytes` and attaches it. Transitions flow from here on.
+    pub fn attach(ring_bytes: u32) -> Result<StateProbe, ProbeError> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(ProbeError::NotRoot);
+        }
+        ensure_tracefs()?;
+        check_layout(&Path::new(TRACEFS).join(FORMAT))?;
+        raise_memlock_limit();
+        let load = |err: &dyn std::fmt::Display| ProbeError::Load(err.to_string());
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(EVENTS_MAP, ring_bytes)
+            .load(aya::include_bytes_aligned!(concat!(
+                env!("OUT_DIR"),
+                "/netwatch"
+            )))
+            .map_err(|err| load(&err))?;
+        let program: &mut TracePoint = ebpf
+            .program_mut(STATE_PROGRAM)
+            .ok_or_else(|| {
+                ProbeError::Load(format!("program {STATE_PROGRAM} missing from the object"))
+            })?
+            .try_into()
+            .map_err(|err| load(&err))?;
+        program.load().map_err(|err| load(&err))?;
+        program
+            .attach("sock", "inet_sock_set_state")
+            .map_err(|err| load(&err))?;
+        let program_fd = program.fd().map_err(|err| load(&err))?.as_fd().as_raw_fd();
+        let ring = take_map(&mut ebpf, EVENTS_MAP)?;
+        let ring = RingBuf::try_from(ring).map_err(|err| load(&err))?;
+        // SAFETY: the ring buffer owns its map fd, which stays open and the
+        // same for as long as the AsyncFd (which owns the ring buffer) lives.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+            .map_err(|err| load(&err))?;
+        let drops =
+            PerCpuArray::try_from(take_map(&mut ebpf, DROPS_MAP)?).map_err(|err| load(&err))?;
+        Ok(StateProbe {
+            ring,
+            drops,
+            program_fd,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// Waits until the ring buffer has events, then hands each to `handle`
+    /// until it is empty.
+    pub async fn drain(&mut self, mut handle: impl FnMut(StateEvent)) -> io::Result<()> {
+        let mut guard = self.ring.readable_mut().await?;
+        drain_ready(guard.get_inner_mut(), &mut handle);
+        guard.clear_ready();
+        Ok(())
+    }
+
+    /// Hands every event already in the ring buffer to `handle`, without waiting.
+    pub fn drain_now(&mut self, mut handle: impl FnMut(StateEvent)) {
+        drain_ready(self.ring.get_mut(), &mut handle);
+    }
+
+    /// Reads both loss counters from the kernel.
+    pub fn losses(&self) -> io::Result<LossCounters> {
+        let per_cpu = self.drops.get(&0, 0).map_err(io::Error::other)?;
+        Ok(LossCounters {
+            ring_buffer_full: per_cpu.iter().sum(),
+            recursion: recursion_misses(self.program_fd)?,
+        })
+    }
+}
+
+/// The transition an event describes; `None` for a state number the kernel should not send.
+pub fn to_transition(event: &StateEvent) -> Option<Transition> {
+    let ipv6 = event.family == AF_INET6;
+    let ip = |bytes: [u8; 16]| -> IpAddr {
+        if ipv6 {
+            IpAddr::V6(Ipv6Addr::from(bytes))
+        } else {
+            IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+        }
+    };
+    let comm_len = event
+        .comm
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(event.comm.len());
+    Some(Transition {
+        ts_ns: event.ts_ns,
+        skaddr: event.skaddr,
+        tuple: Tuple {
+            proto: Proto::tcp_for(ipv6),
+            local: SocketAddr::new(ip(event.saddr), event.sport),
+            remote: SocketAddr::new(ip(event.daddr), event.dport),
+        },
+        old: TcpState::from_kernel(event.oldstate)?,
+        new: TcpState::from_kernel(event.newstate)?,
+        task_pid: event.tgid,
+        task_comm: String::from_utf8_lossy(&event.comm[..comm_len]).into_owned(),
+    })
+}
+
+fn drain_ready(ring: &mut RingBuf<MapData>, handle: &mut impl FnMut(StateEvent)) {
+    while let Some(item) = ring.next() {
+        if item.len() >= size_of::<StateEvent>() {
+            // SAFETY: the kernel wrote a whole StateEvent (checked length); any bit pattern is valid.
+            handle(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<StateEvent>()) });
+        }
+    }
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map, ProbeError> {
+    ebpf.take_map(name)
+        .ok_or_else(|| ProbeError::Load(format!("map {name} missing from the object")))
+}
+
+/// Mounts tracefs when it is missing (netwatch runs as root here).
+fn ensure_tracefs() -> Result<(), ProbeError> {
+    let events = Path::new(TRACEFS).join("events");
+    if events.is_dir() {
+        return tracepoint_present(&events);
+    }
+    let target = c"/sys/kernel/tracing";
+    // SAFETY: every pointer is a valid NUL-terminated string; data may be null.
+    let ret = unsafe {
+        libc::mount(
+            c"tracefs".as_ptr(),
+            target.as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if ret != 0 {
+        return Err(ProbeError::NoTracefs(io::Error::last_os_error()));
+    }
+    tracepoint_present(&events)
+}
+
+fn tracepoint_present(events: &Path) -> Result<(), ProbeError> {
+    if events.join("sock/inet_sock_set_state").is_dir() {
+        Ok(())
+    } else {
+        Err(ProbeError::NoTracepoint)
+    }
+}
+
+/// Compares the tracepoint's format file with the offsets the program reads.
+fn check_layout(format: &Path) -> Result<(), ProbeError> {
+    let text = std::fs::read_to_string(format)
+        .map_err(|err| ProbeError::Layout(format!("cannot read {}: {err}", format.display())))?;
+    layout_mismatch(&text).map_or(Ok(()), |mismatch| Err(ProbeError::Layout(mismatch)))
+}
+
+/// The first field whose offset or size differs from netwatch-common's, if any.
+fn layout_mismatch(format: &str) -> Option<String> {
+    for (name, offset, size) in tracepoint::FIELDS {
+        let found = format.lines().find_map(|line| {
+            let (declaration, rest) = line.trim().strip_prefix("field:")?.split_once(';')?;
+            let field = declaration.rsplit([' ', '*']).next()?;
+            let field = field.split('[').next()?;
+            (field == name).then_some(rest)
+        });
+        let Some(rest) = found else {
+            return Some(format!("field {name} is missing"));
+        };
+        let expected = format!("offset:{offset};\tsize:{size};");
+        if !rest.trim().starts_with(&expected) {
+            return Some(format!(
+                "field {name} is at {}, expected {expected}",
+                rest.trim()
+            ));
+        }
+    }
+    None
+}
+
+/// Older kernels charge BPF maps to RLIMIT_MEMLOCK.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid rlimit; failure only matters on old kernels.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+}
+
+/// `bpf_prog_info.recursion_misses`, which aya's ProgramInfo does not expose.
+fn recursion_misses(program_fd: i32) -> io::Result<u64> {
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    // SAFETY: bpf_prog_info is plain old data.
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut attr = InfoByFd {
+        bpf_fd: program_fd as u32,
+        info_len: size_of_val(&info) as u32,
+        info: &raw mut info as u64,
+    };
+    // SAFETY: attr points at a valid bpf_prog_info of the size it states.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            aya_obj::generated::bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as i32,
+            &raw mut attr,
+            size_of::<InfoByFd>(),
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.recursion_misses)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netwatch_common::AF_INET;
+
+    const FORMAT_6_18: &str = "name: inet_sock_set_state
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;
+\tfield:int newstate;\toffset:20;\tsize:4;\tsigned:1;
+\tfield:__u16 sport;\toffset:24;\tsize:2;\tsigned:0;
+\tfield:__u16 dport;\toffset:26;\tsize:2;\tsigned:0;
+\tfield:__u16 family;\toffset:28;\tsize:2;\tsigned:0;
+\tfield:__u16 protocol;\toffset:30;\tsize:2;\tsigned:0;
+\tfield:__u8 saddr[4];\toffset:32;\tsize:4;\tsigned:0;
+\tfield:__u8 daddr[4];\toffset:36;\tsize:4;\tsigned:0;
+\tfield:__u8 saddr_v6[16];\toffset:40;\tsize:16;\tsigned:0;
+\tfield:__u8 daddr_v6[16];\toffset:56;\tsize:16;\tsigned:0;
+";
+
+    #[test]
+    fn events_become_transitions() {
+        let mut event = StateEvent {
+            ts_ns: 5,
+            skaddr: 0xffff_8880_0000_1000,
+            saddr: [0; 16],
+            daddr: [0; 16],
+            comm: [0; 16],
+            tgid: 42,
+            sport: 8080,
+            dport: 40000,
+            family: AF_INET,
+            oldstate: 10,
+            newstate: 3,
+            _pad: [0; 4],
+        };
+        event.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        event.daddr[..4].copy_from_slice(&[127, 0, 0, 2]);
+        event.comm[..4].copy_from_slice(b"curl");
+        let t = to_transition(&event).unwrap();
+        assert_eq!(t.tuple.proto, Proto::Tcp);
+        assert_eq!(t.tuple.local, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(t.tuple.remote, "127.0.0.2:40000".parse().unwrap());
+        assert_eq!((t.old, t.new), (TcpState::Listen, TcpState::SynRecv));
+        assert_eq!((t.task_pid, t.task_comm.as_str()), (42, "curl"));
+
+        event.family = AF_INET6;
+        event.saddr = std::net::Ipv6Addr::LOCALHOST.octets();
+        assert_eq!(
+            to_transition(&event).unwrap().tuple.local,
+            "[::1]:8080".parse().unwrap()
+        );
+        event.newstate = 0;
+        assert_eq!(to_transition(&event), None);
+    }
+
+    #[test]
+    fn the_documented_layout_matches() {
+        assert_eq!(layout_mismatch(FORMAT_6_18), None);
+    }
+
+    #[test]
+    fn a_moved_or_missing_field_is_reported() {
+        let moved = FORMAT_6_18.replace("offset:24;\tsize:2", "offset:26;\tsize:2");
+        assert!(layout_mismatch(&moved).unwrap().contains("sport"));
+        let missing = FORMAT_6_18.replace("saddr_v6", "other");
+        assert!(layout_mismatch(&missing)
+            .unwrap()
+            .contains("saddr_v6 is missing"));
+    }
+
+    #[test]
+    fn this_kernel_has_the_expected_layout() {
+        let format = Path::new(TRACEFS).join(FORMAT);
+        if !format.exists() {
+            ensure_tracefs().expect("tests run as root and can mount tracefs");
+        }
+        check_layout(&format).expect("the running kernel's layout matches");
+    }
+}

@@ -1,0 +1,360 @@
+//! What netwatch prints: netstat-style tables, tcpstates-style lines, and JSON lines.
+
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::snapshot::SnapshotEntry;
+use crate::socket::{format_endpoint, Owner, Proto, TcpState};
+use crate::table::Tuple;
+
+/// Which optional columns the snapshot table has.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SnapshotColumns {
+    /// PID/Program name (`-p`).
+    pub program: bool,
+    /// User and Inode (`-e`).
+    pub extend: bool,
+}
+
+/// netstat's title line for the states shown.
+pub fn snapshot_title(listening: bool, all: bool) -> &'static str {
+    match (listening, all) {
+        (true, _) => "Active Internet connections (only servers)",
+        (false, true) => "Active Internet connections (servers and established)",
+        (false, false) => "Active Internet connections (w/o servers)",
+    }
+}
+
+/// Writes sockets as netstat does, columns widened to fit IPv6 addresses.
+pub fn write_snapshot_text(
+    out: &mut impl Write,
+    title: &str,
+    entries: &[&SnapshotEntry],
+    columns: SnapshotColumns,
+) -> io::Result<()> {
+    let rows: Vec<[String; 2]> = entries
+        .iter()
+        .map(|entry| {
+            [
+                format_endpoint(entry.socket.local),
+                format_endpoint(entry.socket.remote),
+            ]
+        })
+        .collect();
+    let width = |column: usize, header: &str| {
+        rows.iter()
+            .map(|row| row[column].len())
+            .chain([23, header.len()])
+            .max()
+            .unwrap_or(23)
+    };
+    let (local_w, remote_w) = (width(0, "Local Address"), width(1, "Foreign Address"));
+    writeln!(out, "{title}")?;
+    write!(
+        out,
+        "Proto Recv-Q Send-Q {:local_w$} {:remote_w$} State      ",
+        "Local Address", "Foreign Address"
+    )?;
+    if columns.extend {
+        write!(out, " User       Inode     ")?;
+    }
+    if columns.program {
+        write!(out, " PID/Program name")?;
+    }
+    writeln!(out)?;
+    for (entry, [local, remote]) in entries.iter().zip(&rows) {
+        let socket = &entry.socket;
+        write!(
+            out,
+            "{:<5} {:>6} {:>6} {local:local_w$} {remote:remote_w$} {:<11}",
+            socket.proto.name(),
+            socket.rx_queue,
+            socket.tx_queue,
+            text_state(socket.proto, socket.state),
+        )?;
+        if columns.extend {
+            write!(out, " {:<10} {:<10}", socket.uid, socket.inode)?;
+        }
+        if columns.program {
+            match &entry.owner {
+                Some(owner) => write!(out, " {}/{}", owner.pid, owner.program)?,
+                None => write!(out, " -")?,
+            }
+        }
+        writeln!(out)?;
+    }
+    Ok(())
+}
+
+/// netstat leaves the state of an unconnected UDP socket blank.
+fn text_state(proto: Proto, state: TcpState) -> &'static str {
+    if !proto.is_tcp() && state == TcpState::Close {
+        ""
+    } else {
+        state.name()
+    }
+}
+
+/// One socket of a snapshot, as `netwatch snapshot --json` prints it.
+#[derive(Debug, Serialize)]
+pub struct SocketRecord<'a> {
+    pub proto: &'static str,
+    pub local_addr: String,
+    pub local_port: u16,
+    pub remote_addr: String,
+    pub remote_port: u16,
+    pub state: &'static str,
+    pub inode: u64,
+    pub uid: u32,
+    pub pid: Option<u32>,
+    pub program: Option<&'a str>,
+}
+
+impl<'a> SocketRecord<'a> {
+    /// The record of a snapshot entry.
+    pub fn new(entry: &'a SnapshotEntry) -> SocketRecord<'a> {
+        let socket = &entry.socket;
+        SocketRecord {
+            proto: socket.proto.name(),
+            local_addr: socket.local.ip().to_string(),
+            local_port: socket.local.port(),
+            remote_addr: socket.remote.ip().to_string(),
+            remote_port: socket.remote.port(),
+            state: socket.state.name(),
+            inode: socket.inode,
+            uid: socket.uid,
+            pid: entry.owner.as_ref().map(|owner| owner.pid),
+            program: entry.owner.as_ref().map(|owner| owner.program.as_str()),
+        }
+    }
+}
+
+/// Writes one value as a JSON line.
+pub fn write_json_line(out: &mut impl Write, value: &impl Serialize) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, value)?;
+    out.write_all(b"\n")
+}
+
+/// RFC 3339 in UTC with microseconds.
+pub fn rfc3339(time: SystemTime) -> String {
+    humantime::format_rfc3339_micros(time).to_string()
+}
+
+/// A record of the live stream (`netwatch --json`), tagged by `type`.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum StreamRecord<'a> {
+    /// One TCP state transition.
+    State {
+        ts: String,
+        pid: Option<u32>,
+        program: Option<&'a str>,
+        proto: &'static str,
+        local_addr: String,
+        local_port: u16,
+        remote_addr: String,
+        remote_port: u16,
+        old_state: &'static str,
+        new_state: &'static str,
+        ms: Option<f64>,
+    },
+    /// A socket that existed when netwatch started (`--baseline`).
+    Baseline {
+        ts: String,
+        pid: Option<u32>,
+        program: Option<&'a str>,
+        proto: &'static str,
+        local_addr: String,
+        local_port: u16,
+        remote_addr: String,
+        remote_port: u16,
+        state: &'static str,
+        inode: u64,
+        uid: u32,
+    },
+    /// Transitions the kernel could not deliver.
+    Lost {
+        ts: String,
+        count: u64,
+        cause: LossCause,
+    },
+    /// The table was rebuilt from a fresh /proc snapshot.
+    Resync { ts: String, sockets: usize },
+}
+
+/// Why transitions were lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossCause {
+    /// The ring buffer had no room (user space fell behind).
+    RingBufferFull,
+    /// The kernel skipped the program: it was already running on that CPU.
+    Recursion,
+}
+
+impl LossCause {
+    /// How a person reads the cause.
+    pub fn describe(self) -> &'static str {
+        match self {
+            LossCause::RingBufferFull => "ring buffer full",
+            LossCause::Recursion => "kernel skipped nested calls of the program",
+        }
+    }
+}
+
+/// Header of the text stream, tcpstates' columns.
+pub const STREAM_HEADER: &str = "TIME            PID     COMM             LADDR:LPORT                  RADDR:RPORT                  OLDSTATE     -> NEWSTATE        MS";
+
+/// One transition as a text line.
+pub fn write_state_text(
+    out: &mut impl Write,
+    ts: &str,
+    owner: Option<&Owner>,
+    tuple: &Tuple,
+    old: TcpState,
+    new: TcpState,
+    ms: Option<f64>,
+) -> io::Result<()> {
+    let time = ts.get(11..26).unwrap_or(ts);
+    let (pid, program) = match owner {
+        Some(owner) => (owner.pid.to_string(), owner.program.as_str()),
+        None => ("-".to_owned(), "-"),
+    };
+    let ms = ms.map_or_else(|| "-".to_owned(), |ms| format!("{ms:.3}"));
+    writeln!(
+        out,
+        "{time:<15} {pid:<7} {program:<16} {:<28} {:<28} {:<12} -> {:<12} {ms:>7}",
+        format_endpoint(tuple.local),
+        format_endpoint(tuple.remote),
+        old.name(),
+        new.name(),
+    )
+}
+
+/// One socket of the starting baseline as a text line.
+pub fn write_baseline_text(
+    out: &mut impl Write,
+    ts: &str,
+    entry: &SnapshotEntry,
+) -> io::Result<()> {
+    let time = ts.get(11..26).unwrap_or(ts);
+    let socket = &entry.socket;
+    let (pid, program) = match &entry.owner {
+        Some(owner) => (owner.pid.to_string(), owner.program.as_str()),
+        None => ("-".to_owned(), "-"),
+    };
+    writeln!(
+        out,
+        "{time:<15} {pid:<7} {program:<16} {:<28} {:<28} {:<12}    (baseline)",
+        format_endpoint(socket.local),
+        format_endpoint(socket.remote),
+        socket.state.name(),
+    )
+}
+
+/// The address and port halves of an endpoint, for JSON.
+pub fn split_endpoint(addr: SocketAddr) -> (String, u16) {
+    (addr.ip().to_string(), addr.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::ProcSocket;
+
+    fn entry(
+        proto: Proto,
+        local: &str,
+        remote: &str,
+        state: TcpState,
+        owner: Option<Owner>,
+    ) -> SnapshotEntry {
+        SnapshotEntry {
+            socket: ProcSocket {
+                proto,
+                local: local.parse().unwrap(),
+                remote: remote.parse().unwrap(),
+                state,
+                tx_queue: 5,
+                rx_queue: 7,
+                uid: 1000,
+                inode: 4242,
+            },
+            owner,
+        }
+    }
+
+    #[test]
+    fn text_table_matches_netstat_layout() {
+        let sshd = Some(Owner {
+            pid: 812,
+            program: "sshd".into(),
+        });
+        let entries = [
+            entry(
+                Proto::Tcp,
+                "127.0.0.1:22",
+                "127.0.0.1:50000",
+                TcpState::Established,
+                sshd,
+            ),
+            entry(Proto::Tcp6, "[::1]:8080", "[::]:0", TcpState::Listen, None),
+            entry(Proto::Udp, "0.0.0.0:53", "0.0.0.0:0", TcpState::Close, None),
+        ];
+        let refs: Vec<&SnapshotEntry> = entries.iter().collect();
+        let mut out = Vec::new();
+        let columns = SnapshotColumns {
+            program: true,
+            extend: true,
+        };
+        write_snapshot_text(&mut out, snapshot_title(false, true), &refs, columns).unwrap();
+        let expected = "\
+Active Internet connections (servers and established)
+Proto Recv-Q Send-Q Local Address           Foreign Address         State       User       Inode      PID/Program name
+tcp        7      5 127.0.0.1:22            127.0.0.1:50000         ESTABLISHED 1000       4242       812/sshd
+tcp6       7      5 [::1]:8080              [::]:0                  LISTEN      1000       4242       -
+udp        7      5 0.0.0.0:53              0.0.0.0:0                           1000       4242       -
+";
+        assert_eq!(String::from_utf8(out).unwrap(), expected);
+    }
+
+    #[test]
+    fn json_record_has_exactly_the_documented_keys() {
+        let e = entry(
+            Proto::Tcp6,
+            "[::ffff:127.0.0.1]:80",
+            "[::ffff:127.0.0.1]:4000",
+            TcpState::TimeWait,
+            None,
+        );
+        let value = serde_json::to_value(SocketRecord::new(&e)).unwrap();
+        let expected = serde_json::json!({
+            "proto": "tcp6", "local_addr": "::ffff:127.0.0.1", "local_port": 80,
+            "remote_addr": "::ffff:127.0.0.1", "remote_port": 4000, "state": "TIME_WAIT",
+            "inode": 4242, "uid": 1000, "pid": null, "program": null
+        });
+        assert_eq!(value, expected);
+    }
+
+    #[test]
+    fn stream_records_are_tagged_by_type() {
+        let lost = StreamRecord::Lost {
+            ts: "2026-01-01T00:00:00.000000Z".into(),
+            count: 3,
+            cause: LossCause::Recursion,
+        };
+        assert_eq!(
+            serde_json::to_value(&lost).unwrap(),
+            serde_json::json!({"type": "lost", "ts": "2026-01-01T00:00:00.000000Z", "count": 3, "cause": "recursion"})
+        );
+    }
+
+    #[test]
+    fn timestamps_are_utc_with_microseconds() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(1_700_000_000_123_456);
+        assert_eq!(rfc3339(t), "2023-11-14T22:13:20.123456Z");
+    }
+}

@@ -1,0 +1,293 @@
+//! Parser for the socket tables in /proc/net (tcp, tcp6, udp, udp6).
+//!
+//! Written by hand rather than with `procfs::net`: that parser fails a whole
+//! table on one bad line and allocates per field, while a snapshot must skip
+//! and count a malformed line and stay fast at 100k lines.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use crate::socket::{Proto, TcpState};
+
+/// One line of a /proc/net socket table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcSocket {
+    pub proto: Proto,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub state: TcpState,
+    pub tx_queue: u32,
+    pub rx_queue: u32,
+    pub uid: u32,
+    pub inode: u64,
+}
+
+/// A /proc/net table: the sockets of its well-formed lines and how many were not.
+#[derive(Debug, Default)]
+pub struct ProcTable {
+    pub sockets: Vec<ProcSocket>,
+    pub malformed_lines: usize,
+}
+
+/// Reads and parses one table. A missing table (IPv6 disabled) is empty.
+pub fn read_table(proto: Proto) -> io::Result<ProcTable> {
+    match std::fs::read(proto.proc_path()) {
+        Ok(contents) => Ok(parse_table(proto, &contents)),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(ProcTable::default()),
+        Err(err) => Err(err),
+    }
+}
+
+/// Parses a whole table, header included; malformed lines are skipped and counted.
+pub fn parse_table(proto: Proto, contents: &[u8]) -> ProcTable {
+    let mut table = ProcTable {
+        sockets: Vec::with_capacity(contents.len() / 150),
+        malformed_lines: 0,
+    };
+    for line in contents.split(|&b| b == b'\n').skip(1) {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        match parse_line(proto, line) {
+            Some(socket) => table.sockets.push(socket),
+            None => table.malformed_lines += 1,
+        }
+    }
+    table
+}
+
+/// Parses one data line; `None` when it is not a well-formed socket line.
+///
+/// Layout: `sl: local rem st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode ...`
+pub fn parse_line(proto: Proto, line: &[u8]) -> Option<ProcSocket> {
+    let mut fields = line
+        .split(u8::is_ascii_whitespace)
+        .filter(|field| !field.is_empty());
+    let slot = fields.next()?;
+    if slot.last() != Some(&b':') {
+        return None;
+    }
+    let local = parse_endpoint(proto, fields.next()?)?;
+    let remote = parse_endpoint(proto, fields.next()?)?;
+    let state = TcpState::from_kernel(u8::try_from(hex(fields.next()?)?).ok()?)?;
+    let (tx_queue, rx_queue) = split_pair(fields.next()?)?;
+    let _timer = fields.next()?;
+    let _retransmits = fields.next()?;
+    let uid = decimal(fields.next()?)?;
+    let _timeout = fields.next()?;
+    let inode = decimal(fields.next()?)?;
+    Some(ProcSocket {
+        proto,
+        local,
+        remote,
+        state,
+        tx_queue: u32::try_from(hex(tx_queue)?).ok()?,
+        rx_queue: u32::try_from(hex(rx_queue)?).ok()?,
+        uid: u32::try_from(uid).ok()?,
+        inode,
+    })
+}
+
+/// `0100007F:0016` (IPv4) or 32 hex digits and a port (IPv6). The kernel
+/// prints each 32-bit word of the address in host byte order.
+fn parse_endpoint(proto: Proto, field: &[u8]) -> Option<SocketAddr> {
+    let (addr, port) = split_pair(field)?;
+    let port = u16::try_from(hex(port)?).ok()?;
+    let ip = match (proto.is_ipv6(), addr.len()) {
+        (false, 8) => IpAddr::V4(Ipv4Addr::from(word(addr)?)),
+        (true, 32) => {
+            let mut octets = [0u8; 16];
+            for (chunk, out) in addr.chunks_exact(8).zip(octets.chunks_exact_mut(4)) {
+                out.copy_from_slice(&word(chunk)?);
+            }
+            IpAddr::V6(Ipv6Addr::from(octets))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// Eight hex digits of one address word, back to the bytes in memory order.
+fn word(digits: &[u8]) -> Option<[u8; 4]> {
+    Some(u32::try_from(hex(digits)?).ok()?.to_ne_bytes())
+}
+
+fn split_pair(field: &[u8]) -> Option<(&[u8], &[u8])> {
+    let colon = field.iter().position(|&b| b == b':')?;
+    Some((&field[..colon], &field[colon + 1..]))
+}
+
+fn hex(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 16 {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |acc, &b| {
+        let digit = char::from(b).to_digit(16)?;
+        Some(acc << 4 | u64::from(digit))
+    })
+}
+
+fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |acc, &b| {
+        let digit = char::from(b).to_digit(10)?;
+        acc.checked_mul(10)?.checked_add(u64::from(digit))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const TCP: &[u8] = b"  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:0CEA 00000000:0000 0A 00000000:00000003 00:00000000 00000000   102        0 23456 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:A1B2 0100007F:0CEA 01 00000010:00000000 02:0000014B 00000000  1000        0 98765 3 0000000000000000 20 4 30 10 -1
+";
+
+    const TCP6: &[u8] = b"  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0
+   1: 0000000000000000FFFF00000100007F:1F90 0000000000000000FFFF00000100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 4343 1 0000000000000000 20 4 30 10 -1
+";
+
+    #[test]
+    fn parses_ipv4_lines() {
+        let table = parse_table(Proto::Tcp, TCP);
+        assert_eq!(table.malformed_lines, 0);
+        assert_eq!(
+            table.sockets[0],
+            ProcSocket {
+                proto: Proto::Tcp,
+                local: "127.0.0.1:3306".parse().unwrap(),
+                remote: "0.0.0.0:0".parse().unwrap(),
+                state: TcpState::Listen,
+                tx_queue: 0,
+                rx_queue: 3,
+                uid: 102,
+                inode: 23456,
+            }
+        );
+        assert_eq!(table.sockets[1].remote, "127.0.0.1:3306".parse().unwrap());
+        assert_eq!(table.sockets[1].state, TcpState::Established);
+        assert_eq!(table.sockets[1].tx_queue, 16);
+        assert_eq!(table.sockets[1].uid, 1000);
+    }
+
+    #[test]
+    fn parses_ipv6_and_mapped_ipv4() {
+        let table = parse_table(Proto::Tcp6, TCP6);
+        assert_eq!(table.malformed_lines, 0);
+        assert_eq!(table.sockets[0].local, "[::1]:8080".parse().unwrap());
+        assert_eq!(
+            table.sockets[1].remote,
+            "[::ffff:127.0.0.1]:54321".parse().unwrap()
+        );
+        assert_eq!(table.sockets[1].inode, 4343);
+    }
+
+    #[test]
+    fn skips_and_counts_malformed_and_truncated_lines() {
+        let mut contents = TCP.to_vec();
+        contents.extend_from_slice(b"   2: 0100007F:0CEA 0000\n");
+        contents.extend_from_slice(b"   3: ZZZZZZZZ:0016 00000000:0000 0A 0:0 0:0 0 0 0 1\n");
+        contents.extend_from_slice(b"   4: 0100007F:0016 00000000:0000 0D 0:0 0:0 0 0 0 1\n");
+        contents.extend_from_slice(b"   5: 0100007F:0CEA 00000000:0000 0A 00000000:00000003 00:00000000 00000000   102        0 ");
+        let table = parse_table(Proto::Tcp, &contents);
+        assert_eq!(table.sockets.len(), 2);
+        assert_eq!(table.malformed_lines, 4);
+    }
+
+    #[test]
+    fn a_v4_address_in_a_v6_table_is_malformed() {
+        let line = b"   0: 0100007F:0CEA 00000000:0000 0A 0:0 0:0 0 0 0 1";
+        assert!(parse_line(Proto::Tcp, line).is_some());
+        assert!(parse_line(Proto::Tcp6, line).is_none());
+    }
+
+    /// Formats a socket as the kernel's seq_show functions do.
+    fn kernel_line(socket: &ProcSocket) -> String {
+        fn addr(ip: IpAddr) -> String {
+            let octets = match ip {
+                IpAddr::V4(ip) => ip.octets().to_vec(),
+                IpAddr::V6(ip) => ip.octets().to_vec(),
+            };
+            octets
+                .chunks_exact(4)
+                .map(|w| format!("{:08X}", u32::from_ne_bytes([w[0], w[1], w[2], w[3]])))
+                .collect()
+        }
+        format!(
+            "{:4}: {}:{:04X} {}:{:04X} {:02X} {:08X}:{:08X} 00:00000000 00000000 {:5} {:8} {} 1 0000000000000000 20 4 30 10 -1",
+            7,
+            addr(socket.local.ip()),
+            socket.local.port(),
+            addr(socket.remote.ip()),
+            socket.remote.port(),
+            socket.state as u8,
+            socket.tx_queue,
+            socket.rx_queue,
+            socket.uid,
+            0,
+            socket.inode
+        )
+    }
+
+    fn any_socket() -> impl Strategy<Value = ProcSocket> {
+        (
+            any::<bool>(),
+            any::<[u8; 16]>(),
+            any::<[u8; 16]>(),
+            any::<(u16, u16, u32, u32, u32, u64)>(),
+            1u8..=12,
+        )
+            .prop_map(
+                |(v6, local, remote, (lport, rport, tx, rx, uid, inode), state)| {
+                    let ip = |bytes: [u8; 16]| -> IpAddr {
+                        if v6 {
+                            IpAddr::V6(Ipv6Addr::from(bytes))
+                        } else {
+                            IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+                        }
+                    };
+                    ProcSocket {
+                        proto: Proto::tcp_for(v6),
+                        local: SocketAddr::new(ip(local), lport),
+                        remote: SocketAddr::new(ip(remote), rport),
+                        state: TcpState::from_kernel(state).expect("1..=12 are states"),
+                        tx_queue: tx,
+                        rx_queue: rx,
+                        uid,
+                        inode,
+                    }
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(proto in 0usize..4, line in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = parse_line(Proto::ALL[proto], &line);
+            let table = parse_table(Proto::ALL[proto], &line);
+            prop_assert!(table.sockets.len() + table.malformed_lines <= line.len());
+        }
+
+        #[test]
+        fn kernel_formatted_lines_round_trip(socket in any_socket()) {
+            let line = kernel_line(&socket);
+            prop_assert_eq!(parse_line(socket.proto, line.as_bytes()), Some(socket));
+        }
+
+        #[test]
+        fn any_truncation_of_a_line_is_rejected_or_exact(socket in any_socket(), cut in 0usize..200) {
+            let line = kernel_line(&socket);
+            let cut = cut.min(line.len());
+            // A prefix either lacks a field (None) or, cut past the inode, parses the same socket.
+            if let Some(parsed) = parse_line(socket.proto, &line.as_bytes()[..cut]) {
+                prop_assert_eq!(parsed.local, socket.local);
+                prop_assert_eq!(parsed.remote, socket.remote);
+            }
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! Maps socket inodes to the processes that hold them, through /proc/[pid]/fd.
+//!
+//! The walk costs one `readlinkat` per fd, relative to an open fd directory
+//! (procfs's `Process::fd` opens, stats and closes each fd as well, four
+//! times the system calls); names come from procfs for the few owning pids.
+
+use std::collections::HashMap;
+use std::ffi::CStr;
+use std::mem::MaybeUninit;
+
+use rustix::fd::OwnedFd;
+use rustix::fs::{openat, readlinkat_raw, Dir, Mode, OFlags, CWD};
+use rustix::io::Errno;
+
+/// Socket inode -> pid, for every process whose fds could be read.
+#[derive(Debug, Default)]
+pub struct InodeOwners {
+    pub pids: HashMap<u64, u32>,
+    /// Some fd directories were not readable (not root): their sockets have no owner.
+    pub incomplete: bool,
+}
+
+/// Walks /proc/[pid]/fd of every process. A socket held by several processes
+/// is given to the lowest pid, as netstat does.
+pub fn scan_socket_inodes() -> InodeOwners {
+    let mut owners = InodeOwners::default();
+    let Ok(proc_dir) = open_dir(CWD, c"/proc") else {
+        owners.incomplete = true;
+        return owners;
+    };
+    let mut pids: Vec<u32> = read_dir_names(&proc_dir)
+        .into_iter()
+        .filter_map(|name| name.to_str().ok()?.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    let mut path = Vec::with_capacity(32);
+    for pid in pids {
+        path.clear();
+        path.extend_from_slice(format!("{pid}/fd\0").as_bytes());
+        let Ok(fd_path) = CStr::from_bytes_with_nul(&path) else {
+            continue;
+        };
+        match open_dir(&proc_dir, fd_path) {
+            Ok(fd_dir) => collect_socket_fds(&fd_dir, pid, &mut owners.pids),
+            // The process exited during the scan: nothing to report.
+            Err(Errno::NOENT) | Err(Errno::SRCH) => {}
+            Err(_) => owners.incomplete = true,
+        }
+    }
+    owners
+}
+
+fn collect_socket_fds(fd_dir: &OwnedFd, pid: u32, pids: &mut HashMap<u64, u32>) {
+    let mut target = [MaybeUninit::<u8>::uninit(); 64];
+    for name in read_dir_names(fd_dir) {
+        // An fd closed since readdir fails here and is skipped.
+        let Ok((link, _)) = readlinkat_raw(fd_dir, name.as_c_str(), &mut target) else {
+            continue;
+        };
+        if let Some(inode) = socket_inode(link) {
+            pids.entry(inode).or_insert(pid);
+        }
+    }
+}
+
+/// `socket:[12345]` -> 12345.
+fn socket_inode(link: &[u8]) -> Option<u64> {
+    let digits = link.strip_prefix(b"socket:[")?.strip_suffix(b"]")?;
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+fn open_dir<Fd: rustix::fd::AsFd>(dir: Fd, path: &CStr) -> Result<OwnedFd, Errno> {
+    openat(
+        dir,
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// Entry names of a directory, without `.` and `..`; stops at the first read error.
+fn read_dir_names(dir: &OwnedFd) -> Vec<std::ffi::CString> {
+    let Ok(entries) = Dir::read_from(dir) else {
+        return Vec::new();
+    };
+    entries
+        .map_while(Result::ok)
+        .map(|entry| entry.file_name().to_owned())
+        .filter(|name| !name.to_bytes().starts_with(b"."))
+        .collect()
+}
+
+/// The process name, as /proc/[pid]/comm has it; `None` once the process is gone.
+pub fn program_name(pid: u32) -> Option<String> {
+    let pid = i32::try_from(pid).ok()?;
+    let stat = procfs::process::Process::new(pid).ok()?.stat().ok()?;
+    Some(stat.comm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_links_give_their_inode() {
+        assert_eq!(socket_inode(b"socket:[12345]"), Some(12345));
+        assert_eq!(socket_inode(b"socket:[]"), None);
+        assert_eq!(socket_inode(b"pipe:[12345]"), None);
+        assert_eq!(socket_inode(b"/dev/null"), None);
+        assert_eq!(socket_inode(b"socket:[12x]"), None);
+    }
+
+    #[test]
+    fn finds_a_socket_this_process_holds() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+        let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
+        let inode = socket_inode(link.to_str().unwrap().as_bytes()).unwrap();
+        let owners = scan_socket_inodes();
+        assert_eq!(owners.pids.get(&inode), Some(&std::process::id()));
+        assert_eq!(
+            program_name(std::process::id()),
+            Some(
+                std::fs::read_to_string("/proc/self/comm")
+                    .unwrap()
+                    .trim_end()
+                    .to_owned()
+            )
+        );
+    }
+}

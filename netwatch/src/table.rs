@@ -1,0 +1,521 @@
+//! The live socket table: kept current from state transitions alone.
+//!
+//! Sockets are keyed by the kernel's socket address (`skaddr`), which every
+//! transition carries. Baseline sockets from /proc cannot be keyed that way
+//! (the `pointer` column of /proc/net/tcp is hashed), so they wait in an
+//! `unbound` map keyed by their address/port tuple until their first
+//! transition names them. A socket leaves the table when it reaches CLOSE.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
+use crate::snapshot::Snapshot;
+use crate::socket::{Owner, Proto, TcpState};
+
+/// Protocol and both endpoints: what identifies a connection across /proc and eBPF.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tuple {
+    pub proto: Proto,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+/// One state change reported by the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    pub skaddr: u64,
+    pub tuple: Tuple,
+    pub old: TcpState,
+    pub new: TcpState,
+    /// The task on the CPU: the owner only when it opens the socket (connect, listen).
+    pub task_pid: u32,
+    /// That task's thread name, used when its process is already gone.
+    pub task_comm: String,
+}
+
+/// A transition with what the table knows of its socket.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observed {
+    pub owner: Option<Owner>,
+    /// Milliseconds spent in the old state; `None` for a baseline socket's first transition.
+    pub ms_in_old_state: Option<f64>,
+}
+
+/// A socket the table tracks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LiveSocket {
+    pub tuple: Tuple,
+    pub state: TcpState,
+    pub owner: Option<Owner>,
+    /// When the socket entered `state`, if the table saw it happen.
+    pub since_ns: Option<u64>,
+}
+
+/// Looks up a process name by pid (`/proc/PID/comm` in production).
+pub type NameLookup = fn(u32) -> Option<String>;
+
+/// The table, see the module documentation.
+#[derive(Debug)]
+pub struct SocketTable {
+    bound: HashMap<u64, LiveSocket>,
+    unbound: HashMap<Tuple, LiveSocket>,
+    /// Listening sockets by local port, to give accepted sockets their owner.
+    listeners: HashMap<u16, Vec<(Proto, IpAddr, Option<Owner>)>>,
+    names: HashMap<u32, String>,
+    lookup_name: NameLookup,
+}
+
+/// Process names cached at most; the cache is cleared when it grows past this.
+const NAME_CACHE_LIMIT: usize = 4096;
+
+impl SocketTable {
+    /// An empty table that names processes with `lookup_name`.
+    pub fn new(lookup_name: NameLookup) -> SocketTable {
+        SocketTable {
+            bound: HashMap::new(),
+            unbound: HashMap::new(),
+            listeners: HashMap::new(),
+            names: HashMap::new(),
+            lookup_name,
+        }
+    }
+
+    /// Replaces the contents with the TCP sockets of a snapshot. TIME_WAIT
+    /// sockets are left out: they have no owner and no transition ends them.
+    pub fn reset_from(&mut self, snapshot: &Snapshot) {
+        self.bound.clear();
+        self.unbound.clear();
+        self.listeners.clear();
+        self.names.clear();
+        for entry in &snapshot.entries {
+            let socket = &entry.socket;
+            if !socket.proto.is_tcp() || socket.state == TcpState::TimeWait {
+                continue;
+            }
+            let tuple = Tuple {
+                proto: socket.proto,
+                local: socket.local,
+                remote: socket.remote,
+            };
+            if socket.state == TcpState::Listen {
+                self.add_listener(&tuple, entry.owner.clone());
+            }
+            let live = LiveSocket {
+                tuple,
+                state: socket.state,
+                owner: entry.owner.clone(),
+                since_ns: None,
+            };
+            self.unbound.insert(tuple, live);
+        }
+    }
+
+    /// Number of sockets in the table.
+    pub fn len(&self) -> usize {
+        self.bound.len() + self.unbound.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every socket in the table.
+    pub fn sockets(&self) -> impl Iterator<Item = &LiveSocket> {
+        self.bound.values().chain(self.unbound.values())
+    }
+
+    /// Applies one transition and says who owns the socket.
+    pub fn apply(&mut self, t: &Transition) -> Observed {
+        let opens =
+            t.old == TcpState::Close || (t.old == TcpState::Listen && t.new != TcpState::Close);
+        let mut socket = if opens {
+            // A new socket; an entry left at this address missed its close.
+            self.bound.remove(&t.skaddr);
+            self.new_socket(t)
+        } else {
+            self.bound
+                .remove(&t.skaddr)
+                .or_else(|| self.unbound.remove(&t.tuple))
+                .unwrap_or_else(|| LiveSocket {
+                    tuple: t.tuple,
+                    state: t.old,
+                    owner: None,
+                    since_ns: None,
+                })
+        };
+        let observed = Observed {
+            owner: socket.owner.clone(),
+            ms_in_old_state: socket
+                .since_ns
+                .map(|since| t.ts_ns.saturating_sub(since) as f64 / 1e6),
+        };
+        if socket.state == TcpState::Listen && t.new != TcpState::Listen {
+            self.remove_listener(&socket.tuple);
+        }
+        socket.tuple = t.tuple;
+        socket.state = t.new;
+        socket.since_ns = Some(t.ts_ns);
+        if t.tuple.local.port() != 0 {
+            // The baseline may have read this socket after the transitions began.
+            if let Some(duplicate) = self.unbound.remove(&t.tuple) {
+                socket.owner = socket.owner.or(duplicate.owner);
+            }
+        }
+        match t.new {
+            TcpState::Close => {}
+            TcpState::Listen => {
+                self.add_listener(&t.tuple, socket.owner.clone());
+                self.bound.insert(t.skaddr, socket);
+            }
+            _ => {
+                self.bound.insert(t.skaddr, socket);
+            }
+        }
+        observed
+    }
+
+    /// A socket that starts here: connect() and listen() run in the owner's
+    /// context; an accepted socket (LISTEN -> SYN_RECV) belongs to its listener's owner.
+    fn new_socket(&mut self, t: &Transition) -> LiveSocket {
+        let owner = match (t.old, t.new) {
+            (TcpState::Listen, _) => self.listener_owner(&t.tuple),
+            (_, TcpState::SynSent | TcpState::Listen) => Some(self.task_owner(t)),
+            _ => None,
+        };
+        LiveSocket {
+            tuple: t.tuple,
+            state: t.old,
+            owner,
+            since_ns: Some(t.ts_ns),
+        }
+    }
+
+    fn task_owner(&mut self, t: &Transition) -> Owner {
+        if self.names.len() >= NAME_CACHE_LIMIT {
+            self.names.clear();
+        }
+        let lookup_name = self.lookup_name;
+        let program = self
+            .names
+            .entry(t.task_pid)
+            .or_insert_with(|| lookup_name(t.task_pid).unwrap_or_else(|| t.task_comm.clone()))
+            .clone();
+        Owner {
+            pid: t.task_pid,
+            program,
+        }
+    }
+
+    fn listener_owner(&self, accepted: &Tuple) -> Option<Owner> {
+        let candidates = self.listeners.get(&accepted.local.port())?;
+        let ip = accepted.local.ip();
+        let matching = |exact: bool| {
+            candidates.iter().find(|(proto, addr, _)| {
+                *proto == accepted.proto
+                    && if exact {
+                        *addr == ip
+                    } else {
+                        addr.is_unspecified()
+                    }
+            })
+        };
+        matching(true).or_else(|| matching(false))?.2.clone()
+    }
+
+    fn add_listener(&mut self, tuple: &Tuple, owner: Option<Owner>) {
+        self.listeners.entry(tuple.local.port()).or_default().push((
+            tuple.proto,
+            tuple.local.ip(),
+            owner,
+        ));
+    }
+
+    fn remove_listener(&mut self, tuple: &Tuple) {
+        let port = tuple.local.port();
+        if let Some(listeners) = self.listeners.get_mut(&port) {
+            if let Some(at) = listeners
+                .iter()
+                .position(|(proto, ip, _)| *proto == tuple.proto && *ip == tuple.local.ip())
+            {
+                listeners.swap_remove(at);
+            }
+            if listeners.is_empty() {
+                self.listeners.remove(&port);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::{ProcSocket, SnapshotEntry};
+    use TcpState::*;
+
+    fn fake_names(pid: u32) -> Option<String> {
+        (pid < 1000).then(|| format!("proc{pid}"))
+    }
+
+    fn owner(pid: u32) -> Option<Owner> {
+        fake_names(pid).map(|program| Owner { pid, program })
+    }
+
+    fn tuple(local: &str, remote: &str) -> Tuple {
+        Tuple {
+            proto: Proto::Tcp,
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+        }
+    }
+
+    fn transition(
+        ts_ms: u64,
+        skaddr: u64,
+        tuple: Tuple,
+        old: TcpState,
+        new: TcpState,
+        task: u32,
+    ) -> Transition {
+        Transition {
+            ts_ns: ts_ms * 1_000_000,
+            skaddr,
+            tuple,
+            old,
+            new,
+            task_pid: task,
+            task_comm: format!("thread{task}"),
+        }
+    }
+
+    fn baseline(sockets: &[(Tuple, TcpState, u32)]) -> Snapshot {
+        Snapshot {
+            entries: sockets
+                .iter()
+                .map(|&(tuple, state, pid)| SnapshotEntry {
+                    socket: ProcSocket {
+                        proto: tuple.proto,
+                        local: tuple.local,
+                        remote: tuple.remote,
+                        state,
+                        tx_queue: 0,
+                        rx_queue: 0,
+                        uid: 0,
+                        inode: 1,
+                    },
+                    owner: owner(pid),
+                })
+                .collect(),
+            ..Snapshot::default()
+        }
+    }
+
+    #[test]
+    fn connect_owner_sticks_to_every_later_transition() {
+        let mut table = SocketTable::new(fake_names);
+        let unbound = tuple("127.0.0.1:0", "127.0.0.1:80");
+        let bound = tuple("127.0.0.1:5000", "127.0.0.1:80");
+        assert_eq!(
+            table
+                .apply(&transition(1, 7, unbound, Close, SynSent, 10))
+                .owner,
+            owner(10)
+        );
+        // Later transitions run in softirq context on whatever task is current.
+        let established = table.apply(&transition(3, 7, bound, SynSent, Established, 99));
+        assert_eq!(established.owner, owner(10));
+        assert_eq!(established.ms_in_old_state, Some(2.0));
+        assert_eq!(
+            table
+                .apply(&transition(4, 7, bound, Established, FinWait1, 98))
+                .owner,
+            owner(10)
+        );
+        assert_eq!(table.len(), 1);
+        assert_eq!(
+            table
+                .apply(&transition(5, 7, bound, FinWait2, Close, 97))
+                .owner,
+            owner(10)
+        );
+        assert!(table.is_empty());
+    }
+
+    #[test]
+    fn accepted_sockets_belong_to_the_listener_owner() {
+        let mut table = SocketTable::new(fake_names);
+        let listen = tuple("0.0.0.0:80", "0.0.0.0:0");
+        let child = tuple("127.0.0.1:80", "127.0.0.1:5000");
+        table.apply(&transition(1, 1, listen, Close, Listen, 20));
+        let syn_recv = table.apply(&transition(2, 2, child, Listen, SynRecv, 30));
+        assert_eq!(syn_recv.owner, owner(20));
+        assert_eq!(
+            table
+                .apply(&transition(3, 2, child, SynRecv, Established, 30))
+                .owner,
+            owner(20)
+        );
+        assert_eq!(
+            table
+                .apply(&transition(4, 2, child, LastAck, Close, 30))
+                .owner,
+            owner(20)
+        );
+        // The listener closes: accepted sockets no longer find it.
+        table.apply(&transition(5, 1, listen, Listen, Close, 20));
+        assert_eq!(
+            table
+                .apply(&transition(6, 3, child, Listen, SynRecv, 30))
+                .owner,
+            None
+        );
+    }
+
+    #[test]
+    fn an_exact_listener_wins_over_a_wildcard_and_families_stay_apart() {
+        let mut table = SocketTable::new(fake_names);
+        table.apply(&transition(
+            1,
+            1,
+            tuple("0.0.0.0:80", "0.0.0.0:0"),
+            Close,
+            Listen,
+            1,
+        ));
+        table.apply(&transition(
+            1,
+            2,
+            tuple("127.0.0.2:80", "0.0.0.0:0"),
+            Close,
+            Listen,
+            2,
+        ));
+        let v6 = Tuple {
+            proto: Proto::Tcp6,
+            local: "[::]:80".parse().unwrap(),
+            remote: "[::]:0".parse().unwrap(),
+        };
+        table.apply(&transition(1, 3, v6, Close, Listen, 3));
+        let to = |local: &str| tuple(local, "127.0.0.1:4000");
+        assert_eq!(
+            table
+                .apply(&transition(2, 10, to("127.0.0.2:80"), Listen, SynRecv, 0))
+                .owner,
+            owner(2)
+        );
+        assert_eq!(
+            table
+                .apply(&transition(2, 11, to("127.0.0.3:80"), Listen, SynRecv, 0))
+                .owner,
+            owner(1)
+        );
+        let mapped = Tuple {
+            proto: Proto::Tcp6,
+            local: "[::ffff:127.0.0.1]:80".parse().unwrap(),
+            remote: "[::ffff:127.0.0.1]:4000".parse().unwrap(),
+        };
+        assert_eq!(
+            table
+                .apply(&transition(2, 12, mapped, Listen, SynRecv, 0))
+                .owner,
+            owner(3)
+        );
+    }
+
+    #[test]
+    fn baseline_sockets_are_adopted_by_tuple_on_their_first_transition() {
+        let mut table = SocketTable::new(fake_names);
+        let conn = tuple("127.0.0.1:5000", "127.0.0.1:80");
+        let waiting = tuple("127.0.0.1:5001", "127.0.0.1:80");
+        table.reset_from(&baseline(&[
+            (conn, Established, 42),
+            (waiting, TimeWait, 43),
+        ]));
+        assert_eq!(
+            table.len(),
+            1,
+            "TIME_WAIT sockets stay out of the live table"
+        );
+        let first = table.apply(&transition(9, 5, conn, Established, FinWait1, 99));
+        assert_eq!(first.owner, owner(42));
+        assert_eq!(
+            first.ms_in_old_state, None,
+            "how long it was established is unknown"
+        );
+        assert_eq!(table.len(), 1);
+        table.apply(&transition(10, 5, conn, FinWait2, Close, 99));
+        assert!(table.is_empty());
+    }
+
+    #[test]
+    fn a_socket_both_in_the_baseline_and_in_events_is_counted_once() {
+        let mut table = SocketTable::new(fake_names);
+        let conn = tuple("127.0.0.1:5000", "127.0.0.1:80");
+        // The scan read the socket after connect() began; its events are applied after the scan.
+        table.reset_from(&baseline(&[(conn, Established, 42)]));
+        table.apply(&transition(
+            1,
+            5,
+            tuple("127.0.0.1:0", "127.0.0.1:80"),
+            Close,
+            SynSent,
+            42,
+        ));
+        table.apply(&transition(2, 5, conn, SynSent, Established, 7));
+        assert_eq!(table.len(), 1);
+        assert_eq!(table.sockets().next().unwrap().state, Established);
+    }
+
+    #[test]
+    fn a_reused_socket_address_starts_a_new_socket() {
+        let mut table = SocketTable::new(fake_names);
+        let first = tuple("127.0.0.1:5000", "127.0.0.1:80");
+        table.apply(&transition(1, 5, first, Close, SynSent, 10));
+        // Its close was lost; the kernel reuses the address for another process's socket.
+        let second = table.apply(&transition(
+            2,
+            5,
+            tuple("127.0.0.1:0", "127.0.0.1:81"),
+            Close,
+            SynSent,
+            11,
+        ));
+        assert_eq!(second.owner, owner(11));
+        assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn a_process_gone_before_lookup_keeps_its_thread_name() {
+        let mut table = SocketTable::new(fake_names);
+        let seen = table.apply(&transition(
+            1,
+            5,
+            tuple("127.0.0.1:0", "127.0.0.1:80"),
+            Close,
+            SynSent,
+            5000,
+        ));
+        assert_eq!(
+            seen.owner,
+            Some(Owner {
+                pid: 5000,
+                program: "thread5000".into()
+            })
+        );
+    }
+
+    #[test]
+    fn an_unknown_socket_is_tracked_without_an_owner() {
+        let mut table = SocketTable::new(fake_names);
+        let conn = tuple("127.0.0.1:5000", "127.0.0.1:80");
+        assert_eq!(
+            table
+                .apply(&transition(1, 5, conn, Established, CloseWait, 3))
+                .owner,
+            None
+        );
+        assert_eq!(table.len(), 1);
+    }
+}
