@@ -9,6 +9,7 @@ use aya_ebpf::{
     maps::{PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
+use aya_log_ebpf::error;
 use netwatch_common::{tracepoint as field, StateEvent, AF_INET, IPPROTO_TCP};
 
 /// Default size; the loader overrides it from `--ring-buffer-size`.
@@ -21,9 +22,16 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    match try_inet_sock_set_state(&ctx) {
-        Ok(()) | Err(_) => 0,
+    if let Err(err) = try_inet_sock_set_state(&ctx) {
+        // A failed read of the tracepoint record: it should not happen. The
+        // transition is counted as dropped, so that user space resyncs.
+        count_drop();
+        error!(
+            &ctx,
+            "reading the inet_sock_set_state record failed: {}", err
+        );
     }
+    0
 }
 
 fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
@@ -44,7 +52,6 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         }
         Err(err) => {
             entry.discard(0);
-            count_drop();
             Err(err)
         }
     }

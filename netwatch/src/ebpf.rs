@@ -9,6 +9,7 @@ use std::path::Path;
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
+use aya_log::EbpfLogger;
 use netwatch_common::{tracepoint, StateEvent, AF_INET6, DROPS_MAP, EVENTS_MAP, STATE_PROGRAM};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -40,6 +41,7 @@ pub enum ProbeError {
 /// The attached program, its ring buffer and its loss counters.
 pub struct StateProbe {
     ring: AsyncFd<RingBuf<MapData>>,
+    kernel_log: Option<KernelLog>,
     drops: PerCpuArray<MapData, u64>,
     program_fd: i32,
     // Owns the program and its link: dropping it detaches everything.
@@ -94,8 +96,10 @@ impl StateProbe {
             .map_err(|err| load(&err))?;
         let drops =
             PerCpuArray::try_from(take_map(&mut ebpf, DROPS_MAP)?).map_err(|err| load(&err))?;
+        let kernel_log = start_kernel_log(&mut ebpf);
         Ok(StateProbe {
             ring,
+            kernel_log,
             drops,
             program_fd,
             _ebpf: ebpf,
@@ -114,6 +118,11 @@ impl StateProbe {
     /// Hands every event already in the ring buffer to `handle`, without waiting.
     pub fn drain_now(&mut self, mut handle: impl FnMut(StateEvent)) {
         drain_ready(self.ring.get_mut(), &mut handle);
+    }
+
+    /// The eBPF program's log, to be polled beside the ring buffer.
+    pub fn take_kernel_log(&mut self) -> Option<KernelLog> {
+        self.kernel_log.take()
     }
 
     /// Reads both loss counters from the kernel.
@@ -163,6 +172,60 @@ fn drain_ready(ring: &mut RingBuf<MapData>, handle: &mut impl FnMut(StateEvent))
             handle(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<StateEvent>()) });
         }
     }
+}
+
+/// The eBPF program's aya-log records.
+pub struct KernelLog(AsyncFd<EbpfLogger<&'static dyn log::Log>>);
+
+impl KernelLog {
+    /// Waits for log records and prints them on stderr.
+    pub async fn forward(&mut self) -> io::Result<()> {
+        let mut guard = self.0.readable_mut().await?;
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+        Ok(())
+    }
+}
+
+/// Forwards the program's aya-log records to stderr; a warning, not a
+/// failure, when that cannot be set up.
+fn start_kernel_log(ebpf: &mut Ebpf) -> Option<KernelLog> {
+    static STDERR_LOG: StderrLog = StderrLog;
+    let logger = match EbpfLogger::init_with_logger(ebpf, &STDERR_LOG as &'static dyn log::Log) {
+        Ok(logger) => logger,
+        Err(err) => {
+            eprintln!("netwatch: warning: the eBPF program's log is not available: {err}");
+            return None;
+        }
+    };
+    // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd lives.
+    unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
+        .inspect_err(|err| {
+            eprintln!("netwatch: warning: cannot poll the eBPF program's log: {err}")
+        })
+        .ok()
+        .map(KernelLog)
+}
+
+/// Prints log records from the eBPF program on stderr.
+struct StderrLog;
+
+impl log::Log for StderrLog {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Warn
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            eprintln!(
+                "netwatch: eBPF program {}: {}",
+                record.level(),
+                record.args()
+            );
+        }
+    }
+
+    fn flush(&self) {}
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map, ProbeError> {

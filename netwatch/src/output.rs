@@ -35,7 +35,7 @@ pub fn write_snapshot_text(
     entries: &[&SnapshotEntry],
     columns: SnapshotColumns,
 ) -> io::Result<()> {
-    let rows: Vec<[String; 2]> = entries
+    let endpoints: Vec<[String; 2]> = entries
         .iter()
         .map(|entry| {
             [
@@ -44,49 +44,68 @@ pub fn write_snapshot_text(
             ]
         })
         .collect();
-    let width = |column: usize, header: &str| {
-        rows.iter()
+    let width = |column: usize| {
+        endpoints
+            .iter()
             .map(|row| row[column].len())
-            .chain([23, header.len()])
-            .max()
-            .unwrap_or(23)
+            .fold(23, usize::max)
     };
-    let (local_w, remote_w) = (width(0, "Local Address"), width(1, "Foreign Address"));
+    let (local_w, remote_w) = (width(0), width(1));
     writeln!(out, "{title}")?;
-    write!(
-        out,
+    let mut line = format!(
         "Proto Recv-Q Send-Q {:local_w$} {:remote_w$} State      ",
         "Local Address", "Foreign Address"
-    )?;
+    );
     if columns.extend {
-        write!(out, " User       Inode     ")?;
+        line.push_str(" User       Inode     ");
     }
     if columns.program {
-        write!(out, " PID/Program name")?;
+        line.push_str(" PID/Program name");
     }
-    writeln!(out)?;
-    for (entry, [local, remote]) in entries.iter().zip(&rows) {
+    line.push('\n');
+    out.write_all(line.as_bytes())?;
+    for (entry, [local, remote]) in entries.iter().zip(&endpoints) {
+        line.clear();
         let socket = &entry.socket;
-        write!(
-            out,
-            "{:<5} {:>6} {:>6} {local:local_w$} {remote:remote_w$} {:<11}",
-            socket.proto.name(),
-            socket.rx_queue,
-            socket.tx_queue,
-            text_state(socket.proto, socket.state),
-        )?;
+        push_padded(&mut line, socket.proto.name(), 5, false);
+        push_padded(&mut line, &socket.rx_queue.to_string(), 7, true);
+        push_padded(&mut line, &socket.tx_queue.to_string(), 7, true);
+        line.push(' ');
+        push_padded(&mut line, local, local_w + 1, false);
+        push_padded(&mut line, remote, remote_w + 1, false);
+        push_padded(&mut line, text_state(socket.proto, socket.state), 11, false);
         if columns.extend {
-            write!(out, " {:<10} {:<10}", socket.uid, socket.inode)?;
+            line.push(' ');
+            push_padded(&mut line, &socket.uid.to_string(), 11, false);
+            push_padded(&mut line, &socket.inode.to_string(), 10, false);
         }
         if columns.program {
             match &entry.owner {
-                Some(owner) => write!(out, " {}/{}", owner.pid, owner.program)?,
-                None => write!(out, " -")?,
+                Some(owner) => {
+                    line.push(' ');
+                    line.push_str(&owner.pid.to_string());
+                    line.push('/');
+                    line.push_str(&owner.program);
+                }
+                None => line.push_str(" -"),
             }
         }
-        writeln!(out)?;
+        line.push('\n');
+        out.write_all(line.as_bytes())?;
     }
     Ok(())
+}
+
+/// Appends `text` padded with spaces to `width`, right-aligned or left-aligned.
+fn push_padded(line: &mut String, text: &str, width: usize, right: bool) {
+    let pad = width.saturating_sub(text.len());
+    if right {
+        line.extend(std::iter::repeat_n(' ', pad));
+        line.push_str(text);
+    } else {
+        line.push_str(text);
+        line.extend(std::iter::repeat_n(' ', pad));
+    }
 }
 
 /// netstat leaves the state of an unconnected UDP socket blank.

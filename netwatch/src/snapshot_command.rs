@@ -51,8 +51,8 @@ fn selected_protos(args: &SnapshotArgs) -> Vec<Proto> {
     Proto::ALL
         .into_iter()
         .filter(|proto| if proto.is_tcp() { want_tcp } else { args.udp })
-        .filter(|proto| !(args.filters.ipv4 && proto.is_ipv6()))
-        .filter(|proto| !(args.filters.ipv6 && !proto.is_ipv6()))
+        .filter(|proto| !args.filters.ipv4 || !proto.is_ipv6())
+        .filter(|proto| !args.filters.ipv6 || proto.is_ipv6())
         .collect()
 }
 

@@ -139,7 +139,7 @@ impl SocketTable {
             self.bound
                 .remove(&t.skaddr)
                 .or_else(|| self.unbound.remove(&t.tuple))
-                .unwrap_or_else(|| LiveSocket {
+                .unwrap_or(LiveSocket {
                     tuple: t.tuple,
                     state: t.old,
                     owner: None,

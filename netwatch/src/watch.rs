@@ -13,7 +13,7 @@ use netwatch_common::StateEvent;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::WatchArgs;
-use crate::ebpf::{self, LossCounters, StateProbe};
+use crate::ebpf::{self, KernelLog, LossCounters, StateProbe};
 use crate::output::{self, LossCause, StreamRecord};
 use crate::snapshot;
 use crate::socket::{Owner, Proto};
@@ -43,12 +43,14 @@ async fn stream(args: WatchArgs, out: impl Write) -> anyhow::Result<()> {
         watcher.table.len(),
         started.elapsed().as_millis()
     );
+    let mut kernel_log = probe.take_kernel_log();
     let mut loss_check = tokio::time::interval(LOSS_CHECK_INTERVAL);
     loop {
         tokio::select! {
             drained = probe.drain(|event| watcher.on_event(&event)) => {
                 drained.context("reading the ring buffer failed")?;
             }
+            logged = forward(kernel_log.as_mut()) => logged.context("reading the eBPF program's log failed")?,
             _ = loss_check.tick() => watcher.check_losses(&probe)?,
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
@@ -60,6 +62,14 @@ async fn stream(args: WatchArgs, out: impl Write) -> anyhow::Result<()> {
     watcher.flush()?;
     watcher.summary(started.elapsed());
     Ok(())
+}
+
+/// Forwards the eBPF program's log, or waits forever when there is none.
+async fn forward(kernel_log: Option<&mut KernelLog>) -> io::Result<()> {
+    match kernel_log {
+        Some(kernel_log) => kernel_log.forward().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Applies events to the table and renders them; output is buffered per batch.

@@ -1,1 +1,121 @@
-fn main() {}
+//! netwatch's helper: `cargo xtask run` and `cargo xtask test` install what is
+//! missing and then run netwatch or every check; `cargo xtask bench` measures.
+
+mod bench;
+mod command;
+mod load;
+mod setup;
+
+use std::os::unix::process::CommandExt as _;
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::command::{as_root, cargo, is_root, run};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing (Debian packages, rust-src, bpf-linker, tracefs/bpffs mounts).
+    Setup,
+    /// Install, build release and run `netwatch ARGS` as root (streaming by default).
+    Run {
+        /// Arguments for netwatch, after `--`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Install, then fmt --check, clippy -D warnings and every test (root ones included).
+    Test,
+    /// Measure netwatch against ss/netstat (snapshot) or tcpstates (stream).
+    Bench {
+        #[command(subcommand)]
+        which: bench::Which,
+    },
+    /// (benchmark helper) Hold established loopback connections until stdin closes.
+    #[command(hide = true)]
+    Hold(load::HoldArgs),
+    /// (benchmark helper) Open and close loopback connections as fast as possible.
+    #[command(hide = true)]
+    Churn(load::ChurnArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::ensure(&[setup::BUILD_PACKAGES]),
+        Task::Run { args } => run_netwatch(&args),
+        Task::Test => test(),
+        Task::Bench { which } => {
+            setup::ensure(&[setup::BUILD_PACKAGES, setup::BENCH_PACKAGES])?;
+            build_release()?;
+            bench::run(which, &netwatch_binary())
+        }
+        Task::Hold(args) => load::hold(&args),
+        Task::Churn(args) => load::churn(&args).map(|report| println!("{report}")),
+    }
+}
+
+fn run_netwatch(args: &[String]) -> anyhow::Result<()> {
+    setup::ensure(&[setup::BUILD_PACKAGES])?;
+    build_release()?;
+    let binary = netwatch_binary();
+    let mut command = as_root(&binary.to_string_lossy())?;
+    let err = command.args(args).exec();
+    Err(err).with_context(|| format!("could not start {}", binary.display()))
+}
+
+fn test() -> anyhow::Result<()> {
+    setup::ensure(&[setup::BUILD_PACKAGES])?;
+    let root = workspace_root();
+    run(cargo().current_dir(&root).args(["fmt", "--all", "--check"]))?;
+    let host_crates = ["-p", "netwatch", "-p", "netwatch-common", "-p", "xtask"];
+    run(cargo()
+        .current_dir(&root)
+        .args(["clippy", "--all-targets"])
+        .args(host_crates)
+        .args(["--", "-D", "warnings"]))?;
+    // Alone: a workspace-wide clippy would unify features and see two panic handlers.
+    run(Command::new("rustup").current_dir(&root).args([
+        "run",
+        "nightly",
+        "cargo",
+        "clippy",
+        "-p",
+        "netwatch-ebpf",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    let mut tests = cargo();
+    tests.current_dir(&root).arg("test").args(host_crates);
+    if !is_root() {
+        // The eBPF tests load programs: run the test binaries through sudo.
+        tests.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
+    }
+    // Tests that load eBPF programs share kernel state: one at a time.
+    run(tests.args(["--", "--test-threads=1"]))
+}
+
+fn build_release() -> anyhow::Result<()> {
+    run(cargo()
+        .current_dir(workspace_root())
+        .args(["build", "--release", "-p", "netwatch"]))
+}
+
+fn workspace_root() -> PathBuf {
+    let xtask_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    xtask_dir.parent().map_or(xtask_dir.clone(), PathBuf::from)
+}
+
+fn netwatch_binary() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
+        .join("release/netwatch")
+}

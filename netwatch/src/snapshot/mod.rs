@@ -4,10 +4,12 @@ mod proc_net;
 mod processes;
 
 use std::collections::HashMap;
+use std::io;
 use std::thread;
 
-pub use proc_net::{parse_line, parse_table, ProcSocket};
+pub use proc_net::{parse_line, parse_table, ProcSocket, ProcTable};
 pub use processes::program_name;
+use processes::InodeOwners;
 
 use crate::socket::{Owner, Proto};
 
@@ -28,43 +30,63 @@ pub struct Snapshot {
     pub owners_incomplete: bool,
 }
 
-/// Takes a snapshot of the given tables. With `resolve_owners`, /proc/[pid]/fd
-/// is walked on a second thread while the tables are read.
-pub fn take(protos: &[Proto], resolve_owners: bool) -> std::io::Result<Snapshot> {
+/// Takes a snapshot of the given tables. Each table is read on a thread of
+/// its own (every one walks the kernel's whole hash of sockets), and with
+/// `resolve_owners` /proc/[pid]/fd is walked by two more meanwhile.
+pub fn take(protos: &[Proto], resolve_owners: bool) -> io::Result<Snapshot> {
     let (tables, owners) = thread::scope(|scope| {
-        let owners = resolve_owners.then(|| scope.spawn(processes::scan_socket_inodes));
-        let tables = read_tables(protos);
-        let owners = owners.map(|handle| handle.join().unwrap_or_default());
+        let readers: Vec<_> = protos
+            .iter()
+            .map(|&proto| scope.spawn(move || proc_net::read_table(proto)))
+            .collect();
+        let owners = resolve_owners.then(|| processes::scan_socket_inodes(FD_SCAN_THREADS));
+        let tables: Vec<io::Result<ProcTable>> = readers
+            .into_iter()
+            .map(|reader| {
+                reader
+                    .join()
+                    .unwrap_or_else(|_| Err(io::Error::other("a /proc reader thread panicked")))
+            })
+            .collect();
         (tables, owners)
     });
-    let (sockets, malformed_lines) = tables?;
-    let mut snapshot = Snapshot {
-        entries: Vec::with_capacity(sockets.len()),
-        malformed_lines,
-        owners_incomplete: owners.as_ref().is_some_and(|owners| owners.incomplete),
-    };
-    let pids = owners.map(|owners| owners.pids).unwrap_or_default();
-    let mut names: HashMap<u32, Option<String>> = HashMap::new();
-    for socket in sockets {
-        let owner = pids.get(&socket.inode).and_then(|&pid| {
-            let program = names.entry(pid).or_insert_with(|| program_name(pid));
-            Some(Owner {
-                pid,
-                program: program.clone()?,
-            })
-        });
-        snapshot.entries.push(SnapshotEntry { socket, owner });
+    let mut sockets = Vec::new();
+    let mut malformed_lines = 0;
+    for table in tables {
+        let table = table?;
+        sockets.extend(table.sockets);
+        malformed_lines += table.malformed_lines;
     }
-    Ok(snapshot)
+    Ok(join_owners(sockets, malformed_lines, owners))
 }
 
-fn read_tables(protos: &[Proto]) -> std::io::Result<(Vec<ProcSocket>, usize)> {
-    let mut sockets = Vec::new();
-    let mut malformed = 0;
-    for &proto in protos {
-        let table = proc_net::read_table(proto)?;
-        sockets.extend(table.sockets);
-        malformed += table.malformed_lines;
+/// Threads that walk /proc/[pid]/fd, each over part of the pids.
+const FD_SCAN_THREADS: usize = 2;
+
+fn join_owners(
+    sockets: Vec<ProcSocket>,
+    malformed_lines: usize,
+    owners: Option<InodeOwners>,
+) -> Snapshot {
+    let owners_incomplete = owners.as_ref().is_some_and(|owners| owners.incomplete);
+    let pids = owners.map(|owners| owners.pids).unwrap_or_default();
+    let mut names: HashMap<u32, Option<String>> = HashMap::new();
+    let entries = sockets
+        .into_iter()
+        .map(|socket| {
+            let owner = pids.get(&socket.inode).and_then(|&pid| {
+                let program = names.entry(pid).or_insert_with(|| program_name(pid));
+                Some(Owner {
+                    pid,
+                    program: program.clone()?,
+                })
+            });
+            SnapshotEntry { socket, owner }
+        })
+        .collect();
+    Snapshot {
+        entries,
+        malformed_lines,
+        owners_incomplete,
     }
-    Ok((sockets, malformed))
 }

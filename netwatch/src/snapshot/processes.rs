@@ -20,27 +20,58 @@ pub struct InodeOwners {
     pub incomplete: bool,
 }
 
-/// Walks /proc/[pid]/fd of every process. A socket held by several processes
-/// is given to the lowest pid, as netstat does.
-pub fn scan_socket_inodes() -> InodeOwners {
-    let mut owners = InodeOwners::default();
+/// Walks /proc/[pid]/fd of every process on `threads` threads. A socket held
+/// by several processes is given to the lowest pid, as netstat does.
+pub fn scan_socket_inodes(threads: usize) -> InodeOwners {
     let Ok(proc_dir) = open_dir(CWD, c"/proc") else {
-        owners.incomplete = true;
-        return owners;
+        return InodeOwners {
+            incomplete: true,
+            ..InodeOwners::default()
+        };
     };
-    let mut pids: Vec<u32> = read_dir_names(&proc_dir)
+    let pids: Vec<u32> = read_dir_names(&proc_dir)
         .into_iter()
         .filter_map(|name| name.to_str().ok()?.parse().ok())
         .collect();
-    pids.sort_unstable();
-    let mut path = Vec::with_capacity(32);
-    for pid in pids {
-        path.clear();
-        path.extend_from_slice(format!("{pid}/fd\0").as_bytes());
-        let Ok(fd_path) = CStr::from_bytes_with_nul(&path) else {
+    let threads = threads.max(1);
+    let parts: Vec<InodeOwners> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|part| {
+                let (pids, proc_dir) = (&pids, &proc_dir);
+                scope.spawn(move || scan_pids(proc_dir, pids.iter().skip(part).step_by(threads)))
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|worker| {
+                worker.join().unwrap_or_else(|_| InodeOwners {
+                    incomplete: true,
+                    ..InodeOwners::default()
+                })
+            })
+            .collect()
+    });
+    let mut owners = InodeOwners::default();
+    for part in parts {
+        owners.incomplete |= part.incomplete;
+        for (inode, pid) in part.pids {
+            owners
+                .pids
+                .entry(inode)
+                .and_modify(|owner| *owner = (*owner).min(pid))
+                .or_insert(pid);
+        }
+    }
+    owners
+}
+
+fn scan_pids<'a>(proc_dir: &OwnedFd, pids: impl Iterator<Item = &'a u32>) -> InodeOwners {
+    let mut owners = InodeOwners::default();
+    for &pid in pids {
+        let Ok(fd_path) = std::ffi::CString::new(format!("{pid}/fd")) else {
             continue;
         };
-        match open_dir(&proc_dir, fd_path) {
+        match open_dir(proc_dir, &fd_path) {
             Ok(fd_dir) => collect_socket_fds(&fd_dir, pid, &mut owners.pids),
             // The process exited during the scan: nothing to report.
             Err(Errno::NOENT) | Err(Errno::SRCH) => {}
@@ -58,7 +89,9 @@ fn collect_socket_fds(fd_dir: &OwnedFd, pid: u32, pids: &mut HashMap<u64, u32>) 
             continue;
         };
         if let Some(inode) = socket_inode(link) {
-            pids.entry(inode).or_insert(pid);
+            pids.entry(inode)
+                .and_modify(|owner| *owner = (*owner).min(pid))
+                .or_insert(pid);
         }
     }
 }
@@ -116,7 +149,7 @@ mod tests {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
         let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
         let inode = socket_inode(link.to_str().unwrap().as_bytes()).unwrap();
-        let owners = scan_socket_inodes();
+        let owners = scan_socket_inodes(2);
         assert_eq!(owners.pids.get(&inode), Some(&std::process::id()));
         assert_eq!(
             program_name(std::process::id()),

@@ -1,0 +1,235 @@
+//! A child process that opens and closes sockets on command, so that tests
+//! know exactly which pid owns which socket.
+//!
+//! Commands, one per line on stdin; each reply is one line on stdout:
+//! `listen ADDR` -> `ok ID PORT`, `connect ADDR` -> `ok ID LOCAL_PORT`,
+//! `accept ID` -> `ok ID PEER_PORT`, `close ID` -> `ok`,
+//! `bulk N` (N connections to a new listener, both ends kept) -> `ok PORT`,
+//! `burst N` (N connections opened and closed at once) -> `ok PORT`.
+
+use std::io::{BufRead, BufReader, Read as _, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+const PEER_ENV: &str = "NETWATCH_TEST_PEER";
+/// Marks replies: libtest prints `test peer_process ... ` on the same line.
+const REPLY: &str = "peer-reply: ";
+
+enum Socket {
+    Listener(TcpListener),
+    /// Held only to keep the connection open until `close`.
+    Stream {
+        _open: TcpStream,
+    },
+}
+
+/// Runs the command loop; returns when stdin closes.
+pub fn serve_commands() {
+    if std::env::var_os(PEER_ENV).is_none() {
+        return;
+    }
+    let mut sockets: Vec<Option<Socket>> = Vec::new();
+    let mut held = Vec::new();
+    let stdout = std::io::stdout();
+    for line in std::io::stdin().lock().lines() {
+        let line = line.expect("stdin is readable");
+        let reply =
+            run_command(&line, &mut sockets, &mut held).unwrap_or_else(|err| format!("err {err}"));
+        let mut out = stdout.lock();
+        writeln!(out, "{REPLY}{reply}").expect("stdout is writable");
+        out.flush().expect("stdout is writable");
+    }
+}
+
+fn run_command(
+    line: &str,
+    sockets: &mut Vec<Option<Socket>>,
+    held: &mut Vec<TcpStream>,
+) -> std::io::Result<String> {
+    let (verb, arg) = line.split_once(' ').unwrap_or((line, ""));
+    let addr = || arg.parse::<SocketAddr>().map_err(std::io::Error::other);
+    let id = || arg.parse::<usize>().map_err(std::io::Error::other);
+    let keep = |sockets: &mut Vec<Option<Socket>>, socket: Socket| {
+        sockets.push(Some(socket));
+        sockets.len() - 1
+    };
+    Ok(match verb {
+        "listen" => {
+            let listener = TcpListener::bind(addr()?)?;
+            let port = listener.local_addr()?.port();
+            format!("ok {} {port}", keep(sockets, Socket::Listener(listener)))
+        }
+        "connect" => {
+            let stream = TcpStream::connect(addr()?)?;
+            let port = stream.local_addr()?.port();
+            format!(
+                "ok {} {port}",
+                keep(sockets, Socket::Stream { _open: stream })
+            )
+        }
+        "accept" => {
+            let Some(Some(Socket::Listener(listener))) = sockets.get(id()?) else {
+                return Err(std::io::Error::other("no such listener"));
+            };
+            let (stream, from) = listener.accept()?;
+            format!(
+                "ok {} {}",
+                keep(sockets, Socket::Stream { _open: stream }),
+                from.port()
+            )
+        }
+        "close" => {
+            let index = id()?;
+            sockets
+                .get_mut(index)
+                .and_then(Option::take)
+                .ok_or_else(|| std::io::Error::other("no such socket"))?;
+            "ok".to_owned()
+        }
+        "bulk" | "burst" => {
+            let count: usize = arg.parse().map_err(std::io::Error::other)?;
+            let listener = TcpListener::bind("127.0.0.1:0")?;
+            let target = listener.local_addr()?;
+            for _ in 0..count {
+                let client = TcpStream::connect(target)?;
+                let (mut server, _) = listener.accept()?;
+                if verb == "bulk" {
+                    held.extend([client, server]);
+                } else {
+                    drop(client);
+                    let _ = server.read(&mut [0u8; 1]);
+                }
+            }
+            let port = target.port();
+            keep(sockets, Socket::Listener(listener));
+            format!("ok {port}")
+        }
+        _ => return Err(std::io::Error::other(format!("unknown command {line}"))),
+    })
+}
+
+/// A running peer process.
+pub struct Peer {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Peer {
+    /// Starts a peer: this test binary, running only `peer_process`.
+    pub fn spawn() -> Peer {
+        let mut child = Command::new(std::env::current_exe().expect("test binary path"))
+            .args([
+                "--ignored",
+                "--exact",
+                "peer_process",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(PEER_ENV, "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("peer process starts");
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut peer = Peer {
+            child,
+            stdin,
+            stdout,
+        };
+        peer.skip_test_harness_banner();
+        peer
+    }
+
+    /// libtest prints `running 1 test` before the peer's replies.
+    fn skip_test_harness_banner(&mut self) {
+        let mut line = String::new();
+        while !line.starts_with("running") {
+            line.clear();
+            assert!(
+                self.stdout.read_line(&mut line).expect("peer stdout") > 0,
+                "peer exited early"
+            );
+        }
+    }
+
+    /// The peer's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends one command and returns the numbers of its `ok` reply.
+    pub fn send(&mut self, command: &str) -> Vec<u32> {
+        writeln!(self.stdin, "{command}").expect("peer stdin");
+        self.stdin.flush().expect("peer stdin");
+        let reply = self.read_reply();
+        let fields: Vec<&str> = reply.split_whitespace().collect();
+        assert_eq!(
+            fields.first(),
+            Some(&"ok"),
+            "peer command '{command}' failed: {reply}"
+        );
+        fields[1..]
+            .iter()
+            .map(|n| n.parse().expect("numeric reply"))
+            .collect()
+    }
+
+    /// The next reply, past what libtest prints around it.
+    fn read_reply(&mut self) -> String {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(
+                self.stdout.read_line(&mut line).expect("peer stdout") > 0,
+                "peer exited"
+            );
+            if let Some((_, reply)) = line.split_once(REPLY) {
+                return reply.trim_end().to_owned();
+            }
+        }
+    }
+
+    /// `listen ADDR`: (socket id, port).
+    pub fn listen(&mut self, addr: &str) -> (u32, u16) {
+        let reply = self.send(&format!("listen {addr}"));
+        (reply[0], reply[1] as u16)
+    }
+
+    /// `connect ADDR`: (socket id, local port).
+    pub fn connect(&mut self, addr: &str) -> (u32, u16) {
+        let reply = self.send(&format!("connect {addr}"));
+        (reply[0], reply[1] as u16)
+    }
+
+    /// `accept ID`: (socket id, the peer's port).
+    pub fn accept(&mut self, listener: u32) -> (u32, u16) {
+        let reply = self.send(&format!("accept {listener}"));
+        (reply[0], reply[1] as u16)
+    }
+
+    /// `close ID`.
+    pub fn close(&mut self, socket: u32) {
+        self.send(&format!("close {socket}"));
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The program name the kernel gives a peer: this binary's name, cut to 15 bytes.
+pub fn peer_program() -> String {
+    let exe = std::env::current_exe().expect("test binary path");
+    let name = exe
+        .file_name()
+        .expect("binary file name")
+        .to_string_lossy()
+        .into_owned();
+    name.chars().take(15).collect()
+}

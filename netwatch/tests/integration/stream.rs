@@ -1,0 +1,311 @@
+//! `netwatch` streaming on the real kernel: exact transitions, owners, losses, exit.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::peer::{peer_program, Peer};
+use crate::support::{
+    expect_steps, is_root, run_netwatch_as_nobody, snapshot_json, transitions_of, Watch,
+};
+
+const CLIENT_STEPS: [&str; 4] = [
+    "SYN_SENT->ESTABLISHED",
+    "ESTABLISHED->FIN_WAIT1",
+    "FIN_WAIT1->FIN_WAIT2",
+    "FIN_WAIT2->CLOSE",
+];
+const SERVER_STEPS: [&str; 5] = [
+    "LISTEN->SYN_RECV",
+    "SYN_RECV->ESTABLISHED",
+    "ESTABLISHED->CLOSE_WAIT",
+    "CLOSE_WAIT->LAST_ACK",
+    "LAST_ACK->CLOSE",
+];
+
+fn has(records: &[Value], local_port: u16, remote_port: u16, new_state: &str) -> bool {
+    records.iter().any(|r| {
+        r["type"] == "state"
+            && r["local_port"] == local_port
+            && r["remote_port"] == remote_port
+            && r["new_state"] == new_state
+    })
+}
+
+#[test]
+fn client_and_server_transitions_carry_their_owners() {
+    for (bind, connect_to) in [("127.0.0.1:0", "127.0.0.1"), ("[::1]:0", "[::1]")] {
+        let mut server = Peer::spawn();
+        let mut client = Peer::spawn();
+        let (listener, port) = server.listen(bind);
+        let mut watch = Watch::start(&["--port", &port.to_string()]);
+        let (connection, client_port) = client.connect(&format!("{connect_to}:{port}"));
+        let (accepted, _) = server.accept(listener);
+        client.close(connection);
+        server.close(accepted);
+        watch.wait_until(|seen| {
+            has(seen, client_port, port, "CLOSE") && has(seen, port, client_port, "CLOSE")
+        });
+        let records = watch.stop().records;
+
+        // connect() binds the port after CLOSE -> SYN_SENT, so that record has local port 0.
+        let connect = records
+            .iter()
+            .find(|r| {
+                r["old_state"] == "CLOSE"
+                    && r["new_state"] == "SYN_SENT"
+                    && r["remote_port"] == port
+            })
+            .expect("the CLOSE -> SYN_SENT transition");
+        assert_eq!(connect["pid"], client.pid());
+        assert_eq!(connect["program"], peer_program());
+        assert_eq!(
+            transitions_of(&records, client_port, port),
+            expect_steps(&CLIENT_STEPS, client.pid())
+        );
+        // The server side runs in softirq context, often on the client's CPU: still the server's.
+        assert_eq!(
+            transitions_of(&records, port, client_port),
+            expect_steps(&SERVER_STEPS, server.pid())
+        );
+        for record in records.iter().filter(|r| r["type"] == "state") {
+            assert_eq!(
+                record["proto"],
+                if bind.starts_with('[') { "tcp6" } else { "tcp" }
+            );
+            assert!(
+                record["ms"].as_f64().is_some_and(|ms| ms >= 0.0),
+                "{record}"
+            );
+            assert!(
+                record["ts"]
+                    .as_str()
+                    .is_some_and(|ts| ts.ends_with('Z') && ts.len() == 27),
+                "{record}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_listener_opened_and_closed() {
+    let mut server = Peer::spawn();
+    let mut watch = Watch::start(&["--pid", &server.pid().to_string()]);
+    let (listener, port) = server.listen("127.0.0.1:0");
+    server.close(listener);
+    watch.wait_until(|seen| has(seen, port, 0, "CLOSE"));
+    let records = watch.stop().records;
+    assert_eq!(
+        transitions_of(&records, port, 0),
+        expect_steps(&["CLOSE->LISTEN", "LISTEN->CLOSE"], server.pid())
+    );
+}
+
+#[test]
+fn a_connection_from_before_the_start_keeps_its_owners() {
+    let mut server = Peer::spawn();
+    let mut client = Peer::spawn();
+    let (listener, port) = server.listen("127.0.0.1:0");
+    let (connection, client_port) = client.connect(&format!("127.0.0.1:{port}"));
+    let (accepted, _) = server.accept(listener);
+    let mut watch = Watch::start(&["--baseline", "--port", &port.to_string()]);
+    client.close(connection);
+    server.close(accepted);
+    watch.wait_until(|seen| {
+        has(seen, client_port, port, "CLOSE") && has(seen, port, client_port, "CLOSE")
+    });
+    let records = watch.stop().records;
+
+    let baseline: Vec<&Value> = records.iter().filter(|r| r["type"] == "baseline").collect();
+    assert_eq!(baseline.len(), 3, "listener and both ends: {baseline:#?}");
+    let steps_client = [
+        "ESTABLISHED->FIN_WAIT1",
+        "FIN_WAIT1->FIN_WAIT2",
+        "FIN_WAIT2->CLOSE",
+    ];
+    let steps_server = [
+        "ESTABLISHED->CLOSE_WAIT",
+        "CLOSE_WAIT->LAST_ACK",
+        "LAST_ACK->CLOSE",
+    ];
+    assert_eq!(
+        transitions_of(&records, client_port, port),
+        expect_steps(&steps_client, client.pid())
+    );
+    assert_eq!(
+        transitions_of(&records, port, client_port),
+        expect_steps(&steps_server, server.pid())
+    );
+    let first = records
+        .iter()
+        .find(|r| r["type"] == "state")
+        .expect("a transition");
+    assert_eq!(
+        first["ms"],
+        Value::Null,
+        "time spent before netwatch started is unknown"
+    );
+}
+
+/// `recursion_misses` of netwatch's loaded program, read by bpftool.
+fn kernel_recursion_misses() -> u64 {
+    let output = Command::new("bpftool")
+        .args(["prog", "show", "name", "inet_sock_set_state", "--json"])
+        .output()
+        .expect("bpftool runs (cargo xtask test installs it)");
+    let programs: Value = serde_json::from_slice(&output.stdout).expect("bpftool prints JSON");
+    let program = match &programs {
+        Value::Array(list) => list.first().cloned().expect("netwatch's program is loaded"),
+        single => single.clone(),
+    };
+    program["recursion_misses"].as_u64().unwrap_or(0)
+}
+
+fn summary_number(stderr: &str, before: &str) -> u64 {
+    let summary = stderr
+        .lines()
+        .find(|l| l.contains(" transitions, "))
+        .expect("summary line");
+    let at = summary
+        .find(before)
+        .unwrap_or_else(|| panic!("'{before}' in {summary}"));
+    let number = summary[..at].split_whitespace().last();
+    number
+        .and_then(|n| n.trim_start_matches('(').parse().ok())
+        .unwrap_or_else(|| panic!("a number before '{before}' in {summary}"))
+}
+
+#[test]
+fn losses_are_reported_and_the_table_resyncs() {
+    // 4 KiB holds about 45 events: a burst overflows it.
+    let watch = Watch::start(&["--ring-buffer-kib", "4"]);
+    let mut churner = Peer::spawn();
+    for _ in 0..3 {
+        churner.send("burst 2000");
+    }
+    drop(churner);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let stopped = watch.stop();
+    assert!(stopped.success);
+    let lost: u64 = stopped
+        .records
+        .iter()
+        .filter(|r| r["type"] == "lost" && r["cause"] == "ring_buffer_full")
+        .map(|r| r["count"].as_u64().expect("count"))
+        .sum();
+    assert!(
+        lost > 0,
+        "a 4 KiB ring buffer lost nothing?\n{}",
+        stopped.stderr
+    );
+    assert_eq!(lost, summary_number(&stopped.stderr, "ring buffer full"));
+    assert!(
+        stopped.stderr.contains("transition(s): ring buffer full"),
+        "{}",
+        stopped.stderr
+    );
+    let resyncs: Vec<&Value> = stopped
+        .records
+        .iter()
+        .filter(|r| r["type"] == "resync")
+        .collect();
+    assert!(!resyncs.is_empty(), "a loss is followed by a resync");
+    // After the last resync the table is what /proc says (TIME_WAIT aside, which has no owner).
+    let fresh = snapshot_json(&["snapshot", "-tan", "--json"]);
+    let live = fresh.iter().filter(|r| r["state"] != "TIME_WAIT").count() as u64;
+    assert_eq!(
+        summary_number(&stopped.stderr, "sockets in the table"),
+        live,
+        "{}",
+        stopped.stderr
+    );
+}
+
+#[test]
+fn skipped_calls_are_counted_as_the_kernel_counts_them() {
+    let watch = Watch::start(&[]);
+    let mut churners: Vec<Peer> = (0..2).map(|_| Peer::spawn()).collect();
+    std::thread::scope(|scope| {
+        for churner in &mut churners {
+            scope.spawn(move || churner.send("burst 5000"));
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let kernel = kernel_recursion_misses();
+    let stopped = watch.stop();
+    let reported = summary_number(&stopped.stderr, "skipped by the kernel");
+    let streamed: u64 = stopped
+        .records
+        .iter()
+        .filter(|r| r["type"] == "lost" && r["cause"] == "recursion")
+        .map(|r| r["count"].as_u64().expect("count"))
+        .sum();
+    eprintln!("recursion misses: kernel {kernel}, netwatch {reported}");
+    assert_eq!(reported, kernel);
+    assert_eq!(streamed, kernel);
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_leaves_nothing_attached() {
+    let watch = Watch::start(&[]);
+    let netwatch_pid = watch.pid();
+    let stopped = watch.stop_with(libc::SIGTERM);
+    assert!(stopped.success, "{}", stopped.stderr);
+    assert!(
+        stopped.stderr.contains(" transitions, "),
+        "a summary: {}",
+        stopped.stderr
+    );
+    let programs = Command::new("bpftool")
+        .args(["prog", "show"])
+        .output()
+        .expect("bpftool runs");
+    let programs = String::from_utf8_lossy(&programs.stdout);
+    assert!(
+        !programs.contains("inet_sock_set_state"),
+        "still loaded after netwatch {netwatch_pid} exited:\n{programs}"
+    );
+}
+
+#[test]
+fn a_closed_stdout_pipe_ends_quietly() {
+    assert!(is_root());
+    let mut child = crate::support::netwatch()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("netwatch starts");
+    drop(child.stdout.take());
+    let mut server = Peer::spawn();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        let (listener, _) = server.listen("127.0.0.1:0");
+        server.close(listener);
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "netwatch kept running with no reader"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let stderr = std::io::read_to_string(child.stderr.take().expect("stderr")).expect("stderr");
+    assert!(status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn without_root_one_clear_sentence() {
+    let output = run_netwatch_as_nobody(&[]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("needs root") && stderr.contains("netwatch snapshot"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,220 @@
+//! Running the netwatch binary from tests and reading what it prints.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt as _;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The netwatch binary cargo built for these tests.
+pub fn netwatch() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_netwatch"))
+}
+
+/// Runs `netwatch ARGS` to completion.
+pub fn run_netwatch(args: &[&str]) -> Output {
+    netwatch().args(args).output().expect("netwatch runs")
+}
+
+/// Runs `netwatch ARGS` as the unprivileged user nobody.
+pub fn run_netwatch_as_nobody(args: &[&str]) -> Output {
+    let mut command = netwatch();
+    command.args(args);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command.output().expect("netwatch runs as nobody")
+}
+
+/// Parses JSON lines.
+pub fn json_lines(bytes: &[u8]) -> Vec<Value> {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line).unwrap_or_else(|err| panic!("not JSON ({err}): {line}"))
+        })
+        .collect()
+}
+
+/// Asserts the run succeeded and returns its JSON records.
+pub fn snapshot_json(args: &[&str]) -> Vec<Value> {
+    let output = run_netwatch(args);
+    assert!(
+        output.status.success(),
+        "netwatch {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    json_lines(&output.stdout)
+}
+
+/// Whether the process runs as root (the eBPF tests need it).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A running `netwatch --json` stream, killed if a failing test drops it.
+pub struct Watch {
+    child: Option<Child>,
+    records: Receiver<Value>,
+    stderr: Receiver<String>,
+    /// Every record received so far.
+    pub seen: Vec<Value>,
+}
+
+/// What a stopped stream left.
+pub struct Stopped {
+    pub records: Vec<Value>,
+    pub stderr: String,
+    pub success: bool,
+}
+
+impl Watch {
+    /// Starts `netwatch --json ARGS` and waits until it says it is watching.
+    pub fn start(args: &[&str]) -> Watch {
+        assert!(
+            is_root(),
+            "the stream tests load eBPF programs: run them as root (cargo xtask test does)"
+        );
+        let mut child = netwatch()
+            .arg("--json")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("netwatch starts");
+        let records = lines_of(child.stdout.take().expect("piped stdout"));
+        let stderr = lines_of(child.stderr.take().expect("piped stderr"));
+        let (records, stderr) = (parse_json(records), stderr);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let line = stderr
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("netwatch says it is watching within 20 s");
+            if line.contains("watching") {
+                break;
+            }
+        }
+        Watch {
+            child: Some(child),
+            records,
+            stderr,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Collects records until `done(records so far)` holds or 10 s pass.
+    pub fn wait_until(&mut self, done: impl Fn(&[Value]) -> bool) -> &[Value] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done(&self.seen) {
+            match self
+                .records
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(record) => self.seen.push(record),
+                Err(_) => panic!("timed out; records so far: {:#?}", self.seen),
+            }
+        }
+        &self.seen
+    }
+
+    /// The pid of the netwatch process.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Sends `signal`, waits for exit and returns everything printed.
+    pub fn stop_with(mut self, signal: i32) -> Stopped {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: signals our own child.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let status = child.wait().expect("netwatch exits");
+        self.seen.extend(self.records.iter());
+        Stopped {
+            records: std::mem::take(&mut self.seen),
+            stderr: self.stderr.iter().collect::<Vec<_>>().join("\n"),
+            success: status.success(),
+        }
+    }
+
+    /// SIGINT, as an operator's Ctrl-C.
+    pub fn stop(self) -> Stopped {
+        self.stop_with(libc::SIGINT)
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn lines_of(reader: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (send, receive) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(reader).lines().map_while(Result::ok) {
+            if send.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    receive
+}
+
+fn parse_json(lines: Receiver<String>) -> Receiver<Value> {
+    let (send, receive) = mpsc::channel();
+    thread::spawn(move || {
+        for line in lines {
+            let record = serde_json::from_str(&line)
+                .unwrap_or_else(|err| panic!("not JSON ({err}): {line}"));
+            if send.send(record).is_err() {
+                return;
+            }
+        }
+    });
+    receive
+}
+
+/// The `state` records about one socket, as (old, new, pid) in order.
+pub fn transitions_of(
+    records: &[Value],
+    local_port: u16,
+    remote_port: u16,
+) -> Vec<(String, String, Option<u64>)> {
+    records
+        .iter()
+        .filter(|r| {
+            r["type"] == "state" && r["local_port"] == local_port && r["remote_port"] == remote_port
+        })
+        .map(|r| {
+            (
+                r["old_state"].as_str().unwrap_or_default().to_owned(),
+                r["new_state"].as_str().unwrap_or_default().to_owned(),
+                r["pid"].as_u64(),
+            )
+        })
+        .collect()
+}
+
+/// Builds the expected (old, new, pid) list from `A->B` steps.
+pub fn expect_steps(steps: &[&str], pid: u32) -> Vec<(String, String, Option<u64>)> {
+    steps
+        .iter()
+        .map(|step| {
+            let (old, new) = step.split_once("->").expect("step is OLD->NEW");
+            (old.to_owned(), new.to_owned(), Some(u64::from(pid)))
+        })
+        .collect()
+}

@@ -1,0 +1,534 @@
+//! `cargo xtask bench snapshot|stream`: netwatch against the tools its users
+//! know, measured in the same run on the same load. Prints figures and ratios;
+//! asserts nothing about speed (the machines are shared and noisy), but the
+//! stream benchmark does check completeness, which noise cannot excuse.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+use crate::load::{self, ChurnArgs};
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Which {
+    /// `netwatch snapshot -tanp` vs `ss -tanp` and `netstat -tanp`, at several socket counts.
+    Snapshot {
+        /// Established sockets to hold (both ends count), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "10000,20000,40000,80000")]
+        sockets: Vec<usize>,
+        /// Timed runs of each tool per size (the median is shown).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// `netwatch` vs `tcpstates` under loopback connection churn: a burst, then a sustained run.
+    Stream {
+        /// Connections in the burst.
+        #[arg(long, default_value_t = 100_000)]
+        burst: u64,
+        /// Seconds of sustained churn.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
+}
+
+/// Runs one benchmark with the release netwatch binary.
+pub fn run(which: Which, netwatch: &Path) -> anyhow::Result<()> {
+    let results = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench-results");
+    std::fs::create_dir_all(&results)?;
+    match which {
+        Which::Snapshot { sockets, runs } => snapshot(netwatch, &sockets, runs.max(1)),
+        Which::Stream { burst, seconds } => stream(netwatch, burst, seconds, &results),
+    }
+}
+
+/// Wall time, CPU time and peak RSS of a finished child.
+#[derive(Clone, Copy, Debug)]
+struct Usage {
+    wall: Duration,
+    cpu: Duration,
+    max_rss_kib: u64,
+}
+
+/// Waits for `child` with wait4 to read its own resource usage.
+fn wait_usage(child: &Child, started: Instant) -> anyhow::Result<Usage> {
+    let mut status = 0;
+    // SAFETY: rusage is plain old data that wait4 fills in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child, writing status and usage.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    if pid < 0 {
+        bail!("wait4 failed: {}", std::io::Error::last_os_error());
+    }
+    let time = |tv: libc::timeval| Duration::new(tv.tv_sec as u64, tv.tv_usec as u32 * 1000);
+    Ok(Usage {
+        wall: started.elapsed(),
+        cpu: time(usage.ru_utime) + time(usage.ru_stime),
+        max_rss_kib: usage.ru_maxrss as u64,
+    })
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+// ---- snapshot -------------------------------------------------------------
+
+/// Processes holding the benchmark's sockets; they exit when dropped.
+struct Holders {
+    children: Vec<(Child, ChildStdin)>,
+}
+
+const HOLDERS: usize = 20;
+
+impl Holders {
+    /// 20 processes holding `sockets` established sockets in all, each on its own 127.0.0.x.
+    fn start(sockets: usize) -> anyhow::Result<Holders> {
+        let per_holder = sockets / HOLDERS / 2;
+        let mut children = Vec::new();
+        for i in 0..HOLDERS {
+            let mut child = Command::new(std::env::current_exe()?)
+                .args(["hold", "--connections", &per_holder.to_string()])
+                .args(["--addr", &format!("127.0.0.{}", i + 2)])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()?;
+            let stdin = child.stdin.take().context("holder stdin")?;
+            let stdout = child.stdout.take().context("holder stdout")?;
+            let mut ready = String::new();
+            BufReader::new(stdout).read_line(&mut ready)?;
+            if ready.trim() != "ready" {
+                bail!("holder {i} did not get ready");
+            }
+            children.push((child, stdin));
+        }
+        Ok(Holders { children })
+    }
+}
+
+impl Drop for Holders {
+    fn drop(&mut self) {
+        for (mut child, stdin) in self.children.drain(..) {
+            drop(stdin);
+            let _ = child.wait();
+        }
+    }
+}
+
+fn tcp_socket_count() -> usize {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .map(|table| table.lines().count().saturating_sub(1))
+        .sum()
+}
+
+fn snapshot(netwatch: &Path, sizes: &[usize], runs: usize) -> anyhow::Result<()> {
+    load::raise_fd_limit(4096)?;
+    let mut tools: Vec<(&str, Command)> = vec![
+        ("netwatch", command(netwatch, &["snapshot", "-tanp"])),
+        ("ss", command(Path::new("ss"), &["-tanp"])),
+    ];
+    if Command::new("netstat").arg("--version").output().is_ok() {
+        tools.push(("netstat", command(Path::new("netstat"), &["-tanp"])));
+    }
+    println!("Snapshot benchmark: median of {runs} runs, output to /dev/null, {HOLDERS} processes holding the sockets");
+    println!(
+        "{:>8} {:>13} {:>13} {:>13} {:>11} {:>13} {:>14}",
+        "sockets",
+        "netwatch ms",
+        "ss -tanp ms",
+        "netstat ms",
+        "ss/netwatch",
+        "netwatch RSS",
+        "lines nw/ss"
+    );
+    let mut netwatch_ms = Vec::new();
+    for &size in sizes {
+        let holders = Holders::start(size)?;
+        let sockets = tcp_socket_count();
+        let mut times = vec![Vec::new(); tools.len()];
+        let mut rss = 0;
+        for _ in 0..runs {
+            for (i, (_, cmd)) in tools.iter_mut().enumerate() {
+                let started = Instant::now();
+                let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+                let usage = wait_usage(&child, started)?;
+                times[i].push(usage.wall.as_secs_f64() * 1000.0);
+                if i == 0 {
+                    rss = rss.max(usage.max_rss_kib);
+                }
+            }
+        }
+        let medians: Vec<f64> = times.iter_mut().map(|t| median(t)).collect();
+        let lines = |cmd: &mut Command| -> anyhow::Result<usize> {
+            let out = cmd.stdout(Stdio::piped()).output()?;
+            Ok(out
+                .stdout
+                .split(|&b| b == b'\n')
+                .filter(|l| !l.is_empty())
+                .count())
+        };
+        let netwatch_lines = lines(&mut tools[0].1)?.saturating_sub(2);
+        let ss_lines = lines(&mut tools[1].1)?.saturating_sub(1);
+        println!(
+            "{:>8} {:>13.1} {:>13.1} {:>13} {:>10.1}x {:>9.1} MiB {:>14}",
+            sockets,
+            medians[0],
+            medians[1],
+            medians
+                .get(2)
+                .map_or("-".to_owned(), |ms| format!("{ms:.1}")),
+            medians[1] / medians[0],
+            rss as f64 / 1024.0,
+            format!("{netwatch_lines}/{ss_lines}")
+        );
+        netwatch_ms.push((size, medians[0]));
+        drop(holders);
+    }
+    let at = |size| {
+        netwatch_ms
+            .iter()
+            .find(|(s, _)| *s == size)
+            .map(|(_, ms)| *ms)
+    };
+    if let (Some(t40), Some(t80)) = (at(40_000), at(80_000)) {
+        println!("growth: netwatch time at 80k / at 40k = {:.2}", t80 / t40);
+    }
+    Ok(())
+}
+
+fn command(program: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    cmd
+}
+
+// ---- stream ---------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tracer {
+    None,
+    Netwatch,
+    Tcpstates,
+}
+
+/// What one churn run under one tracer gave.
+#[derive(Debug, Default)]
+struct StreamRun {
+    connections: u64,
+    failed: u64,
+    rate: f64,
+    /// Transitions the kernel fired (perf's count of the tracepoint).
+    fired: u64,
+    delivered: u64,
+    lost_reported: u64,
+    /// CLOSE -> SYN_SENT and -> CLOSE transitions seen on the churn's ports.
+    opens: u64,
+    closes: u64,
+    cpu: Duration,
+    max_rss_kib: u64,
+}
+
+fn stream(netwatch: &Path, burst: u64, seconds: u64, results: &Path) -> anyhow::Result<()> {
+    let first_event = time_to_first_event(netwatch, results)?;
+    println!(
+        "netwatch: start to first event delivered: {:.0} ms",
+        first_event.as_secs_f64() * 1000.0
+    );
+    let runs = [
+        (format!("burst of {burst} connections"), burst, 600),
+        (format!("{seconds} s sustained"), 0, seconds),
+    ];
+    for (label, connections, seconds) in runs {
+        let churn = ChurnArgs {
+            connections,
+            seconds,
+            threads: 2,
+        };
+        println!("\n== {label} (2 client threads, loopback) ==");
+        println!(
+            "{:<10} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9} {:>8} {:>10} {:>9} {:>8}",
+            "tracer",
+            "conns",
+            "conn/s",
+            "fired",
+            "delivered",
+            "lost",
+            "missing",
+            "CPU s",
+            "CPU/event",
+            "RSS MiB",
+            "failed"
+        );
+        for tracer in [Tracer::None, Tracer::Netwatch, Tracer::Tcpstates] {
+            let run = traced_churn(tracer, netwatch, &churn, results)?;
+            print_stream_run(tracer, &run);
+        }
+    }
+    println!("\nmissing = (connections + failed) CLOSE->SYN_SENT + (2 x connections + failed) ->CLOSE expected on the churn's ports, minus those delivered");
+    Ok(())
+}
+
+fn print_stream_run(tracer: Tracer, run: &StreamRun) {
+    let name = match tracer {
+        Tracer::None => "none",
+        Tracer::Netwatch => "netwatch",
+        Tracer::Tcpstates => "tcpstates",
+    };
+    let expected = (run.connections + run.failed) + (2 * run.connections + run.failed);
+    if tracer == Tracer::None {
+        println!(
+            "{name:<10} {:>9} {:>9.0} {:>10} {:>10} {:>9} {:>9} {:>8} {:>10} {:>9} {:>8}",
+            run.connections, run.rate, run.fired, "-", "-", "-", "-", "-", "-", run.failed
+        );
+        return;
+    }
+    let cpu_per_event = run.cpu.as_secs_f64() * 1e6 / run.delivered.max(1) as f64;
+    println!(
+        "{name:<10} {:>9} {:>9.0} {:>10} {:>10} {:>9} {:>9} {:>8.2} {:>8.2}us {:>9.1} {:>8}",
+        run.connections,
+        run.rate,
+        run.fired,
+        run.delivered,
+        run.lost_reported,
+        expected.saturating_sub(run.opens + run.closes),
+        run.cpu.as_secs_f64(),
+        cpu_per_event,
+        run.max_rss_kib as f64 / 1024.0,
+        run.failed
+    );
+}
+
+/// Starts `perf stat` counting the tracepoint system-wide: the kernel's own count.
+fn start_perf(output: &Path) -> anyhow::Result<Child> {
+    let child = Command::new("perf")
+        .args([
+            "stat",
+            "-a",
+            "-x",
+            ",",
+            "-e",
+            "sock:inet_sock_set_state",
+            "-o",
+        ])
+        .arg(output)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting perf failed")?;
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(child)
+}
+
+fn stop_perf(child: Child, output: &Path) -> anyhow::Result<u64> {
+    interrupt(&child);
+    let _ = wait_usage(&child, Instant::now())?;
+    let text = std::fs::read_to_string(output)?;
+    text.lines()
+        .find(|line| line.contains("inet_sock_set_state"))
+        .and_then(|line| line.split(',').next()?.trim().parse().ok())
+        .context("perf printed no count for sock:inet_sock_set_state")
+}
+
+fn interrupt(child: &Child) {
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+}
+
+fn traced_churn(
+    tracer: Tracer,
+    netwatch: &Path,
+    churn: &ChurnArgs,
+    results: &Path,
+) -> anyhow::Result<StreamRun> {
+    let stem = format!("{tracer:?}").to_lowercase();
+    let out_path = results.join(format!("{stem}.out"));
+    let err_path = results.join(format!("{stem}.err"));
+    let perf_path = results.join(format!("{stem}.perf"));
+    let perf = start_perf(&perf_path)?;
+    let traced = match tracer {
+        Tracer::None => None,
+        Tracer::Netwatch => Some(start_tracer(
+            command(netwatch, &["--json"]),
+            &out_path,
+            &err_path,
+            |_, err| err.contains("watching"),
+        )?),
+        Tracer::Tcpstates => Some(start_tracer(
+            command(Path::new("tcpstates"), &[]),
+            &out_path,
+            &err_path,
+            |out, _| !out.is_empty(),
+        )?),
+    };
+    let report = load::churn(churn)?;
+    let mut run = parse_churn_report(&report)?;
+    if let Some((child, started)) = traced {
+        std::thread::sleep(Duration::from_secs(1));
+        interrupt(&child);
+        let usage = wait_usage(&child, started)?;
+        run.cpu = usage.cpu;
+        run.max_rss_kib = usage.max_rss_kib;
+    }
+    run.fired = stop_perf(perf, &perf_path)?;
+    let ports = churn_ports(&report);
+    match tracer {
+        Tracer::None => {}
+        Tracer::Netwatch => count_netwatch(&out_path, &ports, &mut run)?,
+        Tracer::Tcpstates => count_tcpstates(&out_path, &err_path, &ports, &mut run)?,
+    }
+    Ok(run)
+}
+
+/// Spawns a tracer writing to files and waits until `ready(stdout, stderr)`.
+fn start_tracer(
+    mut cmd: Command,
+    out_path: &Path,
+    err_path: &Path,
+    ready: impl Fn(&str, &str) -> bool,
+) -> anyhow::Result<(Child, Instant)> {
+    let started = Instant::now();
+    let child = cmd
+        .stdout(File::create(out_path)?)
+        .stderr(File::create(err_path)?)
+        .spawn()
+        .with_context(|| format!("starting {cmd:?} failed"))?;
+    while started.elapsed() < Duration::from_secs(20) {
+        let out = std::fs::read_to_string(out_path).unwrap_or_default();
+        let err = std::fs::read_to_string(err_path).unwrap_or_default();
+        if ready(&out, &err) {
+            return Ok((child, started));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    bail!("{cmd:?} did not get ready in 20 s");
+}
+
+/// Time from spawning netwatch to its first event in the output, with a
+/// connection made every 2 ms meanwhile.
+fn time_to_first_event(netwatch: &Path, results: &Path) -> anyhow::Result<Duration> {
+    let out_path = results.join("first-event.out");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let target = listener.local_addr()?;
+    let started = Instant::now();
+    let child = command(netwatch, &["--json", "--port", &target.port().to_string()])
+        .stdout(File::create(&out_path)?)
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut first = None;
+    while started.elapsed() < Duration::from_secs(10) {
+        let _ = std::net::TcpStream::connect(target);
+        if std::fs::metadata(&out_path).is_ok_and(|meta| meta.len() > 0) {
+            first = Some(started.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    interrupt(&child);
+    wait_usage(&child, started)?;
+    first.context("netwatch delivered no event within 10 s")
+}
+
+fn parse_churn_report(report: &str) -> anyhow::Result<StreamRun> {
+    let field = |name: &str| {
+        report
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .with_context(|| format!("churn report lacks {name}: {report}"))
+    };
+    Ok(StreamRun {
+        connections: field("connections")?.parse()?,
+        failed: field("failed")?.parse()?,
+        rate: field("rate")?.parse()?,
+        ..StreamRun::default()
+    })
+}
+
+fn churn_ports(report: &str) -> HashSet<u16> {
+    report
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("ports="))
+        .map(|ports| ports.split(',').filter_map(|p| p.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Counts netwatch's JSON lines: transitions, lost records, and the churn's opens and closes.
+fn count_netwatch(
+    out_path: &Path,
+    ports: &HashSet<u16>,
+    run: &mut StreamRun,
+) -> anyhow::Result<()> {
+    for line in BufReader::new(File::open(out_path)?).lines() {
+        let record: serde_json::Value = serde_json::from_str(&line?)?;
+        match record["type"].as_str() {
+            Some("state") => {
+                run.delivered += 1;
+                let port = |key: &str| record[key].as_u64().and_then(|p| u16::try_from(p).ok());
+                let on_churn = [port("local_port"), port("remote_port")]
+                    .iter()
+                    .any(|p| p.is_some_and(|p| ports.contains(&p)));
+                let states = (record["old_state"].as_str(), record["new_state"].as_str());
+                count_churn_transition(on_churn, states, run);
+            }
+            Some("lost") => run.lost_reported += record["count"].as_u64().unwrap_or(0),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Counts tcpstates' text lines (… LPORT RADDR RPORT OLDSTATE -> NEWSTATE MS) and its lost reports.
+fn count_tcpstates(
+    out_path: &Path,
+    err_path: &Path,
+    ports: &HashSet<u16>,
+    run: &mut StreamRun,
+) -> anyhow::Result<()> {
+    for line in BufReader::new(File::open(out_path)?).lines().skip(1) {
+        let line = line?;
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() < 8 || fields[fields.len() - 3] != "->" {
+            continue;
+        }
+        run.delivered += 1;
+        let at = |back: usize| fields[fields.len() - back];
+        let on_churn = [at(7), at(5)]
+            .iter()
+            .any(|p| p.parse().is_ok_and(|p: u16| ports.contains(&p)));
+        count_churn_transition(on_churn, (Some(at(4)), Some(at(2))), run);
+    }
+    let err = std::fs::read_to_string(err_path)?;
+    run.lost_reported += err
+        .lines()
+        .filter_map(|line| {
+            line.strip_prefix("lost ")?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum::<u64>();
+    Ok(())
+}
+
+fn count_churn_transition(
+    on_churn: bool,
+    (old, new): (Option<&str>, Option<&str>),
+    run: &mut StreamRun,
+) {
+    if !on_churn {
+        return;
+    }
+    if old == Some("CLOSE") && new == Some("SYN_SENT") {
+        run.opens += 1;
+    }
+    if new == Some("CLOSE") {
+        run.closes += 1;
+    }
+}

@@ -1,0 +1,226 @@
+//! Loopback load for the benchmarks: processes that hold established
+//! connections, and a generator of connection churn. Both are bounded and
+//! touch only 127.0.0.0/8.
+
+use std::io::{BufRead as _, Read as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+/// `xtask hold`: one process's share of the snapshot benchmark's sockets.
+#[derive(clap::Args, Debug)]
+pub struct HoldArgs {
+    /// Connections to open to our own listener (each holds 2 sockets).
+    #[arg(long)]
+    pub connections: usize,
+    /// Loopback address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub addr: Ipv4Addr,
+}
+
+/// Opens the connections, prints `ready`, and holds them until stdin closes.
+pub fn hold(args: &HoldArgs) -> anyhow::Result<()> {
+    if !args.addr.is_loopback() {
+        bail!("hold only uses loopback addresses, not {}", args.addr);
+    }
+    raise_fd_limit(2 * args.connections as u64 + 64)?;
+    let listener = TcpListener::bind((args.addr, 0)).context("bind failed")?;
+    let target = listener.local_addr()?;
+    let wanted = args.connections;
+    let acceptor = thread::spawn(move || -> std::io::Result<Vec<TcpStream>> {
+        (0..wanted)
+            .map(|_| listener.accept().map(|(stream, _)| stream))
+            .collect()
+    });
+    let clients: Vec<TcpStream> = (0..wanted)
+        .map(|_| TcpStream::connect(target))
+        .collect::<Result<_, _>>()
+        .context("connect failed")?;
+    let servers = acceptor
+        .join()
+        .map_err(|_| anyhow::anyhow!("acceptor thread panicked"))??;
+    println!("ready");
+    // Hold until the benchmark closes our stdin.
+    let _ = std::io::stdin().lock().lines().count();
+    for stream in clients.iter().chain(&servers) {
+        reset_on_close(stream);
+    }
+    Ok(())
+}
+
+/// `xtask churn`: open and close loopback connections from client threads.
+#[derive(clap::Args, Debug)]
+pub struct ChurnArgs {
+    /// Stop after this many connections (0: only the duration bounds the run).
+    #[arg(long, default_value_t = 100_000)]
+    pub connections: u64,
+    /// Stop after this many seconds at most (at most 600).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub seconds: u64,
+    /// Client threads (one listener and one accepting thread each).
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+}
+
+/// Runs the churn and returns `connections=N seconds=S rate=R failed=F ports=P,Q`.
+pub fn churn(args: &ChurnArgs) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let started = Instant::now();
+    let counts = Arc::new(ChurnCounts::default());
+    let mut ports = Vec::new();
+    let mut workers = Vec::new();
+    for _ in 0..args.threads.max(1) {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let target = listener.local_addr()?;
+        ports.push(target.port());
+        let connected = Arc::new(AtomicU64::new(0));
+        let clients_done = Arc::new(AtomicBool::new(false));
+        let server = {
+            let (connected, clients_done) = (connected.clone(), clients_done.clone());
+            thread::spawn(move || serve(&listener, &connected, &clients_done))
+        };
+        let (counts, limit) = (counts.clone(), args.connections);
+        let client = thread::spawn(move || {
+            connect_loop(target, deadline, limit, &counts, &connected);
+            clients_done.store(true, Ordering::Release);
+        });
+        workers.push((client, server));
+    }
+    for (client, server) in workers {
+        client
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+        server
+            .join()
+            .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let made = counts.made.load(Ordering::Relaxed);
+    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+    Ok(format!(
+        "connections={made} seconds={seconds:.3} rate={:.0} failed={} ports={}",
+        made as f64 / seconds,
+        counts.failed.load(Ordering::Relaxed),
+        ports.join(",")
+    ))
+}
+
+/// Connects and closes at once (the client closes first) until `limit`
+/// connections are claimed across threads or the deadline passes.
+fn connect_loop(
+    target: SocketAddr,
+    deadline: Instant,
+    limit: u64,
+    counts: &ChurnCounts,
+    connected: &AtomicU64,
+) {
+    while Instant::now() < deadline {
+        if limit > 0 && counts.claimed.fetch_add(1, Ordering::Relaxed) >= limit {
+            return;
+        }
+        match TcpStream::connect(target) {
+            Ok(stream) => {
+                counts.made.fetch_add(1, Ordering::Relaxed);
+                connected.fetch_add(1, Ordering::Release);
+                drop(stream);
+            }
+            Err(_) => {
+                // Retried: the claim goes back. A failed connect still has its
+                // CLOSE -> SYN_SENT -> CLOSE transitions, so it is reported.
+                counts.claimed.fetch_sub(1, Ordering::Relaxed);
+                counts.failed.fetch_add(1, Ordering::Relaxed);
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
+
+/// Shared by the client threads of one churn run.
+#[derive(Default)]
+struct ChurnCounts {
+    claimed: AtomicU64,
+    made: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// Accepts each connection, reads to the client's FIN, closes; stops once the
+/// client thread is done and every connection it made was accepted.
+fn serve(
+    listener: &TcpListener,
+    connected: &AtomicU64,
+    clients_done: &AtomicBool,
+) -> std::io::Result<()> {
+    let mut accepted = 0u64;
+    let mut sink = [0u8; 64];
+    loop {
+        if clients_done.load(Ordering::Acquire) && accepted >= connected.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if !readable(listener, 50) {
+            continue;
+        }
+        let (mut stream, _) = listener.accept()?;
+        accepted += 1;
+        while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+    }
+}
+
+/// Waits up to `ms` for a connection to accept.
+fn readable(listener: &TcpListener, ms: i32) -> bool {
+    let mut pollfd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut pollfd, 1, ms) > 0 }
+}
+
+/// Closing with SO_LINGER 0 sends RST: no TIME_WAIT left for the next measurement.
+fn reset_on_close(stream: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid socket fd and option of the stated size.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+}
+
+/// Raises RLIMIT_NOFILE to at least `wanted` (root may raise the hard limit).
+pub fn raise_fd_limit(wanted: u64) -> anyhow::Result<()> {
+    let limit = libc::rlimit {
+        rlim_cur: wanted,
+        rlim_max: wanted,
+    };
+    let mut current = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read or write one rlimit.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut current);
+        if current.rlim_cur >= wanted {
+            return Ok(());
+        }
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            bail!(
+                "cannot raise the open file limit to {wanted}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(())
+}
