@@ -8,8 +8,25 @@
 pub const EVENTS_MAP: &str = "EVENTS";
 /// Name of the per-CPU array (one `u64` slot) counting events the ring buffer refused.
 pub const DROPS_MAP: &str = "DROPS";
-/// Name of the tracepoint program.
+/// Name of the tracepoint program: it forwards every transition.
 pub const STATE_PROGRAM: &str = "inet_sock_set_state";
+/// Name of the raw tracepoint program on the same tracepoint. It has its own
+/// recursion guard, so it runs when the kernel skips the tracepoint program
+/// (nested call on one CPU), and then forwards the transition itself.
+pub const RECOVERY_PROGRAM: &str = "recover_state";
+
+/// Globals of the recovery program: byte offsets of `struct sock` fields,
+/// taken from the running kernel's BTF at load time, as (global, struct, member).
+pub const SOCK_OFFSETS: [(&str, &str, &str); 8] = [
+    ("SK_PROTOCOL", "sock", "sk_protocol"),
+    ("SKC_FAMILY", "sock_common", "skc_family"),
+    ("SKC_DADDR", "sock_common", "skc_daddr"),
+    ("SKC_RCV_SADDR", "sock_common", "skc_rcv_saddr"),
+    ("SKC_DPORT", "sock_common", "skc_dport"),
+    ("SKC_V6_DADDR", "sock_common", "skc_v6_daddr"),
+    ("SKC_V6_RCV_SADDR", "sock_common", "skc_v6_rcv_saddr"),
+    ("INET_SPORT", "inet_sock", "inet_sport"),
+];
 
 /// `IPPROTO_TCP`: the tracepoint also fires for SCTP and MPTCP sockets.
 pub const IPPROTO_TCP: u16 = 6;
@@ -88,8 +105,11 @@ pub struct StateEvent {
     pub oldstate: u8,
     /// Kernel TCP state after the change.
     pub newstate: u8,
+    /// 1 when the recovery program sent it: the tracepoint program was
+    /// skipped, or (rarely) this duplicates what it sent.
+    pub recovered: u8,
     /// Explicit padding to a multiple of 8 bytes.
-    pub _pad: [u8; 4],
+    pub _pad: [u8; 3],
 }
 
 #[cfg(feature = "user")]
@@ -102,7 +122,7 @@ mod tests {
 
     #[test]
     fn state_event_has_no_implicit_padding() {
-        let fields = 8 + 8 + 16 + 16 + 16 + 4 + 2 + 2 + 2 + 1 + 1 + 4;
+        let fields = 8 + 8 + 16 + 16 + 16 + 4 + 2 + 2 + 2 + 1 + 1 + 1 + 3;
         assert_eq!(core::mem::size_of::<StateEvent>(), fields);
         assert_eq!(core::mem::size_of::<StateEvent>() % 8, 0);
     }

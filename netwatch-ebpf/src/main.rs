@@ -1,24 +1,82 @@
-//! eBPF side of netwatch: one tracepoint program that forwards every TCP
-//! state transition to user space through a ring buffer.
+//! eBPF side of netwatch: every TCP state transition goes to user space
+//! through one ring buffer, sent by one of two programs on the
+//! `sock:inet_sock_set_state` tracepoint.
+//!
+//! The tracepoint program sends each transition and first notes it in a
+//! per-CPU `HANDLED` slot. The kernel skips a tracepoint program that a
+//! softirq interrupts on its own CPU (a shared per-CPU guard), silently but
+//! for `recursion_misses`; a raw tracepoint program has a guard of its own,
+//! so the recovery program, attached second, still runs then. It finds the
+//! slot not naming its transition and sends the transition itself.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::{map, tracepoint},
-    maps::{PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
+    macros::{map, raw_tracepoint, tracepoint},
+    maps::{Array, PerCpuArray, RingBuf},
+    programs::{RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::error;
 use netwatch_common::{tracepoint as field, StateEvent, AF_INET, IPPROTO_TCP};
 
-/// Default size; the loader overrides it from `--ring-buffer-size`.
+/// Default size; the loader overrides it from `--ring-buffer-kib`.
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 
 /// Events the ring buffer had no room for, per CPU (slot 0).
 #[map(name = "DROPS")]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The transition the tracepoint program last handled on this CPU.
+#[map(name = "HANDLED")]
+static HANDLED: PerCpuArray<Handled> = PerCpuArray::with_max_entries(1, 0);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+struct Handled {
+    skaddr: u64,
+    states: u64,
+}
+
+impl Handled {
+    fn new(skaddr: u64, oldstate: i32, newstate: i32) -> Handled {
+        // Bit 16 marks a used slot: a zeroed slot matches nothing.
+        let states = (1 << 16) | ((oldstate as u64 & 0xff) << 8) | (newstate as u64 & 0xff);
+        Handled { skaddr, states }
+    }
+}
+
+/// When user space was last woken (bpf_ktime_get_ns), slot 0.
+#[map(name = "WOKEN")]
+static WOKEN: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Wake user space once this much is waiting (set by the loader: 1/16 of the ring).
+#[no_mangle]
+static WAKEUP_BYTES: u64 = 1 << 18;
+/// ... or when the last wakeup is this old, so that a lone event is not held back.
+const WAKEUP_AFTER_NS: u64 = 5_000_000;
+
+// Offsets into `struct sock`, set by the loader from the kernel's BTF.
+#[no_mangle]
+static SK_PROTOCOL: u32 = 0;
+#[no_mangle]
+static SKC_FAMILY: u32 = 0;
+#[no_mangle]
+static SKC_DADDR: u32 = 0;
+#[no_mangle]
+static SKC_RCV_SADDR: u32 = 0;
+#[no_mangle]
+static SKC_DPORT: u32 = 0;
+#[no_mangle]
+static SKC_V6_DADDR: u32 = 0;
+#[no_mangle]
+static SKC_V6_RCV_SADDR: u32 = 0;
+#[no_mangle]
+static INET_SPORT: u32 = 0;
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
@@ -31,7 +89,8 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
             "reading the inet_sock_set_state record failed: {}", err
         );
     }
-    0
+    // 1 lets other perf users of this tracepoint (perf stat, perf record) see it.
+    1
 }
 
 fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
@@ -40,29 +99,30 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    let Some(mut entry) = EVENTS.reserve::<StateEvent>(0) else {
-        count_drop();
-        return Ok(());
+    // SAFETY: as above.
+    let (skaddr, oldstate, newstate): (u64, i32, i32) = unsafe {
+        (
+            ctx.read_at(field::SKADDR)?,
+            ctx.read_at(field::OLDSTATE)?,
+            ctx.read_at(field::NEWSTATE)?,
+        )
     };
-    match fill_event(ctx) {
-        Ok(event) => {
-            entry.write(event);
-            entry.submit(0);
-            Ok(())
-        }
-        Err(err) => {
-            entry.discard(0);
-            Err(err)
-        }
+    if let Some(slot) = HANDLED.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot; only code on this CPU touches it.
+        unsafe { *slot = Handled::new(skaddr, oldstate, newstate) };
     }
-}
-
-fn fill_event(ctx: &TracePointContext) -> Result<StateEvent, i64> {
-    // SAFETY: as above, every read stays inside the tracepoint record.
+    // SAFETY: as above.
+    let (family, sport, dport): (u16, u16, u16) = unsafe {
+        (
+            ctx.read_at(field::FAMILY)?,
+            ctx.read_at(field::SPORT)?,
+            ctx.read_at(field::DPORT)?,
+        )
+    };
+    let mut saddr = [0u8; 16];
+    let mut daddr = [0u8; 16];
+    // SAFETY: as above.
     unsafe {
-        let family: u16 = ctx.read_at(field::FAMILY)?;
-        let mut saddr = [0u8; 16];
-        let mut daddr = [0u8; 16];
         if family == AF_INET {
             saddr[..4].copy_from_slice(&ctx.read_at::<[u8; 4]>(field::SADDR)?);
             daddr[..4].copy_from_slice(&ctx.read_at::<[u8; 4]>(field::DADDR)?);
@@ -70,22 +130,133 @@ fn fill_event(ctx: &TracePointContext) -> Result<StateEvent, i64> {
             saddr = ctx.read_at(field::SADDR_V6)?;
             daddr = ctx.read_at(field::DADDR_V6)?;
         }
-        let oldstate: i32 = ctx.read_at(field::OLDSTATE)?;
-        let newstate: i32 = ctx.read_at(field::NEWSTATE)?;
-        Ok(StateEvent {
-            ts_ns: bpf_ktime_get_ns(),
-            skaddr: ctx.read_at(field::SKADDR)?,
-            saddr,
-            daddr,
-            comm: bpf_get_current_comm().unwrap_or_default(),
-            tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
-            sport: ctx.read_at(field::SPORT)?,
-            dport: ctx.read_at(field::DPORT)?,
-            family,
-            oldstate: oldstate as u8,
-            newstate: newstate as u8,
-            _pad: [0; 4],
-        })
+    }
+    send(event(
+        skaddr,
+        oldstate,
+        newstate,
+        family,
+        (saddr, sport),
+        (daddr, dport),
+        0,
+    ));
+    Ok(())
+}
+
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn recover_state(ctx: RawTracePointContext) -> i32 {
+    if try_recover_state(&ctx).is_err() {
+        count_drop();
+    }
+    0
+}
+
+fn try_recover_state(ctx: &RawTracePointContext) -> Result<(), i64> {
+    let sk: u64 = ctx.arg(0);
+    let (oldstate, newstate): (i32, i32) = (ctx.arg(1), ctx.arg(2));
+    // Checked first: the shorter the time before the check, the rarer the
+    // duplicate from a softirq that sneaks in before it (user space drops those).
+    let slot = HANDLED.get_ptr_mut(0).ok_or(0i64)?;
+    // SAFETY: per-CPU slot; only code on this CPU touches it.
+    unsafe {
+        if *slot == Handled::new(sk, oldstate, newstate) {
+            *slot = Handled {
+                skaddr: 0,
+                states: 0,
+            };
+            return Ok(());
+        }
+    }
+    if read_sock::<u16>(sk, &SK_PROTOCOL)? != IPPROTO_TCP {
+        return Ok(());
+    }
+    let family: u16 = read_sock(sk, &SKC_FAMILY)?;
+    let mut saddr = [0u8; 16];
+    let mut daddr = [0u8; 16];
+    if family == AF_INET {
+        saddr[..4].copy_from_slice(&read_sock::<[u8; 4]>(sk, &SKC_RCV_SADDR)?);
+        daddr[..4].copy_from_slice(&read_sock::<[u8; 4]>(sk, &SKC_DADDR)?);
+    } else {
+        saddr = read_sock(sk, &SKC_V6_RCV_SADDR)?;
+        daddr = read_sock(sk, &SKC_V6_DADDR)?;
+    }
+    let sport = u16::from_be(read_sock(sk, &INET_SPORT)?);
+    let dport = u16::from_be(read_sock(sk, &SKC_DPORT)?);
+    send(event(
+        sk,
+        oldstate,
+        newstate,
+        family,
+        (saddr, sport),
+        (daddr, dport),
+        1,
+    ));
+    Ok(())
+}
+
+/// Reads a field of the socket at `sk`, at the offset held by the global `offset`.
+fn read_sock<T>(sk: u64, offset: &'static u32) -> Result<T, i64> {
+    // SAFETY: the loader set the global; volatile keeps the compiler from folding its initial 0.
+    let offset = unsafe { core::ptr::read_volatile(offset) };
+    // SAFETY: bpf_probe_read_kernel checks the address.
+    unsafe { bpf_probe_read_kernel((sk + u64::from(offset)) as *const T) }.map_err(i64::from)
+}
+
+fn event(
+    skaddr: u64,
+    oldstate: i32,
+    newstate: i32,
+    family: u16,
+    (saddr, sport): ([u8; 16], u16),
+    (daddr, dport): ([u8; 16], u16),
+    recovered: u8,
+) -> StateEvent {
+    StateEvent {
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        skaddr,
+        saddr,
+        daddr,
+        comm: bpf_get_current_comm().unwrap_or_default(),
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        sport,
+        dport,
+        family,
+        oldstate: oldstate as u8,
+        newstate: newstate as u8,
+        recovered,
+        _pad: [0; 3],
+    }
+}
+
+fn send(event: StateEvent) {
+    match EVENTS.reserve::<StateEvent>(0) {
+        Some(mut entry) => {
+            let now = event.ts_ns;
+            entry.write(event);
+            entry.submit(wakeup_flag(now));
+        }
+        None => count_drop(),
+    }
+}
+
+/// Waking user space for every event costs more than handling it: wake it
+/// when enough is waiting or some time has passed; its timer drains the rest.
+fn wakeup_flag(now: u64) -> u64 {
+    // SAFETY: the loader set the global; volatile keeps its initial value from being folded.
+    let wakeup_bytes = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
+    let Some(woken) = WOKEN.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: a plain u64 slot; a racy update only moves a wakeup by one event.
+    unsafe {
+        if EVENTS.query(BPF_RB_AVAIL_DATA.into()) >= wakeup_bytes
+            || now.wrapping_sub(*woken) >= WAKEUP_AFTER_NS
+        {
+            *woken = now;
+            BPF_RB_FORCE_WAKEUP.into()
+        } else {
+            BPF_RB_NO_WAKEUP.into()
+        }
     }
 }
 

@@ -86,7 +86,7 @@ pub struct WatchArgs {
     #[arg(long)]
     pub baseline: bool,
     /// Ring buffer size in KiB (a power of two, at least 4).
-    #[arg(long, value_name = "KIB", default_value_t = 16384, value_parser = parse_ring_kib)]
+    #[arg(long, value_name = "KIB", default_value_t = 8192, value_parser = parse_ring_kib)]
     pub ring_buffer_kib: u32,
     /// After lost events, keep going without re-reading /proc (the table may drift).
     #[arg(long)]

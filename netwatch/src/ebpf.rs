@@ -7,13 +7,17 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
-use aya::programs::TracePoint;
+use aya::programs::{RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
-use netwatch_common::{tracepoint, StateEvent, AF_INET6, DROPS_MAP, EVENTS_MAP, STATE_PROGRAM};
+use netwatch_common::{
+    tracepoint, StateEvent, AF_INET6, DROPS_MAP, EVENTS_MAP, RECOVERY_PROGRAM, SOCK_OFFSETS,
+    STATE_PROGRAM,
+};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
+use crate::btf::Btf;
 use crate::socket::{Proto, TcpState};
 use crate::table::{Transition, Tuple};
 
@@ -43,23 +47,26 @@ pub struct StateProbe {
     ring: AsyncFd<RingBuf<MapData>>,
     kernel_log: Option<KernelLog>,
     drops: PerCpuArray<MapData, u64>,
-    program_fd: i32,
+    /// Raw fds of the two programs, owned by `_ebpf`, for their kernel counters.
+    state_fd: i32,
+    recovery_fd: Option<i32>,
     // Owns the program and its link: dropping it detaches everything.
     _ebpf: Ebpf,
 }
 
-/// Loss counters since the program was loaded; both only ever grow.
+/// The kernel's loss counters since the programs were loaded; they only grow.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LossCounters {
     /// Events the ring buffer had no room for.
     pub ring_buffer_full: u64,
-    /// Calls the kernel skipped because the program was already running on that CPU.
-    pub recursion: u64,
+    /// Calls of the tracepoint program the kernel skipped (nested on one CPU):
+    /// each is lost unless the recovery program sent it.
+    pub skipped: u64,
 }
 
 impl StateProbe {
-    /// Checks the prerequisites, loads the program with a ring buffer of
-    /// `ring_bytes` and attaches it. Transitions flow from here on.
+    /// Checks the prerequisites, loads the programs with a ring buffer of
+    /// `ring_bytes` and attaches them. Transitions flow from here on.
     pub fn attach(ring_bytes: u32) -> Result<StateProbe, ProbeError> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
@@ -68,28 +75,33 @@ impl StateProbe {
         ensure_tracefs()?;
         check_layout(&Path::new(TRACEFS).join(FORMAT))?;
         raise_memlock_limit();
-        let load = |err: &dyn std::fmt::Display| ProbeError::Load(err.to_string());
-        let mut ebpf = EbpfLoader::new()
+        let offsets = sock_offsets();
+        let mut loader = EbpfLoader::new();
+        let wakeup_bytes = u64::from(ring_bytes / 16);
+        loader
             .map_max_entries(EVENTS_MAP, ring_bytes)
+            .override_global("WAKEUP_BYTES", &wakeup_bytes, true);
+        if let Ok(offsets) = &offsets {
+            for (global, offset) in offsets {
+                loader.override_global(global, offset, true);
+            }
+        }
+        let mut ebpf = loader
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),
                 "/netwatch"
             )))
             .map_err(|err| load(&err))?;
-        let program: &mut TracePoint = ebpf
-            .program_mut(STATE_PROGRAM)
-            .ok_or_else(|| {
-                ProbeError::Load(format!("program {STATE_PROGRAM} missing from the object"))
-            })?
-            .try_into()
-            .map_err(|err| load(&err))?;
-        program.load().map_err(|err| load(&err))?;
-        program
-            .attach("sock", "inet_sock_set_state")
-            .map_err(|err| load(&err))?;
-        let program_fd = program.fd().map_err(|err| load(&err))?.as_fd().as_raw_fd();
-        let ring = take_map(&mut ebpf, EVENTS_MAP)?;
-        let ring = RingBuf::try_from(ring).map_err(|err| load(&err))?;
+        let state_fd = attach_tracepoint(&mut ebpf)?;
+        // Attached second, so it runs after the tracepoint program on each transition.
+        let recovery_fd = match offsets {
+            Ok(_) => Some(attach_recovery(&mut ebpf)?),
+            Err(reason) => {
+                eprintln!("netwatch: warning: calls the kernel skips cannot be recovered ({reason}); they are counted as lost");
+                None
+            }
+        };
+        let ring = RingBuf::try_from(take_map(&mut ebpf, EVENTS_MAP)?).map_err(|err| load(&err))?;
         // SAFETY: the ring buffer owns its map fd, which stays open and the
         // same for as long as the AsyncFd (which owns the ring buffer) lives.
         let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
@@ -101,7 +113,8 @@ impl StateProbe {
             ring,
             kernel_log,
             drops,
-            program_fd,
+            state_fd,
+            recovery_fd,
             _ebpf: ebpf,
         })
     }
@@ -130,9 +143,66 @@ impl StateProbe {
         let per_cpu = self.drops.get(&0, 0).map_err(io::Error::other)?;
         Ok(LossCounters {
             ring_buffer_full: per_cpu.iter().sum(),
-            recursion: recursion_misses(self.program_fd)?,
+            skipped: recursion_misses(self.state_fd)?,
         })
     }
+
+    /// Whether the recovery program is attached.
+    pub fn recovers_skipped_calls(&self) -> bool {
+        self.recovery_fd.is_some()
+    }
+}
+
+/// Offsets of the `struct sock` fields the recovery program reads, from BTF.
+fn sock_offsets() -> Result<Vec<(&'static str, u32)>, String> {
+    let btf =
+        Btf::from_kernel().map_err(|err| format!("cannot read {}: {err}", crate::btf::VMLINUX))?;
+    SOCK_OFFSETS
+        .iter()
+        .map(|&(global, ty, member)| {
+            Ok((
+                global,
+                btf.member_offset(ty, member)
+                    .map_err(|err| err.to_string())?,
+            ))
+        })
+        .collect()
+}
+
+fn load(err: &dyn std::fmt::Display) -> ProbeError {
+    ProbeError::Load(err.to_string())
+}
+
+/// Attaches the tracepoint program and returns its fd.
+fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<i32, ProbeError> {
+    let program: &mut TracePoint = program(ebpf, STATE_PROGRAM)?
+        .try_into()
+        .map_err(|err| load(&err))?;
+    program.load().map_err(|err| load(&err))?;
+    program
+        .attach("sock", "inet_sock_set_state")
+        .map_err(|err| load(&err))?;
+    Ok(program.fd().map_err(|err| load(&err))?.as_fd().as_raw_fd())
+}
+
+/// Attaches the recovery program (raw tracepoint) and returns its fd.
+fn attach_recovery(ebpf: &mut Ebpf) -> Result<i32, ProbeError> {
+    let program: &mut RawTracePoint = program(ebpf, RECOVERY_PROGRAM)?
+        .try_into()
+        .map_err(|err| load(&err))?;
+    program.load().map_err(|err| load(&err))?;
+    program
+        .attach("inet_sock_set_state")
+        .map_err(|err| load(&err))?;
+    Ok(program.fd().map_err(|err| load(&err))?.as_fd().as_raw_fd())
+}
+
+fn program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<&'a mut aya::programs::Program, ProbeError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| ProbeError::Load(format!("program {name} missing from the object")))
 }
 
 /// The transition an event describes; `None` for a state number the kernel should not send.
@@ -162,6 +232,7 @@ pub fn to_transition(event: &StateEvent) -> Option<Transition> {
         new: TcpState::from_kernel(event.newstate)?,
         task_pid: event.tgid,
         task_comm: String::from_utf8_lossy(&event.comm[..comm_len]).into_owned(),
+        recovered: event.recovered != 0,
     })
 }
 
@@ -369,7 +440,8 @@ format:
             family: AF_INET,
             oldstate: 10,
             newstate: 3,
-            _pad: [0; 4],
+            recovered: 0,
+            _pad: [0; 3],
         };
         event.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
         event.daddr[..4].copy_from_slice(&[127, 0, 0, 2]);

@@ -1,6 +1,7 @@
 //! netwatch: a TCP connection monitor. A /proc snapshot (`snapshot`) is kept
 //! current by an eBPF program on TCP state changes (`ebpf`, `table`, `watch`).
 
+pub mod btf;
 pub mod cli;
 pub mod ebpf;
 pub mod output;

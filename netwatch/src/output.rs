@@ -1,7 +1,7 @@
 //! What netwatch prints: netstat-style tables, tcpstates-style lines, and JSON lines.
 
 use std::io::{self, Write};
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -159,7 +159,54 @@ pub fn write_json_line(out: &mut impl Write, value: &impl Serialize) -> io::Resu
 
 /// RFC 3339 in UTC with microseconds.
 pub fn rfc3339(time: SystemTime) -> String {
-    humantime::format_rfc3339_micros(time).to_string()
+    Timestamp(time).to_string()
+}
+
+/// A time that prints (and serializes, without allocating) as RFC 3339 UTC
+/// with microseconds.
+#[derive(Clone, Copy, Debug)]
+pub struct Timestamp(pub SystemTime);
+
+impl std::fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        humantime::format_rfc3339_micros(self.0).fmt(f)
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serialize_display(self, serializer)
+    }
+}
+
+/// An IP address that serializes as its text, like `IpAddr`, but faster.
+#[derive(Clone, Copy, Debug)]
+pub struct Addr(pub IpAddr);
+
+impl Serialize for Addr {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serialize_display(&self.0, serializer)
+    }
+}
+
+/// Formats on the stack and serializes one string: `collect_str` would
+/// escape each formatted fragment separately, the hottest path of the stream.
+fn serialize_display<S: serde::Serializer>(
+    value: &impl std::fmt::Display,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    let mut buffer = [0u8; 64];
+    let mut cursor = io::Cursor::new(&mut buffer[..]);
+    match write!(cursor, "{value}") {
+        Ok(()) => {
+            let len = cursor.position() as usize;
+            match std::str::from_utf8(&buffer[..len]) {
+                Ok(text) => serializer.serialize_str(text),
+                Err(_) => serializer.collect_str(value),
+            }
+        }
+        Err(_) => serializer.collect_str(value),
+    }
 }
 
 /// A record of the live stream (`netwatch --json`), tagged by `type`.
@@ -168,13 +215,13 @@ pub fn rfc3339(time: SystemTime) -> String {
 pub enum StreamRecord<'a> {
     /// One TCP state transition.
     State {
-        ts: String,
+        ts: Timestamp,
         pid: Option<u32>,
         program: Option<&'a str>,
         proto: &'static str,
-        local_addr: String,
+        local_addr: Addr,
         local_port: u16,
-        remote_addr: String,
+        remote_addr: Addr,
         remote_port: u16,
         old_state: &'static str,
         new_state: &'static str,
@@ -272,11 +319,6 @@ pub fn write_baseline_text(
         format_endpoint(socket.remote),
         socket.state.name(),
     )
-}
-
-/// The address and port halves of an endpoint, for JSON.
-pub fn split_endpoint(addr: SocketAddr) -> (String, u16) {
-    (addr.ip().to_string(), addr.port())
 }
 
 #[cfg(test)]

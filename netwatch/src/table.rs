@@ -6,7 +6,7 @@
 //! `unbound` map keyed by their address/port tuple until their first
 //! transition names them. A socket leaves the table when it reaches CLOSE.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::net::{IpAddr, SocketAddr};
 
 use crate::snapshot::Snapshot;
@@ -33,6 +33,8 @@ pub struct Transition {
     pub task_pid: u32,
     /// That task's thread name, used when its process is already gone.
     pub task_comm: String,
+    /// Sent by the recovery program: a skipped call, or a duplicate.
+    pub recovered: bool,
 }
 
 /// A transition with what the table knows of its socket.
@@ -51,6 +53,8 @@ pub struct LiveSocket {
     pub owner: Option<Owner>,
     /// When the socket entered `state`, if the table saw it happen.
     pub since_ns: Option<u64>,
+    /// The state before `state`, if the table saw the transition.
+    pub previous: Option<TcpState>,
 }
 
 /// Looks up a process name by pid (`/proc/PID/comm` in production).
@@ -59,26 +63,31 @@ pub type NameLookup = fn(u32) -> Option<String>;
 /// The table, see the module documentation.
 #[derive(Debug)]
 pub struct SocketTable {
-    bound: HashMap<u64, LiveSocket>,
-    unbound: HashMap<Tuple, LiveSocket>,
+    bound: FxHashMap<u64, LiveSocket>,
+    unbound: FxHashMap<Tuple, LiveSocket>,
     /// Listening sockets by local port, to give accepted sockets their owner.
-    listeners: HashMap<u16, Vec<(Proto, IpAddr, Option<Owner>)>>,
-    names: HashMap<u32, String>,
+    listeners: FxHashMap<u16, Vec<(Proto, IpAddr, Option<Owner>)>>,
+    names: FxHashMap<u32, String>,
     lookup_name: NameLookup,
+    /// Sockets that reached CLOSE lately, with the state they left.
+    closed: FxHashMap<u64, TcpState>,
 }
 
 /// Process names cached at most; the cache is cleared when it grows past this.
 const NAME_CACHE_LIMIT: usize = 4096;
+/// Closed sockets remembered at most, to recognise a duplicated close.
+const CLOSED_LIMIT: usize = 65536;
 
 impl SocketTable {
     /// An empty table that names processes with `lookup_name`.
     pub fn new(lookup_name: NameLookup) -> SocketTable {
         SocketTable {
-            bound: HashMap::new(),
-            unbound: HashMap::new(),
-            listeners: HashMap::new(),
-            names: HashMap::new(),
+            bound: FxHashMap::default(),
+            unbound: FxHashMap::default(),
+            listeners: FxHashMap::default(),
+            names: FxHashMap::default(),
             lookup_name,
+            closed: FxHashMap::default(),
         }
     }
 
@@ -107,6 +116,7 @@ impl SocketTable {
                 state: socket.state,
                 owner: entry.owner.clone(),
                 since_ns: None,
+                previous: None,
             };
             self.unbound.insert(tuple, live);
         }
@@ -127,6 +137,17 @@ impl SocketTable {
         self.bound.values().chain(self.unbound.values())
     }
 
+    /// Whether a recovered transition repeats one already applied. A socket
+    /// never makes the same change twice in a row, so this is exact: the
+    /// recovery program sends a duplicate only when a softirq interrupts it
+    /// before it sees that the tracepoint program sent the transition.
+    pub fn is_duplicate(&self, t: &Transition) -> bool {
+        match self.bound.get(&t.skaddr) {
+            Some(socket) => socket.state == t.new && socket.previous == Some(t.old),
+            None => t.new == TcpState::Close && self.closed.get(&t.skaddr) == Some(&t.old),
+        }
+    }
+
     /// Applies one transition and says who owns the socket.
     pub fn apply(&mut self, t: &Transition) -> Observed {
         let opens =
@@ -144,6 +165,7 @@ impl SocketTable {
                     state: t.old,
                     owner: None,
                     since_ns: None,
+                    previous: None,
                 })
         };
         let observed = Observed {
@@ -156,6 +178,7 @@ impl SocketTable {
             self.remove_listener(&socket.tuple);
         }
         socket.tuple = t.tuple;
+        socket.previous = Some(t.old);
         socket.state = t.new;
         socket.since_ns = Some(t.ts_ns);
         if t.tuple.local.port() != 0 {
@@ -165,7 +188,12 @@ impl SocketTable {
             }
         }
         match t.new {
-            TcpState::Close => {}
+            TcpState::Close => {
+                if self.closed.len() >= CLOSED_LIMIT {
+                    self.closed.clear();
+                }
+                self.closed.insert(t.skaddr, t.old);
+            }
             TcpState::Listen => {
                 self.add_listener(&t.tuple, socket.owner.clone());
                 self.bound.insert(t.skaddr, socket);
@@ -190,6 +218,7 @@ impl SocketTable {
             state: t.old,
             owner,
             since_ns: Some(t.ts_ns),
+            previous: None,
         }
     }
 
@@ -287,6 +316,7 @@ mod tests {
             new,
             task_pid: task,
             task_comm: format!("thread{task}"),
+            recovered: false,
         }
     }
 
@@ -504,6 +534,29 @@ mod tests {
                 program: "thread5000".into()
             })
         );
+    }
+
+    #[test]
+    fn a_repeated_transition_is_a_duplicate_and_a_new_one_is_not() {
+        let mut table = SocketTable::new(fake_names);
+        let conn = tuple("127.0.0.1:5000", "127.0.0.1:80");
+        let established = transition(2, 7, conn, SynSent, Established, 1);
+        table.apply(&transition(1, 7, conn, Close, SynSent, 1));
+        assert!(
+            !table.is_duplicate(&established),
+            "not applied yet: a recovery"
+        );
+        table.apply(&established);
+        assert!(table.is_duplicate(&established));
+        let close = transition(3, 7, conn, Established, Close, 1);
+        assert!(!table.is_duplicate(&close));
+        table.apply(&close);
+        assert!(
+            table.is_duplicate(&close),
+            "a duplicated close of a socket no longer in the table"
+        );
+        let other = transition(4, 8, conn, Established, Close, 1);
+        assert!(!table.is_duplicate(&other));
     }
 
     #[test]

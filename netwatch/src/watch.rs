@@ -14,13 +14,21 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::WatchArgs;
 use crate::ebpf::{self, KernelLog, LossCounters, StateProbe};
-use crate::output::{self, LossCause, StreamRecord};
+use crate::output::{self, Addr, LossCause, StreamRecord, Timestamp};
 use crate::snapshot;
 use crate::socket::{Owner, Proto};
 use crate::table::{SocketTable, Transition, Tuple};
 
+/// How often the ring buffer is drained without a wakeup: the eBPF side wakes
+/// netwatch only when much is waiting or 5 ms after its last wakeup.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(25);
 /// How often the kernel's loss counters are read.
 const LOSS_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+/// Resyncs at most this often: under a storm of losses, re-reading /proc
+/// (which slows as TIME_WAIT sockets pile up) would only cause more.
+const RESYNC_INTERVAL: Duration = Duration::from_secs(2);
+/// Output is written whenever this much is buffered, and after each batch.
+const FLUSH_AT: usize = 64 * 1024;
 
 /// Streams until SIGINT or SIGTERM, then prints a summary on stderr.
 pub fn run(args: WatchArgs) -> anyhow::Result<()> {
@@ -39,26 +47,40 @@ async fn stream(args: WatchArgs, out: impl Write) -> anyhow::Result<()> {
     let mut watcher = Watcher::new(args, out);
     watcher.resync()?;
     eprintln!(
-        "netwatch: watching TCP state transitions ({} sockets in the table, attached in {} ms)",
+        "netwatch: watching TCP state transitions ({} sockets in the table, attached in {} ms{})",
         watcher.table.len(),
-        started.elapsed().as_millis()
+        started.elapsed().as_millis(),
+        if probe.recovers_skipped_calls() {
+            ", recovering skipped calls"
+        } else {
+            ""
+        }
     );
     let mut kernel_log = probe.take_kernel_log();
     let mut loss_check = tokio::time::interval(LOSS_CHECK_INTERVAL);
+    let mut drain_timer = tokio::time::interval(DRAIN_INTERVAL);
     loop {
         tokio::select! {
             drained = probe.drain(|event| watcher.on_event(&event)) => {
                 drained.context("reading the ring buffer failed")?;
             }
             logged = forward(kernel_log.as_mut()) => logged.context("reading the eBPF program's log failed")?,
-            _ = loss_check.tick() => watcher.check_losses(&probe)?,
+            _ = drain_timer.tick() => probe.drain_now(|event| watcher.on_event(&event)),
+            _ = loss_check.tick() => {
+                let counters = probe.losses().context("reading the loss counters failed")?;
+                probe.drain_now(|event| watcher.on_event(&event));
+                watcher.check_losses(counters, false)?;
+            }
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
         }
         watcher.flush()?;
     }
+    // Let recoveries in flight on other CPUs land before the last count.
+    let counters = probe.losses().context("reading the loss counters failed")?;
+    tokio::time::sleep(Duration::from_millis(20)).await;
     probe.drain_now(|event| watcher.on_event(&event));
-    watcher.check_losses(&probe)?;
+    watcher.check_losses(counters, true)?;
     watcher.flush()?;
     watcher.summary(started.elapsed());
     Ok(())
@@ -80,8 +102,20 @@ struct Watcher<W: Write> {
     table: SocketTable,
     clock: WallClock,
     transitions: u64,
-    reported_losses: LossCounters,
+    /// Transitions the recovery program sent that the kernel had skipped.
+    recovered: u64,
+    /// Transitions the recovery program repeated (dropped).
+    duplicates: u64,
+    /// The kernel's counters at the previous check.
+    counters: LossCounters,
+    /// Losses reported so far: ring buffer full, skipped and not recovered.
+    lost: LossCounters,
+    /// Losses happened since the last resync.
+    stale: bool,
+    last_resync: Instant,
     resyncs: u64,
+    /// The first error writing the output, raised after the batch.
+    write_error: Option<io::Error>,
 }
 
 impl<W: Write> Watcher<W> {
@@ -93,8 +127,14 @@ impl<W: Write> Watcher<W> {
             table: SocketTable::new(snapshot::program_name),
             clock: WallClock::now(),
             transitions: 0,
-            reported_losses: LossCounters::default(),
+            recovered: 0,
+            duplicates: 0,
+            counters: LossCounters::default(),
+            lost: LossCounters::default(),
+            stale: false,
+            last_resync: Instant::now(),
             resyncs: 0,
+            write_error: None,
         }
     }
 
@@ -102,6 +142,13 @@ impl<W: Write> Watcher<W> {
         let Some(transition) = ebpf::to_transition(event) else {
             return;
         };
+        if transition.recovered {
+            if self.table.is_duplicate(&transition) {
+                self.duplicates += 1;
+                return;
+            }
+            self.recovered += 1;
+        }
         self.transitions += 1;
         let observed = self.table.apply(&transition);
         let pid = observed.owner.as_ref().map(|owner| owner.pid);
@@ -115,15 +162,16 @@ impl<W: Write> Watcher<W> {
                 observed.owner.as_ref(),
                 observed.ms_in_old_state,
             );
+            if self.buffer.len() >= FLUSH_AT && self.write_error.is_none() {
+                self.write_error = self.flush().err();
+            }
         }
     }
 
     fn render_transition(&mut self, t: &Transition, owner: Option<&Owner>, ms: Option<f64>) {
-        let ts = output::rfc3339(self.clock.at(t.ts_ns));
+        let ts = Timestamp(self.clock.at(t.ts_ns));
         // Writing to a Vec cannot fail.
         let _ = if self.args.json {
-            let (local_addr, local_port) = output::split_endpoint(t.tuple.local);
-            let (remote_addr, remote_port) = output::split_endpoint(t.tuple.remote);
             output::write_json_line(
                 &mut self.buffer,
                 &StreamRecord::State {
@@ -131,17 +179,25 @@ impl<W: Write> Watcher<W> {
                     pid: owner.map(|owner| owner.pid),
                     program: owner.map(|owner| owner.program.as_str()),
                     proto: t.tuple.proto.name(),
-                    local_addr,
-                    local_port,
-                    remote_addr,
-                    remote_port,
+                    local_addr: Addr(t.tuple.local.ip()),
+                    local_port: t.tuple.local.port(),
+                    remote_addr: Addr(t.tuple.remote.ip()),
+                    remote_port: t.tuple.remote.port(),
                     old_state: t.old.name(),
                     new_state: t.new.name(),
                     ms,
                 },
             )
         } else {
-            output::write_state_text(&mut self.buffer, &ts, owner, &t.tuple, t.old, t.new, ms)
+            output::write_state_text(
+                &mut self.buffer,
+                &ts.to_string(),
+                owner,
+                &t.tuple,
+                t.old,
+                t.new,
+                ms,
+            )
         };
     }
 
@@ -150,6 +206,8 @@ impl<W: Write> Watcher<W> {
         let snapshot = snapshot::take(&[Proto::Tcp, Proto::Tcp6], true)
             .context("reading the /proc baseline failed")?;
         self.table.reset_from(&snapshot);
+        self.stale = false;
+        self.last_resync = Instant::now();
         let first = self.resyncs == 0 && self.transitions == 0;
         let ts = output::rfc3339(SystemTime::now());
         if first && self.args.baseline {
@@ -210,23 +268,32 @@ impl<W: Write> Watcher<W> {
         }
     }
 
-    /// Reports transitions lost since the last check and resyncs after a loss.
-    fn check_losses(&mut self, probe: &StateProbe) -> anyhow::Result<()> {
-        let now = probe.losses().context("reading the loss counters failed")?;
+    /// Reports transitions lost since the last check and resyncs after a
+    /// loss. A skipped call counts as lost once its recovery had time to
+    /// arrive: skips counted at the previous check (or, when `last`, now).
+    fn check_losses(&mut self, now: LossCounters, last: bool) -> anyhow::Result<()> {
+        let settled_skips = if last {
+            now.skipped
+        } else {
+            self.counters.skipped
+        };
+        self.counters = now;
+        let unrecovered = settled_skips.saturating_sub(self.recovered);
         let new_losses = [
             (
-                now.ring_buffer_full - self.reported_losses.ring_buffer_full,
+                now.ring_buffer_full
+                    .saturating_sub(self.lost.ring_buffer_full),
                 LossCause::RingBufferFull,
             ),
             (
-                now.recursion - self.reported_losses.recursion,
+                unrecovered.saturating_sub(self.lost.skipped),
                 LossCause::Recursion,
             ),
         ];
-        self.reported_losses = now;
-        let mut lost_any = false;
+        self.lost.ring_buffer_full = self.lost.ring_buffer_full.max(now.ring_buffer_full);
+        self.lost.skipped = self.lost.skipped.max(unrecovered);
         for (count, cause) in new_losses.into_iter().filter(|(count, _)| *count > 0) {
-            lost_any = true;
+            self.stale = true;
             eprintln!("netwatch: lost {count} transition(s): {}", cause.describe());
             if self.args.json {
                 let ts = output::rfc3339(SystemTime::now());
@@ -236,7 +303,8 @@ impl<W: Write> Watcher<W> {
                 );
             }
         }
-        if lost_any && !self.args.no_resync {
+        let due = last || self.last_resync.elapsed() >= RESYNC_INTERVAL;
+        if self.stale && due && !self.args.no_resync {
             self.resync()?;
         }
         Ok(())
@@ -244,6 +312,9 @@ impl<W: Write> Watcher<W> {
 
     /// Writes what is buffered.
     fn flush(&mut self) -> io::Result<()> {
+        if let Some(err) = self.write_error.take() {
+            return Err(err);
+        }
         if !self.buffer.is_empty() {
             self.out.write_all(&self.buffer)?;
             self.out.flush()?;
@@ -253,14 +324,17 @@ impl<W: Write> Watcher<W> {
     }
 
     fn summary(&self, runtime: Duration) {
-        let lost = self.reported_losses;
+        let lost = self.lost;
         eprintln!(
-            "netwatch: ran {:.1} s: {} transitions, {} lost ({} ring buffer full, {} skipped by the kernel), {} resyncs, {} sockets in the table",
+            "netwatch: ran {:.1} s: {} transitions, {} lost ({} ring buffer full, {} skipped by the kernel and not recovered); {} of {} skipped calls recovered, {} duplicates dropped; {} resyncs, {} sockets in the table",
             runtime.as_secs_f64(),
             self.transitions,
-            lost.ring_buffer_full + lost.recursion,
+            lost.ring_buffer_full + lost.skipped,
             lost.ring_buffer_full,
-            lost.recursion,
+            lost.skipped,
+            self.recovered,
+            self.counters.skipped,
+            self.duplicates,
             self.resyncs,
             self.table.len()
         );

@@ -221,28 +221,86 @@ fn losses_are_reported_and_the_table_resyncs() {
     );
 }
 
+/// Transitions of the connections to `ports`: (CLOSE -> SYN_SENT, -> CLOSE, all).
+fn churn_counts(records: &[Value], ports: &[u16]) -> (usize, usize, usize) {
+    let on_ports: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["type"] == "state" && r["new_state"] != "LISTEN")
+        .filter(|r| {
+            ports
+                .iter()
+                .any(|&p| r["local_port"] == p || r["remote_port"] == p)
+        })
+        .collect();
+    let opens = on_ports
+        .iter()
+        .filter(|r| r["old_state"] == "CLOSE" && r["new_state"] == "SYN_SENT")
+        .count();
+    let closes = on_ports
+        .iter()
+        .filter(|r| r["new_state"] == "CLOSE")
+        .count();
+    (opens, closes, on_ports.len())
+}
+
 #[test]
-fn skipped_calls_are_counted_as_the_kernel_counts_them() {
-    let watch = Watch::start(&[]);
+fn skipped_calls_are_recovered_or_reported_as_the_kernel_counts_them() {
+    const CONNECTIONS: usize = 5000;
+    let mut watch = Watch::start(&[]);
     let mut churners: Vec<Peer> = (0..2).map(|_| Peer::spawn()).collect();
-    std::thread::scope(|scope| {
-        for churner in &mut churners {
-            scope.spawn(move || churner.send("burst 5000"));
-        }
+    let ports: Vec<u16> = std::thread::scope(|scope| {
+        let bursts: Vec<_> = churners
+            .iter_mut()
+            .map(|churner| {
+                scope.spawn(move || churner.send(&format!("burst {CONNECTIONS}"))[0] as u16)
+            })
+            .collect();
+        bursts
+            .into_iter()
+            .map(|burst| burst.join().expect("burst"))
+            .collect()
     });
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Each connection: one CLOSE -> SYN_SENT, two -> CLOSE, ten transitions in all.
+    let expected = 10 * ports.len() * CONNECTIONS;
+    // Retransmitted FINs can close a few connections late: wait for them, up to 10 s.
+    let mut counted = churn_counts(&watch.seen, &ports).2;
+    watch.collect_until(
+        |record| {
+            counted += churn_counts(std::slice::from_ref(record), &ports).2;
+            counted >= expected
+        },
+        std::time::Duration::from_secs(10),
+    );
     let kernel = kernel_recursion_misses();
     let stopped = watch.stop();
-    let reported = summary_number(&stopped.stderr, "skipped by the kernel");
+    let (opens, closes, all) = churn_counts(&stopped.records, &ports);
+    let skipped = summary_number(&stopped.stderr, " skipped calls recovered");
+    let recovered = summary_number(&stopped.stderr, " of ");
+    let unrecovered = summary_number(&stopped.stderr, " skipped by the kernel and not recovered");
+    let ring_full = summary_number(&stopped.stderr, " ring buffer full");
+    eprintln!("skipped calls: kernel {kernel}, netwatch {skipped}, recovered {recovered}; transitions {all} of {expected}");
+    assert_eq!(
+        skipped, kernel,
+        "netwatch counts the calls the kernel skipped"
+    );
+    assert_eq!(unrecovered, skipped - recovered);
     let streamed: u64 = stopped
         .records
         .iter()
         .filter(|r| r["type"] == "lost" && r["cause"] == "recursion")
         .map(|r| r["count"].as_u64().expect("count"))
         .sum();
-    eprintln!("recursion misses: kernel {kernel}, netwatch {reported}");
-    assert_eq!(reported, kernel);
-    assert_eq!(streamed, kernel);
+    assert_eq!(streamed, unrecovered);
+    // What is missing from the stream is exactly what netwatch said it lost.
+    assert_eq!(
+        (expected - all) as u64,
+        unrecovered + ring_full,
+        "{}",
+        stopped.stderr
+    );
+    if unrecovered + ring_full == 0 {
+        assert_eq!((opens, closes), (2 * CONNECTIONS, 4 * CONNECTIONS));
+    }
 }
 
 #[test]

@@ -112,19 +112,37 @@ impl Watch {
         }
     }
 
-    /// Collects records until `done(records so far)` holds or 10 s pass.
-    pub fn wait_until(&mut self, done: impl Fn(&[Value]) -> bool) -> &[Value] {
+    /// Collects records, showing each new one to `done`, until it says
+    /// true (then true) or `timeout` passes (false).
+    pub fn collect_until(
+        &mut self,
+        mut done: impl FnMut(&Value) -> bool,
+        timeout: Duration,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(record) = self.records.recv_timeout(left) else {
+                return false;
+            };
+            let finished = done(&record);
+            self.seen.push(record);
+            if finished {
+                return true;
+            }
+        }
+    }
+
+    /// Collects records until `done(records so far)` holds; fails after 10 s.
+    pub fn wait_until(&mut self, done: impl Fn(&[Value]) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !done(&self.seen) {
-            match self
-                .records
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.records.recv_timeout(left) {
                 Ok(record) => self.seen.push(record),
                 Err(_) => panic!("timed out; records so far: {:#?}", self.seen),
             }
         }
-        &self.seen
     }
 
     /// The pid of the netwatch process.
