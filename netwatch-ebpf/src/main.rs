@@ -89,8 +89,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
             "reading the inet_sock_set_state record failed: {}", err
         );
     }
-    // 1 lets other perf users of this tracepoint (perf stat, perf record) see it.
-    1
+    0
 }
 
 fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
