@@ -8,6 +8,8 @@
 pub const EVENTS_MAP: &str = "EVENTS";
 /// Name of the per-CPU array (one `u64` slot) counting events the ring buffer refused.
 pub const DROPS_MAP: &str = "DROPS";
+/// Name of the per-CPU array (one `u64` slot) counting calls of the recovery program.
+pub const FIRED_MAP: &str = "FIRED";
 /// Name of the tracepoint program: it forwards every transition.
 pub const STATE_PROGRAM: &str = "inet_sock_set_state";
 /// Name of the raw tracepoint program on the same tracepoint. It has its own

@@ -31,6 +31,11 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 #[map(name = "DROPS")]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// Calls of the recovery program per CPU (slot 0): with its recursion_misses,
+/// every firing of the tracepoint, for user space to check completeness.
+#[map(name = "FIRED")]
+static FIRED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// The transition the tracepoint program last handled on this CPU.
 #[map(name = "HANDLED")]
 static HANDLED: PerCpuArray<Handled> = PerCpuArray::with_max_entries(1, 0);
@@ -151,6 +156,10 @@ pub fn recover_state(ctx: RawTracePointContext) -> i32 {
 }
 
 fn try_recover_state(ctx: &RawTracePointContext) -> Result<(), i64> {
+    if let Some(fired) = FIRED.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot; only code on this CPU touches it.
+        unsafe { *fired += 1 };
+    }
     let sk: u64 = ctx.arg(0);
     let (oldstate, newstate): (i32, i32) = (ctx.arg(1), ctx.arg(2));
     // Checked first: the shorter the time before the check, the rarer the

@@ -11,8 +11,8 @@ use aya::programs::{RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
 use netwatch_common::{
-    tracepoint, StateEvent, AF_INET6, DROPS_MAP, EVENTS_MAP, RECOVERY_PROGRAM, SOCK_OFFSETS,
-    STATE_PROGRAM,
+    tracepoint, StateEvent, AF_INET6, DROPS_MAP, EVENTS_MAP, FIRED_MAP, RECOVERY_PROGRAM,
+    SOCK_OFFSETS, STATE_PROGRAM,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -47,6 +47,7 @@ pub struct StateProbe {
     ring: AsyncFd<RingBuf<MapData>>,
     kernel_log: Option<KernelLog>,
     drops: PerCpuArray<MapData, u64>,
+    fired: PerCpuArray<MapData, u64>,
     /// Raw fds of the two programs, owned by `_ebpf`, for their kernel counters.
     state_fd: i32,
     recovery_fd: Option<i32>,
@@ -62,6 +63,9 @@ pub struct LossCounters {
     /// Calls of the tracepoint program the kernel skipped (nested on one CPU):
     /// each is lost unless the recovery program sent it.
     pub skipped: u64,
+    /// Every firing of the tracepoint (any protocol), when the recovery
+    /// program runs: its calls plus the calls the kernel skipped of it.
+    pub fired: Option<u64>,
 }
 
 impl StateProbe {
@@ -108,8 +112,11 @@ impl StateProbe {
             .map_err(|err| load(&err))?;
         let drops =
             PerCpuArray::try_from(take_map(&mut ebpf, DROPS_MAP)?).map_err(|err| load(&err))?;
+        let fired =
+            PerCpuArray::try_from(take_map(&mut ebpf, FIRED_MAP)?).map_err(|err| load(&err))?;
         let kernel_log = start_kernel_log(&mut ebpf);
         Ok(StateProbe {
+            fired,
             ring,
             kernel_log,
             drops,
@@ -138,12 +145,19 @@ impl StateProbe {
         self.kernel_log.take()
     }
 
-    /// Reads both loss counters from the kernel.
+    /// Reads the loss counters from the kernel.
     pub fn losses(&self) -> io::Result<LossCounters> {
-        let per_cpu = self.drops.get(&0, 0).map_err(io::Error::other)?;
+        let sum = |map: &PerCpuArray<MapData, u64>| -> io::Result<u64> {
+            Ok(map.get(&0, 0).map_err(io::Error::other)?.iter().sum())
+        };
+        let fired = match self.recovery_fd {
+            Some(fd) => Some(sum(&self.fired)? + recursion_misses(fd)?),
+            None => None,
+        };
         Ok(LossCounters {
-            ring_buffer_full: per_cpu.iter().sum(),
+            ring_buffer_full: sum(&self.drops)?,
             skipped: recursion_misses(self.state_fd)?,
+            fired,
         })
     }
 

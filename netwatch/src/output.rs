@@ -376,8 +376,8 @@ mod tests {
 Active Internet connections (servers and established)
 Proto Recv-Q Send-Q Local Address           Foreign Address         State       User       Inode      PID/Program name
 tcp        7      5 127.0.0.1:22            127.0.0.1:50000         ESTABLISHED 1000       4242       812/sshd
-tcp6       7      5 [::1]:8080              [::]:0                  LISTEN      1000       4242       -
-udp        7      5 0.0.0.0:53              0.0.0.0:0                           1000       4242       -
+tcp6       7      5 [::1]:8080              [::]:*                  LISTEN      1000       4242       -
+udp        7      5 0.0.0.0:53              0.0.0.0:*                           1000       4242       -
 ";
         assert_eq!(String::from_utf8(out).unwrap(), expected);
     }

@@ -145,11 +145,15 @@ pub struct Owner {
     pub program: String,
 }
 
-/// `addr:port`, with IPv6 in brackets, as ss prints it.
+/// `addr:port`, with IPv6 in brackets and port 0 as `*`, as ss prints it.
 pub fn format_endpoint(addr: SocketAddr) -> String {
+    let port = match addr.port() {
+        0 => "*".to_owned(),
+        port => port.to_string(),
+    };
     match addr.ip() {
-        IpAddr::V4(ip) => format!("{ip}:{}", addr.port()),
-        IpAddr::V6(ip) => format!("[{ip}]:{}", addr.port()),
+        IpAddr::V4(ip) => format!("{ip}:{port}"),
+        IpAddr::V6(ip) => format!("[{ip}]:{port}"),
     }
 }
 
@@ -184,5 +188,7 @@ mod tests {
         assert_eq!(format_endpoint(v4), "127.0.0.1:22");
         assert_eq!(format_endpoint(v6), "[::1]:22");
         assert_eq!(format_endpoint(mapped), "[::ffff:127.0.0.1]:80");
+        let wildcard: SocketAddr = "0.0.0.0:0".parse().unwrap();
+        assert_eq!(format_endpoint(wildcard), "0.0.0.0:*");
     }
 }

@@ -42,14 +42,16 @@ pub fn run(args: WatchArgs) -> anyhow::Result<()> {
 async fn stream(args: WatchArgs, out: impl Write) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut probe = StateProbe::attach(args.ring_buffer_kib * 1024)?;
+    let attached = started.elapsed();
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut watcher = Watcher::new(args, out);
     watcher.resync()?;
     eprintln!(
-        "netwatch: watching TCP state transitions ({} sockets in the table, attached in {} ms{})",
+        "netwatch: watching TCP state transitions (loaded and attached in {} ms, baseline of {} sockets read in {} ms{})",
+        attached.as_millis(),
         watcher.table.len(),
-        started.elapsed().as_millis(),
+        (started.elapsed() - attached).as_millis(),
         if probe.recovers_skipped_calls() {
             ", recovering skipped calls"
         } else {
@@ -326,9 +328,10 @@ impl<W: Write> Watcher<W> {
     fn summary(&self, runtime: Duration) {
         let lost = self.lost;
         eprintln!(
-            "netwatch: ran {:.1} s: {} transitions, {} lost ({} ring buffer full, {} skipped by the kernel and not recovered); {} of {} skipped calls recovered, {} duplicates dropped; {} resyncs, {} sockets in the table",
+            "netwatch: ran {:.1} s: {} transitions ({} fired in the kernel), {} lost ({} ring buffer full, {} skipped by the kernel and not recovered); {} of {} skipped calls recovered, {} duplicates dropped; {} resyncs, {} sockets in the table",
             runtime.as_secs_f64(),
             self.transitions,
+            self.counters.fired.map_or_else(|| "?".to_owned(), |fired| fired.to_string()),
             lost.ring_buffer_full + lost.skipped,
             lost.ring_buffer_full,
             lost.skipped,

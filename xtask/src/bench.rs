@@ -224,10 +224,14 @@ struct StreamRun {
     connections: u64,
     failed: u64,
     rate: f64,
-    /// Transitions the kernel fired (perf's count of the tracepoint).
-    fired: u64,
+    /// Without a tracer: perf's count of the tracepoint (the kernel's own).
+    /// perf counts nothing while a BPF program is attached to it.
+    fired: Option<u64>,
+    /// Transitions delivered on the churn's ports.
     delivered: u64,
     lost_reported: u64,
+    /// Calls of the tracer's programs the kernel skipped (`recursion_misses`).
+    skipped: u64,
     /// CLOSE -> SYN_SENT and -> CLOSE transitions seen on the churn's ports.
     opens: u64,
     closes: u64,
@@ -237,6 +241,16 @@ struct StreamRun {
 
 fn stream(netwatch: &Path, burst: u64, seconds: u64, results: &Path) -> anyhow::Result<()> {
     let first_event = time_to_first_event(netwatch, results)?;
+    let startup = std::fs::read_to_string(results.join("first-event.err")).unwrap_or_default();
+    println!(
+        "netwatch: {} (/proc/net/tcp holds {} sockets now, TIME_WAIT included)",
+        startup
+            .lines()
+            .next()
+            .unwrap_or("?")
+            .trim_start_matches("netwatch: "),
+        tcp_socket_count()
+    );
     println!(
         "netwatch: start to first event delivered: {:.0} ms",
         first_event.as_secs_f64() * 1000.0
@@ -253,14 +267,16 @@ fn stream(netwatch: &Path, burst: u64, seconds: u64, results: &Path) -> anyhow::
         };
         println!("\n== {label} (2 client threads, loopback) ==");
         println!(
-            "{:<10} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9} {:>8} {:>10} {:>9} {:>8}",
+            "{:<10} {:>8} {:>7} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7} {:>10} {:>8} {:>6}",
             "tracer",
             "conns",
             "conn/s",
+            "expected",
             "fired",
             "delivered",
-            "lost",
             "missing",
+            "lost",
+            "skipped",
             "CPU s",
             "CPU/event",
             "RSS MiB",
@@ -271,7 +287,13 @@ fn stream(netwatch: &Path, burst: u64, seconds: u64, results: &Path) -> anyhow::
             print_stream_run(tracer, &run);
         }
     }
-    println!("\nmissing = (connections + failed) CLOSE->SYN_SENT + (2 x connections + failed) ->CLOSE expected on the churn's ports, minus those delivered");
+    println!("\nexpected: 10 transitions per connection on the churn's ports; missing: expected - delivered;");
+    println!("fired: the kernel's count of the tracepoint (perf without a tracer; netwatch's own count, which");
+    println!("perf cannot give while a BPF program is attached), all ports, so a few more than expected;");
+    println!(
+        "lost: what the tracer said it lost; skipped: its programs' recursion_misses (kernel);"
+    );
+    println!("CPU: the tracer process (user + system); RSS: its peak.");
     Ok(())
 }
 
@@ -281,29 +303,60 @@ fn print_stream_run(tracer: Tracer, run: &StreamRun) {
         Tracer::Netwatch => "netwatch",
         Tracer::Tcpstates => "tcpstates",
     };
-    let expected = (run.connections + run.failed) + (2 * run.connections + run.failed);
+    let expected = TRANSITIONS_PER_CONNECTION * run.connections + 2 * run.failed;
+    let fired = run
+        .fired
+        .map_or_else(|| "-".to_owned(), |fired| fired.to_string());
     if tracer == Tracer::None {
         println!(
-            "{name:<10} {:>9} {:>9.0} {:>10} {:>10} {:>9} {:>9} {:>8} {:>10} {:>9} {:>8}",
-            run.connections, run.rate, run.fired, "-", "-", "-", "-", "-", "-", run.failed
+            "{name:<10} {:>8} {:>7.0} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7} {:>10} {:>8} {:>6}",
+            run.connections,
+            run.rate,
+            expected,
+            fired,
+            "-",
+            "-",
+            "-",
+            "-",
+            "-",
+            "-",
+            "-",
+            run.failed
         );
         return;
     }
     let cpu_per_event = run.cpu.as_secs_f64() * 1e6 / run.delivered.max(1) as f64;
     println!(
-        "{name:<10} {:>9} {:>9.0} {:>10} {:>10} {:>9} {:>9} {:>8.2} {:>8.2}us {:>9.1} {:>8}",
+        "{name:<10} {:>8} {:>7.0} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7.2} {:>8.2}us {:>8.1} {:>6}",
         run.connections,
         run.rate,
-        run.fired,
+        expected,
+        fired,
         run.delivered,
+        expected.saturating_sub(run.delivered),
         run.lost_reported,
-        expected.saturating_sub(run.opens + run.closes),
+        run.skipped,
         run.cpu.as_secs_f64(),
         cpu_per_event,
         run.max_rss_kib as f64 / 1024.0,
         run.failed
     );
+    if run.opens != run.connections + run.failed || run.closes != 2 * run.connections + run.failed {
+        println!(
+            "{:<10} incomplete: {} CLOSE->SYN_SENT of {}, {} ->CLOSE of {}",
+            "",
+            run.opens,
+            run.connections + run.failed,
+            run.closes,
+            2 * run.connections + run.failed
+        );
+    }
 }
+
+/// Each loopback connection: client CLOSE->SYN_SENT->ESTABLISHED->FIN_WAIT1->
+/// FIN_WAIT2->CLOSE, server LISTEN->SYN_RECV->ESTABLISHED->CLOSE_WAIT->
+/// LAST_ACK->CLOSE (the run without a tracer checks it against perf).
+const TRANSITIONS_PER_CONNECTION: u64 = 10;
 
 /// Starts `perf stat` counting the tracepoint system-wide: the kernel's own count.
 fn start_perf(output: &Path) -> anyhow::Result<Child> {
@@ -351,63 +404,179 @@ fn traced_churn(
     let out_path = results.join(format!("{stem}.out"));
     let err_path = results.join(format!("{stem}.err"));
     let perf_path = results.join(format!("{stem}.perf"));
-    let perf = start_perf(&perf_path)?;
+    let perf = (tracer == Tracer::None)
+        .then(|| start_perf(&perf_path))
+        .transpose()?;
     let traced = match tracer {
         Tracer::None => None,
         Tracer::Netwatch => Some(start_tracer(
             command(netwatch, &["--json"]),
             &out_path,
             &err_path,
-            |_, err| err.contains("watching"),
         )?),
         Tracer::Tcpstates => Some(start_tracer(
             command(Path::new("tcpstates"), &[]),
             &out_path,
             &err_path,
-            |out, _| !out.is_empty(),
         )?),
     };
     let report = load::churn(churn)?;
+    let ports = churn_ports(&report);
     let mut run = parse_churn_report(&report)?;
-    if let Some((child, started)) = traced {
-        std::thread::sleep(Duration::from_secs(1));
-        interrupt(&child);
-        let usage = wait_usage(&child, started)?;
+    // A few FINs are retransmitted: wait until every churn socket has closed.
+    wait_for_churn_to_settle(&ports);
+    if let Some(mut tracer) = traced {
+        run.skipped = recursion_misses_of(tracer.child.id());
+        let usage = tracer.stop()?;
         run.cpu = usage.cpu;
         run.max_rss_kib = usage.max_rss_kib;
     }
-    run.fired = stop_perf(perf, &perf_path)?;
-    let ports = churn_ports(&report);
+    if let Some(perf) = perf {
+        run.fired = Some(stop_perf(perf, &perf_path)?);
+    }
     match tracer {
         Tracer::None => {}
-        Tracer::Netwatch => count_netwatch(&out_path, &ports, &mut run)?,
+        Tracer::Netwatch => {
+            count_netwatch(&out_path, &ports, &mut run)?;
+            run.fired = netwatch_fired(&err_path);
+        }
         Tracer::Tcpstates => count_tcpstates(&out_path, &err_path, &ports, &mut run)?,
     }
     Ok(run)
 }
 
-/// Spawns a tracer writing to files and waits until `ready(stdout, stderr)`.
+/// Waits (30 s at most) until no socket on the churn's ports is open, but for TIME_WAIT.
+fn wait_for_churn_to_settle(ports: &HashSet<u16>) {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        let open = ["/proc/net/tcp", "/proc/net/tcp6"]
+            .iter()
+            .filter_map(|path| std::fs::read_to_string(path).ok())
+            .flat_map(|table| table.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
+            .filter(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let port = |field: Option<&&str>| {
+                    field
+                        .and_then(|f| f.rsplit(':').next())
+                        .and_then(|p| u16::from_str_radix(p, 16).ok())
+                };
+                let on_churn = [port(fields.get(1)), port(fields.get(2))]
+                    .iter()
+                    .any(|p| p.is_some_and(|p| ports.contains(&p)));
+                // 06: TIME_WAIT, 0A: LISTEN (the churn's listeners are gone by now).
+                on_churn && fields.get(3).is_some_and(|state| *state != "06")
+            })
+            .count();
+        if open == 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Sum of `recursion_misses` of the BPF programs a process holds (via bpftool).
+fn recursion_misses_of(pid: u32) -> u64 {
+    let Ok(output) = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+    else {
+        return 0;
+    };
+    let Ok(programs) = serde_json::from_slice::<serde_json::Value>(&output.stdout) else {
+        return 0;
+    };
+    let ids: HashSet<u64> = bpf_prog_ids_of(pid);
+    programs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|prog| prog["id"].as_u64().is_some_and(|id| ids.contains(&id)))
+        .filter_map(|prog| prog["recursion_misses"].as_u64())
+        .sum()
+}
+
+/// Ids of the BPF programs among a process's fds (from /proc/PID/fdinfo).
+fn bpf_prog_ids_of(pid: u32) -> HashSet<u64> {
+    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return HashSet::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| std::fs::read_to_string(entry.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|line| line.strip_prefix("prog_id:"))
+                .and_then(|id| id.trim().parse().ok())
+        })
+        .collect()
+}
+
+/// A tracer process; killed if the benchmark fails before stopping it, so
+/// that no BPF program stays attached.
+struct RunningTracer {
+    child: Child,
+    started: Instant,
+    stopped: bool,
+}
+
+impl RunningTracer {
+    /// SIGINT (the tracer prints what it has and exits), then its usage.
+    fn stop(&mut self) -> anyhow::Result<Usage> {
+        interrupt(&self.child);
+        self.stopped = true;
+        wait_usage(&self.child, self.started)
+    }
+}
+
+impl Drop for RunningTracer {
+    fn drop(&mut self) {
+        if !self.stopped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Spawns a tracer writing to files and waits until its BPF programs are
+/// attached (a BPF link among its fds) and, for netwatch, its baseline is read.
 fn start_tracer(
     mut cmd: Command,
     out_path: &Path,
     err_path: &Path,
-    ready: impl Fn(&str, &str) -> bool,
-) -> anyhow::Result<(Child, Instant)> {
+) -> anyhow::Result<RunningTracer> {
     let started = Instant::now();
     let child = cmd
         .stdout(File::create(out_path)?)
         .stderr(File::create(err_path)?)
         .spawn()
         .with_context(|| format!("starting {cmd:?} failed"))?;
+    let tracer = RunningTracer {
+        child,
+        started,
+        stopped: false,
+    };
     while started.elapsed() < Duration::from_secs(20) {
-        let out = std::fs::read_to_string(out_path).unwrap_or_default();
-        let err = std::fs::read_to_string(err_path).unwrap_or_default();
-        if ready(&out, &err) {
-            return Ok((child, started));
+        let watching = std::fs::read_to_string(err_path).is_ok_and(|err| err.contains("watching"));
+        let is_netwatch = cmd.get_program().to_string_lossy().ends_with("netwatch");
+        if (is_netwatch && watching) || (!is_netwatch && has_bpf_link(tracer.child.id())) {
+            // Give a tracer that attaches several programs the time to finish.
+            std::thread::sleep(Duration::from_millis(200));
+            return Ok(tracer);
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    // Dropping the tracer kills it: no programs left attached.
+    drop(tracer);
     bail!("{cmd:?} did not get ready in 20 s");
+}
+
+fn has_bpf_link(pid: u32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fdinfo")).is_ok_and(|entries| {
+        entries
+            .filter_map(Result::ok)
+            .filter_map(|entry| std::fs::read_to_string(entry.path()).ok())
+            .any(|info| info.contains("link_type:"))
+    })
 }
 
 /// Time from spawning netwatch to its first event in the output, with a
@@ -419,7 +588,7 @@ fn time_to_first_event(netwatch: &Path, results: &Path) -> anyhow::Result<Durati
     let started = Instant::now();
     let child = command(netwatch, &["--json", "--port", &target.port().to_string()])
         .stdout(File::create(&out_path)?)
-        .stderr(Stdio::null())
+        .stderr(File::create(results.join("first-event.err"))?)
         .spawn()?;
     let mut first = None;
     while started.elapsed() < Duration::from_secs(10) {
@@ -459,6 +628,17 @@ fn churn_ports(report: &str) -> HashSet<u16> {
 }
 
 /// Counts netwatch's JSON lines: transitions, lost records, and the churn's opens and closes.
+/// netwatch's own count of the tracepoint's firings, from its summary
+/// ("N transitions (M fired in the kernel)").
+fn netwatch_fired(err_path: &Path) -> Option<u64> {
+    let err = std::fs::read_to_string(err_path).ok()?;
+    let summary = err
+        .lines()
+        .find(|line| line.contains(" fired in the kernel"))?;
+    let before = &summary[..summary.find(" fired in the kernel")?];
+    before.rsplit(['(', ' ']).next()?.parse().ok()
+}
+
 fn count_netwatch(
     out_path: &Path,
     ports: &HashSet<u16>,
@@ -468,7 +648,6 @@ fn count_netwatch(
         let record: serde_json::Value = serde_json::from_str(&line?)?;
         match record["type"].as_str() {
             Some("state") => {
-                run.delivered += 1;
                 let port = |key: &str| record[key].as_u64().and_then(|p| u16::try_from(p).ok());
                 let on_churn = [port("local_port"), port("remote_port")]
                     .iter()
@@ -496,7 +675,6 @@ fn count_tcpstates(
         if fields.len() < 8 || fields[fields.len() - 3] != "->" {
             continue;
         }
-        run.delivered += 1;
         let at = |back: usize| fields[fields.len() - back];
         let on_churn = [at(7), at(5)]
             .iter()
@@ -522,9 +700,12 @@ fn count_churn_transition(
     (old, new): (Option<&str>, Option<&str>),
     run: &mut StreamRun,
 ) {
-    if !on_churn {
+    // The churn's own listeners open and close once each: not connections.
+    let listener = new == Some("LISTEN") || (old == Some("LISTEN") && new == Some("CLOSE"));
+    if !on_churn || listener {
         return;
     }
+    run.delivered += 1;
     if old == Some("CLOSE") && new == Some("SYN_SENT") {
         run.opens += 1;
     }

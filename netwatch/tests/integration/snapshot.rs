@@ -114,7 +114,7 @@ fn text_output_follows_netstat_defaults() {
     let listening_line = format!(
         "{:<23} {:<23} LISTEN",
         format!("127.0.0.1:{port}"),
-        "0.0.0.0:0"
+        "0.0.0.0:*"
     );
     let default = text("-tnp");
     assert!(default.starts_with(
