@@ -65,23 +65,27 @@ static WAKEUP_BYTES: u64 = 1 << 18;
 /// ... or when the last wakeup is this old, so that a lone event is not held back.
 const WAKEUP_AFTER_NS: u64 = 5_000_000;
 
-// Offsets into `struct sock`, set by the loader from the kernel's BTF.
-#[no_mangle]
-static SK_PROTOCOL: u32 = 0;
-#[no_mangle]
-static SKC_FAMILY: u32 = 0;
-#[no_mangle]
-static SKC_DADDR: u32 = 0;
-#[no_mangle]
-static SKC_RCV_SADDR: u32 = 0;
-#[no_mangle]
-static SKC_DPORT: u32 = 0;
-#[no_mangle]
-static SKC_V6_DADDR: u32 = 0;
-#[no_mangle]
-static SKC_V6_RCV_SADDR: u32 = 0;
-#[no_mangle]
-static INET_SPORT: u32 = 0;
+/// Declares the offsets into `struct sock` that the loader sets from the
+/// kernel's BTF (`netwatch_common::SOCK_OFFSETS` names them).
+macro_rules! sock_offsets {
+    ($($name:ident),*) => {
+        $(
+            #[no_mangle]
+            static $name: u32 = 0;
+        )*
+    };
+}
+
+sock_offsets!(
+    SK_PROTOCOL,
+    SKC_FAMILY,
+    SKC_DADDR,
+    SKC_RCV_SADDR,
+    SKC_DPORT,
+    SKC_V6_DADDR,
+    SKC_V6_RCV_SADDR,
+    INET_SPORT
+);
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {

@@ -230,16 +230,8 @@ pub enum StreamRecord<'a> {
     /// A socket that existed when netwatch started (`--baseline`).
     Baseline {
         ts: String,
-        pid: Option<u32>,
-        program: Option<&'a str>,
-        proto: &'static str,
-        local_addr: String,
-        local_port: u16,
-        remote_addr: String,
-        remote_port: u16,
-        state: &'static str,
-        inode: u64,
-        uid: u32,
+        #[serde(flatten)]
+        socket: SocketRecord<'a>,
     },
     /// Transitions the kernel could not deliver.
     Lost {

@@ -14,7 +14,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::WatchArgs;
 use crate::ebpf::{self, KernelLog, LossCounters, StateProbe};
-use crate::output::{self, Addr, LossCause, StreamRecord, Timestamp};
+use crate::output::{self, Addr, LossCause, SocketRecord, StreamRecord, Timestamp};
 use crate::snapshot;
 use crate::socket::{Owner, Proto};
 use crate::table::{SocketTable, Transition, Tuple};
@@ -252,16 +252,7 @@ impl<W: Write> Watcher<W> {
             let _ = if self.args.json {
                 let record = StreamRecord::Baseline {
                     ts: ts.to_owned(),
-                    pid,
-                    program: entry.owner.as_ref().map(|owner| owner.program.as_str()),
-                    proto: socket.proto.name(),
-                    local_addr: socket.local.ip().to_string(),
-                    local_port: socket.local.port(),
-                    remote_addr: socket.remote.ip().to_string(),
-                    remote_port: socket.remote.port(),
-                    state: socket.state.name(),
-                    inode: socket.inode,
-                    uid: socket.uid,
+                    socket: SocketRecord::new(entry),
                 };
                 output::write_json_line(&mut self.buffer, &record)
             } else {
