@@ -406,6 +406,58 @@ udp        7      5 0.0.0.0:53              0.0.0.0:*                           
     }
 
     #[test]
+    fn a_transition_line_lines_up_with_the_header() {
+        let tuple = Tuple {
+            proto: Proto::Tcp,
+            local: "127.0.0.1:48286".parse().unwrap(),
+            remote: "127.0.0.1:8080".parse().unwrap(),
+        };
+        let owner = Owner {
+            pid: 6860,
+            program: "python3".into(),
+        };
+        let mut out = Vec::new();
+        let ts = "2026-11-27T08:19:23.428319Z";
+        write_state_text(
+            &mut out,
+            ts,
+            Some(&owner),
+            &tuple,
+            TcpState::Established,
+            TcpState::FinWait1,
+            Some(204.718),
+        )
+        .unwrap();
+        write_state_text(
+            &mut out,
+            ts,
+            None,
+            &tuple,
+            TcpState::FinWait1,
+            TcpState::FinWait2,
+            None,
+        )
+        .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "08:19:23.428319 6860    python3          127.0.0.1:48286              127.0.0.1:8080               ESTABLISHED  -> FIN_WAIT1    204.718"
+        );
+        assert!(lines[1].starts_with("08:19:23.428319 -       -                127.0.0.1:48286"));
+        assert!(lines[1].ends_with("      -"));
+        let column = |line: &str, name: &str| line.find(name).unwrap();
+        assert_eq!(
+            column(STREAM_HEADER, "LADDR"),
+            column(lines[0], "127.0.0.1:48286")
+        );
+        assert_eq!(
+            column(STREAM_HEADER, "OLDSTATE"),
+            column(lines[0], "ESTABLISHED")
+        );
+    }
+
+    #[test]
     fn timestamps_are_utc_with_microseconds() {
         let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(1_700_000_000_123_456);
         assert_eq!(rfc3339(t), "2023-11-14T22:13:20.123456Z");

@@ -212,6 +212,11 @@ impl<W: Write> Watcher<W> {
         self.last_resync = Instant::now();
         let first = self.resyncs == 0 && self.transitions == 0;
         let ts = output::rfc3339(SystemTime::now());
+        if first && !self.args.json {
+            self.buffer
+                .extend_from_slice(output::STREAM_HEADER.as_bytes());
+            self.buffer.push(b'\n');
+        }
         if first && self.args.baseline {
             self.render_baseline(&snapshot, &ts);
         }
@@ -233,11 +238,6 @@ impl<W: Write> Watcher<W> {
     }
 
     fn render_baseline(&mut self, snapshot: &snapshot::Snapshot, ts: &str) {
-        if !self.args.json && !snapshot.entries.is_empty() {
-            self.buffer
-                .extend_from_slice(output::STREAM_HEADER.as_bytes());
-            self.buffer.push(b'\n');
-        }
         for entry in &snapshot.entries {
             let socket = &entry.socket;
             let tuple = Tuple {
