@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::io;
 use std::thread;
 
-pub use proc_net::{parse_line, parse_table, ProcSocket, ProcTable};
+pub use proc_net::{ProcSocket, ProcTable};
 pub use processes::program_name;
 use processes::InodeOwners;
 
