@@ -115,6 +115,8 @@ struct Watcher<W: Write> {
     /// Losses happened since the last resync.
     stale: bool,
     last_resync: Instant,
+    /// Whether the starting baseline was taken (later readings are resyncs).
+    baseline_taken: bool,
     resyncs: u64,
     /// The first error writing the output, raised after the batch.
     write_error: Option<io::Error>,
@@ -135,6 +137,7 @@ impl<W: Write> Watcher<W> {
             lost: LossCounters::default(),
             stale: false,
             last_resync: Instant::now(),
+            baseline_taken: false,
             resyncs: 0,
             write_error: None,
         }
@@ -210,7 +213,8 @@ impl<W: Write> Watcher<W> {
         self.table.reset_from(&snapshot);
         self.stale = false;
         self.last_resync = Instant::now();
-        let first = self.resyncs == 0 && self.transitions == 0;
+        let first = !self.baseline_taken;
+        self.baseline_taken = true;
         let ts = output::rfc3339(SystemTime::now());
         if first && !self.args.json {
             self.buffer
