@@ -291,15 +291,23 @@ fn skipped_calls_are_recovered_or_reported_as_the_kernel_counts_them() {
         .map(|r| r["count"].as_u64().expect("count"))
         .sum();
     assert_eq!(streamed, unrecovered);
-    // What is missing from the stream is exactly what netwatch said it lost.
-    assert_eq!(
-        (expected - all) as u64,
-        unrecovered + ring_full,
-        "{}",
+    // Every transition the kernel fired (its own count, all sockets) was
+    // delivered or reported lost. (The model of 10 per connection is not the
+    // reference: a retransmitted FIN can close a connection seconds later.)
+    let delivered = summary_number(&stopped.stderr, " transitions (");
+    let fired = summary_number(&stopped.stderr, " fired in the kernel");
+    assert!(
+        delivered + unrecovered + ring_full >= fired,
+        "transitions went missing without being reported: {}",
         stopped.stderr
     );
     if unrecovered + ring_full == 0 {
-        assert_eq!((opens, closes), (2 * CONNECTIONS, 4 * CONNECTIONS));
+        // connect() fires CLOSE -> SYN_SENT at once: never late.
+        assert_eq!(opens, 2 * CONNECTIONS);
+        assert!(
+            closes <= 4 * CONNECTIONS && all <= expected,
+            "more than was fired: {closes}, {all}"
+        );
     }
 }
 
