@@ -1,13 +1,14 @@
 //! What netwatch prints: netstat-style tables, tcpstates-style lines, and JSON lines.
 
+use std::fmt::Write as _;
 use std::io::{self, Write};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::SystemTime;
 
 use serde::Serialize;
 
 use crate::snapshot::SnapshotEntry;
-use crate::socket::{format_endpoint, Owner, Proto, TcpState};
+use crate::socket::{format_endpoint, Endpoint, Owner, Proto, TcpState};
 use crate::table::Tuple;
 
 /// Which optional columns the snapshot table has.
@@ -35,22 +36,16 @@ pub fn write_snapshot_text(
     entries: &[&SnapshotEntry],
     columns: SnapshotColumns,
 ) -> io::Result<()> {
-    let endpoints: Vec<[String; 2]> = entries
-        .iter()
-        .map(|entry| {
-            [
-                format_endpoint(entry.socket.local),
-                format_endpoint(entry.socket.remote),
-            ]
-        })
-        .collect();
-    let width = |column: usize| {
-        endpoints
+    // netstat's 23 columns fit any IPv4 endpoint: only IPv6 ones can widen them.
+    let width = |endpoint: fn(&SnapshotEntry) -> SocketAddr| {
+        entries
             .iter()
-            .map(|row| row[column].len())
+            .map(|entry| endpoint(entry))
+            .filter(SocketAddr::is_ipv6)
+            .map(|addr| format_endpoint(addr).len())
             .fold(23, usize::max)
     };
-    let (local_w, remote_w) = (width(0), width(1));
+    let (local_w, remote_w) = (width(|e| e.socket.local), width(|e| e.socket.remote));
     writeln!(out, "{title}")?;
     let mut line = format!(
         "Proto Recv-Q Send-Q {:local_w$} {:remote_w$} State      ",
@@ -64,28 +59,25 @@ pub fn write_snapshot_text(
     }
     line.push('\n');
     out.write_all(line.as_bytes())?;
-    for (entry, [local, remote]) in entries.iter().zip(&endpoints) {
+    for entry in entries {
         line.clear();
         let socket = &entry.socket;
-        push_padded(&mut line, socket.proto.name(), 5, false);
-        push_padded(&mut line, &socket.rx_queue.to_string(), 7, true);
-        push_padded(&mut line, &socket.tx_queue.to_string(), 7, true);
+        push_cell(&mut line, socket.proto.name(), 5, false);
+        push_cell(&mut line, socket.rx_queue, 7, true);
+        push_cell(&mut line, socket.tx_queue, 7, true);
         line.push(' ');
-        push_padded(&mut line, local, local_w + 1, false);
-        push_padded(&mut line, remote, remote_w + 1, false);
-        push_padded(&mut line, text_state(socket.proto, socket.state), 11, false);
+        push_cell(&mut line, Endpoint(socket.local), local_w + 1, false);
+        push_cell(&mut line, Endpoint(socket.remote), remote_w + 1, false);
+        push_cell(&mut line, text_state(socket.proto, socket.state), 11, false);
         if columns.extend {
             line.push(' ');
-            push_padded(&mut line, &socket.uid.to_string(), 11, false);
-            push_padded(&mut line, &socket.inode.to_string(), 10, false);
+            push_cell(&mut line, socket.uid, 11, false);
+            push_cell(&mut line, socket.inode, 10, false);
         }
         if columns.program {
             match &entry.owner {
                 Some(owner) => {
-                    line.push(' ');
-                    line.push_str(&owner.pid.to_string());
-                    line.push('/');
-                    line.push_str(&owner.program);
+                    let _ = write!(line, " {}/{}", owner.pid, owner.program);
                 }
                 None => line.push_str(" -"),
             }
@@ -96,14 +88,15 @@ pub fn write_snapshot_text(
     Ok(())
 }
 
-/// Appends `text` padded with spaces to `width`, right-aligned or left-aligned.
-fn push_padded(line: &mut String, text: &str, width: usize, right: bool) {
-    let pad = width.saturating_sub(text.len());
+/// Appends `value` padded with spaces to `width`, right- or left-aligned.
+fn push_cell(line: &mut String, value: impl std::fmt::Display, width: usize, right: bool) {
+    let start = line.len();
+    // Writing to a String cannot fail.
+    let _ = write!(line, "{value}");
+    let pad = width.saturating_sub(line.len() - start);
     if right {
-        line.extend(std::iter::repeat_n(' ', pad));
-        line.push_str(text);
+        line.insert_str(start, &" ".repeat(pad));
     } else {
-        line.push_str(text);
         line.extend(std::iter::repeat_n(' ', pad));
     }
 }

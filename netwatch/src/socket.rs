@@ -147,13 +147,23 @@ pub struct Owner {
 
 /// `addr:port`, with IPv6 in brackets and port 0 as `*`, as ss prints it.
 pub fn format_endpoint(addr: SocketAddr) -> String {
-    let port = match addr.port() {
-        0 => "*".to_owned(),
-        port => port.to_string(),
-    };
-    match addr.ip() {
-        IpAddr::V4(ip) => format!("{ip}:{port}"),
-        IpAddr::V6(ip) => format!("[{ip}]:{port}"),
+    Endpoint(addr).to_string()
+}
+
+/// Displays as [`format_endpoint`] formats, without allocating.
+#[derive(Clone, Copy, Debug)]
+pub struct Endpoint(pub SocketAddr);
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.ip() {
+            IpAddr::V4(ip) => write!(f, "{ip}:")?,
+            IpAddr::V6(ip) => write!(f, "[{ip}]:")?,
+        }
+        match self.0.port() {
+            0 => f.write_str("*"),
+            port => write!(f, "{port}"),
+        }
     }
 }
 
