@@ -30,6 +30,32 @@ pub const SOCK_OFFSETS: [(&str, &str, &str); 8] = [
     ("INET_SPORT", "inet_sock", "inet_sport"),
 ];
 
+/// Name of the task_file iterator that lists socket fds (root's fast fd walk).
+pub const SOCKET_FDS_PROGRAM: &str = "socket_fds";
+
+/// Globals of the iterator: byte offsets taken from the kernel's BTF.
+pub const FILE_OFFSETS: [(&str, &str, &str); 4] = [
+    ("TASK_TGID", "task_struct", "tgid"),
+    ("FILE_F_INODE", "file", "f_inode"),
+    ("INODE_I_MODE", "inode", "i_mode"),
+    ("INODE_I_INO", "inode", "i_ino"),
+];
+
+/// What the iterator writes for each socket fd of each process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketFd {
+    /// The socket's inode number, as /proc/net/tcp shows it.
+    pub inode: u64,
+    /// The process (thread group) holding the fd.
+    pub tgid: u32,
+    pub fd: u32,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `SocketFd` is `repr(C)`, `Copy`, without padding; any bit pattern is valid.
+unsafe impl aya::Pod for SocketFd {}
+
 /// `IPPROTO_TCP`: the tracepoint also fires for SCTP and MPTCP sockets.
 pub const IPPROTO_TCP: u16 = 6;
 /// `AF_INET`.

@@ -11,6 +11,7 @@
 #![no_std]
 #![no_main]
 
+use aya_ebpf::helpers::generated::bpf_seq_write;
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
@@ -21,7 +22,8 @@ use aya_ebpf::{
     programs::{RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::error;
-use netwatch_common::{tracepoint as field, StateEvent, AF_INET, IPPROTO_TCP};
+use core::ffi::c_void;
+use netwatch_common::{tracepoint as field, SocketFd, StateEvent, AF_INET, IPPROTO_TCP};
 
 /// Default size; the loader overrides it from `--ring-buffer-kib`.
 #[map(name = "EVENTS")]
@@ -65,9 +67,9 @@ static WAKEUP_BYTES: u64 = 1 << 18;
 /// ... or when the last wakeup is this old, so that a lone event is not held back.
 const WAKEUP_AFTER_NS: u64 = 5_000_000;
 
-/// Declares the offsets into `struct sock` that the loader sets from the
-/// kernel's BTF (`netwatch_common::SOCK_OFFSETS` names them).
-macro_rules! sock_offsets {
+/// Declares the field offsets that the loader sets from the kernel's BTF
+/// (`netwatch_common::SOCK_OFFSETS` and `FILE_OFFSETS` name them).
+macro_rules! kernel_offsets {
     ($($name:ident),*) => {
         $(
             #[no_mangle]
@@ -76,7 +78,11 @@ macro_rules! sock_offsets {
     };
 }
 
-sock_offsets!(
+kernel_offsets!(
+    TASK_TGID,
+    FILE_F_INODE,
+    INODE_I_MODE,
+    INODE_I_INO,
     SK_PROTOCOL,
     SKC_FAMILY,
     SKC_DADDR,
@@ -179,21 +185,21 @@ fn try_recover_state(ctx: &RawTracePointContext) -> Result<(), i64> {
             return Ok(());
         }
     }
-    if read_sock::<u16>(sk, &SK_PROTOCOL)? != IPPROTO_TCP {
+    if read_kernel::<u16>(sk, &SK_PROTOCOL)? != IPPROTO_TCP {
         return Ok(());
     }
-    let family: u16 = read_sock(sk, &SKC_FAMILY)?;
+    let family: u16 = read_kernel(sk, &SKC_FAMILY)?;
     let mut saddr = [0u8; 16];
     let mut daddr = [0u8; 16];
     if family == AF_INET {
-        saddr[..4].copy_from_slice(&read_sock::<[u8; 4]>(sk, &SKC_RCV_SADDR)?);
-        daddr[..4].copy_from_slice(&read_sock::<[u8; 4]>(sk, &SKC_DADDR)?);
+        saddr[..4].copy_from_slice(&read_kernel::<[u8; 4]>(sk, &SKC_RCV_SADDR)?);
+        daddr[..4].copy_from_slice(&read_kernel::<[u8; 4]>(sk, &SKC_DADDR)?);
     } else {
-        saddr = read_sock(sk, &SKC_V6_RCV_SADDR)?;
-        daddr = read_sock(sk, &SKC_V6_DADDR)?;
+        saddr = read_kernel(sk, &SKC_V6_RCV_SADDR)?;
+        daddr = read_kernel(sk, &SKC_V6_DADDR)?;
     }
-    let sport = u16::from_be(read_sock(sk, &INET_SPORT)?);
-    let dport = u16::from_be(read_sock(sk, &SKC_DPORT)?);
+    let sport = u16::from_be(read_kernel(sk, &INET_SPORT)?);
+    let dport = u16::from_be(read_kernel(sk, &SKC_DPORT)?);
     send(event(
         sk,
         oldstate,
@@ -206,12 +212,54 @@ fn try_recover_state(ctx: &RawTracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
-/// Reads a field of the socket at `sk`, at the offset held by the global `offset`.
-fn read_sock<T>(sk: u64, offset: &'static u32) -> Result<T, i64> {
+const S_IFMT: u16 = 0o170000;
+const S_IFSOCK: u16 = 0o140000;
+
+/// Lists the socket fds of every process: one `SocketFd` per socket fd,
+/// written to the iterator's seq file. Threads that share their leader's
+/// files are skipped by the kernel's task_file iterator.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task_file")]
+pub fn socket_fds(ctx: *mut c_void) -> i32 {
+    let _ = try_socket_fds(ctx.cast::<u64>());
+    0
+}
+
+fn try_socket_fds(ctx: *const u64) -> Result<(), i64> {
+    // SAFETY: the kernel passes a `struct bpf_iter__task_file`: meta, task,
+    // fd and file, 8 bytes apart.
+    let (meta, task, fd, file) = unsafe { (*ctx, *ctx.add(1), *ctx.add(2) as u32, *ctx.add(3)) };
+    if meta == 0 || task == 0 || file == 0 {
+        return Ok(());
+    }
+    let inode: u64 = read_kernel(file, &FILE_F_INODE)?;
+    if inode == 0 || read_kernel::<u16>(inode, &INODE_I_MODE)? & S_IFMT != S_IFSOCK {
+        return Ok(());
+    }
+    let record = SocketFd {
+        inode: read_kernel(inode, &INODE_I_INO)?,
+        tgid: read_kernel(task, &TASK_TGID)?,
+        fd,
+    };
+    // SAFETY: `meta` points at a `struct bpf_iter_meta`, whose first field is the seq file.
+    let seq = unsafe { *(meta as *const u64) };
+    // SAFETY: writes the record's bytes to the iterator's seq file.
+    unsafe {
+        bpf_seq_write(
+            seq as *mut _,
+            (&raw const record).cast(),
+            size_of::<SocketFd>() as u32,
+        )
+    };
+    Ok(())
+}
+
+/// Reads the kernel object field at `base` plus the offset held by the global `offset`.
+fn read_kernel<T>(base: u64, offset: &'static u32) -> Result<T, i64> {
     // SAFETY: the loader set the global; volatile keeps the compiler from folding its initial 0.
     let offset = unsafe { core::ptr::read_volatile(offset) };
     // SAFETY: bpf_probe_read_kernel checks the address.
-    unsafe { bpf_probe_read_kernel((sk + u64::from(offset)) as *const T) }.map_err(i64::from)
+    unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const T) }.map_err(i64::from)
 }
 
 fn event(

@@ -20,9 +20,24 @@ pub struct InodeOwners {
     pub incomplete: bool,
 }
 
-/// Walks /proc/[pid]/fd of every process on `threads` threads. A socket held
-/// by several processes is given to the lowest pid, as netstat does.
+/// Maps socket inodes to processes: as root with the kernel's task_file
+/// iterator, else (or if it cannot load) by walking /proc/[pid]/fd. A socket
+/// held by several processes is given to the lowest pid, as netstat does.
 pub fn scan_socket_inodes(threads: usize) -> InodeOwners {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        if let Ok(pids) = crate::ebpf::socket_fd_owners() {
+            return InodeOwners {
+                pids,
+                incomplete: false,
+            };
+        }
+    }
+    walk_proc_fds(threads)
+}
+
+/// Walks /proc/[pid]/fd of every process on `threads` threads.
+fn walk_proc_fds(threads: usize) -> InodeOwners {
     let Ok(proc_dir) = open_dir(CWD, c"/proc") else {
         return InodeOwners {
             incomplete: true,
@@ -144,12 +159,12 @@ mod tests {
     }
 
     #[test]
-    fn finds_a_socket_this_process_holds() {
+    fn the_proc_walk_finds_a_socket_this_process_holds() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
         let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
         let inode = socket_inode(link.to_str().unwrap().as_bytes()).unwrap();
-        let owners = scan_socket_inodes(2);
+        let owners = walk_proc_fds(2);
         assert_eq!(owners.pids.get(&inode), Some(&std::process::id()));
         assert_eq!(
             program_name(std::process::id()),
