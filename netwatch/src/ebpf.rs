@@ -80,7 +80,7 @@ impl StateProbe {
         ensure_tracefs()?;
         check_layout(&Path::new(TRACEFS).join(FORMAT))?;
         raise_memlock_limit();
-        let offsets = sock_offsets();
+        let offsets = kernel_offsets(&SOCK_OFFSETS);
         let mut loader = EbpfLoader::new();
         let wakeup_bytes = u64::from(ring_bytes / 16);
         loader
@@ -172,23 +172,13 @@ impl StateProbe {
 /// iterator: one pass over every process's fds in the kernel, about ten
 /// times cheaper than a readlinkat per fd under /proc. Needs root.
 pub fn socket_fd_owners() -> Result<HashMap<u64, u32>, String> {
-    let btf = Btf::from_kernel().map_err(|err| err.to_string())?;
     let kernel_btf = aya::Btf::from_sys_fs().map_err(|err| err.to_string())?;
     let mut loader = EbpfLoader::new();
     // Only the iterator is loaded; keep the other maps of the object small.
     loader
         .btf(Some(&kernel_btf))
         .map_max_entries(EVENTS_MAP, 4096);
-    let offsets: Vec<(&str, u32)> = FILE_OFFSETS
-        .iter()
-        .map(|&(global, ty, member)| {
-            Ok((
-                global,
-                btf.member_offset(ty, member)
-                    .map_err(|err| err.to_string())?,
-            ))
-        })
-        .collect::<Result<_, String>>()?;
+    let offsets = kernel_offsets(&FILE_OFFSETS)?;
     for (global, offset) in &offsets {
         loader.override_global(global, offset, true);
     }
@@ -224,11 +214,14 @@ pub fn socket_fd_owners() -> Result<HashMap<u64, u32>, String> {
     Ok(owners)
 }
 
-/// Offsets of the `struct sock` fields the recovery program reads, from BTF.
-fn sock_offsets() -> Result<Vec<(&'static str, u32)>, String> {
+/// The byte offsets of kernel struct fields, from the running kernel's BTF,
+/// for the globals named in `fields` as (global, struct, member).
+fn kernel_offsets(
+    fields: &[(&'static str, &str, &str)],
+) -> Result<Vec<(&'static str, u32)>, String> {
     let btf =
         Btf::from_kernel().map_err(|err| format!("cannot read {}: {err}", crate::btf::VMLINUX))?;
-    SOCK_OFFSETS
+    fields
         .iter()
         .map(|&(global, ty, member)| {
             Ok((
