@@ -269,20 +269,26 @@ pub fn write_state_text(
     new: TcpState,
     ms: Option<f64>,
 ) -> io::Result<()> {
-    let time = ts.get(11..26).unwrap_or(ts);
-    let (pid, program) = match owner {
-        Some(owner) => (owner.pid.to_string(), owner.program.as_str()),
-        None => ("-".to_owned(), "-"),
-    };
     let ms = ms.map_or_else(|| "-".to_owned(), |ms| format!("{ms:.3}"));
     writeln!(
         out,
-        "{time:<15} {pid:<7} {program:<16} {:<28} {:<28} {:<12} -> {:<12} {ms:>7}",
+        "{} {:<28} {:<28} {:<12} -> {:<12} {ms:>7}",
+        when_and_who(ts, owner),
         format_endpoint(tuple.local),
         format_endpoint(tuple.remote),
         old.name(),
         new.name(),
     )
+}
+
+/// The TIME, PID and COMM columns: the clock time of an RFC 3339 timestamp,
+/// and `-` for an unknown owner.
+fn when_and_who(ts: &str, owner: Option<&Owner>) -> String {
+    let time = ts.get(11..26).unwrap_or(ts);
+    match owner {
+        Some(owner) => format!("{time:<15} {:<7} {:<16}", owner.pid, owner.program),
+        None => format!("{time:<15} {:<7} {:<16}", "-", "-"),
+    }
 }
 
 /// One socket of the starting baseline as a text line.
@@ -291,15 +297,11 @@ pub fn write_baseline_text(
     ts: &str,
     entry: &SnapshotEntry,
 ) -> io::Result<()> {
-    let time = ts.get(11..26).unwrap_or(ts);
     let socket = &entry.socket;
-    let (pid, program) = match &entry.owner {
-        Some(owner) => (owner.pid.to_string(), owner.program.as_str()),
-        None => ("-".to_owned(), "-"),
-    };
     writeln!(
         out,
-        "{time:<15} {pid:<7} {program:<16} {:<28} {:<28} {:<12}    (baseline)",
+        "{} {:<28} {:<28} {:<12}    (baseline)",
+        when_and_who(ts, entry.owner.as_ref()),
         format_endpoint(socket.local),
         format_endpoint(socket.remote),
         socket.state.name(),

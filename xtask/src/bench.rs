@@ -120,12 +120,17 @@ impl Drop for Holders {
     }
 }
 
-fn tcp_socket_count() -> usize {
+/// The data lines of /proc/net/tcp and /proc/net/tcp6 (headers left out).
+fn proc_tcp_lines() -> Vec<String> {
     ["/proc/net/tcp", "/proc/net/tcp6"]
         .iter()
         .filter_map(|path| std::fs::read_to_string(path).ok())
-        .map(|table| table.lines().count().saturating_sub(1))
-        .sum()
+        .flat_map(|table| table.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
+        .collect()
+}
+
+fn tcp_socket_count() -> usize {
+    proc_tcp_lines().len()
 }
 
 fn snapshot(netwatch: &Path, sizes: &[usize], runs: usize) -> anyhow::Result<()> {
@@ -449,10 +454,8 @@ fn traced_churn(
 fn wait_for_churn_to_settle(ports: &HashSet<u16>) {
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(30) {
-        let open = ["/proc/net/tcp", "/proc/net/tcp6"]
+        let open = proc_tcp_lines()
             .iter()
-            .filter_map(|path| std::fs::read_to_string(path).ok())
-            .flat_map(|table| table.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
             .filter(|line| {
                 let fields: Vec<&str> = line.split_whitespace().collect();
                 let port = |field: Option<&&str>| {
