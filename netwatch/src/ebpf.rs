@@ -91,12 +91,7 @@ impl StateProbe {
                 loader.override_global(global, offset, true);
             }
         }
-        let mut ebpf = loader
-            .load(aya::include_bytes_aligned!(concat!(
-                env!("OUT_DIR"),
-                "/netwatch"
-            )))
-            .map_err(|err| load(&err))?;
+        let mut ebpf = loader.load(netwatch_object()).map_err(|err| load(&err))?;
         let state_fd = attach_tracepoint(&mut ebpf)?;
         // Attached second, so it runs after the tracepoint program on each transition.
         let recovery_fd = match offsets {
@@ -168,6 +163,11 @@ impl StateProbe {
     }
 }
 
+/// The eBPF object built by build.rs, embedded once for both loaders.
+fn netwatch_object() -> &'static [u8] {
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netwatch"))
+}
+
 /// Socket inode -> lowest pid holding it, from the kernel's task_file
 /// iterator: one pass over every process's fds in the kernel, about ten
 /// times cheaper than a readlinkat per fd under /proc. Needs root.
@@ -183,10 +183,7 @@ pub fn socket_fd_owners() -> Result<HashMap<u64, u32>, String> {
         loader.override_global(global, offset, true);
     }
     let mut ebpf = loader
-        .load(aya::include_bytes_aligned!(concat!(
-            env!("OUT_DIR"),
-            "/netwatch"
-        )))
+        .load(netwatch_object())
         .map_err(|err| err.to_string())?;
     let program: &mut Iter = program(&mut ebpf, SOCKET_FDS_PROGRAM)
         .map_err(|err| err.to_string())?
@@ -279,11 +276,6 @@ pub fn to_transition(event: &StateEvent) -> Option<Transition> {
             IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
         }
     };
-    let comm_len = event
-        .comm
-        .iter()
-        .position(|&b| b == 0)
-        .unwrap_or(event.comm.len());
     Some(Transition {
         ts_ns: event.ts_ns,
         skaddr: event.skaddr,
@@ -295,7 +287,7 @@ pub fn to_transition(event: &StateEvent) -> Option<Transition> {
         old: TcpState::from_kernel(event.oldstate)?,
         new: TcpState::from_kernel(event.newstate)?,
         task_pid: event.tgid,
-        task_comm: String::from_utf8_lossy(&event.comm[..comm_len]).into_owned(),
+        task_comm: event.comm,
         recovered: event.recovered != 0,
     })
 }
@@ -515,7 +507,7 @@ format:
         assert_eq!(t.tuple.local, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(t.tuple.remote, "127.0.0.2:40000".parse().unwrap());
         assert_eq!((t.old, t.new), (TcpState::Listen, TcpState::SynRecv));
-        assert_eq!((t.task_pid, t.task_comm.as_str()), (42, "curl"));
+        assert_eq!((t.task_pid, &t.task_comm[..5]), (42, &b"curl\0"[..]));
 
         event.family = AF_INET6;
         event.saddr = std::net::Ipv6Addr::LOCALHOST.octets();

@@ -31,8 +31,8 @@ pub struct Transition {
     pub new: TcpState,
     /// The task on the CPU: the owner only when it opens the socket (connect, listen).
     pub task_pid: u32,
-    /// That task's thread name, used when its process is already gone.
-    pub task_comm: String,
+    /// That task's thread name (NUL-padded), used when its process is already gone.
+    pub task_comm: [u8; 16],
     /// Sent by the recovery program: a skipped call, or a duplicate.
     pub recovered: bool,
 }
@@ -55,6 +55,12 @@ pub struct LiveSocket {
     pub since_ns: Option<u64>,
     /// The state before `state`, if the table saw the transition.
     pub previous: Option<TcpState>,
+}
+
+/// A kernel task name: the bytes before the first NUL.
+fn comm_name(comm: &[u8; 16]) -> String {
+    let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..len]).into_owned()
 }
 
 /// Looks up a process name by pid (`/proc/PID/comm` in production).
@@ -230,7 +236,7 @@ impl SocketTable {
         let program = self
             .names
             .entry(t.task_pid)
-            .or_insert_with(|| lookup_name(t.task_pid).unwrap_or_else(|| t.task_comm.clone()))
+            .or_insert_with(|| lookup_name(t.task_pid).unwrap_or_else(|| comm_name(&t.task_comm)))
             .clone();
         Owner {
             pid: t.task_pid,
@@ -315,7 +321,12 @@ mod tests {
             old,
             new,
             task_pid: task,
-            task_comm: format!("thread{task}"),
+            task_comm: {
+                let mut comm = [0u8; 16];
+                let name = format!("thread{task}");
+                comm[..name.len()].copy_from_slice(name.as_bytes());
+                comm
+            },
             recovered: false,
         }
     }
