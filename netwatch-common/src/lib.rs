@@ -16,10 +16,23 @@ pub const STATE_PROGRAM: &str = "inet_sock_set_state";
 /// recursion guard, so it runs when the kernel skips the tracepoint program
 /// (nested call on one CPU), and then forwards the transition itself.
 pub const RECOVERY_PROGRAM: &str = "recover_state";
+/// Raw tracepoint programs on `sock_send_length` and `sock_recv_length`:
+/// they count the bytes each TCP socket's application sent and received.
+pub const SENT_PROGRAM: &str = "count_sent";
+pub const RECEIVED_PROGRAM: &str = "count_received";
+/// Name of the LRU hash of byte counts per socket (by kernel address).
+pub const BYTES_MAP: &str = "BYTES";
+/// Sockets with byte counts at most: the least recently used count is
+/// evicted beyond that (a socket whose close was missed cannot leak).
+pub const BYTES_MAP_ENTRIES: u32 = 1 << 17;
+/// Global set to 1 by the loader when `SOCK_OFFSETS` are set: the programs
+/// then read each socket's uid and network namespace.
+pub const SOCK_LAYOUT_KNOWN: &str = "SOCK_LAYOUT_KNOWN";
 
-/// Globals of the recovery program: byte offsets of `struct sock` fields,
-/// taken from the running kernel's BTF at load time, as (global, struct, member).
-pub const SOCK_OFFSETS: [(&str, &str, &str); 8] = [
+/// Globals of the socket programs: byte offsets of `struct sock` fields,
+/// taken from the running kernel's BTF at load time, as (global, struct,
+/// member path).
+pub const SOCK_OFFSETS: [(&str, &str, &str); 11] = [
     ("SK_PROTOCOL", "sock", "sk_protocol"),
     ("SKC_FAMILY", "sock_common", "skc_family"),
     ("SKC_DADDR", "sock_common", "skc_daddr"),
@@ -28,6 +41,9 @@ pub const SOCK_OFFSETS: [(&str, &str, &str); 8] = [
     ("SKC_V6_DADDR", "sock_common", "skc_v6_daddr"),
     ("SKC_V6_RCV_SADDR", "sock_common", "skc_v6_rcv_saddr"),
     ("INET_SPORT", "inet_sock", "inet_sport"),
+    ("SK_UID", "sock", "sk_uid"),
+    ("SKC_NET", "sock_common", "skc_net.net"),
+    ("NET_NS_INUM", "net", "ns.inum"),
 ];
 
 /// Name of the task_file iterator that lists socket fds (root's fast fd walk).
@@ -107,6 +123,19 @@ pub mod tracepoint {
     ];
 }
 
+/// Bytes the application sent and received on one socket: the value of
+/// `BYTES_MAP`, and what a change to CLOSE carries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ByteCounts {
+    pub sent: u64,
+    pub received: u64,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `ByteCounts` is `repr(C)`, `Copy`, without padding; any bit pattern is valid.
+unsafe impl aya::Pod for ByteCounts {}
+
 /// One TCP state transition, as the kernel saw it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,6 +144,10 @@ pub struct StateEvent {
     pub ts_ns: u64,
     /// Kernel address of the socket: stable for the socket's life, reused after it.
     pub skaddr: u64,
+    /// At a change to CLOSE: the bytes the application sent on the socket.
+    pub bytes_sent: u64,
+    /// At a change to CLOSE: the bytes the application received.
+    pub bytes_received: u64,
     /// Local address; an IPv4 address fills the first 4 bytes.
     pub saddr: [u8; 16],
     /// Remote address; an IPv4 address fills the first 4 bytes.
@@ -123,6 +156,10 @@ pub struct StateEvent {
     pub comm: [u8; 16],
     /// Thread group id of the task on the CPU when the state changed.
     pub tgid: u32,
+    /// Inode number of the socket's network namespace (0: unknown).
+    pub netns: u32,
+    /// The socket's owner uid (`sk_uid`, as /proc/net/tcp shows it); `u32::MAX`: unknown.
+    pub uid: u32,
     /// Local port, host byte order.
     pub sport: u16,
     /// Remote port, host byte order.
@@ -150,7 +187,7 @@ mod tests {
 
     #[test]
     fn state_event_has_no_implicit_padding() {
-        let fields = 8 + 8 + 16 + 16 + 16 + 4 + 2 + 2 + 2 + 1 + 1 + 1 + 3;
+        let fields = 8 * 4 + 16 * 3 + 4 * 3 + 2 * 3 + 3 + 3;
         assert_eq!(core::mem::size_of::<StateEvent>(), fields);
         assert_eq!(core::mem::size_of::<StateEvent>() % 8, 0);
     }

@@ -10,6 +10,10 @@
 //! slot not naming its transition and sends the transition itself.
 #![no_std]
 #![no_main]
+// core's AtomicU64 has no fetch_add on the BPF target; the intrinsic compiles
+// to the BPF atomic add instruction.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 use aya_ebpf::helpers::generated::bpf_seq_write;
 use aya_ebpf::{
@@ -18,12 +22,15 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::{map, raw_tracepoint, tracepoint},
-    maps::{Array, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::{RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::error;
 use core::ffi::c_void;
-use netwatch_common::{tracepoint as field, SocketFd, StateEvent, AF_INET, IPPROTO_TCP};
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+use netwatch_common::{
+    tracepoint as field, ByteCounts, SocketFd, StateEvent, AF_INET, BYTES_MAP_ENTRIES, IPPROTO_TCP,
+};
 
 /// Default size; the loader overrides it from `--ring-buffer-kib`.
 #[map(name = "EVENTS")]
@@ -56,6 +63,11 @@ impl Handled {
         Handled { skaddr, states }
     }
 }
+
+/// Bytes the application sent and received, per socket (kernel address),
+/// counted from sendmsg/recvmsg; taken when the socket reaches CLOSE.
+#[map(name = "BYTES")]
+static BYTES: LruHashMap<u64, ByteCounts> = LruHashMap::with_max_entries(BYTES_MAP_ENTRIES, 0);
 
 /// When user space was last woken (bpf_ktime_get_ns), slot 0.
 #[map(name = "WOKEN")]
@@ -90,8 +102,19 @@ kernel_offsets!(
     SKC_DPORT,
     SKC_V6_DADDR,
     SKC_V6_RCV_SADDR,
-    INET_SPORT
+    INET_SPORT,
+    SK_UID,
+    SKC_NET,
+    NET_NS_INUM,
+    SOCK_LAYOUT_KNOWN
 );
+
+/// TCP state numbers the programs act on (include/net/tcp_states.h).
+const TCP_SYN_RECV: i32 = 3;
+const TCP_CLOSE: i32 = 7;
+const TCP_LISTEN: i32 = 10;
+/// recvmsg flag: data peeked at is not consumed.
+const MSG_PEEK: i32 = 2;
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
@@ -212,6 +235,74 @@ fn try_recover_state(ctx: &RawTracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
+#[raw_tracepoint(tracepoint = "sock_send_length")]
+pub fn count_sent(ctx: RawTracePointContext) -> i32 {
+    count_bytes(&ctx, |counts| unsafe { &raw mut (*counts).sent });
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn count_received(ctx: RawTracePointContext) -> i32 {
+    let flags: i32 = ctx.arg(2);
+    if flags & MSG_PEEK == 0 {
+        count_bytes(&ctx, |counts| unsafe { &raw mut (*counts).received });
+    }
+    0
+}
+
+/// Adds a sendmsg/recvmsg result (arguments: sk, ret, flags) to the socket's
+/// count chosen by `field`.
+fn count_bytes(ctx: &RawTracePointContext, field: fn(*mut ByteCounts) -> *mut u64) {
+    let (sk, ret): (u64, i32) = (ctx.arg(0), ctx.arg(1));
+    if ret <= 0 || read_kernel::<u16>(sk, &SK_PROTOCOL) != Ok(IPPROTO_TCP) {
+        return;
+    }
+    let counts = match BYTES.get_ptr_mut(sk) {
+        Some(counts) => counts,
+        None => {
+            // Another CPU may insert first: BPF_NOEXIST then leaves its entry.
+            let _ = BYTES.insert(sk, ByteCounts::default(), 1);
+            match BYTES.get_ptr_mut(sk) {
+                Some(counts) => counts,
+                None => return,
+            }
+        }
+    };
+    // SAFETY: the map value lives while the program runs; the add is atomic
+    // because threads may send (or receive) on one socket on two CPUs at once.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field(counts), ret as u64) };
+}
+
+/// The bytes counted for a socket that reaches CLOSE, removing its entry;
+/// a socket that opens starts from zero (its address may have been reused).
+fn take_bytes(sk: u64, oldstate: i32, newstate: i32) -> ByteCounts {
+    let opens = oldstate == TCP_CLOSE || (oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV);
+    if newstate != TCP_CLOSE && !opens {
+        return ByteCounts::default();
+    }
+    // SAFETY: the value is copied out before the entry is removed.
+    let counts = unsafe { BYTES.get(sk) }.copied().unwrap_or_default();
+    let _ = BYTES.remove(sk);
+    if opens {
+        ByteCounts::default()
+    } else {
+        counts
+    }
+}
+
+/// The socket's network namespace inode and uid, when the loader knew the
+/// layout of `struct sock`: (0, u32::MAX) otherwise.
+fn socket_identity(sk: u64) -> (u32, u32) {
+    // SAFETY: the loader set the global; volatile keeps its initial 0 from being folded.
+    if unsafe { core::ptr::read_volatile(&SOCK_LAYOUT_KNOWN) } == 0 {
+        return (0, u32::MAX);
+    }
+    let netns = read_kernel::<u64>(sk, &SKC_NET)
+        .and_then(|net| read_kernel::<u32>(net, &NET_NS_INUM))
+        .unwrap_or(0);
+    (netns, read_kernel(sk, &SK_UID).unwrap_or(u32::MAX))
+}
+
 const S_IFMT: u16 = 0o170000;
 const S_IFSOCK: u16 = 0o140000;
 
@@ -262,6 +353,8 @@ fn read_kernel<T>(base: u64, offset: &'static u32) -> Result<T, i64> {
     unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const T) }.map_err(i64::from)
 }
 
+// Inlined: BPF calls pass at most five arguments, in registers.
+#[inline(always)]
 fn event(
     skaddr: u64,
     oldstate: i32,
@@ -271,9 +364,15 @@ fn event(
     (daddr, dport): ([u8; 16], u16),
     recovered: u8,
 ) -> StateEvent {
+    let bytes = take_bytes(skaddr, oldstate, newstate);
+    let (netns, uid) = socket_identity(skaddr);
     StateEvent {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         skaddr,
+        bytes_sent: bytes.sent,
+        bytes_received: bytes.received,
+        netns,
+        uid,
         saddr,
         daddr,
         comm: bpf_get_current_comm().unwrap_or_default(),

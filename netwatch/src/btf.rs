@@ -150,27 +150,34 @@ impl Btf {
     }
 
     /// Byte offset of `member` in `struct name`, looking inside anonymous
-    /// unions and structs as C does.
+    /// unions and structs as C does. `member` may be a path into embedded
+    /// structs, as in C: `ns.inum`.
     pub fn member_offset(&self, name: &str, member: &str) -> Result<u32, BtfError> {
-        let &id = self
+        let mut id = *self
             .structs
             .get(name)
             .ok_or_else(|| BtfError::NoStruct(name.to_owned()))?;
-        let (bits, bitfield) = self
-            .find_member(id, member, 0)
-            .ok_or_else(|| BtfError::NoMember(name.to_owned(), member.to_owned()))?;
-        if bitfield || bits % 8 != 0 {
-            return Err(BtfError::Bitfield(name.to_owned(), member.to_owned()));
+        let mut total_bits = 0;
+        for part in member.split('.') {
+            let (bits, bitfield, type_id) = self
+                .find_member(id, part, 0)
+                .ok_or_else(|| BtfError::NoMember(name.to_owned(), member.to_owned()))?;
+            if bitfield || bits % 8 != 0 {
+                return Err(BtfError::Bitfield(name.to_owned(), member.to_owned()));
+            }
+            total_bits += bits;
+            id = self.resolve(type_id);
         }
-        Ok(bits / 8)
+        Ok(total_bits / 8)
     }
 
-    fn find_member(&self, id: u32, wanted: &str, base_bits: u32) -> Option<(u32, bool)> {
+    /// The bit offset, bitfield flag and type of member `wanted`.
+    fn find_member(&self, id: u32, wanted: &str, base_bits: u32) -> Option<(u32, bool, u32)> {
         let ty = self.types.get(id as usize)?;
         for m in &ty.members {
             let bits = base_bits + m.bit_offset;
             if m.name_off != 0 && self.name(m.name_off) == wanted {
-                return Some((bits, m.bitfield));
+                return Some((bits, m.bitfield, m.type_id));
             }
             let inner = self.resolve(m.type_id);
             if m.name_off == 0
@@ -317,5 +324,9 @@ mod tests {
         assert_eq!(btf.member_offset("sock_common", "skc_dport"), Ok(12));
         assert!(btf.member_offset("sock", "sk_protocol").is_ok());
         assert!(btf.member_offset("inet_sock", "inet_sport").is_ok());
+        let ns = btf.member_offset("net", "ns").unwrap();
+        let inum = btf.member_offset("ns_common", "inum").unwrap();
+        assert_eq!(btf.member_offset("net", "ns.inum"), Ok(ns + inum));
+        assert!(btf.member_offset("net", "ns.nope").is_err());
     }
 }

@@ -1,4 +1,9 @@
-//! Command line: `netwatch [watch]` streams, `netwatch snapshot` is a faster `netstat -ntp`.
+//! Command line: `netwatch [watch]` streams, `netwatch snapshot` is a faster
+//! `netstat -ntp`, `netwatch audit` logs connections, `netwatch verify`
+//! checks the live table against snapshots.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -23,6 +28,12 @@ pub enum Command {
     Watch(WatchArgs),
     /// Print the sockets and their processes once, like `netstat -ntp` (no root needed).
     Snapshot(SnapshotArgs),
+    /// Write one JSON record per TCP connection when it closes, and per
+    /// listener when it opens and closes, for log pipelines (needs root).
+    Audit(AuditArgs),
+    /// Keep the live table and compare it with a fresh /proc snapshot every
+    /// interval; exit 1 if drift persists across two checks (needs root).
+    Verify(VerifyArgs),
 }
 
 /// Filters shared by snapshot and watch.
@@ -76,6 +87,20 @@ pub struct SnapshotArgs {
     pub filters: Filters,
 }
 
+/// Flags of every mode that loads the eBPF programs.
+#[derive(Debug, Args, Clone)]
+pub struct ProbeArgs {
+    /// Ring buffer size in KiB (a power of two, at least 4).
+    #[arg(long, value_name = "KIB", default_value_t = 8192, value_parser = parse_ring_kib)]
+    pub ring_buffer_kib: u32,
+    /// After lost events, keep going without re-reading /proc (the table may drift).
+    #[arg(long)]
+    pub no_resync: bool,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
+}
+
 /// `netwatch watch` flags.
 #[derive(Debug, Args, Clone)]
 pub struct WatchArgs {
@@ -85,14 +110,36 @@ pub struct WatchArgs {
     /// Also print each socket of the starting /proc baseline once.
     #[arg(long)]
     pub baseline: bool,
-    /// Ring buffer size in KiB (a power of two, at least 4).
-    #[arg(long, value_name = "KIB", default_value_t = 8192, value_parser = parse_ring_kib)]
-    pub ring_buffer_kib: u32,
-    /// After lost events, keep going without re-reading /proc (the table may drift).
-    #[arg(long)]
-    pub no_resync: bool,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
     #[command(flatten)]
     pub filters: Filters,
+}
+
+/// `netwatch audit` flags.
+#[derive(Debug, Args, Clone)]
+pub struct AuditArgs {
+    /// Append records to FILE instead of stdout; SIGHUP reopens it (logrotate).
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+}
+
+/// `netwatch verify` flags.
+#[derive(Debug, Args, Clone)]
+pub struct VerifyArgs {
+    /// Seconds between two comparisons with a fresh snapshot.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub interval: u64,
+    /// Stop after this many seconds (default: at SIGINT or SIGTERM).
+    #[arg(long, value_name = "SECONDS")]
+    pub duration: Option<u64>,
+    /// One JSON object per report.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
 }
 
 impl Filters {
@@ -160,5 +207,7 @@ mod tests {
         assert!(parse(&["snapshot", "-l", "-a"]).is_err());
         assert!(parse(&["--ring-buffer-kib", "1000"]).is_err());
         assert!(parse(&["snapshot", "-4", "-6"]).is_err());
+        assert!(parse(&["verify", "--interval", "0"]).is_err());
+        assert!(parse(&["audit", "--metrics", "localhost"]).is_err());
     }
 }

@@ -12,8 +12,9 @@ use aya::programs::{Iter, RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
 use netwatch_common::{
-    tracepoint, SocketFd, StateEvent, AF_INET6, DROPS_MAP, EVENTS_MAP, FILE_OFFSETS, FIRED_MAP,
-    RECOVERY_PROGRAM, SOCKET_FDS_PROGRAM, SOCK_OFFSETS, STATE_PROGRAM,
+    tracepoint, ByteCounts, SocketFd, StateEvent, AF_INET6, BYTES_MAP, DROPS_MAP, EVENTS_MAP,
+    FILE_OFFSETS, FIRED_MAP, RECEIVED_PROGRAM, RECOVERY_PROGRAM, SENT_PROGRAM, SOCKET_FDS_PROGRAM,
+    SOCK_LAYOUT_KNOWN, SOCK_OFFSETS, STATE_PROGRAM,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -49,6 +50,7 @@ pub struct StateProbe {
     kernel_log: Option<KernelLog>,
     drops: PerCpuArray<MapData, u64>,
     fired: PerCpuArray<MapData, u64>,
+    bytes: aya::maps::HashMap<MapData, u64, ByteCounts>,
     /// Raw fds of the two programs, owned by `_ebpf`, for their kernel counters.
     state_fd: i32,
     recovery_fd: Option<i32>,
@@ -71,8 +73,10 @@ pub struct LossCounters {
 
 impl StateProbe {
     /// Checks the prerequisites, loads the programs with a ring buffer of
-    /// `ring_bytes` and attaches them. Transitions flow from here on.
-    pub fn attach(ring_bytes: u32) -> Result<StateProbe, ProbeError> {
+    /// `ring_bytes` and attaches them. Transitions flow from here on. With
+    /// `count_bytes`, each socket's bytes are counted too (a program on
+    /// every sendmsg and recvmsg) and arrive with its change to CLOSE.
+    pub fn attach(ring_bytes: u32, count_bytes: bool) -> Result<StateProbe, ProbeError> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Err(ProbeError::NotRoot);
@@ -90,17 +94,31 @@ impl StateProbe {
             for (global, offset) in offsets {
                 loader.override_global(global, offset, true);
             }
+            loader.override_global(SOCK_LAYOUT_KNOWN, &1u32, true);
         }
         let mut ebpf = loader.load(netwatch_object()).map_err(|err| load(&err))?;
         let state_fd = attach_tracepoint(&mut ebpf)?;
         // Attached second, so it runs after the tracepoint program on each transition.
-        let recovery_fd = match offsets {
-            Ok(_) => Some(attach_recovery(&mut ebpf)?),
+        let recovery_fd = match &offsets {
+            Ok(_) => Some(attach_raw(
+                &mut ebpf,
+                RECOVERY_PROGRAM,
+                "inet_sock_set_state",
+            )?),
             Err(reason) => {
-                eprintln!("netwatch: warning: calls the kernel skips cannot be recovered ({reason}); they are counted as lost");
+                eprintln!("netwatch: warning: calls the kernel skips cannot be recovered and sockets' uid and network namespace are unknown ({reason}); skipped calls are counted as lost");
                 None
             }
         };
+        if count_bytes {
+            if let Err(reason) = &offsets {
+                return Err(ProbeError::Load(format!(
+                    "counting bytes needs the kernel's BTF ({reason})"
+                )));
+            }
+            attach_raw(&mut ebpf, SENT_PROGRAM, "sock_send_length")?;
+            attach_raw(&mut ebpf, RECEIVED_PROGRAM, "sock_recv_length")?;
+        }
         let ring = RingBuf::try_from(take_map(&mut ebpf, EVENTS_MAP)?).map_err(|err| load(&err))?;
         // SAFETY: the ring buffer owns its map fd, which stays open and the
         // same for as long as the AsyncFd (which owns the ring buffer) lives.
@@ -110,8 +128,11 @@ impl StateProbe {
             PerCpuArray::try_from(take_map(&mut ebpf, DROPS_MAP)?).map_err(|err| load(&err))?;
         let fired =
             PerCpuArray::try_from(take_map(&mut ebpf, FIRED_MAP)?).map_err(|err| load(&err))?;
+        let bytes = aya::maps::HashMap::try_from(take_map(&mut ebpf, BYTES_MAP)?)
+            .map_err(|err| load(&err))?;
         let kernel_log = start_kernel_log(&mut ebpf);
         Ok(StateProbe {
+            bytes,
             fired,
             ring,
             kernel_log,
@@ -155,6 +176,11 @@ impl StateProbe {
             skipped: recursion_misses(self.state_fd)?,
             fired,
         })
+    }
+
+    /// The bytes counted so far for an open socket, by its kernel address.
+    pub fn bytes(&self, skaddr: u64) -> Option<ByteCounts> {
+        self.bytes.get(&skaddr, 0).ok()
     }
 
     /// Whether the recovery program is attached.
@@ -246,15 +272,11 @@ fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<i32, ProbeError> {
     Ok(program.fd().map_err(|err| load(&err))?.as_fd().as_raw_fd())
 }
 
-/// Attaches the recovery program (raw tracepoint) and returns its fd.
-fn attach_recovery(ebpf: &mut Ebpf) -> Result<i32, ProbeError> {
-    let program: &mut RawTracePoint = program(ebpf, RECOVERY_PROGRAM)?
-        .try_into()
-        .map_err(|err| load(&err))?;
+/// Attaches a raw tracepoint program and returns its fd.
+fn attach_raw(ebpf: &mut Ebpf, name: &str, tracepoint: &str) -> Result<i32, ProbeError> {
+    let program: &mut RawTracePoint = program(ebpf, name)?.try_into().map_err(|err| load(&err))?;
     program.load().map_err(|err| load(&err))?;
-    program
-        .attach("inet_sock_set_state")
-        .map_err(|err| load(&err))?;
+    program.attach(tracepoint).map_err(|err| load(&err))?;
     Ok(program.fd().map_err(|err| load(&err))?.as_fd().as_raw_fd())
 }
 
@@ -288,6 +310,12 @@ pub fn to_transition(event: &StateEvent) -> Option<Transition> {
         new: TcpState::from_kernel(event.newstate)?,
         task_pid: event.tgid,
         task_comm: event.comm,
+        uid: (event.uid != u32::MAX).then_some(event.uid),
+        netns: (event.netns != 0).then_some(event.netns),
+        bytes: ByteCounts {
+            sent: event.bytes_sent,
+            received: event.bytes_received,
+        },
         recovered: event.recovered != 0,
     })
 }
@@ -487,10 +515,14 @@ format:
         let mut event = StateEvent {
             ts_ns: 5,
             skaddr: 0xffff_8880_0000_1000,
+            bytes_sent: 10,
+            bytes_received: 20,
             saddr: [0; 16],
             daddr: [0; 16],
             comm: [0; 16],
             tgid: 42,
+            netns: 4026531840,
+            uid: u32::MAX,
             sport: 8080,
             dport: 40000,
             family: AF_INET,
@@ -508,6 +540,14 @@ format:
         assert_eq!(t.tuple.remote, "127.0.0.2:40000".parse().unwrap());
         assert_eq!((t.old, t.new), (TcpState::Listen, TcpState::SynRecv));
         assert_eq!((t.task_pid, &t.task_comm[..5]), (42, &b"curl\0"[..]));
+        assert_eq!((t.netns, t.uid), (Some(4026531840), None));
+        assert_eq!(
+            t.bytes,
+            ByteCounts {
+                sent: 10,
+                received: 20
+            }
+        );
 
         event.family = AF_INET6;
         event.saddr = std::net::Ipv6Addr::LOCALHOST.octets();

@@ -3,21 +3,29 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use netwatch::cli::{Cli, Command};
-use netwatch::{snapshot_command, watch};
+use netwatch::{audit, snapshot_command, verify, watch};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Some(Command::Snapshot(args)) => {
-            snapshot_command::run(&args, &mut BufWriter::new(io::stdout().lock()))
-        }
-        Some(Command::Watch(args)) => watch::run(args),
-        None => watch::run(cli.watch),
+    let (result, pipe_closed_is_fine) = match cli.command {
+        Some(Command::Snapshot(args)) => (
+            snapshot_command::run(&args, &mut BufWriter::new(io::stdout().lock())),
+            true,
+        ),
+        Some(Command::Watch(args)) => (watch::run(args), true),
+        None => (watch::run(cli.watch), true),
+        // An auditor's reader going away loses records: that is an error.
+        Some(Command::Audit(args)) => (audit::run(args), false),
+        Some(Command::Verify(args)) => match verify::run(args) {
+            Ok(true) => (Ok(()), false),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(err) => (Err(err), false),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // `netwatch | head`: the reader is gone, which is not an error.
-        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
+        Err(err) if pipe_closed_is_fine && is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("netwatch: {err:#}");
             ExitCode::FAILURE

@@ -76,7 +76,8 @@ pub enum TcpState {
 }
 
 impl TcpState {
-    const ALL: [TcpState; 12] = [
+    /// Every state, in the kernel's order.
+    pub const ALL: [TcpState; 12] = [
         TcpState::Established,
         TcpState::SynSent,
         TcpState::SynRecv,
@@ -134,6 +135,26 @@ fn fold_state_name(name: &str) -> String {
 impl fmt::Display for TcpState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// Who opened a connection: this host (connect) or the peer (accept).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Out,
+    In,
+    /// A baseline socket (/proc cannot tell), or a listener.
+    Unknown,
+}
+
+impl Direction {
+    /// "out", "in" or "unknown".
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Out => "out",
+            Direction::In => "in",
+            Direction::Unknown => "unknown",
+        }
     }
 }
 

@@ -5,12 +5,17 @@
 //! (the `pointer` column of /proc/net/tcp is hashed), so they wait in an
 //! `unbound` map keyed by their address/port tuple until their first
 //! transition names them. A socket leaves the table when it reaches CLOSE.
+//!
+//! The table is bounded: past `capacity` sockets, the ones that changed
+//! least recently are evicted (a socket whose close was lost would
+//! otherwise stay forever), as the kernel's LRU map of byte counts does.
 
+use netwatch_common::ByteCounts;
 use rustc_hash::FxHashMap;
 use std::net::{IpAddr, SocketAddr};
 
 use crate::snapshot::Snapshot;
-use crate::socket::{Owner, Proto, TcpState};
+use crate::socket::{Direction, Owner, Proto, TcpState};
 
 /// Protocol and both endpoints: what identifies a connection across /proc and eBPF.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -33,6 +38,12 @@ pub struct Transition {
     pub task_pid: u32,
     /// That task's thread name (NUL-padded), used when its process is already gone.
     pub task_comm: [u8; 16],
+    /// The socket's uid, when the kernel's layout was known.
+    pub uid: Option<u32>,
+    /// The socket's network namespace inode, when the kernel's layout was known.
+    pub netns: Option<u32>,
+    /// At a change to CLOSE, what the socket carried (when bytes are counted).
+    pub bytes: ByteCounts,
     /// Sent by the recovery program: a skipped call, or a duplicate.
     pub recovered: bool,
 }
@@ -43,6 +54,8 @@ pub struct Observed {
     pub owner: Option<Owner>,
     /// Milliseconds spent in the old state; `None` for a baseline socket's first transition.
     pub ms_in_old_state: Option<f64>,
+    /// The socket, when this transition closed it (it left the table).
+    pub closed: Option<LiveSocket>,
 }
 
 /// A socket the table tracks.
@@ -51,10 +64,32 @@ pub struct LiveSocket {
     pub tuple: Tuple,
     pub state: TcpState,
     pub owner: Option<Owner>,
+    pub uid: Option<u32>,
+    pub netns: Option<u32>,
+    pub direction: Direction,
+    /// When the socket opened (connect, accept or listen), if the table saw it.
+    pub opened_ns: Option<u64>,
     /// When the socket entered `state`, if the table saw it happen.
     pub since_ns: Option<u64>,
     /// The state before `state`, if the table saw the transition.
     pub previous: Option<TcpState>,
+}
+
+impl LiveSocket {
+    /// A socket first seen in mid-life: a baseline socket, or one whose opening was lost.
+    pub fn unknown(tuple: Tuple, state: TcpState, owner: Option<Owner>) -> LiveSocket {
+        LiveSocket {
+            tuple,
+            state,
+            owner,
+            uid: None,
+            netns: None,
+            direction: Direction::Unknown,
+            opened_ns: None,
+            since_ns: None,
+            previous: None,
+        }
+    }
 }
 
 /// A kernel task name: the bytes before the first NUL.
@@ -66,17 +101,30 @@ fn comm_name(comm: &[u8; 16]) -> String {
 /// Looks up a process name by pid (`/proc/PID/comm` in production).
 pub type NameLookup = fn(u32) -> Option<String>;
 
+/// A listening socket, to give accepted sockets their owner.
+#[derive(Debug)]
+struct Listener {
+    proto: Proto,
+    ip: IpAddr,
+    netns: Option<u32>,
+    owner: Option<Owner>,
+}
+
 /// The table, see the module documentation.
 #[derive(Debug)]
 pub struct SocketTable {
     bound: FxHashMap<u64, LiveSocket>,
+    /// Baseline sockets (all in `baseline_netns`) not yet named by a transition.
     unbound: FxHashMap<Tuple, LiveSocket>,
-    /// Listening sockets by local port, to give accepted sockets their owner.
-    listeners: FxHashMap<u16, Vec<(Proto, IpAddr, Option<Owner>)>>,
+    baseline_netns: Option<u32>,
+    /// Listening sockets by local port.
+    listeners: FxHashMap<u16, Vec<Listener>>,
     names: FxHashMap<u32, String>,
     lookup_name: NameLookup,
     /// Sockets that reached CLOSE lately, with the state they left.
     closed: FxHashMap<u64, TcpState>,
+    capacity: usize,
+    evicted: u64,
 }
 
 /// Process names cached at most; the cache is cleared when it grows past this.
@@ -84,26 +132,37 @@ const NAME_CACHE_LIMIT: usize = 4096;
 /// Closed sockets remembered at most, to recognise a duplicated close.
 const CLOSED_LIMIT: usize = 65536;
 
+/// Whether a transition starts a new socket: connect() and listen() leave
+/// CLOSE, an accepted socket leaves its listener's LISTEN.
+fn opens(old: TcpState, new: TcpState) -> bool {
+    old == TcpState::Close || (old == TcpState::Listen && new != TcpState::Close)
+}
+
 impl SocketTable {
-    /// An empty table that names processes with `lookup_name`.
-    pub fn new(lookup_name: NameLookup) -> SocketTable {
+    /// An empty table of at most `capacity` sockets that names processes with `lookup_name`.
+    pub fn new(lookup_name: NameLookup, capacity: usize) -> SocketTable {
         SocketTable {
             bound: FxHashMap::default(),
             unbound: FxHashMap::default(),
+            baseline_netns: None,
             listeners: FxHashMap::default(),
             names: FxHashMap::default(),
             lookup_name,
             closed: FxHashMap::default(),
+            capacity: capacity.max(1),
+            evicted: 0,
         }
     }
 
-    /// Replaces the contents with the TCP sockets of a snapshot. TIME_WAIT
-    /// sockets are left out: they have no owner and no transition ends them.
-    pub fn reset_from(&mut self, snapshot: &Snapshot) {
+    /// Replaces the contents with the TCP sockets of a snapshot taken in
+    /// network namespace `netns`. TIME_WAIT sockets are left out: they have
+    /// no owner and no transition ends them.
+    pub fn reset_from(&mut self, snapshot: &Snapshot, netns: Option<u32>) {
         self.bound.clear();
         self.unbound.clear();
         self.listeners.clear();
         self.names.clear();
+        self.baseline_netns = netns;
         for entry in &snapshot.entries {
             let socket = &entry.socket;
             if !socket.proto.is_tcp() || socket.state == TcpState::TimeWait {
@@ -114,18 +173,15 @@ impl SocketTable {
                 local: socket.local,
                 remote: socket.remote,
             };
+            let mut live = LiveSocket::unknown(tuple, socket.state, entry.owner.clone());
+            live.uid = Some(socket.uid);
+            live.netns = netns;
             if socket.state == TcpState::Listen {
-                self.add_listener(&tuple, entry.owner.clone());
+                self.add_listener(&live);
             }
-            let live = LiveSocket {
-                tuple,
-                state: socket.state,
-                owner: entry.owner.clone(),
-                since_ns: None,
-                previous: None,
-            };
             self.unbound.insert(tuple, live);
         }
+        self.evict_beyond_capacity();
     }
 
     /// Number of sockets in the table.
@@ -138,9 +194,18 @@ impl SocketTable {
         self.len() == 0
     }
 
-    /// Every socket in the table.
-    pub fn sockets(&self) -> impl Iterator<Item = &LiveSocket> {
-        self.bound.values().chain(self.unbound.values())
+    /// Sockets evicted so far because the table was full.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    /// Every socket in the table, with its kernel address when a transition named it.
+    pub fn sockets(&self) -> impl Iterator<Item = (Option<u64>, &LiveSocket)> {
+        let bound = self
+            .bound
+            .iter()
+            .map(|(&skaddr, socket)| (Some(skaddr), socket));
+        bound.chain(self.unbound.values().map(|socket| (None, socket)))
     }
 
     /// Whether a recovered transition repeats one already applied. A socket
@@ -156,75 +221,118 @@ impl SocketTable {
 
     /// Applies one transition and says who owns the socket.
     pub fn apply(&mut self, t: &Transition) -> Observed {
-        let opens =
-            t.old == TcpState::Close || (t.old == TcpState::Listen && t.new != TcpState::Close);
-        let mut socket = if opens {
+        let mut socket = if opens(t.old, t.new) {
             // A new socket; an entry left at this address missed its close.
             self.bound.remove(&t.skaddr);
             self.new_socket(t)
         } else {
-            self.bound
-                .remove(&t.skaddr)
-                .or_else(|| self.unbound.remove(&t.tuple))
-                .unwrap_or(LiveSocket {
-                    tuple: t.tuple,
-                    state: t.old,
-                    owner: None,
-                    since_ns: None,
-                    previous: None,
-                })
+            match self.bound.remove(&t.skaddr) {
+                Some(socket) => socket,
+                None => self
+                    .take_unbound(t)
+                    .unwrap_or_else(|| LiveSocket::unknown(t.tuple, t.old, None)),
+            }
         };
-        let observed = Observed {
-            owner: socket.owner.clone(),
-            ms_in_old_state: socket
-                .since_ns
-                .map(|since| t.ts_ns.saturating_sub(since) as f64 / 1e6),
-        };
+        let ms_in_old_state = socket
+            .since_ns
+            .map(|since| t.ts_ns.saturating_sub(since) as f64 / 1e6);
         if socket.state == TcpState::Listen && t.new != TcpState::Listen {
-            self.remove_listener(&socket.tuple);
+            self.remove_listener(&socket);
         }
         socket.tuple = t.tuple;
         socket.previous = Some(t.old);
         socket.state = t.new;
         socket.since_ns = Some(t.ts_ns);
+        socket.uid = socket.uid.or(t.uid);
+        socket.netns = socket.netns.or(t.netns);
         if t.tuple.local.port() != 0 {
             // The baseline may have read this socket after the transitions began.
-            if let Some(duplicate) = self.unbound.remove(&t.tuple) {
+            if let Some(duplicate) = self.take_unbound(t) {
                 socket.owner = socket.owner.or(duplicate.owner);
             }
         }
+        let owner = socket.owner.clone();
+        let mut closed = None;
         match t.new {
             TcpState::Close => {
                 if self.closed.len() >= CLOSED_LIMIT {
                     self.closed.clear();
                 }
                 self.closed.insert(t.skaddr, t.old);
+                closed = Some(socket);
             }
             TcpState::Listen => {
-                self.add_listener(&t.tuple, socket.owner.clone());
-                self.bound.insert(t.skaddr, socket);
+                self.add_listener(&socket);
+                self.insert(t.skaddr, socket);
             }
-            _ => {
-                self.bound.insert(t.skaddr, socket);
-            }
+            _ => self.insert(t.skaddr, socket),
         }
-        observed
+        Observed {
+            owner,
+            ms_in_old_state,
+            closed,
+        }
+    }
+
+    fn insert(&mut self, skaddr: u64, socket: LiveSocket) {
+        self.bound.insert(skaddr, socket);
+        self.evict_beyond_capacity();
+    }
+
+    /// The baseline socket with this transition's tuple, if it is in the baseline's namespace.
+    fn take_unbound(&mut self, t: &Transition) -> Option<LiveSocket> {
+        let same_netns =
+            t.netns.is_none() || self.baseline_netns.is_none_or(|n| t.netns == Some(n));
+        if same_netns {
+            self.unbound.remove(&t.tuple)
+        } else {
+            None
+        }
+    }
+
+    /// Past capacity, evicts the eighth of the sockets that changed least
+    /// recently (baseline sockets first), so that eviction is rare.
+    fn evict_beyond_capacity(&mut self) {
+        if self.len() <= self.capacity {
+            return;
+        }
+        let mut ages: Vec<u64> = self
+            .sockets()
+            .map(|(_, socket)| socket.since_ns.unwrap_or(0))
+            .collect();
+        let evict = (self.len() - self.capacity).max(self.capacity / 8);
+        let nth = evict.min(ages.len() - 1);
+        let (_, &mut cutoff, _) = ages.select_nth_unstable(nth);
+        let before = self.len();
+        let keep = |socket: &LiveSocket| socket.since_ns.unwrap_or(0) > cutoff;
+        self.unbound.retain(|_, socket| keep(socket));
+        self.bound.retain(|_, socket| keep(socket));
+        let listeners: Vec<LiveSocket> = self
+            .sockets()
+            .filter(|(_, socket)| socket.state == TcpState::Listen)
+            .map(|(_, socket)| socket.clone())
+            .collect();
+        self.listeners.clear();
+        listeners
+            .iter()
+            .for_each(|socket| self.add_listener(socket));
+        self.evicted += (before - self.len()) as u64;
     }
 
     /// A socket that starts here: connect() and listen() run in the owner's
     /// context; an accepted socket (LISTEN -> SYN_RECV) belongs to its listener's owner.
     fn new_socket(&mut self, t: &Transition) -> LiveSocket {
-        let owner = match (t.old, t.new) {
-            (TcpState::Listen, _) => self.listener_owner(&t.tuple),
-            (_, TcpState::SynSent | TcpState::Listen) => Some(self.task_owner(t)),
-            _ => None,
+        let (owner, direction) = match (t.old, t.new) {
+            (TcpState::Listen, _) => (self.listener_owner(t), Direction::In),
+            (_, TcpState::SynSent) => (Some(self.task_owner(t)), Direction::Out),
+            (_, TcpState::Listen) => (Some(self.task_owner(t)), Direction::Unknown),
+            _ => (None, Direction::Unknown),
         };
         LiveSocket {
-            tuple: t.tuple,
-            state: t.old,
-            owner,
+            direction,
+            opened_ns: Some(t.ts_ns),
             since_ns: Some(t.ts_ns),
-            previous: None,
+            ..LiveSocket::unknown(t.tuple, t.old, owner)
         }
     }
 
@@ -244,37 +352,47 @@ impl SocketTable {
         }
     }
 
-    fn listener_owner(&self, accepted: &Tuple) -> Option<Owner> {
-        let candidates = self.listeners.get(&accepted.local.port())?;
-        let ip = accepted.local.ip();
+    fn listener_owner(&self, accepted: &Transition) -> Option<Owner> {
+        let tuple = &accepted.tuple;
+        let candidates = self.listeners.get(&tuple.local.port())?;
+        let ip = tuple.local.ip();
         let matching = |exact: bool| {
-            candidates.iter().find(|(proto, addr, _)| {
-                *proto == accepted.proto
+            candidates.iter().find(|listener| {
+                listener.proto == tuple.proto
+                    && (listener.netns.is_none()
+                        || accepted.netns.is_none()
+                        || listener.netns == accepted.netns)
                     && if exact {
-                        *addr == ip
+                        listener.ip == ip
                     } else {
-                        addr.is_unspecified()
+                        listener.ip.is_unspecified()
                     }
             })
         };
-        matching(true).or_else(|| matching(false))?.2.clone()
+        matching(true).or_else(|| matching(false))?.owner.clone()
     }
 
-    fn add_listener(&mut self, tuple: &Tuple, owner: Option<Owner>) {
-        self.listeners.entry(tuple.local.port()).or_default().push((
-            tuple.proto,
-            tuple.local.ip(),
-            owner,
-        ));
+    fn add_listener(&mut self, socket: &LiveSocket) {
+        self.listeners
+            .entry(socket.tuple.local.port())
+            .or_default()
+            .push(Listener {
+                proto: socket.tuple.proto,
+                ip: socket.tuple.local.ip(),
+                netns: socket.netns,
+                owner: socket.owner.clone(),
+            });
     }
 
-    fn remove_listener(&mut self, tuple: &Tuple) {
+    fn remove_listener(&mut self, socket: &LiveSocket) {
+        let tuple = &socket.tuple;
         let port = tuple.local.port();
         if let Some(listeners) = self.listeners.get_mut(&port) {
-            if let Some(at) = listeners
-                .iter()
-                .position(|(proto, ip, _)| *proto == tuple.proto && *ip == tuple.local.ip())
-            {
+            if let Some(at) = listeners.iter().position(|listener| {
+                listener.proto == tuple.proto
+                    && listener.ip == tuple.local.ip()
+                    && listener.netns == socket.netns
+            }) {
                 listeners.swap_remove(at);
             }
             if listeners.is_empty() {
@@ -327,6 +445,9 @@ mod tests {
                 comm[..name.len()].copy_from_slice(name.as_bytes());
                 comm
             },
+            uid: Some(1000),
+            netns: Some(1),
+            bytes: ByteCounts::default(),
             recovered: false,
         }
     }
@@ -355,7 +476,7 @@ mod tests {
 
     #[test]
     fn connect_owner_sticks_to_every_later_transition() {
-        let mut table = SocketTable::new(fake_names);
+        let mut table = SocketTable::new(fake_names, 1000);
         let unbound = tuple("127.0.0.1:0", "127.0.0.1:80");
         let bound = tuple("127.0.0.1:5000", "127.0.0.1:80");
         assert_eq!(
@@ -386,7 +507,7 @@ mod tests {
 
     #[test]
     fn accepted_sockets_belong_to_the_listener_owner() {
-        let mut table = SocketTable::new(fake_names);
+        let mut table = SocketTable::new(fake_names, 1000);
         let listen = tuple("0.0.0.0:80", "0.0.0.0:0");
         let child = tuple("127.0.0.1:80", "127.0.0.1:5000");
         table.apply(&transition(1, 1, listen, Close, Listen, 20));
@@ -416,7 +537,7 @@ mod tests {
 
     #[test]
     fn an_exact_listener_wins_over_a_wildcard_and_families_stay_apart() {
-        let mut table = SocketTable::new(fake_names);
+        let mut table = SocketTable::new(fake_names, 1000);
         table.apply(&transition(
             1,
             1,
@@ -467,13 +588,13 @@ mod tests {
 
     #[test]
     fn baseline_sockets_are_adopted_by_tuple_on_their_first_transition() {
-        let mut table = SocketTable::new(fake_names);
+        let mut table = SocketTable::new(fake_names, 1000);
         let conn = tuple("127.0.0.1:5000", "127.0.0.1:80");
         let waiting = tuple("127.0.0.1:5001", "127.0.0.1:80");
-        table.reset_from(&baseline(&[
-            (conn, Established, 42),
-            (waiting, TimeWait, 43),
-        ]));
+        table.reset_from(
+            &baseline(&[(conn, Established, 42), (waiting, TimeWait, 43)]),
+            Some(1),
+        );
         assert_eq!(
             table.len(),
             1,
@@ -492,10 +613,10 @@ mod tests {
 
     #[test]
     fn a_socket_both_in_the_baseline_and_in_events_is_counted_once() {
-        let mut table = SocketTable::new(fake_names);
+        let mut table = SocketTable::new(fake_names, 1000);
         let conn = tuple("127.0.0.1:5000", "127.0.0.1:80");
         // The scan read the socket after connect() began; its events are applied after the scan.
-        table.reset_from(&baseline(&[(conn, Established, 42)]));
+        table.reset_from(&baseline(&[(conn, Established, 42)]), Some(1));
         table.apply(&transition(
             1,
             5,
@@ -506,12 +627,12 @@ mod tests {
         ));
         table.apply(&transition(2, 5, conn, SynSent, Established, 7));
         assert_eq!(table.len(), 1);
-        assert_eq!(table.sockets().next().unwrap().state, Established);
+        assert_eq!(table.sockets().next().unwrap().1.state, Established);
     }
 
     #[test]
     fn a_reused_socket_address_starts_a_new_socket() {
-        let mut table = SocketTable::new(fake_names);
+        let mut table = SocketTable::new(fake_names, 1000);
         let first = tuple("127.0.0.1:5000", "127.0.0.1:80");
         table.apply(&transition(1, 5, first, Close, SynSent, 10));
         // Its close was lost; the kernel reuses the address for another process's socket.
@@ -529,7 +650,7 @@ mod tests {
 
     #[test]
     fn a_process_gone_before_lookup_keeps_its_thread_name() {
-        let mut table = SocketTable::new(fake_names);
+        let mut table = SocketTable::new(fake_names, 1000);
         let seen = table.apply(&transition(
             1,
             5,
@@ -549,7 +670,7 @@ mod tests {
 
     #[test]
     fn a_repeated_transition_is_a_duplicate_and_a_new_one_is_not() {
-        let mut table = SocketTable::new(fake_names);
+        let mut table = SocketTable::new(fake_names, 1000);
         let conn = tuple("127.0.0.1:5000", "127.0.0.1:80");
         let established = transition(2, 7, conn, SynSent, Established, 1);
         table.apply(&transition(1, 7, conn, Close, SynSent, 1));
@@ -572,7 +693,7 @@ mod tests {
 
     #[test]
     fn an_unknown_socket_is_tracked_without_an_owner() {
-        let mut table = SocketTable::new(fake_names);
+        let mut table = SocketTable::new(fake_names, 1000);
         let conn = tuple("127.0.0.1:5000", "127.0.0.1:80");
         assert_eq!(
             table

@@ -60,6 +60,19 @@ pub fn take(protos: &[Proto], resolve_owners: bool) -> io::Result<Snapshot> {
     Ok(join_owners(sockets, malformed_lines, owners))
 }
 
+/// The inode number of netwatch's own network namespace, whose sockets
+/// /proc/net shows (`net:[4026531840]` read from /proc/self/ns/net).
+pub fn own_netns() -> Option<u32> {
+    netns_of("self")
+}
+
+/// The network namespace inode of process `pid` ("self" for netwatch).
+pub fn netns_of(pid: &str) -> Option<u32> {
+    let link = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
+    let link = link.to_str()?;
+    link.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+}
+
 /// Threads that walk /proc/[pid]/fd, each over part of the pids.
 const FD_SCAN_THREADS: usize = 2;
 
@@ -88,5 +101,17 @@ fn join_owners(
         entries,
         malformed_lines,
         owners_incomplete,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_own_network_namespace_is_an_inode_number() {
+        let netns = own_netns().expect("/proc/self/ns/net is readable");
+        assert_eq!(netns_of(&std::process::id().to_string()), Some(netns));
+        assert_eq!(netns_of("0"), None);
     }
 }

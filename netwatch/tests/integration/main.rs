@@ -2,10 +2,13 @@
 //! child processes whose pids the tests know, checked against what the
 //! netwatch binary reports. The stream tests load eBPF and need root.
 
+mod audit;
+mod metrics;
 mod peer;
 mod snapshot;
 mod stream;
 mod support;
+mod verify;
 
 /// The body of every peer child process (see `peer`): not a test, so ignored
 /// unless `Peer::spawn` runs this binary with `--ignored --exact peer_process`.

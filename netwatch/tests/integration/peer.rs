@@ -5,9 +5,13 @@
 //! `listen ADDR` -> `ok ID PORT`, `connect ADDR` -> `ok ID LOCAL_PORT`,
 //! `accept ID` -> `ok ID PEER_PORT`, `close ID` -> `ok`,
 //! `bulk N` (N connections to a new listener, both ends kept) -> `ok PORT`,
-//! `burst N` (N connections opened and closed at once) -> `ok PORT`.
+//! `burst N` (N connections opened and closed at once) -> `ok PORT`,
+//! `exchange N BYTES` (N connections: the client sends BYTES, the server
+//! answers BYTES / 2, both close) -> `ok PORT`,
+//! `unshare-net` (later sockets live in a new network namespace, its
+//! loopback up) -> `ok NETNS_INODE`.
 
-use std::io::{BufRead, BufReader, Read as _, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
@@ -104,8 +108,67 @@ fn run_command(
             keep(sockets, Socket::Listener(listener));
             format!("ok {port}")
         }
+        "exchange" => {
+            let (count, bytes) = arg.split_once(' ').unwrap_or((arg, "0"));
+            let count: usize = count.parse().map_err(std::io::Error::other)?;
+            let bytes: usize = bytes.parse().map_err(std::io::Error::other)?;
+            let listener = TcpListener::bind("127.0.0.1:0")?;
+            for _ in 0..count {
+                exchange(&listener, bytes)?;
+            }
+            let port = listener.local_addr()?.port();
+            keep(sockets, Socket::Listener(listener));
+            format!("ok {port}")
+        }
+        "unshare-net" => format!("ok {}", enter_new_netns()?),
         _ => return Err(std::io::Error::other(format!("unknown command {line}"))),
     })
+}
+
+/// One connection to `listener`: the client sends `bytes`, the server reads
+/// them and answers half as many, the client closes first.
+fn exchange(listener: &TcpListener, bytes: usize) -> std::io::Result<()> {
+    let mut client = TcpStream::connect(listener.local_addr()?)?;
+    let (mut server, _) = listener.accept()?;
+    client.write_all(&vec![b'x'; bytes])?;
+    server.read_exact(&mut vec![0; bytes])?;
+    server.write_all(&vec![b'y'; bytes / 2])?;
+    client.read_exact(&mut vec![0; bytes / 2])?;
+    drop(client);
+    // Reads the client's FIN, so that the server side closes second.
+    server.read_to_end(&mut Vec::new())?;
+    Ok(())
+}
+
+/// Moves this thread (the one serving commands) into a new network
+/// namespace, brings its loopback up and returns the namespace's inode.
+fn enter_new_netns() -> std::io::Result<u64> {
+    // SAFETY: plain syscalls on this thread's namespaces and a local ifreq.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNET) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut request: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in request.ifr_name.iter_mut().zip(b"lo\0") {
+            *dst = *src as libc::c_char;
+        }
+        request.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        let up = libc::ioctl(fd, libc::SIOCSIFFLAGS, &request);
+        libc::close(fd);
+        if up != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    let link = std::fs::read_link("/proc/thread-self/ns/net")?;
+    link.to_string_lossy()
+        .trim_start_matches("net:[")
+        .trim_end_matches(']')
+        .parse()
+        .map_err(std::io::Error::other)
 }
 
 /// A running peer process.

@@ -81,12 +81,20 @@ pub struct Stopped {
 impl Watch {
     /// Starts `netwatch --json ARGS` and waits until it says it is watching.
     pub fn start(args: &[&str]) -> Watch {
+        let args: Vec<&str> = std::iter::once("--json")
+            .chain(args.iter().copied())
+            .collect();
+        Watch::spawn(&args)
+    }
+
+    /// Starts `netwatch ARGS` (JSON lines on stdout, if any) and waits until
+    /// it says it is watching.
+    pub fn spawn(args: &[&str]) -> Watch {
         assert!(
             is_root(),
             "the stream tests load eBPF programs: run them as root (cargo xtask test does)"
         );
         let mut child = netwatch()
-            .arg("--json")
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -161,6 +169,41 @@ impl Watch {
             records: std::mem::take(&mut self.seen),
             stderr: self.stderr.iter().collect::<Vec<_>>().join("\n"),
             success: status.success(),
+        }
+    }
+
+    /// Waits (at most `timeout`) for netwatch to exit by itself.
+    pub fn wait_exit(mut self, timeout: Duration) -> Stopped {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("netwatch is waitable") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("netwatch did not exit within {timeout:?}");
+            }
+            thread::sleep(Duration::from_millis(50));
+        };
+        self.seen.extend(self.records.iter());
+        Stopped {
+            records: std::mem::take(&mut self.seen),
+            stderr: self.stderr.iter().collect::<Vec<_>>().join("\n"),
+            success: status.success(),
+        }
+    }
+
+    /// Waits (at most 10 s) for a stderr line containing `needle`.
+    pub fn wait_for_stderr(&mut self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return,
+                Ok(_) => {}
+                Err(_) => panic!("netwatch did not print '{needle}' within 10 s"),
+            }
         }
     }
 

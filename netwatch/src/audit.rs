@@ -1,0 +1,234 @@
+//! `netwatch audit`: one JSON record per TCP connection when it closes, and
+//! per listener when it opens and closes, for log pipelines.
+//!
+//! Every socket's record comes from its change to CLOSE, which the kernel
+//! delivers exactly once (recovered when skipped, deduplicated when
+//! repeated), so a connection gives one record per local endpoint. What is
+//! still open at exit gets a record with `end: null`.
+
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::cli::AuditArgs;
+use crate::metrics::Metrics;
+use crate::monitor::{self, Config, Observer, WallClock};
+use crate::output::{self, Addr, LossCause, Timestamp};
+use crate::sink::Sink;
+use crate::snapshot::Snapshot;
+use crate::socket::{Owner, TcpState};
+use crate::table::{LiveSocket, Observed, SocketTable, Transition};
+use netwatch_common::ByteCounts;
+use std::sync::Arc;
+
+/// Version of the record layout; bumped when a field changes meaning or goes away.
+pub const SCHEMA: u32 = 1;
+
+/// Writes records until SIGINT or SIGTERM.
+pub fn run(args: AuditArgs) -> anyhow::Result<()> {
+    let sink = match &args.output {
+        Some(path) => Sink::append_to(path)?,
+        None => Sink::stdout(),
+    };
+    let config = Config::new(&args.probe, true, None);
+    monitor::run(config, Audit::default(), sink)?;
+    Ok(())
+}
+
+/// One audit record (a JSON line).
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AuditRecord<'a> {
+    /// A connection: at its close, or still open when audit stopped (`end` null).
+    Conn {
+        schema: u32,
+        /// Null when it opened before audit started (direction "unknown").
+        start: Option<Timestamp>,
+        end: Option<Timestamp>,
+        duration_ms: Option<f64>,
+        #[serde(flatten)]
+        socket: SocketFields<'a>,
+        direction: &'static str,
+        remote_addr: Addr,
+        remote_port: u16,
+        /// Null when not counted: a connection from before audit started, still open.
+        bytes_sent: Option<u64>,
+        bytes_received: Option<u64>,
+        /// The state the connection left for CLOSE, or its state at exit.
+        last_state: &'static str,
+    },
+    /// A listener that opened (`end` null) or closed.
+    Listen {
+        schema: u32,
+        event: &'static str,
+        /// Null when it was listening before audit started.
+        start: Option<Timestamp>,
+        end: Option<Timestamp>,
+        #[serde(flatten)]
+        socket: SocketFields<'a>,
+    },
+    /// Transitions the kernel could not deliver: records may be missing.
+    Lost {
+        schema: u32,
+        ts: Timestamp,
+        count: u64,
+        cause: LossCause,
+    },
+}
+
+/// The fields every socket record shares.
+#[derive(Debug, Serialize)]
+pub struct SocketFields<'a> {
+    pid: Option<u32>,
+    program: Option<&'a str>,
+    uid: Option<u32>,
+    netns: Option<u32>,
+    proto: &'static str,
+    local_addr: Addr,
+    local_port: u16,
+}
+
+impl<'a> SocketFields<'a> {
+    fn of(socket: &LiveSocket, owner: Option<&'a Owner>) -> SocketFields<'a> {
+        SocketFields {
+            pid: owner.map(|owner| owner.pid),
+            program: owner.map(|owner| owner.program.as_str()),
+            uid: socket.uid,
+            netns: socket.netns,
+            proto: socket.tuple.proto.name(),
+            local_addr: Addr(socket.tuple.local.ip()),
+            local_port: socket.tuple.local.port(),
+        }
+    }
+}
+
+/// The audit observer; `metrics` counts its records.
+#[derive(Default)]
+struct Audit {
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl Audit {
+    fn conn(
+        &self,
+        socket: &LiveSocket,
+        end: Option<SystemTime>,
+        bytes: Option<ByteCounts>,
+        clock: &WallClock,
+        out: &mut Vec<u8>,
+    ) {
+        let start = socket.opened_ns.map(|ns| clock.at(ns));
+        let duration_ms = start.zip(end).map(|(start, end)| {
+            end.duration_since(start).unwrap_or_default().as_micros() as f64 / 1e3
+        });
+        let record = AuditRecord::Conn {
+            schema: SCHEMA,
+            start: start.map(Timestamp),
+            end: end.map(Timestamp),
+            duration_ms,
+            socket: SocketFields::of(socket, socket.owner.as_ref()),
+            direction: socket.direction.name(),
+            remote_addr: Addr(socket.tuple.remote.ip()),
+            remote_port: socket.tuple.remote.port(),
+            bytes_sent: bytes.map(|bytes| bytes.sent),
+            bytes_received: bytes.map(|bytes| bytes.received),
+            last_state: socket
+                .previous
+                .filter(|_| end.is_some())
+                .unwrap_or(socket.state)
+                .name(),
+        };
+        // Writing to a Vec cannot fail.
+        let _ = output::write_json_line(out, &record);
+        if let Some(metrics) = &self.metrics {
+            metrics.conn_records.inc();
+        }
+    }
+
+    /// A listener's record: `start` is None when it opened before audit started.
+    fn listen(
+        &self,
+        socket: &LiveSocket,
+        start: Option<SystemTime>,
+        end: Option<SystemTime>,
+        out: &mut Vec<u8>,
+    ) {
+        let record = AuditRecord::Listen {
+            schema: SCHEMA,
+            event: if end.is_some() { "close" } else { "open" },
+            start: start.map(Timestamp),
+            end: end.map(Timestamp),
+            socket: SocketFields::of(socket, socket.owner.as_ref()),
+        };
+        let _ = output::write_json_line(out, &record);
+        if let Some(metrics) = &self.metrics {
+            metrics.listen_records.inc();
+        }
+    }
+}
+
+impl Observer for Audit {
+    fn attach_metrics(&mut self, metrics: Arc<Metrics>) {
+        self.metrics = Some(metrics);
+    }
+
+    fn baseline(&mut self, _snapshot: &Snapshot, table: &SocketTable, out: &mut Vec<u8>) {
+        for (_, socket) in table.sockets().filter(|(_, s)| s.state == TcpState::Listen) {
+            self.listen(socket, None, None, out);
+        }
+    }
+
+    fn transition(
+        &mut self,
+        t: &Transition,
+        observed: Observed,
+        clock: &WallClock,
+        out: &mut Vec<u8>,
+    ) {
+        let now = clock.at(t.ts_ns);
+        match (t.old, t.new, observed.closed) {
+            (TcpState::Listen, TcpState::Close, Some(listener)) => {
+                let start = listener.opened_ns.map(|ns| clock.at(ns));
+                self.listen(&listener, start, Some(now), out)
+            }
+            (_, TcpState::Close, Some(conn)) => {
+                self.conn(&conn, Some(now), Some(t.bytes), clock, out)
+            }
+            (TcpState::Close, TcpState::Listen, _) => {
+                // The table holds the listener now; the record needs its fields.
+                let listener = LiveSocket {
+                    uid: t.uid,
+                    netns: t.netns,
+                    ..LiveSocket::unknown(t.tuple, TcpState::Listen, observed.owner)
+                };
+                self.listen(&listener, Some(now), None, out)
+            }
+            _ => {}
+        }
+    }
+
+    fn lost(&mut self, count: u64, cause: LossCause, out: &mut Vec<u8>) {
+        let record = AuditRecord::Lost {
+            schema: SCHEMA,
+            ts: Timestamp(SystemTime::now()),
+            count,
+            cause,
+        };
+        let _ = output::write_json_line(out, &record);
+    }
+
+    fn stopped(
+        &mut self,
+        table: &SocketTable,
+        bytes: &dyn Fn(u64) -> Option<ByteCounts>,
+        clock: &WallClock,
+        out: &mut Vec<u8>,
+    ) {
+        for (skaddr, socket) in table.sockets().filter(|(_, s)| s.state != TcpState::Listen) {
+            let counted = skaddr
+                .and_then(bytes)
+                .or(socket.opened_ns.map(|_| ByteCounts::default()));
+            self.conn(socket, None, counted, clock, out);
+        }
+    }
+}

@@ -1,0 +1,409 @@
+//! The engine under `watch`, `audit` and `verify`: attach the eBPF
+//! programs, read the /proc baseline, keep the live table current from the
+//! transitions, account for every loss, and hand what it sees to an
+//! [`Observer`], the mode's own logic.
+//!
+//! Order matters: the programs are attached first, then /proc is read, then
+//! the events that queued up during the read are applied on top of it, so
+//! that no transition in between is missed (the table adopts a baseline
+//! socket on its first transition, see `table`).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context as _;
+use netwatch_common::{ByteCounts, StateEvent};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::cli::ProbeArgs;
+use crate::ebpf::{self, KernelLog, LossCounters, StateProbe};
+use crate::metrics::Metrics;
+use crate::output::LossCause;
+use crate::sink::Sink;
+use crate::snapshot::{self, Snapshot};
+use crate::socket::Proto;
+use crate::table::{Observed, SocketTable, Transition};
+
+/// How often the ring buffer is drained without a wakeup: the eBPF side wakes
+/// netwatch only when much is waiting or 5 ms after its last wakeup.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(25);
+/// How often the kernel's loss counters are read.
+const LOSS_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the sockets-by-state gauge is recounted (when metrics are served).
+const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
+/// Resyncs at most this often: under a storm of losses, re-reading /proc
+/// (which slows as TIME_WAIT sockets pile up) would only cause more.
+const RESYNC_INTERVAL: Duration = Duration::from_secs(2);
+/// Output is written whenever this much is buffered, and after each batch.
+const FLUSH_AT: usize = 64 * 1024;
+/// Sockets the live table holds at most (the least recently changed are
+/// evicted beyond): twice the kernel's map of byte counts.
+pub const TABLE_CAPACITY: usize = 2 * netwatch_common::BYTES_MAP_ENTRIES as usize;
+
+/// What a mode does with what the monitor sees. Records go to `out`, a
+/// buffer written to the mode's output after each batch.
+pub trait Observer {
+    /// The counters the monitor serves, for the observer's own.
+    fn attach_metrics(&mut self, _metrics: Arc<Metrics>) {}
+    /// The baseline is in the table (once, before any transition).
+    fn baseline(&mut self, _snapshot: &Snapshot, _table: &SocketTable, _out: &mut Vec<u8>) {}
+    /// A transition was applied to the table.
+    fn transition(
+        &mut self,
+        t: &Transition,
+        observed: Observed,
+        clock: &WallClock,
+        out: &mut Vec<u8>,
+    );
+    /// Transitions were lost.
+    fn lost(&mut self, _count: u64, _cause: LossCause, _out: &mut Vec<u8>) {}
+    /// The table was rebuilt from /proc after losses.
+    fn resynced(&mut self, _table: &SocketTable, _out: &mut Vec<u8>) {}
+    /// A periodic check begins: a snapshot is taken from monotonic time `at_ns`.
+    fn check_starts(&mut self, _at_ns: u64) {}
+    /// How often `check` runs, if at all.
+    fn check_interval(&self) -> Option<Duration> {
+        None
+    }
+    /// The periodic check: `snapshot` was just taken, and every transition
+    /// stamped before it ended has been applied to `table`.
+    fn check(&mut self, _snapshot: &Snapshot, _table: &SocketTable, _out: &mut Vec<u8>) {}
+    /// The monitor stops; the table holds what is still open. `bytes` looks
+    /// up a socket's byte counts so far by its kernel address.
+    fn stopped(
+        &mut self,
+        _table: &SocketTable,
+        _bytes: &dyn Fn(u64) -> Option<ByteCounts>,
+        _clock: &WallClock,
+        _out: &mut Vec<u8>,
+    ) {
+    }
+}
+
+/// How the monitor runs, whatever the mode.
+pub struct Config {
+    pub ring_bytes: u32,
+    pub no_resync: bool,
+    /// Count each socket's bytes in the kernel (audit).
+    pub count_bytes: bool,
+    pub metrics: Option<SocketAddr>,
+    /// Stop after this long (SIGINT and SIGTERM stop it in any case).
+    pub duration: Option<Duration>,
+}
+
+impl Config {
+    /// The monitor's configuration from a mode's flags.
+    pub fn new(probe: &ProbeArgs, count_bytes: bool, duration: Option<Duration>) -> Config {
+        Config {
+            ring_bytes: probe.ring_buffer_kib * 1024,
+            no_resync: probe.no_resync,
+            count_bytes,
+            metrics: probe.metrics,
+            duration,
+        }
+    }
+}
+
+/// Runs `observer` on a monitor until SIGINT, SIGTERM or `config.duration`,
+/// writing to `sink`; returns the observer for its verdict.
+pub fn run<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow::Result<O> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the event loop failed")?;
+    runtime.block_on(monitor(config, observer, sink))
+}
+
+async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow::Result<O> {
+    let started = Instant::now();
+    let metrics = Arc::new(Metrics::new(config.ring_bytes));
+    if let Some(addr) = config.metrics {
+        crate::metrics::serve(addr, metrics.clone()).await?;
+    }
+    let mut probe = StateProbe::attach(config.ring_bytes, config.count_bytes)?;
+    let attached = started.elapsed();
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut monitor = Monitor::new(config.no_resync, observer, sink, metrics.clone());
+    monitor.observer.attach_metrics(metrics);
+    monitor.take_baseline()?;
+    eprintln!(
+        "netwatch: watching TCP state transitions (loaded and attached in {} ms, baseline of {} sockets read in {} ms{})",
+        attached.as_millis(),
+        monitor.table.len(),
+        (started.elapsed() - attached).as_millis(),
+        if probe.recovers_skipped_calls() {
+            ", recovering skipped calls"
+        } else {
+            ""
+        }
+    );
+    let mut kernel_log = probe.take_kernel_log();
+    let mut loss_check = tokio::time::interval(LOSS_CHECK_INTERVAL);
+    let mut drain_timer = tokio::time::interval(DRAIN_INTERVAL);
+    let mut gauge_timer = tokio::time::interval(GAUGE_INTERVAL);
+    let check_every = monitor.observer.check_interval();
+    let mut check_timer = tokio::time::interval(check_every.unwrap_or(Duration::from_secs(3600)));
+    check_timer.tick().await;
+    let deadline = tokio::time::sleep(config.duration.unwrap_or(Duration::MAX / 4));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            drained = probe.drain(|event| monitor.on_event(&event)) => {
+                drained.context("reading the ring buffer failed")?;
+            }
+            logged = forward(kernel_log.as_mut()) => logged.context("reading the eBPF program's log failed")?,
+            _ = drain_timer.tick() => probe.drain_now(|event| monitor.on_event(&event)),
+            _ = loss_check.tick() => {
+                let counters = probe.losses().context("reading the loss counters failed")?;
+                probe.drain_now(|event| monitor.on_event(&event));
+                monitor.check_losses(counters, false)?;
+            }
+            _ = gauge_timer.tick(), if config.metrics.is_some() => monitor.metrics.count_sockets(&monitor.table),
+            _ = check_timer.tick(), if check_every.is_some() => monitor.check(&mut probe).await?,
+            _ = hangup.recv() => monitor.sink.reopen()?,
+            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break,
+            _ = &mut deadline => break,
+        }
+        monitor.flush()?;
+    }
+    // Let recoveries in flight on other CPUs land before the last count.
+    let counters = probe.losses().context("reading the loss counters failed")?;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    probe.drain_now(|event| monitor.on_event(&event));
+    monitor.check_losses(counters, true)?;
+    monitor.observer.stopped(
+        &monitor.table,
+        &|skaddr| probe.bytes(skaddr),
+        &monitor.clock,
+        &mut monitor.buffer,
+    );
+    monitor.flush()?;
+    monitor.summary(started.elapsed());
+    Ok(monitor.observer)
+}
+
+/// Forwards the eBPF program's log, or waits forever when there is none.
+async fn forward(kernel_log: Option<&mut KernelLog>) -> io::Result<()> {
+    match kernel_log {
+        Some(kernel_log) => kernel_log.forward().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The table, the loss accounting and the observer, fed event by event.
+struct Monitor<O> {
+    observer: O,
+    no_resync: bool,
+    sink: Sink,
+    buffer: Vec<u8>,
+    table: SocketTable,
+    clock: WallClock,
+    metrics: Arc<Metrics>,
+    /// Network namespace of netwatch, where /proc is read.
+    netns: Option<u32>,
+    transitions: u64,
+    /// Transitions the recovery program sent that the kernel had skipped.
+    recovered: u64,
+    /// Transitions the recovery program repeated (dropped).
+    duplicates: u64,
+    /// The kernel's counters at the previous check.
+    counters: LossCounters,
+    /// Losses reported so far: ring buffer full, skipped and not recovered.
+    lost: LossCounters,
+    /// Losses happened since the last resync.
+    stale: bool,
+    last_resync: Instant,
+    resyncs: u64,
+    /// The first error writing the output, raised after the batch.
+    write_error: Option<io::Error>,
+}
+
+impl<O: Observer> Monitor<O> {
+    fn new(no_resync: bool, observer: O, sink: Sink, metrics: Arc<Metrics>) -> Self {
+        Monitor {
+            observer,
+            no_resync,
+            sink,
+            buffer: Vec::with_capacity(1 << 16),
+            table: SocketTable::new(snapshot::program_name, TABLE_CAPACITY),
+            clock: WallClock::now(),
+            metrics,
+            netns: snapshot::own_netns(),
+            transitions: 0,
+            recovered: 0,
+            duplicates: 0,
+            counters: LossCounters::default(),
+            lost: LossCounters::default(),
+            stale: false,
+            last_resync: Instant::now(),
+            resyncs: 0,
+            write_error: None,
+        }
+    }
+
+    fn on_event(&mut self, event: &StateEvent) {
+        let Some(transition) = ebpf::to_transition(event) else {
+            return;
+        };
+        if transition.recovered {
+            if self.table.is_duplicate(&transition) {
+                self.duplicates += 1;
+                return;
+            }
+            self.recovered += 1;
+            self.metrics.recovered.inc();
+        }
+        self.transitions += 1;
+        self.metrics.transition(transition.old, transition.new);
+        let observed = self.table.apply(&transition);
+        self.observer
+            .transition(&transition, observed, &self.clock, &mut self.buffer);
+        if self.buffer.len() >= FLUSH_AT && self.write_error.is_none() {
+            self.write_error = self.flush().err();
+        }
+    }
+
+    fn read_proc() -> anyhow::Result<Snapshot> {
+        snapshot::take(&[Proto::Tcp, Proto::Tcp6], true)
+            .context("reading the /proc baseline failed")
+    }
+
+    fn take_baseline(&mut self) -> anyhow::Result<()> {
+        let snapshot = Self::read_proc()?;
+        self.table.reset_from(&snapshot, self.netns);
+        self.last_resync = Instant::now();
+        self.observer
+            .baseline(&snapshot, &self.table, &mut self.buffer);
+        Ok(())
+    }
+
+    /// Rebuilds the table from a fresh /proc snapshot after losses.
+    fn resync(&mut self) -> anyhow::Result<()> {
+        let snapshot = Self::read_proc()?;
+        self.table.reset_from(&snapshot, self.netns);
+        self.stale = false;
+        self.last_resync = Instant::now();
+        self.resyncs += 1;
+        self.metrics.resyncs.inc();
+        eprintln!(
+            "netwatch: resynced the table from /proc: {} sockets",
+            self.table.len()
+        );
+        self.observer.resynced(&self.table, &mut self.buffer);
+        Ok(())
+    }
+
+    /// The observer's periodic check against a fresh snapshot.
+    async fn check(&mut self, probe: &mut StateProbe) -> anyhow::Result<()> {
+        let opened = clock_ns(libc::CLOCK_MONOTONIC);
+        self.observer.check_starts(opened);
+        let snapshot = Self::read_proc()?;
+        // Transitions stamped before the snapshot ended may still be on their way on other CPUs.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        probe.drain_now(|event| self.on_event(&event));
+        self.observer
+            .check(&snapshot, &self.table, &mut self.buffer);
+        Ok(())
+    }
+
+    /// Reports transitions lost since the last check and resyncs after a
+    /// loss. A skipped call counts as lost once its recovery had time to
+    /// arrive: skips counted at the previous check (or, when `last`, now).
+    fn check_losses(&mut self, now: LossCounters, last: bool) -> anyhow::Result<()> {
+        let settled_skips = if last {
+            now.skipped
+        } else {
+            self.counters.skipped
+        };
+        self.counters = now;
+        let unrecovered = settled_skips.saturating_sub(self.recovered);
+        let new_losses = [
+            (
+                now.ring_buffer_full
+                    .saturating_sub(self.lost.ring_buffer_full),
+                LossCause::RingBufferFull,
+            ),
+            (
+                unrecovered.saturating_sub(self.lost.skipped),
+                LossCause::Recursion,
+            ),
+        ];
+        self.lost.ring_buffer_full = self.lost.ring_buffer_full.max(now.ring_buffer_full);
+        self.lost.skipped = self.lost.skipped.max(unrecovered);
+        self.metrics.set_losses(self.lost, self.table.evicted());
+        for (count, cause) in new_losses.into_iter().filter(|(count, _)| *count > 0) {
+            self.stale = true;
+            eprintln!("netwatch: lost {count} transition(s): {}", cause.describe());
+            self.observer.lost(count, cause, &mut self.buffer);
+        }
+        let due = last || self.last_resync.elapsed() >= RESYNC_INTERVAL;
+        if self.stale && due && !self.no_resync {
+            self.resync()?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is buffered.
+    fn flush(&mut self) -> io::Result<()> {
+        if let Some(err) = self.write_error.take() {
+            return Err(err);
+        }
+        if !self.buffer.is_empty() {
+            self.sink.write_all(&self.buffer)?;
+            self.buffer.clear();
+        }
+        Ok(())
+    }
+
+    fn summary(&self, runtime: Duration) {
+        let lost = self.lost;
+        eprintln!(
+            "netwatch: ran {:.1} s: {} transitions ({} fired in the kernel), {} lost ({} ring buffer full, {} skipped by the kernel and not recovered); {} of {} skipped calls recovered, {} duplicates dropped; {} resyncs, {} sockets in the table",
+            runtime.as_secs_f64(),
+            self.transitions,
+            self.counters.fired.map_or_else(|| "?".to_owned(), |fired| fired.to_string()),
+            lost.ring_buffer_full + lost.skipped,
+            lost.ring_buffer_full,
+            lost.skipped,
+            self.recovered,
+            self.counters.skipped,
+            self.duplicates,
+            self.resyncs,
+            self.table.len()
+        );
+    }
+}
+
+/// Converts CLOCK_MONOTONIC timestamps (bpf_ktime_get_ns) to wall-clock time.
+pub struct WallClock {
+    realtime_at_zero: SystemTime,
+}
+
+impl WallClock {
+    fn now() -> WallClock {
+        let monotonic = clock_ns(libc::CLOCK_MONOTONIC);
+        WallClock {
+            realtime_at_zero: SystemTime::now() - Duration::from_nanos(monotonic),
+        }
+    }
+
+    /// The wall-clock time of a monotonic timestamp.
+    pub fn at(&self, monotonic_ns: u64) -> SystemTime {
+        self.realtime_at_zero + Duration::from_nanos(monotonic_ns)
+    }
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(clock, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}

@@ -1,0 +1,387 @@
+//! `netwatch verify`: the live table, kept by transitions alone, against a
+//! fresh /proc snapshot every interval.
+//!
+//! A snapshot takes time, and sockets change while it is read: any socket
+//! with a transition stamped at or after the moment the snapshot began is
+//! left out of that comparison (every transition up to the snapshot's end is
+//! applied before comparing). Also left out: TIME_WAIT (the table does not
+//! keep it), SYN_RECV (/proc lists pending request sockets there, which no
+//! state change announces) and sockets of other network namespaces (/proc
+//! shows netwatch's own).
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustc_hash::{FxHashMap, FxHashSet};
+use serde::Serialize;
+
+use crate::cli::VerifyArgs;
+use crate::metrics::Metrics;
+use crate::monitor::{self, Config, Observer, WallClock};
+use crate::output::{self, Timestamp};
+use crate::sink::Sink;
+use crate::snapshot::{self, Snapshot};
+use crate::socket::{format_endpoint, Proto, TcpState};
+use crate::table::{LiveSocket, Observed, SocketTable, Transition, Tuple};
+
+/// Sockets listed at most in one report (the counts cover them all).
+const LISTED_AT_MOST: usize = 50;
+
+/// Compares until SIGINT, SIGTERM or `--duration`; `Ok(true)` when no drift
+/// persisted across two consecutive checks.
+pub fn run(args: VerifyArgs) -> anyhow::Result<bool> {
+    let duration = args.duration.map(Duration::from_secs);
+    let config = Config::new(&args.probe, false, duration);
+    let verify = Verify::new(args.json, Duration::from_secs(args.interval));
+    let verify = monitor::run(config, verify, Sink::stdout())?;
+    Ok(verify.persisted_checks == 0)
+}
+
+/// How a socket differs between the table and the snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftKind {
+    MissingFromTable,
+    MissingFromSnapshot,
+    PidMismatch,
+    StateMismatch,
+}
+
+impl DriftKind {
+    fn describe(self) -> &'static str {
+        match self {
+            DriftKind::MissingFromTable => "missing from the table",
+            DriftKind::MissingFromSnapshot => "missing from the snapshot",
+            DriftKind::PidMismatch => "pid differs",
+            DriftKind::StateMismatch => "state differs",
+        }
+    }
+}
+
+/// One socket that differs.
+#[derive(Debug, Serialize)]
+pub struct Drift {
+    pub kind: DriftKind,
+    pub proto: &'static str,
+    pub local: String,
+    pub remote: String,
+    pub table_state: Option<&'static str>,
+    pub snapshot_state: Option<&'static str>,
+    pub table_pid: Option<u32>,
+    pub snapshot_pid: Option<u32>,
+    /// It differed the same way at the previous check.
+    pub persisting: bool,
+    #[serde(skip)]
+    tuple: Tuple,
+}
+
+/// What one comparison found.
+#[derive(Debug, Default)]
+pub struct Comparison {
+    pub compared: usize,
+    pub excluded: usize,
+    pub drift: Vec<Drift>,
+}
+
+/// The verify observer: collects what changed during a snapshot, compares,
+/// reports, and remembers the previous check's drift.
+struct Verify {
+    json: bool,
+    interval: Duration,
+    netns: Option<u32>,
+    /// Sockets that changed since the current check began, by tuple.
+    changed: FxHashSet<Tuple>,
+    check_began_ns: Option<u64>,
+    previous: HashSet<(DriftKind, Tuple)>,
+    checks: u64,
+    drift_checks: u64,
+    persisted_checks: u64,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl Verify {
+    fn new(json: bool, interval: Duration) -> Verify {
+        Verify {
+            json,
+            interval,
+            netns: snapshot::own_netns(),
+            changed: FxHashSet::default(),
+            check_began_ns: None,
+            previous: HashSet::new(),
+            checks: 0,
+            drift_checks: 0,
+            persisted_checks: 0,
+            metrics: None,
+        }
+    }
+
+    fn report(&self, comparison: &Comparison, out: &mut Vec<u8>) {
+        let ts = Timestamp(SystemTime::now());
+        let count = |kind| comparison.drift.iter().filter(|d| d.kind == kind).count();
+        let persisting = comparison.drift.iter().filter(|d| d.persisting).count();
+        if self.json {
+            let record = DriftRecord {
+                kind: "drift",
+                ts,
+                compared: comparison.compared,
+                excluded: comparison.excluded,
+                missing_from_table: count(DriftKind::MissingFromTable),
+                missing_from_snapshot: count(DriftKind::MissingFromSnapshot),
+                pid_mismatch: count(DriftKind::PidMismatch),
+                state_mismatch: count(DriftKind::StateMismatch),
+                persisting,
+                sockets: &comparison.drift[..comparison.drift.len().min(LISTED_AT_MOST)],
+            };
+            let _ = output::write_json_line(out, &record);
+            return;
+        }
+        let mut text = format!(
+            "{ts} verify: {} sockets compared, {} changed during the snapshot (excluded): ",
+            comparison.compared, comparison.excluded
+        );
+        if comparison.drift.is_empty() {
+            text.push_str("no drift\n");
+        } else {
+            let _ = writeln!(
+                text,
+                "{} missing from the table, {} missing from the snapshot, {} pid and {} state mismatches, {persisting} persisting",
+                count(DriftKind::MissingFromTable),
+                count(DriftKind::MissingFromSnapshot),
+                count(DriftKind::PidMismatch),
+                count(DriftKind::StateMismatch),
+            );
+        }
+        for drift in comparison.drift.iter().take(LISTED_AT_MOST) {
+            let _ = writeln!(
+                text,
+                "  {}: {} {} -> {} table {} pid {} / snapshot {} pid {}{}",
+                drift.kind.describe(),
+                drift.proto,
+                drift.local,
+                drift.remote,
+                drift.table_state.unwrap_or("-"),
+                drift.table_pid.map_or("-".into(), |pid| pid.to_string()),
+                drift.snapshot_state.unwrap_or("-"),
+                drift.snapshot_pid.map_or("-".into(), |pid| pid.to_string()),
+                if drift.persisting {
+                    " (persisting)"
+                } else {
+                    ""
+                }
+            );
+        }
+        out.extend_from_slice(text.as_bytes());
+    }
+}
+
+/// The JSON report of one check.
+#[derive(Serialize)]
+struct DriftRecord<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    ts: Timestamp,
+    compared: usize,
+    excluded: usize,
+    missing_from_table: usize,
+    missing_from_snapshot: usize,
+    pid_mismatch: usize,
+    state_mismatch: usize,
+    persisting: usize,
+    sockets: &'a [Drift],
+}
+
+impl Observer for Verify {
+    fn attach_metrics(&mut self, metrics: Arc<Metrics>) {
+        self.metrics = Some(metrics);
+    }
+
+    fn transition(
+        &mut self,
+        t: &Transition,
+        _observed: Observed,
+        _clock: &WallClock,
+        _out: &mut Vec<u8>,
+    ) {
+        if self.check_began_ns.is_some_and(|began| t.ts_ns >= began) {
+            self.changed.insert(t.tuple);
+        }
+    }
+
+    fn check_starts(&mut self, at_ns: u64) {
+        self.check_began_ns = Some(at_ns);
+        self.changed.clear();
+    }
+
+    fn check_interval(&self) -> Option<Duration> {
+        Some(self.interval)
+    }
+
+    fn check(&mut self, snapshot: &Snapshot, table: &SocketTable, out: &mut Vec<u8>) {
+        let mut comparison = compare(snapshot, table, self.netns, &self.changed);
+        for drift in &mut comparison.drift {
+            drift.persisting = self.previous.contains(&(drift.kind, drift.tuple));
+        }
+        self.previous = comparison.drift.iter().map(|d| (d.kind, d.tuple)).collect();
+        self.checks += 1;
+        self.drift_checks += u64::from(!comparison.drift.is_empty());
+        self.persisted_checks += u64::from(comparison.drift.iter().any(|d| d.persisting));
+        if let Some(metrics) = &self.metrics {
+            metrics.drift.set(comparison.drift.len() as u64);
+        }
+        self.report(&comparison, out);
+        self.check_began_ns = None;
+        self.changed.clear();
+    }
+
+    fn stopped(
+        &mut self,
+        _table: &SocketTable,
+        _bytes: &dyn Fn(u64) -> Option<netwatch_common::ByteCounts>,
+        _clock: &WallClock,
+        out: &mut Vec<u8>,
+    ) {
+        let verdict = if self.persisted_checks == 0 {
+            "no drift persisted"
+        } else {
+            "drift persisted across two checks"
+        };
+        let summary = format!(
+            "{} checks, drift in {}, persisting in {}: {verdict}",
+            self.checks, self.drift_checks, self.persisted_checks
+        );
+        eprintln!("netwatch: verify: {summary}");
+        if self.json {
+            let record = serde_json::json!({
+                "type": "summary",
+                "checks": self.checks,
+                "drift_checks": self.drift_checks,
+                "persisting_checks": self.persisted_checks,
+            });
+            let _ = output::write_json_line(out, &record);
+        }
+    }
+}
+
+/// States compared: the table keeps neither TIME_WAIT nor request sockets.
+fn compared_state(state: TcpState) -> bool {
+    !matches!(
+        state,
+        TcpState::TimeWait | TcpState::SynRecv | TcpState::NewSynRecv | TcpState::Close
+    )
+}
+
+/// Compares the table's sockets in `netns` with the snapshot's, leaving out
+/// the sockets in `changed`.
+pub fn compare(
+    snapshot: &Snapshot,
+    table: &SocketTable,
+    netns: Option<u32>,
+    changed: &FxHashSet<Tuple>,
+) -> Comparison {
+    let mut comparison = Comparison::default();
+    let mut live: FxHashMap<Tuple, &LiveSocket> = FxHashMap::default();
+    // connect() reports SYN_SENT before the kernel picks the local port.
+    let mut portless: Vec<&LiveSocket> = Vec::new();
+    for (_, socket) in table.sockets() {
+        let elsewhere = netns.is_some() && socket.netns.is_some() && socket.netns != netns;
+        if elsewhere || !compared_state(socket.state) {
+            continue;
+        }
+        if changed.contains(&socket.tuple) {
+            comparison.excluded += 1;
+        } else if socket.tuple.local.port() == 0 {
+            portless.push(socket);
+        } else {
+            live.insert(socket.tuple, socket);
+        }
+    }
+    for entry in &snapshot.entries {
+        let socket = &entry.socket;
+        if !socket.proto.is_tcp() || !compared_state(socket.state) {
+            continue;
+        }
+        let tuple = Tuple {
+            proto: socket.proto,
+            local: socket.local,
+            remote: socket.remote,
+        };
+        if changed.contains(&tuple) {
+            comparison.excluded += 1;
+            continue;
+        }
+        comparison.compared += 1;
+        let snapshot_pid = entry.owner.as_ref().map(|owner| owner.pid);
+        let found = live.remove(&tuple).or_else(|| {
+            let at = portless
+                .iter()
+                .position(|s| same_connect(&s.tuple, &tuple) && s.state == socket.state)?;
+            Some(portless.swap_remove(at))
+        });
+        let Some(found) = found else {
+            comparison.drift.push(drift(
+                DriftKind::MissingFromTable,
+                tuple,
+                None,
+                Some((socket.state, snapshot_pid)),
+            ));
+            continue;
+        };
+        let table_pid = found.owner.as_ref().map(|owner| owner.pid);
+        let kind = if found.state != socket.state {
+            Some(DriftKind::StateMismatch)
+        } else if snapshot_pid.is_some() && table_pid != snapshot_pid {
+            Some(DriftKind::PidMismatch)
+        } else {
+            None
+        };
+        if let Some(kind) = kind {
+            comparison.drift.push(drift(
+                kind,
+                tuple,
+                Some((found.state, table_pid)),
+                Some((socket.state, snapshot_pid)),
+            ));
+        }
+    }
+    for socket in live.into_values().chain(portless) {
+        let pid = socket.owner.as_ref().map(|owner| owner.pid);
+        comparison.drift.push(drift(
+            DriftKind::MissingFromSnapshot,
+            socket.tuple,
+            Some((socket.state, pid)),
+            None,
+        ));
+    }
+    comparison
+}
+
+/// Whether a SYN_SENT socket without a local port yet is this connection.
+fn same_connect(portless: &Tuple, tuple: &Tuple) -> bool {
+    portless.proto == tuple.proto
+        && portless.remote == tuple.remote
+        && (portless.local.ip() == tuple.local.ip() || portless.local.ip().is_unspecified())
+}
+
+fn drift(
+    kind: DriftKind,
+    tuple: Tuple,
+    table: Option<(TcpState, Option<u32>)>,
+    snapshot: Option<(TcpState, Option<u32>)>,
+) -> Drift {
+    let endpoint = |addr: SocketAddr| format_endpoint(addr);
+    Drift {
+        kind,
+        proto: Proto::name(tuple.proto),
+        local: endpoint(tuple.local),
+        remote: endpoint(tuple.remote),
+        table_state: table.map(|(state, _)| state.name()),
+        snapshot_state: snapshot.map(|(state, _)| state.name()),
+        table_pid: table.and_then(|(_, pid)| pid),
+        snapshot_pid: snapshot.and_then(|(_, pid)| pid),
+        persisting: false,
+        tuple,
+    }
+}

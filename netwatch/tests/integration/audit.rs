@@ -1,0 +1,241 @@
+//! `netwatch audit`: one record per connection endpoint, with owners, bytes
+//! and namespaces, complete under churn; its output file and its errors.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::peer::{peer_program, Peer};
+use crate::support::{json_lines, Watch};
+
+/// The `conn` records of connections to `port`, split into (out, in).
+fn conn_records(records: &[Value], port: u16) -> (Vec<&Value>, Vec<&Value>) {
+    let conns = records.iter().filter(|r| r["type"] == "conn");
+    let outgoing = conns
+        .clone()
+        .filter(|r| r["direction"] == "out" && r["remote_port"] == port)
+        .collect();
+    let incoming = conns
+        .filter(|r| r["direction"] == "in" && r["local_port"] == port)
+        .collect();
+    (outgoing, incoming)
+}
+
+fn own_netns() -> u64 {
+    let link = std::fs::read_link("/proc/self/ns/net").expect("own namespace");
+    let link = link.to_string_lossy();
+    link["net:[".len()..link.len() - 1].parse().expect("inode")
+}
+
+#[test]
+fn each_connection_gives_an_out_and_an_in_record_with_its_bytes() {
+    let mut peer = Peer::spawn();
+    let mut audit = Watch::spawn(&["audit"]);
+    let port = peer.send("exchange 20 3000")[0] as u16;
+    audit.wait_until(|records| {
+        let (outgoing, incoming) = conn_records(records, port);
+        outgoing.len() + incoming.len() >= 40
+    });
+    let stopped = audit.stop_with(libc::SIGTERM);
+    assert!(stopped.success, "{}", stopped.stderr);
+    let (outgoing, incoming) = conn_records(&stopped.records, port);
+    assert_eq!((outgoing.len(), incoming.len()), (20, 20));
+    let pid = u64::from(peer.pid());
+    for (records, sent, received) in [(&outgoing, 3000, 1500), (&incoming, 1500, 3000)] {
+        for record in records {
+            assert_eq!(record["schema"], 1);
+            assert_eq!(record["pid"], pid, "{record}");
+            assert_eq!(record["program"], peer_program());
+            assert_eq!(record["uid"], 0);
+            assert_eq!(record["netns"], own_netns());
+            assert_eq!(record["proto"], "tcp");
+            assert_eq!(record["bytes_sent"], sent, "{record}");
+            assert_eq!(record["bytes_received"], received, "{record}");
+            let start = humantime::parse_rfc3339(record["start"].as_str().unwrap()).unwrap();
+            let end = humantime::parse_rfc3339(record["end"].as_str().unwrap()).unwrap();
+            assert!(start <= end);
+            assert!(record["duration_ms"].as_f64().unwrap() >= 0.0);
+        }
+    }
+    // The client closes first; the server closes from CLOSE_WAIT.
+    assert!(outgoing.iter().all(|r| r["last_state"] == "FIN_WAIT2"));
+    assert!(incoming.iter().all(|r| r["last_state"] == "LAST_ACK"));
+    let listen: Vec<&Value> = stopped
+        .records
+        .iter()
+        .filter(|r| r["type"] == "listen" && r["local_port"] == port)
+        .collect();
+    assert_eq!(listen.len(), 1, "the listener opened (still open at exit)");
+    assert_eq!(listen[0]["event"], "open");
+    assert_eq!(listen[0]["pid"], pid);
+}
+
+#[test]
+fn churn_gives_exactly_one_record_per_endpoint() {
+    const PER_PEER: usize = 5000;
+    let mut audit = Watch::spawn(&["audit"]);
+    let churners: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(|| {
+                let mut peer = Peer::spawn();
+                peer.send(&format!("burst {PER_PEER}"))[0] as u16
+            })
+        })
+        .collect();
+    let ports: Vec<u16> = churners.into_iter().map(|c| c.join().unwrap()).collect();
+    let complete = |records: &[Value]| {
+        ports.iter().all(|&port| {
+            let (outgoing, incoming) = conn_records(records, port);
+            outgoing.len() + incoming.len() >= 2 * PER_PEER
+        })
+    };
+    // Servers close last, when the client's FIN has arrived; give retransmits time.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !complete(&audit.seen) && std::time::Instant::now() < deadline {
+        audit.collect_until(|_| false, Duration::from_millis(500));
+    }
+    let stopped = audit.stop_with(libc::SIGTERM);
+    for port in ports {
+        let (outgoing, incoming) = conn_records(&stopped.records, port);
+        let closed = |records: &[&Value]| records.iter().filter(|r| !r["end"].is_null()).count();
+        assert_eq!(
+            (closed(&outgoing), closed(&incoming)),
+            (PER_PEER, PER_PEER),
+            "one closed record per endpoint; stderr: {}",
+            stopped.stderr
+        );
+        let mut endpoints = HashMap::new();
+        for record in outgoing.iter().chain(&incoming) {
+            let key = (
+                record["direction"].to_string(),
+                record["local_port"].as_u64(),
+                record["remote_port"].as_u64(),
+            );
+            *endpoints.entry(key).or_insert(0) += 1;
+        }
+        assert_eq!(endpoints.len(), 2 * PER_PEER, "no endpoint recorded twice");
+    }
+    assert!(
+        !stopped.records.iter().any(|r| r["type"] == "lost"),
+        "no loss reported"
+    );
+}
+
+#[test]
+fn connections_open_at_exit_get_a_record_without_end() {
+    let mut peer = Peer::spawn();
+    let (listener, port) = peer.listen("127.0.0.1:0");
+    let target = format!("127.0.0.1:{port}");
+    let (_, before_port) = peer.connect(&target);
+    peer.accept(listener);
+    let mut audit = Watch::spawn(&["audit"]);
+    let (_, after_port) = peer.connect(&target);
+    peer.accept(listener);
+    audit.wait_until(|records| {
+        records
+            .iter()
+            .any(|r| r["type"] == "listen" && r["local_port"] == port)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let stopped = audit.stop_with(libc::SIGTERM);
+    let open: Vec<&Value> = stopped
+        .records
+        .iter()
+        .filter(|r| r["type"] == "conn" && r["end"].is_null())
+        .collect();
+    let find = |local: u16, remote: u16| {
+        open.iter()
+            .find(|r| r["local_port"] == local && r["remote_port"] == remote)
+            .unwrap_or_else(|| panic!("no open record {local} -> {remote}: {open:#?}"))
+    };
+    let before = find(before_port, port);
+    assert_eq!(before["direction"], "unknown");
+    assert!(before["start"].is_null(), "opened before audit started");
+    assert!(before["bytes_sent"].is_null());
+    assert_eq!(before["last_state"], "ESTABLISHED");
+    assert_eq!(before["pid"], u64::from(peer.pid()));
+    let after = find(after_port, port);
+    assert_eq!(after["direction"], "out");
+    assert!(after["start"].is_string());
+    assert_eq!(after["bytes_sent"], 0);
+    assert_eq!(find(port, after_port)["direction"], "in");
+    assert_eq!(find(port, before_port)["direction"], "unknown");
+}
+
+#[test]
+fn sockets_in_another_network_namespace_carry_its_inode() {
+    let mut peer = Peer::spawn();
+    let mut audit = Watch::spawn(&["audit"]);
+    let netns = u64::from(peer.send("unshare-net")[0]);
+    assert_ne!(netns, own_netns());
+    let port = peer.send("exchange 3 100")[0] as u16;
+    audit.wait_until(|records| {
+        let (outgoing, incoming) = conn_records(records, port);
+        outgoing.len() + incoming.len() >= 6
+    });
+    let stopped = audit.stop_with(libc::SIGTERM);
+    let (outgoing, incoming) = conn_records(&stopped.records, port);
+    for record in outgoing.iter().chain(&incoming) {
+        assert_eq!(record["netns"], netns, "{record}");
+        assert_eq!(record["pid"], u64::from(peer.pid()), "{record}");
+    }
+}
+
+#[test]
+fn sighup_reopens_the_output_file() {
+    let dir = std::env::temp_dir().join(format!("netwatch-audit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (path, rotated) = (dir.join("audit.log"), dir.join("audit.log.1"));
+    let mut peer = Peer::spawn();
+    let mut audit = Watch::spawn(&["audit", "--output", path.to_str().unwrap()]);
+    let first = peer.send("exchange 1 10")[0] as u16;
+    let written = |path: &std::path::Path, port: u16| {
+        let records = json_lines(&std::fs::read(path).unwrap_or_default());
+        let (outgoing, incoming) = conn_records(&records, port);
+        outgoing.len() + incoming.len()
+    };
+    wait_for(
+        || written(&path, first) == 2,
+        "the first records are flushed within 1 s",
+    );
+    std::fs::rename(&path, &rotated).unwrap();
+    // SAFETY: signals the netwatch child.
+    unsafe { libc::kill(audit.pid() as i32, libc::SIGHUP) };
+    audit.wait_for_stderr("reopened");
+    let second = peer.send("exchange 1 10")[0] as u16;
+    wait_for(
+        || written(&path, second) == 2,
+        "the second records go to the new file",
+    );
+    let stopped = audit.stop_with(libc::SIGTERM);
+    assert!(stopped.success, "{}", stopped.stderr);
+    assert_eq!(written(&rotated, first), 2);
+    assert_eq!(written(&rotated, second), 0);
+    assert_eq!(written(&path, first), 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Polls `done` for up to 1.5 s: records must be flushed within 1 s.
+fn wait_for(done: impl Fn() -> bool, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_millis(1500);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_write_error_is_reported_once_and_audit_exits_non_zero() {
+    let mut peer = Peer::spawn();
+    let audit = Watch::spawn(&["audit", "--output", "/dev/full"]);
+    peer.send("exchange 1 10");
+    let stopped = audit.wait_exit(Duration::from_secs(10));
+    assert!(!stopped.success);
+    assert_eq!(
+        stopped.stderr.matches("No space left on device").count(),
+        1,
+        "{}",
+        stopped.stderr
+    );
+}

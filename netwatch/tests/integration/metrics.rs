@@ -1,0 +1,111 @@
+//! `--metrics`: Prometheus' text format, read by a Prometheus parser.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+use prometheus_parse::{Scrape, Value};
+
+use crate::peer::Peer;
+use crate::support::Watch;
+
+/// A loopback port free at the time of asking.
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().expect("bound").port()
+}
+
+fn scrape(port: u16) -> Scrape {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("metrics are served");
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    Scrape::parse(body.lines().map(|line| Ok(line.to_owned()))).expect("Prometheus text format")
+}
+
+/// The value of the sample `name` whose labels include `labels`.
+fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+}
+
+#[test]
+fn watch_serves_transitions_losses_sockets_and_ring_size() {
+    let port = free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let mut watch = Watch::start(&["--metrics", &metrics, "--ring-buffer-kib", "1024"]);
+    let mut peer = Peer::spawn();
+    let (_, listen_port) = peer.listen("127.0.0.1:0");
+    peer.send("exchange 5 10");
+    watch.wait_until(|records| {
+        records
+            .iter()
+            .filter(|r| r["new_state"] == "LAST_ACK")
+            .count()
+            >= 5
+    });
+    std::thread::sleep(Duration::from_millis(1200));
+    let scrape = scrape(port);
+    let transitions = |old, new| {
+        value(
+            &scrape,
+            "netwatch_transitions_total",
+            &[("old_state", old), ("new_state", new)],
+        )
+    };
+    assert!(transitions("CLOSE", "SYN_SENT") >= Some(5.0));
+    assert!(
+        transitions("CLOSE", "LISTEN") >= Some(2.0),
+        "both peers' listeners"
+    );
+    assert!(transitions("LAST_ACK", "CLOSE") >= Some(5.0));
+    assert_eq!(
+        value(
+            &scrape,
+            "netwatch_lost_events_total",
+            &[("cause", "ring_buffer_full")]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(value(&scrape, "netwatch_resyncs_total", &[]), Some(0.0));
+    assert!(
+        value(&scrape, "netwatch_sockets", &[("state", "LISTEN")]) >= Some(2.0),
+        "port {listen_port} and the exchange's listener"
+    );
+    assert_eq!(
+        value(&scrape, "netwatch_ring_buffer_capacity_bytes", &[]),
+        Some(1024.0 * 1024.0)
+    );
+    let kinds: Vec<_> = scrape.docs.keys().collect();
+    assert!(kinds.len() >= 8, "every family documented: {kinds:?}");
+    watch.stop();
+}
+
+#[test]
+fn audit_counts_its_records() {
+    let port = free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let mut audit = Watch::spawn(&["audit", "--metrics", &metrics]);
+    let mut peer = Peer::spawn();
+    peer.send("exchange 3 10");
+    audit.wait_until(|records| records.iter().filter(|r| r["type"] == "conn").count() >= 6);
+    let scrape = scrape(port);
+    assert!(value(&scrape, "netwatch_audit_records_total", &[("type", "conn")]) >= Some(6.0));
+    assert!(
+        value(
+            &scrape,
+            "netwatch_audit_records_total",
+            &[("type", "listen")]
+        ) >= Some(1.0)
+    );
+    audit.stop();
+}

@@ -1,0 +1,94 @@
+//! `netwatch verify`: the table kept by transitions alone matches /proc,
+//! and losses without resync show up as drift.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::peer::Peer;
+use crate::support::Watch;
+
+fn drift_reports(records: &[Value]) -> Vec<&Value> {
+    records.iter().filter(|r| r["type"] == "drift").collect()
+}
+
+fn drifted(report: &Value) -> u64 {
+    [
+        "missing_from_table",
+        "missing_from_snapshot",
+        "pid_mismatch",
+        "state_mismatch",
+    ]
+    .iter()
+    .map(|kind| report[*kind].as_u64().expect("a count"))
+    .sum()
+}
+
+#[test]
+fn the_live_table_matches_snapshots_after_churn() {
+    let mut holder = Peer::spawn();
+    holder.send("bulk 500");
+    let verify = Watch::spawn(&["verify", "--json", "--interval", "1", "--duration", "12"]);
+    let churners: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(|| {
+                let mut peer = Peer::spawn();
+                for _ in 0..10 {
+                    peer.send("burst 500");
+                    peer.send("exchange 50 1000");
+                }
+            })
+        })
+        .collect();
+    for churner in churners {
+        churner.join().expect("churn finished");
+    }
+    let stopped = verify.wait_exit(Duration::from_secs(60));
+    assert!(
+        stopped.success,
+        "verify found persistent drift: {}",
+        stopped.stderr
+    );
+    let reports = drift_reports(&stopped.records);
+    assert!(
+        reports.len() >= 8,
+        "a report per interval: {}",
+        reports.len()
+    );
+    assert!(
+        reports.iter().all(|r| r["compared"].as_u64() >= Some(1000)),
+        "the 1,000 held sockets are compared each time"
+    );
+    let last = reports.last().expect("a report");
+    assert_eq!(drifted(last), 0, "no drift once the churn stopped: {last}");
+    assert!(reports.iter().all(|r| r["persisting"] == 0), "{reports:#?}");
+    let summary = stopped.records.last().expect("a summary");
+    assert_eq!(summary["type"], "summary");
+    assert_eq!(summary["persisting_checks"], 0);
+}
+
+#[test]
+fn lost_events_without_resync_are_reported_as_drift() {
+    let verify = Watch::spawn(&[
+        "verify",
+        "--json",
+        "--interval",
+        "1",
+        "--duration",
+        "4",
+        "--ring-buffer-kib",
+        "4",
+        "--no-resync",
+    ]);
+    let mut holder = Peer::spawn();
+    holder.send("bulk 2000");
+    let stopped = verify.wait_exit(Duration::from_secs(30));
+    assert!(!stopped.success, "persistent drift is exit status 1");
+    assert!(stopped.stderr.contains("lost"), "{}", stopped.stderr);
+    let reports = drift_reports(&stopped.records);
+    let last = reports.last().expect("a report");
+    assert!(drifted(last) > 0, "{last}");
+    assert!(last["persisting"].as_u64() > Some(0), "{last}");
+    let summary = stopped.records.last().expect("a summary");
+    assert!(summary["persisting_checks"].as_u64() > Some(0));
+}
