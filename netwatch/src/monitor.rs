@@ -67,8 +67,9 @@ pub trait Observer {
     fn check_interval(&self) -> Option<Duration> {
         None
     }
-    /// The periodic check: `snapshot` was just taken, and every transition
-    /// stamped before it ended has been applied to `table`.
+    /// The periodic check: `snapshot` was just taken (while transitions
+    /// were applied), and every transition stamped before it ended has been
+    /// applied to `table`.
     fn check(&mut self, _snapshot: &Snapshot, _table: &SocketTable, _out: &mut Vec<u8>) {}
     /// The monitor stops; the table holds what is still open. `bytes` looks
     /// up a socket's byte counts so far by its kernel address.
@@ -148,6 +149,8 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     let check_every = monitor.observer.check_interval();
     let mut check_timer = tokio::time::interval(check_every.unwrap_or(Duration::from_secs(3600)));
     check_timer.tick().await;
+    // The check's snapshot is read on a thread while transitions keep flowing.
+    let mut pending_check: Option<tokio::task::JoinHandle<anyhow::Result<Snapshot>>> = None;
     let deadline = tokio::time::sleep(config.duration.unwrap_or(Duration::MAX / 4));
     tokio::pin!(deadline);
     loop {
@@ -163,7 +166,18 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
                 monitor.check_losses(counters, false)?;
             }
             _ = gauge_timer.tick(), if config.metrics.is_some() => monitor.metrics.count_sockets(&monitor.table),
-            _ = check_timer.tick(), if check_every.is_some() => monitor.check(&mut probe).await?,
+            _ = check_timer.tick(), if check_every.is_some() && pending_check.is_none() => {
+                monitor.observer.check_starts(clock_ns(libc::CLOCK_MONOTONIC));
+                pending_check = Some(tokio::task::spawn_blocking(read_proc));
+            }
+            taken = async { pending_check.as_mut().expect("guarded").await }, if pending_check.is_some() => {
+                pending_check = None;
+                let snapshot = taken.context("the snapshot thread failed")??;
+                // Transitions stamped before the snapshot ended may still be on their way on other CPUs.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                probe.drain_now(|event| monitor.on_event(&event));
+                monitor.observer.check(&snapshot, &monitor.table, &mut monitor.buffer);
+            }
             _ = hangup.recv() => monitor.sink.reopen()?,
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
@@ -185,6 +199,11 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     monitor.flush()?;
     monitor.summary(started.elapsed());
     Ok(monitor.observer)
+}
+
+/// Reads the TCP tables of /proc with their owners.
+fn read_proc() -> anyhow::Result<Snapshot> {
+    snapshot::take(&[Proto::Tcp, Proto::Tcp6], true).context("reading the /proc TCP tables failed")
 }
 
 /// Forwards the eBPF program's log, or waits forever when there is none.
@@ -268,13 +287,8 @@ impl<O: Observer> Monitor<O> {
         }
     }
 
-    fn read_proc() -> anyhow::Result<Snapshot> {
-        snapshot::take(&[Proto::Tcp, Proto::Tcp6], true)
-            .context("reading the /proc baseline failed")
-    }
-
     fn take_baseline(&mut self) -> anyhow::Result<()> {
-        let snapshot = Self::read_proc()?;
+        let snapshot = read_proc()?;
         self.table.reset_from(&snapshot, self.netns);
         self.last_resync = Instant::now();
         self.observer
@@ -284,7 +298,7 @@ impl<O: Observer> Monitor<O> {
 
     /// Rebuilds the table from a fresh /proc snapshot after losses.
     fn resync(&mut self) -> anyhow::Result<()> {
-        let snapshot = Self::read_proc()?;
+        let snapshot = read_proc()?;
         self.table.reset_from(&snapshot, self.netns);
         self.stale = false;
         self.last_resync = Instant::now();
@@ -295,19 +309,6 @@ impl<O: Observer> Monitor<O> {
             self.table.len()
         );
         self.observer.resynced(&self.table, &mut self.buffer);
-        Ok(())
-    }
-
-    /// The observer's periodic check against a fresh snapshot.
-    async fn check(&mut self, probe: &mut StateProbe) -> anyhow::Result<()> {
-        let opened = clock_ns(libc::CLOCK_MONOTONIC);
-        self.observer.check_starts(opened);
-        let snapshot = Self::read_proc()?;
-        // Transitions stamped before the snapshot ended may still be on their way on other CPUs.
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        probe.drain_now(|event| self.on_event(&event));
-        self.observer
-            .check(&snapshot, &self.table, &mut self.buffer);
         Ok(())
     }
 

@@ -330,6 +330,7 @@ mod tests {
                 rx_queue: 7,
                 uid: 1000,
                 inode: 4242,
+                timewait: false,
             },
             owner,
         }

@@ -106,6 +106,7 @@ mod tests {
                 rx_queue: 0,
                 uid: 0,
                 inode: 1,
+                timewait: false,
             },
             owner: None,
         }

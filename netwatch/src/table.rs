@@ -155,8 +155,8 @@ impl SocketTable {
     }
 
     /// Replaces the contents with the TCP sockets of a snapshot taken in
-    /// network namespace `netns`. TIME_WAIT sockets are left out: they have
-    /// no owner and no transition ends them.
+    /// network namespace `netns`. TIME_WAIT mini sockets (whatever substate
+    /// /proc prints) are left out: they have no owner and no transition ends them.
     pub fn reset_from(&mut self, snapshot: &Snapshot, netns: Option<u32>) {
         self.bound.clear();
         self.unbound.clear();
@@ -165,7 +165,7 @@ impl SocketTable {
         self.baseline_netns = netns;
         for entry in &snapshot.entries {
             let socket = &entry.socket;
-            if !socket.proto.is_tcp() || socket.state == TcpState::TimeWait {
+            if !socket.proto.is_tcp() || socket.state == TcpState::TimeWait || socket.timewait {
                 continue;
             }
             let tuple = Tuple {
@@ -466,6 +466,7 @@ mod tests {
                         rx_queue: 0,
                         uid: 0,
                         inode: 1,
+                        timewait: false,
                     },
                     owner: owner(pid),
                 })

@@ -4,8 +4,8 @@
 //! A snapshot takes time, and sockets change while it is read: any socket
 //! with a transition stamped at or after the moment the snapshot began is
 //! left out of that comparison (every transition up to the snapshot's end is
-//! applied before comparing). Also left out: TIME_WAIT (the table does not
-//! keep it), SYN_RECV (/proc lists pending request sockets there, which no
+//! applied before comparing). Also left out: TIME_WAIT mini sockets (the
+//! table does not keep them; /proc may show one as FIN_WAIT2), SYN_RECV (/proc lists pending request sockets there, which no
 //! state change announces) and sockets of other network namespaces (/proc
 //! shows netwatch's own).
 
@@ -298,9 +298,11 @@ pub fn compare(
             live.insert(socket.tuple, socket);
         }
     }
+    // /proc lists a socket twice when the hash changes under the reader.
+    let mut listed = FxHashSet::default();
     for entry in &snapshot.entries {
         let socket = &entry.socket;
-        if !socket.proto.is_tcp() || !compared_state(socket.state) {
+        if !socket.proto.is_tcp() || socket.timewait || !compared_state(socket.state) {
             continue;
         }
         let tuple = Tuple {
@@ -308,7 +310,10 @@ pub fn compare(
             local: socket.local,
             remote: socket.remote,
         };
-        if changed.contains(&tuple) {
+        if !listed.insert(tuple) {
+            continue;
+        }
+        if changed.contains(&tuple) || changed.contains(&portless_form(&tuple)) {
             comparison.excluded += 1;
             continue;
         }
@@ -358,6 +363,15 @@ pub fn compare(
     comparison
 }
 
+/// A connection as its CLOSE -> SYN_SENT transition names it: without a
+/// local port (sockets changed then are known only by this form).
+fn portless_form(tuple: &Tuple) -> Tuple {
+    Tuple {
+        local: SocketAddr::new(tuple.local.ip(), 0),
+        ..*tuple
+    }
+}
+
 /// Whether a SYN_SENT socket without a local port yet is this connection.
 fn same_connect(portless: &Tuple, tuple: &Tuple) -> bool {
     portless.proto == tuple.proto
@@ -383,5 +397,178 @@ fn drift(
         snapshot_pid: snapshot.and_then(|(_, pid)| pid),
         persisting: false,
         tuple,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::{ProcSocket, SnapshotEntry};
+    use crate::socket::Owner;
+    use netwatch_common::ByteCounts;
+    use TcpState::*;
+
+    const NETNS: u32 = 7;
+
+    fn tuple(local: &str, remote: &str) -> Tuple {
+        Tuple {
+            proto: Proto::Tcp,
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+        }
+    }
+
+    fn name(pid: u32) -> Option<String> {
+        Some(format!("p{pid}"))
+    }
+
+    /// A table holding each (skaddr, tuple, connecting pid) as ESTABLISHED,
+    /// in namespace `netns`.
+    fn table(sockets: &[(u64, Tuple, u32, u32)]) -> SocketTable {
+        let mut table = SocketTable::new(name, 100);
+        for &(skaddr, tuple, pid, netns) in sockets {
+            let mut t = Transition {
+                ts_ns: 1,
+                skaddr,
+                tuple: Tuple {
+                    local: SocketAddr::new(tuple.local.ip(), 0),
+                    ..tuple
+                },
+                old: Close,
+                new: SynSent,
+                task_pid: pid,
+                task_comm: [0; 16],
+                uid: Some(0),
+                netns: Some(netns),
+                bytes: ByteCounts::default(),
+                recovered: false,
+            };
+            table.apply(&t);
+            (t.tuple, t.old, t.new, t.ts_ns) = (tuple, SynSent, Established, 2);
+            table.apply(&t);
+        }
+        table
+    }
+
+    fn snapshot(sockets: &[(Tuple, TcpState, Option<u32>, bool)]) -> Snapshot {
+        let entries = sockets
+            .iter()
+            .map(|&(tuple, state, pid, timewait)| SnapshotEntry {
+                socket: ProcSocket {
+                    proto: tuple.proto,
+                    local: tuple.local,
+                    remote: tuple.remote,
+                    state,
+                    tx_queue: 0,
+                    rx_queue: 0,
+                    uid: 0,
+                    inode: 1,
+                    timewait,
+                },
+                owner: pid.map(|pid| Owner {
+                    pid,
+                    program: format!("p{pid}"),
+                }),
+            })
+            .collect();
+        Snapshot {
+            entries,
+            ..Snapshot::default()
+        }
+    }
+
+    fn kinds(comparison: &Comparison) -> Vec<DriftKind> {
+        comparison.drift.iter().map(|d| d.kind).collect()
+    }
+
+    #[test]
+    fn the_same_sockets_are_no_drift_and_each_difference_is_named() {
+        let a = tuple("127.0.0.1:5000", "127.0.0.1:80");
+        let b = tuple("127.0.0.1:5001", "127.0.0.1:80");
+        let table = table(&[(1, a, 10, NETNS), (2, b, 10, NETNS)]);
+        let none = FxHashSet::default();
+        let same = snapshot(&[
+            (a, Established, Some(10), false),
+            (b, Established, None, false),
+        ]);
+        let comparison = compare(&same, &table, Some(NETNS), &none);
+        assert_eq!((comparison.compared, kinds(&comparison)), (2, vec![]));
+
+        let c = tuple("127.0.0.1:5002", "127.0.0.1:80");
+        let differs = snapshot(&[
+            (a, Established, Some(11), false),
+            (c, Established, Some(10), false),
+        ]);
+        let comparison = compare(&differs, &table, Some(NETNS), &none);
+        assert_eq!(
+            kinds(&comparison),
+            vec![
+                DriftKind::PidMismatch,
+                DriftKind::MissingFromTable,
+                DriftKind::MissingFromSnapshot
+            ]
+        );
+        let state = snapshot(&[
+            (a, CloseWait, Some(10), false),
+            (b, Established, Some(10), false),
+        ]);
+        let comparison = compare(&state, &table, Some(NETNS), &none);
+        assert_eq!(kinds(&comparison), vec![DriftKind::StateMismatch]);
+    }
+
+    #[test]
+    fn changed_sockets_time_wait_duplicates_and_other_namespaces_are_left_out() {
+        let a = tuple("127.0.0.1:5000", "127.0.0.1:80");
+        let b = tuple("127.0.0.1:5001", "127.0.0.1:80");
+        let elsewhere = tuple("127.0.0.1:5002", "127.0.0.1:80");
+        let table = table(&[(1, a, 10, NETNS), (3, elsewhere, 10, NETNS + 1)]);
+        let changed: FxHashSet<Tuple> = [b].into_iter().collect();
+        let proc = snapshot(&[
+            (a, Established, Some(10), false),
+            (a, Established, Some(10), false),
+            (b, Established, Some(10), false),
+            (
+                tuple("127.0.0.1:5003", "127.0.0.1:80"),
+                FinWait2,
+                None,
+                true,
+            ),
+            (
+                tuple("127.0.0.1:80", "127.0.0.1:5004"),
+                SynRecv,
+                None,
+                false,
+            ),
+        ]);
+        let comparison = compare(&proc, &table, Some(NETNS), &changed);
+        assert_eq!(kinds(&comparison), vec![]);
+        assert_eq!((comparison.compared, comparison.excluded), (1, 1));
+    }
+
+    #[test]
+    fn a_connect_in_progress_matches_without_its_local_port() {
+        let mut table = SocketTable::new(name, 100);
+        let connecting = tuple("127.0.0.1:0", "127.0.0.1:80");
+        table.apply(&Transition {
+            ts_ns: 1,
+            skaddr: 9,
+            tuple: connecting,
+            old: Close,
+            new: SynSent,
+            task_pid: 10,
+            task_comm: [0; 16],
+            uid: Some(0),
+            netns: Some(NETNS),
+            bytes: ByteCounts::default(),
+            recovered: false,
+        });
+        let with_port = tuple("127.0.0.1:5000", "127.0.0.1:80");
+        let proc = snapshot(&[(with_port, SynSent, Some(10), false)]);
+        let none = FxHashSet::default();
+        assert_eq!(kinds(&compare(&proc, &table, Some(NETNS), &none)), vec![]);
+        // Another connect to the same place began during the snapshot: both are left out.
+        let changed: FxHashSet<Tuple> = [connecting].into_iter().collect();
+        let comparison = compare(&proc, &table, Some(NETNS), &changed);
+        assert_eq!((kinds(&comparison), comparison.excluded), (vec![], 2));
     }
 }

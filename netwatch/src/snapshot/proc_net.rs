@@ -20,6 +20,9 @@ pub struct ProcSocket {
     pub rx_queue: u32,
     pub uid: u32,
     pub inode: u64,
+    /// A TIME_WAIT mini socket (timer 3): what is left of a closed
+    /// connection. The kernel prints its substate, TIME_WAIT or FIN_WAIT2.
+    pub timewait: bool,
 }
 
 /// A /proc/net table: the sockets of its well-formed lines and how many were not.
@@ -71,7 +74,7 @@ pub fn parse_line(proto: Proto, line: &[u8]) -> Option<ProcSocket> {
     let remote = parse_endpoint(proto, fields.next()?)?;
     let state = TcpState::from_kernel(u8::try_from(hex(fields.next()?)?).ok()?)?;
     let (tx_queue, rx_queue) = split_pair(fields.next()?)?;
-    let _timer = fields.next()?;
+    let (timer, _) = split_pair(fields.next()?)?;
     let _retransmits = fields.next()?;
     let uid = decimal(fields.next()?)?;
     let _timeout = fields.next()?;
@@ -85,8 +88,12 @@ pub fn parse_line(proto: Proto, line: &[u8]) -> Option<ProcSocket> {
         rx_queue: u32::try_from(hex(rx_queue)?).ok()?,
         uid: u32::try_from(uid).ok()?,
         inode,
+        timewait: hex(timer)? == TIMER_TIMEWAIT,
     })
 }
+
+/// The `tr` column of a TIME_WAIT mini socket.
+const TIMER_TIMEWAIT: u64 = 3;
 
 /// `0100007F:0016` (IPv4) or 32 hex digits and a port (IPv6). The kernel
 /// prints each 32-bit word of the address in host byte order.
@@ -167,12 +174,20 @@ mod tests {
                 rx_queue: 3,
                 uid: 102,
                 inode: 23456,
+                timewait: false,
             }
         );
         assert_eq!(table.sockets[1].remote, "127.0.0.1:3306".parse().unwrap());
         assert_eq!(table.sockets[1].state, TcpState::Established);
         assert_eq!(table.sockets[1].tx_queue, 16);
         assert_eq!(table.sockets[1].uid, 1000);
+    }
+
+    #[test]
+    fn a_time_wait_mini_socket_is_told_by_its_timer() {
+        let line = b"   2: 0100007F:A1B2 0100007F:0CEA 05 00000000:00000000 03:00000A2C 00000000     0        0 0 3 0000000000000000";
+        let socket = parse_line(Proto::Tcp, line).unwrap();
+        assert_eq!((socket.state, socket.timewait), (TcpState::FinWait2, true));
     }
 
     #[test]
@@ -219,7 +234,7 @@ mod tests {
                 .collect()
         }
         format!(
-            "{:4}: {}:{:04X} {}:{:04X} {:02X} {:08X}:{:08X} 00:00000000 00000000 {:5} {:8} {} 1 0000000000000000 20 4 30 10 -1",
+            "{:4}: {}:{:04X} {}:{:04X} {:02X} {:08X}:{:08X} {:02X}:00000000 00000000 {:5} {:8} {} 1 0000000000000000 20 4 30 10 -1",
             7,
             addr(socket.local.ip()),
             socket.local.port(),
@@ -228,6 +243,7 @@ mod tests {
             socket.state as u8,
             socket.tx_queue,
             socket.rx_queue,
+            if socket.timewait { TIMER_TIMEWAIT } else { 2 },
             socket.uid,
             0,
             socket.inode
@@ -241,9 +257,10 @@ mod tests {
             any::<[u8; 16]>(),
             any::<(u16, u16, u32, u32, u32, u64)>(),
             1u8..=12,
+            any::<bool>(),
         )
             .prop_map(
-                |(v6, local, remote, (lport, rport, tx, rx, uid, inode), state)| {
+                |(v6, local, remote, (lport, rport, tx, rx, uid, inode), state, timewait)| {
                     let ip = |bytes: [u8; 16]| -> IpAddr {
                         if v6 {
                             IpAddr::V6(Ipv6Addr::from(bytes))
@@ -260,6 +277,7 @@ mod tests {
                         rx_queue: rx,
                         uid,
                         inode,
+                        timewait,
                     }
                 },
             )
