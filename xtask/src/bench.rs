@@ -34,6 +34,17 @@ pub enum Which {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// `netwatch audit` for a long run: churn at half the maximum rate plus
+    /// long-lived connections; RSS sampled and plotted, records counted,
+    /// and a `netwatch verify` beside it checks its table against /proc.
+    Soak {
+        /// Minutes of churn.
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+        /// Long-lived connections held meanwhile.
+        #[arg(long, default_value_t = 1000)]
+        long_lived: usize,
+    },
 }
 
 /// Runs one benchmark with the release netwatch binary.
@@ -43,15 +54,21 @@ pub fn run(which: Which, netwatch: &Path) -> anyhow::Result<()> {
     match which {
         Which::Snapshot { sockets, runs } => snapshot(netwatch, &sockets, runs.max(1)),
         Which::Stream { burst, seconds } => stream(netwatch, burst, seconds, &results),
+        Which::Soak {
+            minutes,
+            long_lived,
+        } => crate::soak::run(netwatch, minutes, long_lived, &results),
     }
 }
 
 /// Wall time, CPU time and peak RSS of a finished child.
 #[derive(Clone, Copy, Debug)]
-struct Usage {
+pub(crate) struct Usage {
     wall: Duration,
     cpu: Duration,
     max_rss_kib: u64,
+    /// Exit status 0.
+    pub success: bool,
 }
 
 /// Waits for `child` with wait4 to read its own resource usage.
@@ -69,6 +86,7 @@ fn wait_usage(child: &Child, started: Instant) -> anyhow::Result<Usage> {
         wall: started.elapsed(),
         cpu: time(usage.ru_utime) + time(usage.ru_stime),
         max_rss_kib: usage.ru_maxrss as u64,
+        success: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
     })
 }
 
@@ -80,7 +98,7 @@ fn median(values: &mut [f64]) -> f64 {
 // ---- snapshot -------------------------------------------------------------
 
 /// Processes holding the benchmark's sockets; they exit when dropped.
-struct Holders {
+pub(crate) struct Holders {
     children: Vec<(Child, ChildStdin)>,
 }
 
@@ -88,7 +106,7 @@ const HOLDERS: usize = 20;
 
 impl Holders {
     /// 20 processes holding `sockets` established sockets in all, each on its own 127.0.0.x.
-    fn start(sockets: usize) -> anyhow::Result<Holders> {
+    pub(crate) fn start(sockets: usize) -> anyhow::Result<Holders> {
         let per_holder = sockets / HOLDERS / 2;
         let mut children = Vec::new();
         for i in 0..HOLDERS {
@@ -208,7 +226,7 @@ fn snapshot(netwatch: &Path, sizes: &[usize], runs: usize) -> anyhow::Result<()>
     Ok(())
 }
 
-fn command(program: &Path, args: &[&str]) -> Command {
+pub(crate) fn command(program: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(program);
     cmd.args(args);
     cmd
@@ -225,10 +243,10 @@ enum Tracer {
 
 /// What one churn run under one tracer gave.
 #[derive(Debug, Default)]
-struct StreamRun {
-    connections: u64,
-    failed: u64,
-    rate: f64,
+pub(crate) struct StreamRun {
+    pub connections: u64,
+    pub failed: u64,
+    pub rate: f64,
     /// Without a tracer: perf's count of the tracepoint (the kernel's own).
     /// perf counts nothing while a BPF program is attached to it.
     fired: Option<u64>,
@@ -269,6 +287,7 @@ fn stream(netwatch: &Path, burst: u64, seconds: u64, results: &Path) -> anyhow::
             connections,
             seconds,
             threads: 2,
+            rate: 0,
         };
         println!("\n== {label} (2 client threads, loopback) ==");
         println!(
@@ -451,7 +470,7 @@ fn traced_churn(
 }
 
 /// Waits (30 s at most) until no socket on the churn's ports is open, but for TIME_WAIT.
-fn wait_for_churn_to_settle(ports: &HashSet<u16>) {
+pub(crate) fn wait_for_churn_to_settle(ports: &HashSet<u16>) {
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(30) {
         let open = proc_tcp_lines()
@@ -516,15 +535,15 @@ fn bpf_prog_ids_of(pid: u32) -> HashSet<u64> {
 
 /// A tracer process; killed if the benchmark fails before stopping it, so
 /// that no BPF program stays attached.
-struct RunningTracer {
-    child: Child,
+pub(crate) struct RunningTracer {
+    pub child: Child,
     started: Instant,
     stopped: bool,
 }
 
 impl RunningTracer {
     /// SIGINT (the tracer prints what it has and exits), then its usage.
-    fn stop(&mut self) -> anyhow::Result<Usage> {
+    pub(crate) fn stop(&mut self) -> anyhow::Result<Usage> {
         interrupt(&self.child);
         self.stopped = true;
         wait_usage(&self.child, self.started)
@@ -542,7 +561,7 @@ impl Drop for RunningTracer {
 
 /// Spawns a tracer writing to files and waits until its BPF programs are
 /// attached (a BPF link among its fds) and, for netwatch, its baseline is read.
-fn start_tracer(
+pub(crate) fn start_tracer(
     mut cmd: Command,
     out_path: &Path,
     err_path: &Path,
@@ -609,7 +628,7 @@ fn time_to_first_event(netwatch: &Path, results: &Path) -> anyhow::Result<Durati
     first.context("netwatch delivered no event within 10 s")
 }
 
-fn parse_churn_report(report: &str) -> anyhow::Result<StreamRun> {
+pub(crate) fn parse_churn_report(report: &str) -> anyhow::Result<StreamRun> {
     let field = |name: &str| {
         report
             .split_whitespace()
@@ -624,7 +643,7 @@ fn parse_churn_report(report: &str) -> anyhow::Result<StreamRun> {
     })
 }
 
-fn churn_ports(report: &str) -> HashSet<u16> {
+pub(crate) fn churn_ports(report: &str) -> HashSet<u16> {
     report
         .split_whitespace()
         .find_map(|kv| kv.strip_prefix("ports="))

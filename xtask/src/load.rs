@@ -59,12 +59,15 @@ pub struct ChurnArgs {
     /// Stop after this many connections (0: only the duration bounds the run).
     #[arg(long, default_value_t = 100_000)]
     pub connections: u64,
-    /// Stop after this many seconds at most (at most 600).
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=600))]
+    /// Stop after this many seconds at most (at most an hour).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub seconds: u64,
     /// Client threads (one listener and one accepting thread each).
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
+    /// Connections per second across threads (0: as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
 }
 
 /// Runs the churn and returns `connections=N seconds=S rate=R failed=F ports=P,Q`.
@@ -85,8 +88,10 @@ pub fn churn(args: &ChurnArgs) -> anyhow::Result<String> {
             thread::spawn(move || serve(&listener, &connected, &clients_done))
         };
         let (counts, limit) = (counts.clone(), args.connections);
+        let pace = (args.rate > 0)
+            .then(|| Duration::from_secs_f64(args.threads.max(1) as f64 / args.rate as f64));
         let client = thread::spawn(move || {
-            connect_loop(target, deadline, limit, &counts, &connected);
+            connect_loop(target, (deadline, pace), limit, &counts, &connected);
             clients_done.store(true, Ordering::Release);
         });
         workers.push((client, server));
@@ -111,15 +116,21 @@ pub fn churn(args: &ChurnArgs) -> anyhow::Result<String> {
 }
 
 /// Connects and closes at once (the client closes first) until `limit`
-/// connections are claimed across threads or the deadline passes.
+/// connections are claimed across threads or the deadline passes; with a
+/// `pace`, one connection per pace at most.
 fn connect_loop(
     target: SocketAddr,
-    deadline: Instant,
+    (deadline, pace): (Instant, Option<Duration>),
     limit: u64,
     counts: &ChurnCounts,
     connected: &AtomicU64,
 ) {
+    let mut next = Instant::now();
     while Instant::now() < deadline {
+        if let Some(pace) = pace {
+            next += pace;
+            thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
         if limit > 0 && counts.claimed.fetch_add(1, Ordering::Relaxed) >= limit {
             return;
         }

@@ -5,6 +5,7 @@ mod bench;
 mod command;
 mod load;
 mod setup;
+mod soak;
 
 use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;

@@ -20,7 +20,7 @@ pub const BUILD_PACKAGES: &[&str] = &[
     "bpftool",
 ];
 /// What the benchmarks compare against or measure with.
-pub const BENCH_PACKAGES: &[&str] = &["libbpf-tools", "net-tools", "linux-perf"];
+pub const BENCH_PACKAGES: &[&str] = &["libbpf-tools", "net-tools", "linux-perf", "gnuplot-nox"];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
