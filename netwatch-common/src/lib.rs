@@ -145,8 +145,10 @@ pub struct StateEvent {
     /// Kernel address of the socket: stable for the socket's life, reused after it.
     pub skaddr: u64,
     /// At a change to CLOSE: the bytes the application sent on the socket.
+    /// When a socket opens: those of the previous socket at this address,
+    /// if it was freed without a traced change to CLOSE.
     pub bytes_sent: u64,
-    /// At a change to CLOSE: the bytes the application received.
+    /// As `bytes_sent`, for the bytes the application received.
     pub bytes_received: u64,
     /// Local address; an IPv4 address fills the first 4 bytes.
     pub saddr: [u8; 16],

@@ -273,8 +273,10 @@ fn count_bytes(ctx: &RawTracePointContext, field: fn(*mut ByteCounts) -> *mut u6
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field(counts), ret as u64) };
 }
 
-/// The bytes counted for a socket that reaches CLOSE, removing its entry;
-/// a socket that opens starts from zero (its address may have been reused).
+/// The bytes counted at this address, removing the entry: at a change to
+/// CLOSE, the socket's own; when a socket opens, its address's previous
+/// occupant's, left when that one was freed without a traced CLOSE (the new
+/// socket starts from zero).
 fn take_bytes(sk: u64, oldstate: i32, newstate: i32) -> ByteCounts {
     let opens = oldstate == TCP_CLOSE || (oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV);
     if newstate != TCP_CLOSE && !opens {
@@ -283,11 +285,7 @@ fn take_bytes(sk: u64, oldstate: i32, newstate: i32) -> ByteCounts {
     // SAFETY: the value is copied out before the entry is removed.
     let counts = unsafe { BYTES.get(sk) }.copied().unwrap_or_default();
     let _ = BYTES.remove(sk);
-    if opens {
-        ByteCounts::default()
-    } else {
-        counts
-    }
+    counts
 }
 
 /// The socket's network namespace inode and uid, when the loader knew the

@@ -15,10 +15,11 @@ use crate::metrics::Metrics;
 use crate::monitor::{self, Config, Observer, WallClock};
 use crate::output::{self, Addr, LossCause, Timestamp};
 use crate::sink::Sink;
-use crate::snapshot::Snapshot;
-use crate::socket::{Owner, TcpState};
-use crate::table::{LiveSocket, Observed, SocketTable, Transition};
+use crate::snapshot::{self, Snapshot};
+use crate::socket::{Owner, Proto, TcpState};
+use crate::table::{LiveSocket, Observed, SocketTable, Transition, Tuple};
 use netwatch_common::ByteCounts;
+use std::collections::HashSet;
 use std::sync::Arc;
 
 /// Version of the record layout; bumped when a field changes meaning or goes away.
@@ -31,7 +32,11 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
         None => Sink::stdout(),
     };
     let config = Config::new(&args.probe, true, None);
-    monitor::run(config, Audit::default(), sink)?;
+    let audit = Audit {
+        metrics: None,
+        netns: snapshot::own_netns(),
+    };
+    monitor::run(config, audit, sink)?;
     Ok(())
 }
 
@@ -54,8 +59,11 @@ pub enum AuditRecord<'a> {
         /// Null when not counted: a connection from before audit started, still open.
         bytes_sent: Option<u64>,
         bytes_received: Option<u64>,
-        /// The state the connection left for CLOSE, or its state at exit.
+        /// The state the connection left for CLOSE, or its last state.
         last_state: &'static str,
+        /// Whether the kernel traced its change to CLOSE. When not, `end` is
+        /// when netwatch found it gone (an upper bound), or null: still open.
+        close_seen: bool,
     },
     /// A listener that opened (`end` null) or closed.
     Listen {
@@ -103,20 +111,56 @@ impl<'a> SocketFields<'a> {
 }
 
 /// The audit observer; `metrics` counts its records.
-#[derive(Default)]
 struct Audit {
     metrics: Option<Arc<Metrics>>,
+    /// netwatch's network namespace, whose sockets /proc lists.
+    netns: Option<u32>,
+}
+
+/// The TCP connections /proc lists (TIME_WAIT mini sockets left out), to
+/// tell the table's sockets still open from those freed without a trace;
+/// `None` when /proc cannot be read.
+fn open_in_proc() -> Option<HashSet<Tuple>> {
+    let snapshot = snapshot::take(&[Proto::Tcp, Proto::Tcp6], false).ok()?;
+    let open = snapshot.entries.iter().map(|entry| &entry.socket);
+    Some(
+        open.filter(|socket| !socket.timewait && socket.state != TcpState::TimeWait)
+            .map(|socket| Tuple {
+                proto: socket.proto,
+                local: socket.local,
+                remote: socket.remote,
+            })
+            .collect(),
+    )
+}
+
+/// How a connection's record ends.
+#[derive(Clone, Copy)]
+enum Ending {
+    /// Its change to CLOSE, at this time.
+    Closed(SystemTime),
+    /// Freed without a traced change to CLOSE, found by this time (its
+    /// address reused, or absent from /proc when audit stopped).
+    Vanished(SystemTime),
+    /// Still open when audit stopped.
+    Open,
 }
 
 impl Audit {
     fn conn(
         &self,
         socket: &LiveSocket,
-        end: Option<SystemTime>,
+        ending: Ending,
         bytes: Option<ByteCounts>,
         clock: &WallClock,
         out: &mut Vec<u8>,
     ) {
+        let (end, last_state) = match ending {
+            // The state it left for CLOSE.
+            Ending::Closed(end) => (Some(end), socket.previous.unwrap_or(socket.state)),
+            Ending::Vanished(end) => (Some(end), socket.state),
+            Ending::Open => (None, socket.state),
+        };
         let start = socket.opened_ns.map(|ns| clock.at(ns));
         let duration_ms = start.zip(end).map(|(start, end)| {
             end.duration_since(start).unwrap_or_default().as_micros() as f64 / 1e3
@@ -132,11 +176,8 @@ impl Audit {
             remote_port: socket.tuple.remote.port(),
             bytes_sent: bytes.map(|bytes| bytes.sent),
             bytes_received: bytes.map(|bytes| bytes.received),
-            last_state: socket
-                .previous
-                .filter(|_| end.is_some())
-                .unwrap_or(socket.state)
-                .name(),
+            last_state: last_state.name(),
+            close_seen: matches!(ending, Ending::Closed(_)),
         };
         // Writing to a Vec cannot fail.
         let _ = output::write_json_line(out, &record);
@@ -186,13 +227,25 @@ impl Observer for Audit {
         out: &mut Vec<u8>,
     ) {
         let now = clock.at(t.ts_ns);
+        if let Some(vanished) = &observed.replaced {
+            if vanished.state == TcpState::Listen {
+                self.listen(
+                    vanished,
+                    vanished.opened_ns.map(|ns| clock.at(ns)),
+                    Some(now),
+                    out,
+                );
+            } else {
+                self.conn(vanished, Ending::Vanished(now), Some(t.bytes), clock, out);
+            }
+        }
         match (t.old, t.new, observed.closed) {
             (TcpState::Listen, TcpState::Close, Some(listener)) => {
                 let start = listener.opened_ns.map(|ns| clock.at(ns));
                 self.listen(&listener, start, Some(now), out)
             }
             (_, TcpState::Close, Some(conn)) => {
-                self.conn(&conn, Some(now), Some(t.bytes), clock, out)
+                self.conn(&conn, Ending::Closed(now), Some(t.bytes), clock, out)
             }
             (TcpState::Close, TcpState::Listen, _) => {
                 // The table holds the listener now; the record needs its fields.
@@ -224,11 +277,18 @@ impl Observer for Audit {
         clock: &WallClock,
         out: &mut Vec<u8>,
     ) {
+        let in_proc = open_in_proc();
+        let now = SystemTime::now();
         for (skaddr, socket) in table.sockets().filter(|(_, s)| s.state != TcpState::Listen) {
             let counted = skaddr
                 .and_then(bytes)
                 .or(socket.opened_ns.map(|_| ByteCounts::default()));
-            self.conn(socket, None, counted, clock, out);
+            let here = socket.netns.is_none() || socket.netns == self.netns;
+            let ending = match &in_proc {
+                Some(open) if here && !open.contains(&socket.tuple) => Ending::Vanished(now),
+                _ => Ending::Open,
+            };
+            self.conn(socket, ending, counted, clock, out);
         }
     }
 }

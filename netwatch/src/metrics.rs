@@ -49,6 +49,7 @@ pub struct Metrics {
     lost_ring_buffer_full: Counter,
     lost_skipped: Counter,
     evicted: Counter,
+    vanished: Counter,
     pub resyncs: Counter,
     pub conn_records: Counter,
     pub listen_records: Counter,
@@ -67,6 +68,7 @@ impl Metrics {
             lost_ring_buffer_full: Counter::default(),
             lost_skipped: Counter::default(),
             evicted: Counter::default(),
+            vanished: Counter::default(),
             resyncs: Counter::default(),
             conn_records: Counter::default(),
             listen_records: Counter::default(),
@@ -80,11 +82,13 @@ impl Metrics {
         self.transitions[old as usize - 1][new as usize - 1].inc();
     }
 
-    /// Records the losses reported so far and the sockets evicted from the table.
-    pub fn set_losses(&self, lost: LossCounters, evicted: u64) {
+    /// Records the losses reported so far, and from the table the sockets
+    /// it evicted and those found freed without a traced CLOSE.
+    pub fn set_losses(&self, lost: LossCounters, table: &SocketTable) {
         self.lost_ring_buffer_full.set(lost.ring_buffer_full);
         self.lost_skipped.set(lost.skipped);
-        self.evicted.set(evicted);
+        self.evicted.set(table.evicted());
+        self.vanished.set(table.vanished());
     }
 
     /// Recounts the table's sockets by state.
@@ -149,6 +153,13 @@ impl Metrics {
             "counter",
             "Sockets evicted from the full table (least recently changed first).",
             self.evicted.get(),
+        );
+        single(
+            &mut text,
+            "netwatch_vanished_sockets_total",
+            "counter",
+            "Sockets found freed without a traced change to CLOSE (their address reused).",
+            self.vanished.get(),
         );
         family(
             &mut text,

@@ -336,7 +336,7 @@ impl<O: Observer> Monitor<O> {
         ];
         self.lost.ring_buffer_full = self.lost.ring_buffer_full.max(now.ring_buffer_full);
         self.lost.skipped = self.lost.skipped.max(unrecovered);
-        self.metrics.set_losses(self.lost, self.table.evicted());
+        self.metrics.set_losses(self.lost, &self.table);
         for (count, cause) in new_losses.into_iter().filter(|(count, _)| *count > 0) {
             self.stale = true;
             eprintln!("netwatch: lost {count} transition(s): {}", cause.describe());
@@ -364,7 +364,7 @@ impl<O: Observer> Monitor<O> {
     fn summary(&self, runtime: Duration) {
         let lost = self.lost;
         eprintln!(
-            "netwatch: ran {:.1} s: {} transitions ({} fired in the kernel), {} lost ({} ring buffer full, {} skipped by the kernel and not recovered); {} of {} skipped calls recovered, {} duplicates dropped; {} resyncs, {} sockets in the table",
+            "netwatch: ran {:.1} s: {} transitions ({} fired in the kernel), {} lost ({} ring buffer full, {} skipped by the kernel and not recovered); {} of {} skipped calls recovered, {} duplicates dropped; {} resyncs, {} sockets in the table, {} found freed without a traced CLOSE",
             runtime.as_secs_f64(),
             self.transitions,
             self.counters.fired.map_or_else(|| "?".to_owned(), |fired| fired.to_string()),
@@ -375,7 +375,8 @@ impl<O: Observer> Monitor<O> {
             self.counters.skipped,
             self.duplicates,
             self.resyncs,
-            self.table.len()
+            self.table.len(),
+            self.table.vanished()
         );
     }
 }

@@ -42,7 +42,9 @@ pub struct Transition {
     pub uid: Option<u32>,
     /// The socket's network namespace inode, when the kernel's layout was known.
     pub netns: Option<u32>,
-    /// At a change to CLOSE, what the socket carried (when bytes are counted).
+    /// At a change to CLOSE, what the socket carried (when bytes are
+    /// counted); when a socket opens, what the previous one at its address
+    /// carried, if that one left without a traced CLOSE.
     pub bytes: ByteCounts,
     /// Sent by the recovery program: a skipped call, or a duplicate.
     pub recovered: bool,
@@ -56,6 +58,10 @@ pub struct Observed {
     pub ms_in_old_state: Option<f64>,
     /// The socket, when this transition closed it (it left the table).
     pub closed: Option<LiveSocket>,
+    /// The socket that held this address before an opening transition: it
+    /// was freed without a traced change to CLOSE (Linux 6.18 does that to a
+    /// few orphaned FIN_WAIT1 sockets under churn), and has left the table.
+    pub replaced: Option<LiveSocket>,
 }
 
 /// A socket the table tracks.
@@ -125,6 +131,8 @@ pub struct SocketTable {
     closed: FxHashMap<u64, TcpState>,
     capacity: usize,
     evicted: u64,
+    /// Sockets found freed without a traced CLOSE (their address reused).
+    vanished: u64,
 }
 
 /// Process names cached at most; the cache is cleared when it grows past this.
@@ -151,6 +159,7 @@ impl SocketTable {
             closed: FxHashMap::default(),
             capacity: capacity.max(1),
             evicted: 0,
+            vanished: 0,
         }
     }
 
@@ -199,6 +208,11 @@ impl SocketTable {
         self.evicted
     }
 
+    /// Sockets found gone without a traced change to CLOSE so far.
+    pub fn vanished(&self) -> u64 {
+        self.vanished
+    }
+
     /// Every socket in the table, with its kernel address when a transition named it.
     pub fn sockets(&self) -> impl Iterator<Item = (Option<u64>, &LiveSocket)> {
         let bound = self
@@ -221,9 +235,15 @@ impl SocketTable {
 
     /// Applies one transition and says who owns the socket.
     pub fn apply(&mut self, t: &Transition) -> Observed {
+        let mut replaced = None;
         let mut socket = if opens(t.old, t.new) {
-            // A new socket; an entry left at this address missed its close.
-            self.bound.remove(&t.skaddr);
+            replaced = self.bound.remove(&t.skaddr);
+            if let Some(stale) = &replaced {
+                if stale.state == TcpState::Listen {
+                    self.remove_listener(stale);
+                }
+                self.vanished += 1;
+            }
             self.new_socket(t)
         } else {
             match self.bound.remove(&t.skaddr) {
@@ -271,6 +291,7 @@ impl SocketTable {
             owner,
             ms_in_old_state,
             closed,
+            replaced,
         }
     }
 
@@ -647,6 +668,9 @@ mod tests {
         ));
         assert_eq!(second.owner, owner(11));
         assert_eq!(table.len(), 1);
+        let replaced = second.replaced.expect("the first socket is handed back");
+        assert_eq!((replaced.tuple, replaced.owner), (first, owner(10)));
+        assert_eq!(table.vanished(), 1);
     }
 
     #[test]

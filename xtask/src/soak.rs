@@ -78,8 +78,8 @@ pub fn run(netwatch: &Path, minutes: u64, long_lived: usize, results: &Path) -> 
         churn.connections, churn.rate, churn.failed, churn.connections, churn.connections
     );
     println!(
-        "audit records on the churn's ports: {} out, {} in, closed; {} duplicates; lost records: {}",
-        records.outgoing, records.incoming, records.duplicates, records.lost
+        "audit records on the churn's ports: {} out, {} in, closed ({} of them without a traced CLOSE); {} duplicates; lost records: {}",
+        records.outgoing, records.incoming, records.close_unseen, records.duplicates, records.lost
     );
     println!(
         "records of connections open at exit (end null): {} (the {long_lived} long-lived connections give {})",
@@ -155,6 +155,7 @@ struct Record<'a> {
     local_port: Option<u16>,
     remote_port: Option<u16>,
     count: Option<u64>,
+    close_seen: Option<bool>,
 }
 
 #[derive(Default)]
@@ -164,6 +165,8 @@ struct RecordCounts {
     duplicates: u64,
     open_at_exit: u64,
     lost: u64,
+    /// Closed records whose change to CLOSE the kernel did not trace.
+    close_unseen: u64,
 }
 
 /// Counts the closed connection records on the churn's ports (an endpoint
@@ -197,6 +200,7 @@ fn count_records(path: &Path, ports: &HashSet<u16>) -> anyhow::Result<RecordCoun
                     if !seen.insert(key) {
                         counts.duplicates += 1;
                     }
+                    counts.close_unseen += u64::from(record.close_seen == Some(false));
                 }
             }
             _ => {}
