@@ -426,7 +426,7 @@ impl SocketTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::{ProcSocket, SnapshotEntry};
+    use crate::snapshot::SnapshotEntry;
     use TcpState::*;
 
     fn fake_names(pid: u32) -> Option<String> {
@@ -477,20 +477,7 @@ mod tests {
         Snapshot {
             entries: sockets
                 .iter()
-                .map(|&(tuple, state, pid)| SnapshotEntry {
-                    socket: ProcSocket {
-                        proto: tuple.proto,
-                        local: tuple.local,
-                        remote: tuple.remote,
-                        state,
-                        tx_queue: 0,
-                        rx_queue: 0,
-                        uid: 0,
-                        inode: 1,
-                        timewait: false,
-                    },
-                    owner: owner(pid),
-                })
+                .map(|&(tuple, state, pid)| SnapshotEntry::of(&tuple, state, owner(pid)))
                 .collect(),
             ..Snapshot::default()
         }

@@ -403,7 +403,7 @@ fn drift(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::{ProcSocket, SnapshotEntry};
+    use crate::snapshot::SnapshotEntry;
     use crate::socket::Owner;
     use netwatch_common::ByteCounts;
     use TcpState::*;
@@ -453,22 +453,14 @@ mod tests {
     fn snapshot(sockets: &[(Tuple, TcpState, Option<u32>, bool)]) -> Snapshot {
         let entries = sockets
             .iter()
-            .map(|&(tuple, state, pid, timewait)| SnapshotEntry {
-                socket: ProcSocket {
-                    proto: tuple.proto,
-                    local: tuple.local,
-                    remote: tuple.remote,
-                    state,
-                    tx_queue: 0,
-                    rx_queue: 0,
-                    uid: 0,
-                    inode: 1,
-                    timewait,
-                },
-                owner: pid.map(|pid| Owner {
+            .map(|&(tuple, state, pid, timewait)| {
+                let owner = pid.map(|pid| Owner {
                     pid,
                     program: format!("p{pid}"),
-                }),
+                });
+                let mut entry = SnapshotEntry::of(&tuple, state, owner);
+                entry.socket.timewait = timewait;
+                entry
             })
             .collect();
         Snapshot {

@@ -60,6 +60,31 @@ pub fn take(protos: &[Proto], resolve_owners: bool) -> io::Result<Snapshot> {
     Ok(join_owners(sockets, malformed_lines, owners))
 }
 
+#[cfg(test)]
+impl SnapshotEntry {
+    /// A TCP socket as /proc would list it, for tests.
+    pub fn of(
+        tuple: &crate::table::Tuple,
+        state: crate::socket::TcpState,
+        owner: Option<Owner>,
+    ) -> SnapshotEntry {
+        SnapshotEntry {
+            socket: ProcSocket {
+                proto: tuple.proto,
+                local: tuple.local,
+                remote: tuple.remote,
+                state,
+                tx_queue: 0,
+                rx_queue: 0,
+                uid: 0,
+                inode: 1,
+                timewait: false,
+            },
+            owner,
+        }
+    }
+}
+
 /// The inode number of netwatch's own network namespace, whose sockets
 /// /proc/net shows (`net:[4026531840]` read from /proc/self/ns/net).
 pub fn own_netns() -> Option<u32> {
