@@ -190,6 +190,11 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     tokio::time::sleep(Duration::from_millis(20)).await;
     probe.drain_now(|event| monitor.on_event(&event));
     monitor.check_losses(counters, true)?;
+    // The summary's kernel count includes what fired during that wait.
+    monitor.counters.fired = probe
+        .losses()
+        .context("reading the loss counters failed")?
+        .fired;
     monitor.observer.stopped(
         &monitor.table,
         &|skaddr| probe.bytes(skaddr),

@@ -107,10 +107,12 @@ fn churn_gives_exactly_one_record_per_endpoint() {
         );
         let mut endpoints = HashMap::new();
         for record in outgoing.iter().chain(&incoming) {
+            // Ports are reused across the run: the start time tells connections apart.
             let key = (
                 record["direction"].to_string(),
                 record["local_port"].as_u64(),
                 record["remote_port"].as_u64(),
+                record["start"].to_string(),
             );
             *endpoints.entry(key).or_insert(0) += 1;
         }
