@@ -117,18 +117,22 @@ struct Audit {
     netns: Option<u32>,
 }
 
-/// The TCP connections /proc lists (TIME_WAIT mini sockets left out), to
-/// tell the table's sockets still open from those freed without a trace;
-/// `None` when /proc cannot be read.
-fn open_in_proc() -> Option<HashSet<Tuple>> {
-    let snapshot = snapshot::take(&[Proto::Tcp, Proto::Tcp6], false).ok()?;
+/// The TCP connections /proc lists in every namespace (TIME_WAIT mini
+/// sockets left out), by namespace (`own` for netwatch's) and tuple, to tell
+/// the table's sockets still open from those freed without a trace; `None`
+/// when /proc cannot be read.
+fn open_in_proc(own: Option<u32>) -> Option<HashSet<(Option<u32>, Tuple)>> {
+    let snapshot = snapshot::take_every_namespace(&[Proto::Tcp, Proto::Tcp6], false).ok()?;
     let open = snapshot.entries.iter().map(|entry| &entry.socket);
     Some(
         open.filter(|socket| !socket.timewait && socket.state != TcpState::TimeWait)
-            .map(|socket| Tuple {
-                proto: socket.proto,
-                local: socket.local,
-                remote: socket.remote,
+            .map(|socket| {
+                let tuple = Tuple {
+                    proto: socket.proto,
+                    local: socket.local,
+                    remote: socket.remote,
+                };
+                (socket.netns.or(own), tuple)
             })
             .collect(),
     )
@@ -277,15 +281,15 @@ impl Observer for Audit {
         clock: &WallClock,
         out: &mut Vec<u8>,
     ) {
-        let in_proc = open_in_proc();
+        let in_proc = open_in_proc(self.netns);
         let now = SystemTime::now();
         for (skaddr, socket) in table.sockets().filter(|(_, s)| s.state != TcpState::Listen) {
             let counted = skaddr
                 .and_then(bytes)
                 .or(socket.opened_ns.map(|_| ByteCounts::default()));
-            let here = socket.netns.is_none() || socket.netns == self.netns;
+            let key = (socket.netns.or(self.netns), socket.tuple);
             let ending = match &in_proc {
-                Some(open) if here && !open.contains(&socket.tuple) => Ending::Vanished(now),
+                Some(open) if !open.contains(&key) => Ending::Vanished(now),
                 _ => Ending::Open,
             };
             self.conn(socket, ending, counted, clock, out);

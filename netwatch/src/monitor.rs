@@ -206,7 +206,13 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     Ok(monitor.observer)
 }
 
-/// Reads the TCP tables of /proc with their owners.
+/// Reads the TCP tables of every network namespace, with their owners.
+fn read_baseline() -> anyhow::Result<Snapshot> {
+    snapshot::take_every_namespace(&[Proto::Tcp, Proto::Tcp6], true)
+        .context("reading the /proc TCP tables failed")
+}
+
+/// Reads netwatch's own namespace's TCP tables of /proc with their owners.
 fn read_proc() -> anyhow::Result<Snapshot> {
     snapshot::take(&[Proto::Tcp, Proto::Tcp6], true).context("reading the /proc TCP tables failed")
 }
@@ -293,7 +299,7 @@ impl<O: Observer> Monitor<O> {
     }
 
     fn take_baseline(&mut self) -> anyhow::Result<()> {
-        let snapshot = read_proc()?;
+        let snapshot = read_baseline()?;
         self.table.reset_from(&snapshot, self.netns);
         self.last_resync = Instant::now();
         self.observer
@@ -303,7 +309,7 @@ impl<O: Observer> Monitor<O> {
 
     /// Rebuilds the table from a fresh /proc snapshot after losses.
     fn resync(&mut self) -> anyhow::Result<()> {
-        let snapshot = read_proc()?;
+        let snapshot = read_baseline()?;
         self.table.reset_from(&snapshot, self.netns);
         self.stale = false;
         self.last_resync = Instant::now();

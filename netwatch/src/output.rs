@@ -331,6 +331,7 @@ mod tests {
                 uid: 1000,
                 inode: 4242,
                 timewait: false,
+                netns: None,
             },
             owner,
         }

@@ -107,6 +107,7 @@ mod tests {
                 uid: 0,
                 inode: 1,
                 timewait: false,
+                netns: None,
             },
             owner: None,
         }

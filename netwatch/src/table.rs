@@ -120,8 +120,9 @@ struct Listener {
 #[derive(Debug)]
 pub struct SocketTable {
     bound: FxHashMap<u64, LiveSocket>,
-    /// Baseline sockets (all in `baseline_netns`) not yet named by a transition.
-    unbound: FxHashMap<Tuple, LiveSocket>,
+    /// Baseline sockets not yet named by a transition, by namespace and tuple.
+    unbound: FxHashMap<(Option<u32>, Tuple), LiveSocket>,
+    /// netwatch's own namespace, where /proc/net is read.
     baseline_netns: Option<u32>,
     /// Listening sockets by local port.
     listeners: FxHashMap<u16, Vec<Listener>>,
@@ -164,8 +165,9 @@ impl SocketTable {
     }
 
     /// Replaces the contents with the TCP sockets of a snapshot taken in
-    /// network namespace `netns`. TIME_WAIT mini sockets (whatever substate
-    /// /proc prints) are left out: they have no owner and no transition ends them.
+    /// network namespace `netns` (its sockets of other namespaces say
+    /// which). TIME_WAIT mini sockets (whatever substate /proc prints) are
+    /// left out: they have no owner and no transition ends them.
     pub fn reset_from(&mut self, snapshot: &Snapshot, netns: Option<u32>) {
         self.bound.clear();
         self.unbound.clear();
@@ -184,11 +186,11 @@ impl SocketTable {
             };
             let mut live = LiveSocket::unknown(tuple, socket.state, entry.owner.clone());
             live.uid = Some(socket.uid);
-            live.netns = netns;
+            live.netns = socket.netns.or(netns);
             if socket.state == TcpState::Listen {
                 self.add_listener(&live);
             }
-            self.unbound.insert(tuple, live);
+            self.unbound.insert((live.netns, tuple), live);
         }
         self.evict_beyond_capacity();
     }
@@ -301,14 +303,11 @@ impl SocketTable {
     }
 
     /// The baseline socket with this transition's tuple, if it is in the baseline's namespace.
+    /// The baseline socket of this transition's namespace and tuple (a
+    /// transition without a known namespace is taken for netwatch's own).
     fn take_unbound(&mut self, t: &Transition) -> Option<LiveSocket> {
-        let same_netns =
-            t.netns.is_none() || self.baseline_netns.is_none_or(|n| t.netns == Some(n));
-        if same_netns {
-            self.unbound.remove(&t.tuple)
-        } else {
-            None
-        }
+        self.unbound
+            .remove(&(t.netns.or(self.baseline_netns), t.tuple))
     }
 
     /// Past capacity, evicts the eighth of the sockets that changed least
@@ -637,6 +636,22 @@ mod tests {
         table.apply(&transition(2, 5, conn, SynSent, Established, 7));
         assert_eq!(table.len(), 1);
         assert_eq!(table.sockets().next().unwrap().1.state, Established);
+    }
+
+    #[test]
+    fn equal_tuples_in_two_namespaces_stay_apart() {
+        let mut table = SocketTable::new(fake_names, 1000);
+        let conn = tuple("10.0.0.2:5000", "10.0.0.1:80");
+        let mut snapshot = baseline(&[(conn, Established, 42), (conn, Established, 43)]);
+        snapshot.entries[1].socket.netns = Some(2);
+        table.reset_from(&snapshot, Some(1));
+        assert_eq!(table.len(), 2);
+        let mut other = transition(5, 9, conn, Established, FinWait1, 0);
+        other.netns = Some(2);
+        assert_eq!(table.apply(&other).owner, owner(43));
+        let own = transition(6, 8, conn, Established, FinWait1, 0);
+        assert_eq!(table.apply(&own).owner, owner(42));
+        assert_eq!(table.len(), 2);
     }
 
     #[test]

@@ -302,7 +302,8 @@ pub fn compare(
     let mut listed = FxHashSet::default();
     for entry in &snapshot.entries {
         let socket = &entry.socket;
-        if !socket.proto.is_tcp() || socket.timewait || !compared_state(socket.state) {
+        let elsewhere = socket.netns.is_some();
+        if elsewhere || !socket.proto.is_tcp() || socket.timewait || !compared_state(socket.state) {
             continue;
         }
         let tuple = Tuple {

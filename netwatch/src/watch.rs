@@ -32,7 +32,8 @@ impl Observer for Stream {
             return;
         }
         let ts = output::rfc3339(SystemTime::now());
-        for entry in &snapshot.entries {
+        // netwatch's own namespace, as netstat shows it.
+        for entry in snapshot.entries.iter().filter(|e| e.socket.netns.is_none()) {
             let socket = &entry.socket;
             let tuple = Tuple {
                 proto: socket.proto,

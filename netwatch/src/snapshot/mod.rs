@@ -34,10 +34,38 @@ pub struct Snapshot {
 /// its own (every one walks the kernel's whole hash of sockets), and with
 /// `resolve_owners` /proc/[pid]/fd is walked by two more meanwhile.
 pub fn take(protos: &[Proto], resolve_owners: bool) -> io::Result<Snapshot> {
+    take_in(&[], protos, resolve_owners)
+}
+
+/// Takes a snapshot of every network namespace that has a process: netwatch's
+/// own, then each other one through one of its processes (/proc/PID/net),
+/// its sockets marked with the namespace's inode. Owners are found across
+/// all of them (socket inodes are unique host-wide).
+pub fn take_every_namespace(protos: &[Proto], resolve_owners: bool) -> io::Result<Snapshot> {
+    take_in(&other_namespaces(), protos, resolve_owners)
+}
+
+/// Reads netwatch's own tables and those of `others` (namespace inode, a
+/// /proc task directory in it).
+fn take_in(
+    others: &[(u32, String)],
+    protos: &[Proto],
+    resolve_owners: bool,
+) -> io::Result<Snapshot> {
     let (tables, owners) = thread::scope(|scope| {
         let readers: Vec<_> = protos
             .iter()
-            .map(|&proto| scope.spawn(move || proc_net::read_table(proto)))
+            .map(|&proto| {
+                scope.spawn(move || {
+                    let mut table = proc_net::read_table(proto)?;
+                    for (netns, task) in others {
+                        let other = proc_net::read_table_of(proto, task, *netns);
+                        table.sockets.extend(other.sockets);
+                        table.malformed_lines += other.malformed_lines;
+                    }
+                    Ok(table)
+                })
+            })
             .collect();
         let owners = resolve_owners.then(|| processes::scan_socket_inodes(FD_SCAN_THREADS));
         let tables: Vec<io::Result<ProcTable>> = readers
@@ -79,10 +107,39 @@ impl SnapshotEntry {
                 uid: 0,
                 inode: 1,
                 timewait: false,
+                netns: None,
             },
             owner,
         }
     }
+}
+
+/// Each network namespace other than netwatch's that a thread is in (a
+/// thread can leave its process's), as (namespace inode, the
+/// `/proc/PID/task/TID` directory of one such thread).
+fn other_namespaces() -> Vec<(u32, String)> {
+    let own = own_netns();
+    let mut found: HashMap<u32, String> = HashMap::new();
+    for pid in numbered_entries("/proc") {
+        for tid in numbered_entries(&format!("/proc/{pid}/task")) {
+            let task = format!("{pid}/task/{tid}");
+            if let Some(netns) = netns_of(&task).filter(|&netns| Some(netns) != own) {
+                found.entry(netns).or_insert(format!("/proc/{task}"));
+            }
+        }
+    }
+    found.into_iter().collect()
+}
+
+/// The numeric names in a directory (pids, tids).
+fn numbered_entries(dir: &str) -> Vec<u32> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The inode number of netwatch's own network namespace, whose sockets
@@ -91,7 +148,8 @@ pub fn own_netns() -> Option<u32> {
     netns_of("self")
 }
 
-/// The network namespace inode of process `pid` ("self" for netwatch).
+/// The network namespace inode of process `pid` ("self" for netwatch, or
+/// `PID/task/TID` for a thread).
 pub fn netns_of(pid: &str) -> Option<u32> {
     let link = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
     let link = link.to_str()?;

@@ -23,6 +23,8 @@ pub struct ProcSocket {
     /// A TIME_WAIT mini socket (timer 3): what is left of a closed
     /// connection. The kernel prints its substate, TIME_WAIT or FIN_WAIT2.
     pub timewait: bool,
+    /// The network namespace, when read from another than netwatch's own.
+    pub netns: Option<u32>,
 }
 
 /// A /proc/net table: the sockets of its well-formed lines and how many were not.
@@ -32,13 +34,28 @@ pub struct ProcTable {
     pub malformed_lines: usize,
 }
 
-/// Reads and parses one table. A missing table (IPv6 disabled) is empty.
+/// Reads and parses one table of netwatch's network namespace. A missing
+/// table (IPv6 disabled) is empty.
 pub fn read_table(proto: Proto) -> io::Result<ProcTable> {
     match std::fs::read(proto.proc_path()) {
         Ok(contents) => Ok(parse_table(proto, &contents)),
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(ProcTable::default()),
         Err(err) => Err(err),
     }
+}
+
+/// Reads one table of network namespace `netns` through a task in it
+/// (`task` is its /proc directory, the table `TASK/net/tcp`...). A task
+/// gone meanwhile gives an empty table.
+pub fn read_table_of(proto: Proto, task: &str, netns: u32) -> ProcTable {
+    let path = proto.proc_path().replacen("/proc", task, 1);
+    let mut table = std::fs::read(path)
+        .map(|contents| parse_table(proto, &contents))
+        .unwrap_or_default();
+    for socket in &mut table.sockets {
+        socket.netns = Some(netns);
+    }
+    table
 }
 
 /// Parses a whole table, header included; malformed lines are skipped and counted.
@@ -89,6 +106,7 @@ pub fn parse_line(proto: Proto, line: &[u8]) -> Option<ProcSocket> {
         uid: u32::try_from(uid).ok()?,
         inode,
         timewait: hex(timer)? == TIMER_TIMEWAIT,
+        netns: None,
     })
 }
 
@@ -175,6 +193,7 @@ mod tests {
                 uid: 102,
                 inode: 23456,
                 timewait: false,
+                netns: None,
             }
         );
         assert_eq!(table.sockets[1].remote, "127.0.0.1:3306".parse().unwrap());
@@ -278,6 +297,7 @@ mod tests {
                         uid,
                         inode,
                         timewait,
+                        netns: None,
                     }
                 },
             )

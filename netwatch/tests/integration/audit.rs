@@ -241,3 +241,49 @@ fn a_write_error_is_reported_once_and_audit_exits_non_zero() {
         stopped.stderr
     );
 }
+
+#[test]
+fn the_baseline_covers_other_network_namespaces() {
+    let mut peer = Peer::spawn();
+    let netns = u64::from(peer.send("unshare-net")[0]);
+    let (listener, port) = peer.listen("127.0.0.1:0");
+    let (_, client_port) = peer.connect(&format!("127.0.0.1:{port}"));
+    peer.accept(listener);
+    let audit = Watch::spawn(&["audit"]);
+    let stopped = audit.stop_with(libc::SIGTERM);
+    assert!(stopped.success, "{}", stopped.stderr);
+    let pid = u64::from(peer.pid());
+    let of_peer = |r: &&Value| r["netns"] == netns && r["pid"] == pid;
+    let listen: Vec<&Value> = stopped
+        .records
+        .iter()
+        .filter(|r| r["type"] == "listen" && r["local_port"] == port)
+        .filter(of_peer)
+        .collect();
+    assert_eq!(listen.len(), 1, "{:#?}", stopped.records);
+    assert!(
+        listen[0]["start"].is_null(),
+        "listening before audit started"
+    );
+    let open: Vec<&Value> = stopped
+        .records
+        .iter()
+        .filter(|r| r["type"] == "conn" && r["end"].is_null())
+        .filter(of_peer)
+        .collect();
+    let ends: Vec<(u64, u64)> = open
+        .iter()
+        .map(|r| {
+            (
+                r["local_port"].as_u64().unwrap(),
+                r["remote_port"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let (port, client_port) = (u64::from(port), u64::from(client_port));
+    assert!(ends.contains(&(client_port, port)), "{open:#?}");
+    assert!(ends.contains(&(port, client_port)), "{open:#?}");
+    assert!(open
+        .iter()
+        .all(|r| r["direction"] == "unknown" && r["uid"] == 0));
+}
