@@ -79,7 +79,7 @@ fn is_shown(args: &SnapshotArgs, entry: &SnapshotEntry) -> bool {
 mod tests {
     use super::*;
     use crate::cli::{Cli, Command};
-    use crate::snapshot::ProcSocket;
+    use crate::table::Tuple;
     use clap::Parser;
 
     fn args(flags: &[&str]) -> SnapshotArgs {
@@ -96,21 +96,12 @@ mod tests {
         } else {
             "127.0.0.1"
         };
-        SnapshotEntry {
-            socket: ProcSocket {
-                proto,
-                local: format!("{any}:{port}").parse().unwrap(),
-                remote: format!("{any}:9").parse().unwrap(),
-                state,
-                tx_queue: 0,
-                rx_queue: 0,
-                uid: 0,
-                inode: 1,
-                timewait: false,
-                netns: None,
-            },
-            owner: None,
-        }
+        let tuple = Tuple {
+            proto,
+            local: format!("{any}:{port}").parse().unwrap(),
+            remote: format!("{any}:9").parse().unwrap(),
+        };
+        SnapshotEntry::of(&tuple, state, None)
     }
 
     #[test]
