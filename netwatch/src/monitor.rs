@@ -172,11 +172,7 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
             }
             taken = async { pending_check.as_mut().expect("guarded").await }, if pending_check.is_some() => {
                 pending_check = None;
-                let snapshot = taken.context("the snapshot thread failed")??;
-                // Transitions stamped before the snapshot ended may still be on their way on other CPUs.
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                probe.drain_now(|event| monitor.on_event(&event));
-                monitor.observer.check(&snapshot, &monitor.table, &mut monitor.buffer);
+                monitor.check(&mut probe, taken.context("the snapshot thread failed")??).await;
             }
             _ = hangup.recv() => monitor.sink.reopen()?,
             _ = interrupt.recv() => break,
@@ -185,23 +181,7 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
         }
         monitor.flush()?;
     }
-    // Let recoveries in flight on other CPUs land before the last count.
-    let counters = probe.losses().context("reading the loss counters failed")?;
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    probe.drain_now(|event| monitor.on_event(&event));
-    monitor.check_losses(counters, true)?;
-    // The summary's kernel count includes what fired during that wait.
-    monitor.counters.fired = probe
-        .losses()
-        .context("reading the loss counters failed")?
-        .fired;
-    monitor.observer.stopped(
-        &monitor.table,
-        &|skaddr| probe.bytes(skaddr),
-        &monitor.clock,
-        &mut monitor.buffer,
-    );
-    monitor.flush()?;
+    monitor.stop(&mut probe).await?;
     monitor.summary(started.elapsed());
     Ok(monitor.observer)
 }
@@ -305,6 +285,38 @@ impl<O: Observer> Monitor<O> {
         self.observer
             .baseline(&snapshot, &self.table, &mut self.buffer);
         Ok(())
+    }
+
+    /// Hands the observer a snapshot just read, once every transition
+    /// stamped before its end is applied.
+    async fn check(&mut self, probe: &mut StateProbe, snapshot: Snapshot) {
+        // Transitions stamped before the snapshot ended may still be on their way on other CPUs.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        probe.drain_now(|event| self.on_event(&event));
+        self.observer
+            .check(&snapshot, &self.table, &mut self.buffer);
+    }
+
+    /// Drains what is left, counts the last losses and lets the observer
+    /// write its last records.
+    async fn stop(&mut self, probe: &mut StateProbe) -> anyhow::Result<()> {
+        // Let recoveries in flight on other CPUs land before the last count.
+        let counters = probe.losses().context("reading the loss counters failed")?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        probe.drain_now(|event| self.on_event(&event));
+        self.check_losses(counters, true)?;
+        // The summary's kernel count includes what fired during that wait.
+        self.counters.fired = probe
+            .losses()
+            .context("reading the loss counters failed")?
+            .fired;
+        self.observer.stopped(
+            &self.table,
+            &|skaddr| probe.bytes(skaddr),
+            &self.clock,
+            &mut self.buffer,
+        );
+        Ok(self.flush()?)
     }
 
     /// Rebuilds the table from a fresh /proc snapshot after losses.
