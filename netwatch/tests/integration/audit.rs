@@ -228,6 +228,13 @@ fn wait_for(done: impl Fn() -> bool, what: &str) {
 }
 
 #[test]
+fn a_closed_pipe_is_an_error_for_audit() {
+    let (status, stderr) = crate::support::run_with_closed_stdout(&["audit"]);
+    assert!(!status.success(), "records would be lost: {stderr}");
+    assert_eq!(stderr.matches("Broken pipe").count(), 1, "{stderr}");
+}
+
+#[test]
 fn a_write_error_is_reported_once_and_audit_exits_non_zero() {
     let mut peer = Peer::spawn();
     let audit = Watch::spawn(&["audit", "--output", "/dev/full"]);

@@ -5,9 +5,7 @@ use std::process::Command;
 use serde_json::Value;
 
 use crate::peer::{peer_program, Peer};
-use crate::support::{
-    expect_steps, is_root, run_netwatch_as_nobody, snapshot_json, transitions_of, Watch,
-};
+use crate::support::{expect_steps, run_netwatch_as_nobody, snapshot_json, transitions_of, Watch};
 
 const CLIENT_STEPS: [&str; 4] = [
     "SYN_SENT->ESTABLISHED",
@@ -335,28 +333,7 @@ fn sigterm_stops_cleanly_and_leaves_nothing_attached() {
 
 #[test]
 fn a_closed_stdout_pipe_ends_quietly() {
-    assert!(is_root());
-    let mut child = crate::support::netwatch()
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("netwatch starts");
-    drop(child.stdout.take());
-    let mut server = Peer::spawn();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let status = loop {
-        let (listener, _) = server.listen("127.0.0.1:0");
-        server.close(listener);
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "netwatch kept running with no reader"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    let stderr = std::io::read_to_string(child.stderr.take().expect("stderr")).expect("stderr");
+    let (status, stderr) = crate::support::run_with_closed_stdout(&[]);
     assert!(status.success(), "{stderr}");
     assert!(
         !stderr.contains("panicked") && !stderr.contains("Broken pipe"),

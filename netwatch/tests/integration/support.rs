@@ -56,6 +56,35 @@ pub fn snapshot_json(args: &[&str]) -> Vec<Value> {
     json_lines(&output.stdout)
 }
 
+/// Runs `netwatch ARGS` with its stdout's reader gone, making listeners
+/// until it exits (10 s at most); its exit status and stderr.
+pub fn run_with_closed_stdout(args: &[&str]) -> (std::process::ExitStatus, String) {
+    assert!(is_root());
+    let mut child = netwatch()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("netwatch starts");
+    drop(child.stdout.take());
+    let mut server = crate::peer::Peer::spawn();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let (listener, _) = server.listen("127.0.0.1:0");
+        server.close(listener);
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "netwatch kept running with no reader"
+        );
+        thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = std::io::read_to_string(child.stderr.take().expect("stderr")).expect("stderr");
+    (status, stderr)
+}
+
 /// Whether the process runs as root (the eBPF tests need it).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
