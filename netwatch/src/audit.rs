@@ -16,7 +16,7 @@ use crate::monitor::{self, Config, Observer, WallClock};
 use crate::output::{self, Addr, LossCause, Timestamp};
 use crate::sink::Sink;
 use crate::snapshot::{self, Snapshot};
-use crate::socket::{Owner, Proto, TcpState};
+use crate::socket::{Proto, TcpState};
 use crate::table::{LiveSocket, Observed, SocketTable, Transition, Tuple};
 use netwatch_common::ByteCounts;
 use std::collections::HashSet;
@@ -97,7 +97,8 @@ pub struct SocketFields<'a> {
 }
 
 impl<'a> SocketFields<'a> {
-    fn of(socket: &LiveSocket, owner: Option<&'a Owner>) -> SocketFields<'a> {
+    fn of(socket: &'a LiveSocket) -> SocketFields<'a> {
+        let owner = socket.owner.as_ref();
         SocketFields {
             pid: owner.map(|owner| owner.pid),
             program: owner.map(|owner| owner.program.as_str()),
@@ -174,7 +175,7 @@ impl Audit {
             start: start.map(Timestamp),
             end: end.map(Timestamp),
             duration_ms,
-            socket: SocketFields::of(socket, socket.owner.as_ref()),
+            socket: SocketFields::of(socket),
             direction: socket.direction.name(),
             remote_addr: Addr(socket.tuple.remote.ip()),
             remote_port: socket.tuple.remote.port(),
@@ -203,7 +204,7 @@ impl Audit {
             event: if end.is_some() { "close" } else { "open" },
             start: start.map(Timestamp),
             end: end.map(Timestamp),
-            socket: SocketFields::of(socket, socket.owner.as_ref()),
+            socket: SocketFields::of(socket),
         };
         let _ = output::write_json_line(out, &record);
         if let Some(metrics) = &self.metrics {

@@ -24,7 +24,7 @@ use crate::monitor::{self, Config, Observer, WallClock};
 use crate::output::{self, Timestamp};
 use crate::sink::Sink;
 use crate::snapshot::{self, Snapshot};
-use crate::socket::{format_endpoint, Proto, TcpState};
+use crate::socket::{format_endpoint, TcpState};
 use crate::table::{LiveSocket, Observed, SocketTable, Transition, Tuple};
 
 /// Sockets listed at most in one report (the counts cover them all).
@@ -386,12 +386,11 @@ fn drift(
     table: Option<(TcpState, Option<u32>)>,
     snapshot: Option<(TcpState, Option<u32>)>,
 ) -> Drift {
-    let endpoint = |addr: SocketAddr| format_endpoint(addr);
     Drift {
         kind,
-        proto: Proto::name(tuple.proto),
-        local: endpoint(tuple.local),
-        remote: endpoint(tuple.remote),
+        proto: tuple.proto.name(),
+        local: format_endpoint(tuple.local),
+        remote: format_endpoint(tuple.remote),
         table_state: table.map(|(state, _)| state.name()),
         snapshot_state: snapshot.map(|(state, _)| state.name()),
         table_pid: table.and_then(|(_, pid)| pid),
@@ -405,7 +404,7 @@ fn drift(
 mod tests {
     use super::*;
     use crate::snapshot::SnapshotEntry;
-    use crate::socket::Owner;
+    use crate::socket::{Owner, Proto};
     use netwatch_common::ByteCounts;
     use TcpState::*;
 
