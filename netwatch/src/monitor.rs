@@ -278,10 +278,17 @@ impl<O: Observer> Monitor<O> {
         }
     }
 
-    fn take_baseline(&mut self) -> anyhow::Result<()> {
+    /// Fills the table from /proc: the baseline at start, or a resync.
+    fn reload(&mut self) -> anyhow::Result<Snapshot> {
         let snapshot = read_baseline()?;
         self.table.reset_from(&snapshot, self.netns);
+        self.stale = false;
         self.last_resync = Instant::now();
+        Ok(snapshot)
+    }
+
+    fn take_baseline(&mut self) -> anyhow::Result<()> {
+        let snapshot = self.reload()?;
         self.observer
             .baseline(&snapshot, &self.table, &mut self.buffer);
         Ok(())
@@ -321,10 +328,7 @@ impl<O: Observer> Monitor<O> {
 
     /// Rebuilds the table from a fresh /proc snapshot after losses.
     fn resync(&mut self) -> anyhow::Result<()> {
-        let snapshot = read_baseline()?;
-        self.table.reset_from(&snapshot, self.netns);
-        self.stale = false;
-        self.last_resync = Instant::now();
+        self.reload()?;
         self.resyncs += 1;
         self.metrics.resyncs.inc();
         eprintln!(
