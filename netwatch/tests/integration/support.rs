@@ -56,16 +56,21 @@ pub fn snapshot_json(args: &[&str]) -> Vec<Value> {
     json_lines(&output.stdout)
 }
 
-/// Runs `netwatch ARGS` with its stdout's reader gone, making listeners
-/// until it exits (10 s at most); its exit status and stderr.
-pub fn run_with_closed_stdout(args: &[&str]) -> (std::process::ExitStatus, String) {
-    assert!(is_root());
-    let mut child = netwatch()
+/// Starts `netwatch ARGS` with stdout and stderr piped to the test.
+fn spawn_piped(args: &[&str]) -> Child {
+    netwatch()
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("netwatch starts");
+        .expect("netwatch starts")
+}
+
+/// Runs `netwatch ARGS` with its stdout's reader gone, making listeners
+/// until it exits (10 s at most); its exit status and stderr.
+pub fn run_with_closed_stdout(args: &[&str]) -> (std::process::ExitStatus, String) {
+    assert!(is_root());
+    let mut child = spawn_piped(args);
     drop(child.stdout.take());
     let mut server = crate::peer::Peer::spawn();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -123,12 +128,7 @@ impl Watch {
             is_root(),
             "the stream tests load eBPF programs: run them as root (cargo xtask test does)"
         );
-        let mut child = netwatch()
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("netwatch starts");
+        let mut child = spawn_piped(args);
         let records = lines_of(child.stdout.take().expect("piped stdout"));
         let stderr = lines_of(child.stderr.take().expect("piped stderr"));
         let (records, stderr) = (parse_json(records), stderr);
