@@ -28,6 +28,9 @@ pub const BYTES_MAP_ENTRIES: u32 = 1 << 17;
 /// Global set to 1 by the loader when `SOCK_OFFSETS` are set: the programs
 /// then read each socket's uid and network namespace.
 pub const SOCK_LAYOUT_KNOWN: &str = "SOCK_LAYOUT_KNOWN";
+/// Global set to 1 by the loader when the byte-counting programs are
+/// attached: only then do transitions take counts from `BYTES_MAP`.
+pub const COUNTS_BYTES: &str = "COUNTS_BYTES";
 
 /// Globals of the socket programs: byte offsets of `struct sock` fields,
 /// taken from the running kernel's BTF at load time, as (global, struct,

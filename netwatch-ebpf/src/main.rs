@@ -106,7 +106,8 @@ kernel_offsets!(
     SK_UID,
     SKC_NET,
     NET_NS_INUM,
-    SOCK_LAYOUT_KNOWN
+    SOCK_LAYOUT_KNOWN,
+    COUNTS_BYTES
 );
 
 /// TCP state numbers the programs act on (include/net/tcp_states.h).
@@ -278,6 +279,11 @@ fn count_bytes(ctx: &RawTracePointContext, field: fn(*mut ByteCounts) -> *mut u6
 /// occupant's, left when that one was freed without a traced CLOSE (the new
 /// socket starts from zero).
 fn take_bytes(sk: u64, oldstate: i32, newstate: i32) -> ByteCounts {
+    // SAFETY: the loader set the global; volatile keeps its initial 0 from being folded.
+    if unsafe { core::ptr::read_volatile(&COUNTS_BYTES) } == 0 {
+        // Nothing counts bytes (watch, verify): no map work on this path.
+        return ByteCounts::default();
+    }
     let opens = oldstate == TCP_CLOSE || (oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV);
     if newstate != TCP_CLOSE && !opens {
         return ByteCounts::default();

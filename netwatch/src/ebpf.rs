@@ -12,9 +12,9 @@ use aya::programs::{Iter, RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
 use netwatch_common::{
-    tracepoint, ByteCounts, SocketFd, StateEvent, AF_INET6, BYTES_MAP, DROPS_MAP, EVENTS_MAP,
-    FILE_OFFSETS, FIRED_MAP, RECEIVED_PROGRAM, RECOVERY_PROGRAM, SENT_PROGRAM, SOCKET_FDS_PROGRAM,
-    SOCK_LAYOUT_KNOWN, SOCK_OFFSETS, STATE_PROGRAM,
+    tracepoint, ByteCounts, SocketFd, StateEvent, AF_INET6, BYTES_MAP, COUNTS_BYTES, DROPS_MAP,
+    EVENTS_MAP, FILE_OFFSETS, FIRED_MAP, RECEIVED_PROGRAM, RECOVERY_PROGRAM, SENT_PROGRAM,
+    SOCKET_FDS_PROGRAM, SOCK_LAYOUT_KNOWN, SOCK_OFFSETS, STATE_PROGRAM,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -95,6 +95,9 @@ impl StateProbe {
                 loader.override_global(global, offset, true);
             }
             loader.override_global(SOCK_LAYOUT_KNOWN, &1u32, true);
+        }
+        if count_bytes {
+            loader.override_global(COUNTS_BYTES, &1u32, true);
         }
         let mut ebpf = loader.load(netwatch_object()).map_err(|err| load(&err))?;
         let state_fd = attach_tracepoint(&mut ebpf)?;
