@@ -4,10 +4,15 @@
 //! `#[repr(C)]`, ordered large to small, with explicit padding.
 #![no_std]
 
-/// Name of the ring buffer map that carries [`StateEvent`]s to user space.
+/// Name of the ring buffer map that carries [`KernelEvent`]s to user space.
 pub const EVENTS_MAP: &str = "EVENTS";
-/// Name of the per-CPU array (one `u64` slot) counting events the ring buffer refused.
+/// Name of the per-CPU array counting events the ring buffer refused: slot
+/// [`DROPPED_TRANSITIONS`] for transitions, [`DROPPED_OWNER_EVENTS`] for the rest.
 pub const DROPS_MAP: &str = "DROPS";
+/// Slot of `DROPS_MAP` counting transitions the ring buffer refused.
+pub const DROPPED_TRANSITIONS: u32 = 0;
+/// Slot of `DROPS_MAP` counting owner and exec events the ring buffer refused.
+pub const DROPPED_OWNER_EVENTS: u32 = 1;
 /// Name of the per-CPU array (one `u64` slot) counting calls of the recovery program.
 pub const FIRED_MAP: &str = "FIRED";
 /// Name of the tracepoint program: it forwards every transition.
@@ -17,25 +22,34 @@ pub const STATE_PROGRAM: &str = "inet_sock_set_state";
 /// (nested call on one CPU), and then forwards the transition itself.
 pub const RECOVERY_PROGRAM: &str = "recover_state";
 /// Raw tracepoint programs on `sock_send_length` and `sock_recv_length`:
-/// they count the bytes each TCP socket's application sent and received.
-pub const SENT_PROGRAM: &str = "count_sent";
-pub const RECEIVED_PROGRAM: &str = "count_received";
-/// Name of the LRU hash of byte counts per socket (by kernel address).
-pub const BYTES_MAP: &str = "BYTES";
-/// Sockets with byte counts at most: the least recently used count is
-/// evicted beyond that (a socket whose close was missed cannot leak).
-pub const BYTES_MAP_ENTRIES: u32 = 1 << 17;
-/// Global set to 1 by the loader when `SOCK_OFFSETS` are set: the programs
-/// then read each socket's uid and network namespace.
+/// they run in the caller's context, notice when a process other than the
+/// socket's owner uses it (a handoff), and count the bytes each TCP
+/// socket's application sent and received.
+pub const SENT_PROGRAM: &str = "socket_sent";
+pub const RECEIVED_PROGRAM: &str = "socket_received";
+/// Tracepoint program on `syscalls:sys_exit_accept4` and `sys_exit_accept`:
+/// the accepting process becomes the owner of the socket accept returns.
+pub const ACCEPT_PROGRAM: &str = "accept_exit";
+/// Raw tracepoint program on `sched_process_exec`: a process's new name.
+pub const EXEC_PROGRAM: &str = "process_exec";
+/// Name of the LRU hash of [`SocketEntry`] per socket (by kernel address).
+pub const SOCKETS_MAP: &str = "SOCKETS";
+/// Sockets the kernel keeps an owner and byte counts for at most: the least
+/// recently used entry is evicted beyond that (a socket whose close was
+/// missed cannot leak).
+pub const SOCKETS_MAP_ENTRIES: u32 = 1 << 17;
+/// Global set to 1 by the loader when `SOCK_OFFSETS`, `FILE_OFFSETS` and
+/// `TASK_OFFSETS` are set: the programs then read each socket's uid,
+/// network namespace and owner.
 pub const SOCK_LAYOUT_KNOWN: &str = "SOCK_LAYOUT_KNOWN";
 /// Global set to 1 by the loader when the byte-counting programs are
-/// attached: only then do transitions take counts from `BYTES_MAP`.
+/// attached: only then do transitions take counts from `SOCKETS_MAP`.
 pub const COUNTS_BYTES: &str = "COUNTS_BYTES";
 
 /// Globals of the socket programs: byte offsets of `struct sock` fields,
 /// taken from the running kernel's BTF at load time, as (global, struct,
 /// member path).
-pub const SOCK_OFFSETS: [(&str, &str, &str); 11] = [
+pub const SOCK_OFFSETS: [(&str, &str, &str); 12] = [
     ("SK_PROTOCOL", "sock", "sk_protocol"),
     ("SKC_FAMILY", "sock_common", "skc_family"),
     ("SKC_DADDR", "sock_common", "skc_daddr"),
@@ -47,15 +61,32 @@ pub const SOCK_OFFSETS: [(&str, &str, &str); 11] = [
     ("SK_UID", "sock", "sk_uid"),
     ("SKC_NET", "sock_common", "skc_net.net"),
     ("NET_NS_INUM", "net", "ns.inum"),
+    ("SKC_STATE", "sock_common", "skc_state"),
+];
+
+/// Globals of the owner programs: where a task's process name and start
+/// time are, and the way from a task's fd to its socket.
+pub const TASK_OFFSETS: [(&str, &str, &str); 9] = [
+    ("TASK_GROUP_LEADER", "task_struct", "group_leader"),
+    ("TASK_COMM", "task_struct", "comm"),
+    ("TASK_START_TIME", "task_struct", "start_time"),
+    ("TASK_FLAGS", "task_struct", "flags"),
+    ("TASK_FILES", "task_struct", "files"),
+    ("FILES_FDT", "files_struct", "fdt"),
+    ("FDTABLE_MAX_FDS", "fdtable", "max_fds"),
+    ("FDTABLE_FD", "fdtable", "fd"),
+    ("SOCKET_SK", "socket", "sk"),
 ];
 
 /// Name of the task_file iterator that lists socket fds (root's fast fd walk).
 pub const SOCKET_FDS_PROGRAM: &str = "socket_fds";
 
-/// Globals of the iterator: byte offsets taken from the kernel's BTF.
-pub const FILE_OFFSETS: [(&str, &str, &str); 4] = [
+/// Globals of the iterator (and of the accept program, which also finds a
+/// socket from a file): byte offsets taken from the kernel's BTF.
+pub const FILE_OFFSETS: [(&str, &str, &str); 5] = [
     ("TASK_TGID", "task_struct", "tgid"),
     ("FILE_F_INODE", "file", "f_inode"),
+    ("FILE_PRIVATE_DATA", "file", "private_data"),
     ("INODE_I_MODE", "inode", "i_mode"),
     ("INODE_I_INO", "inode", "i_ino"),
 ];
@@ -126,8 +157,8 @@ pub mod tracepoint {
     ];
 }
 
-/// Bytes the application sent and received on one socket: the value of
-/// `BYTES_MAP`, and what a change to CLOSE carries.
+/// Bytes the application sent and received on one socket: what a change to
+/// CLOSE carries.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ByteCounts {
@@ -135,14 +166,47 @@ pub struct ByteCounts {
     pub received: u64,
 }
 
-#[cfg(feature = "user")]
-// SAFETY: `ByteCounts` is `repr(C)`, `Copy`, without padding; any bit pattern is valid.
-unsafe impl aya::Pod for ByteCounts {}
+/// What the kernel keeps per socket (the value of `SOCKETS_MAP`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketEntry {
+    /// Counted only while audit counts bytes.
+    pub bytes: ByteCounts,
+    /// Thread group id of the process that last connected, accepted, sent or
+    /// received on the socket (0: none seen yet).
+    pub owner: u32,
+    pub _pad: u32,
+}
 
-/// One TCP state transition, as the kernel saw it.
+#[cfg(feature = "user")]
+// SAFETY: `SocketEntry` is `repr(C)`, `Copy`, without implicit padding; any bit pattern is valid.
+unsafe impl aya::Pod for SocketEntry {}
+
+/// What a [`KernelEvent`] reports (its `kind`).
+pub mod event_kind {
+    /// A TCP state transition.
+    pub const TRANSITION: u8 = 0;
+    /// `accept()` returned the socket to the process `tgid`.
+    pub const ACCEPT: u8 = 1;
+    /// Process `tgid`, not the socket's owner in the kernel's map, sent or
+    /// received on it (or the map had no owner for it).
+    pub const HANDOFF: u8 = 2;
+    /// Process `tgid` called exec(): `comm` is its new name.
+    pub const EXEC: u8 = 3;
+}
+
+/// Fields of `syscalls:sys_exit_accept4` and `sys_exit_accept`.
+pub mod syscall_exit {
+    /// `long ret`: the accepted fd, or a negative errno.
+    pub const RET: usize = 16;
+    /// The fields read, as (name, offset, size), for checking the format files.
+    pub const FIELDS: [(&str, usize, usize); 1] = [("ret", RET, 8)];
+}
+
+/// One TCP state transition or owner event, as the kernel saw it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StateEvent {
+pub struct KernelEvent {
     /// `bpf_ktime_get_ns()` at the transition (CLOCK_MONOTONIC).
     pub ts_ns: u64,
     /// Kernel address of the socket: stable for the socket's life, reused after it.
@@ -153,13 +217,18 @@ pub struct StateEvent {
     pub bytes_sent: u64,
     /// As `bytes_sent`, for the bytes the application received.
     pub bytes_received: u64,
+    /// When the process `tgid` started (its `start_time`, CLOCK_MONOTONIC):
+    /// with `tgid`, the process's identity across pid reuse. Set for owner
+    /// and exec events and for connect and listen transitions; 0 otherwise
+    /// or when unknown.
+    pub start_ns: u64,
     /// Local address; an IPv4 address fills the first 4 bytes.
     pub saddr: [u8; 16],
     /// Remote address; an IPv4 address fills the first 4 bytes.
     pub daddr: [u8; 16],
-    /// Name of the thread on the CPU when the state changed (often not the owner).
+    /// Name of process `tgid` (its group leader's `comm`), set as `start_ns` is.
     pub comm: [u8; 16],
-    /// Thread group id of the task on the CPU when the state changed.
+    /// Thread group id of the task on the CPU (for a transition, often not the owner).
     pub tgid: u32,
     /// Inode number of the socket's network namespace (0: unknown).
     pub netns: u32,
@@ -171,29 +240,37 @@ pub struct StateEvent {
     pub dport: u16,
     /// `AF_INET` or `AF_INET6`.
     pub family: u16,
-    /// Kernel TCP state before the change (`TCP_ESTABLISHED` = 1 ...).
+    /// Kernel TCP state before the change (`TCP_ESTABLISHED` = 1 ...); for
+    /// an owner event, the socket's state.
     pub oldstate: u8,
-    /// Kernel TCP state after the change.
+    /// Kernel TCP state after the change; for an owner event, as `oldstate`.
     pub newstate: u8,
     /// 1 when the recovery program sent it: the tracepoint program was
     /// skipped, or (rarely) this duplicates what it sent.
     pub recovered: u8,
+    /// One of [`event_kind`].
+    pub kind: u8,
     /// Explicit padding to a multiple of 8 bytes.
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 2],
 }
 
 #[cfg(feature = "user")]
-// SAFETY: `StateEvent` is `repr(C)`, `Copy`, has no implicit padding and every bit pattern is valid.
-unsafe impl aya::Pod for StateEvent {}
+// SAFETY: `KernelEvent` is `repr(C)`, `Copy`, has no implicit padding and every bit pattern is valid.
+unsafe impl aya::Pod for KernelEvent {}
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn state_event_has_no_implicit_padding() {
-        let fields = 8 * 4 + 16 * 3 + 4 * 3 + 2 * 3 + 3 + 3;
-        assert_eq!(core::mem::size_of::<StateEvent>(), fields);
-        assert_eq!(core::mem::size_of::<StateEvent>() % 8, 0);
+    fn kernel_event_has_no_implicit_padding() {
+        let fields = 8 * 5 + 16 * 3 + 4 * 3 + 2 * 3 + 4 + 2;
+        assert_eq!(core::mem::size_of::<KernelEvent>(), fields);
+        assert_eq!(core::mem::size_of::<KernelEvent>() % 8, 0);
+    }
+
+    #[test]
+    fn socket_entry_has_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<SocketEntry>(), 8 * 2 + 4 * 2);
     }
 }

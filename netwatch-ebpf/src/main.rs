@@ -1,6 +1,7 @@
 //! eBPF side of netwatch: every TCP state transition goes to user space
 //! through one ring buffer, sent by one of two programs on the
-//! `sock:inet_sock_set_state` tracepoint.
+//! `sock:inet_sock_set_state` tracepoint, and so does every change of a
+//! socket's owner (see `accept_exit` and `socket_used`).
 //!
 //! The tracepoint program sends each transition and first notes it in a
 //! per-CPU `HANDLED` slot. The kernel skips a tracepoint program that a
@@ -19,7 +20,8 @@ use aya_ebpf::helpers::generated::bpf_seq_write;
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
+        bpf_probe_read_kernel,
     },
     macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
@@ -29,16 +31,18 @@ use aya_log_ebpf::error;
 use core::ffi::c_void;
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use netwatch_common::{
-    tracepoint as field, ByteCounts, SocketFd, StateEvent, AF_INET, BYTES_MAP_ENTRIES, IPPROTO_TCP,
+    event_kind, syscall_exit, tracepoint as field, ByteCounts, KernelEvent, SocketEntry, SocketFd,
+    AF_INET, DROPPED_OWNER_EVENTS, DROPPED_TRANSITIONS, IPPROTO_TCP, SOCKETS_MAP_ENTRIES,
 };
 
 /// Default size; the loader overrides it from `--ring-buffer-kib`.
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 
-/// Events the ring buffer had no room for, per CPU (slot 0).
+/// Events the ring buffer had no room for, per CPU: transitions in slot
+/// `DROPPED_TRANSITIONS`, owner and exec events in `DROPPED_OWNER_EVENTS`.
 #[map(name = "DROPS")]
-static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 
 /// Calls of the recovery program per CPU (slot 0): with its recursion_misses,
 /// every firing of the tracepoint, for user space to check completeness.
@@ -64,10 +68,11 @@ impl Handled {
     }
 }
 
-/// Bytes the application sent and received, per socket (kernel address),
-/// counted from sendmsg/recvmsg; taken when the socket reaches CLOSE.
-#[map(name = "BYTES")]
-static BYTES: LruHashMap<u64, ByteCounts> = LruHashMap::with_max_entries(BYTES_MAP_ENTRIES, 0);
+/// Per socket (kernel address): the process that last used it, and (for
+/// audit) the bytes the application sent and received, taken when the
+/// socket reaches CLOSE.
+#[map(name = "SOCKETS")]
+static SOCKETS: LruHashMap<u64, SocketEntry> = LruHashMap::with_max_entries(SOCKETS_MAP_ENTRIES, 0);
 
 /// When user space was last woken (bpf_ktime_get_ns), slot 0.
 #[map(name = "WOKEN")]
@@ -92,7 +97,17 @@ macro_rules! kernel_offsets {
 
 kernel_offsets!(
     TASK_TGID,
+    TASK_GROUP_LEADER,
+    TASK_COMM,
+    TASK_START_TIME,
+    TASK_FLAGS,
+    TASK_FILES,
+    FILES_FDT,
+    FDTABLE_MAX_FDS,
+    FDTABLE_FD,
+    SOCKET_SK,
     FILE_F_INODE,
+    FILE_PRIVATE_DATA,
     INODE_I_MODE,
     INODE_I_INO,
     SK_PROTOCOL,
@@ -106,14 +121,18 @@ kernel_offsets!(
     SK_UID,
     SKC_NET,
     NET_NS_INUM,
+    SKC_STATE,
     SOCK_LAYOUT_KNOWN,
     COUNTS_BYTES
 );
 
 /// TCP state numbers the programs act on (include/net/tcp_states.h).
+const TCP_SYN_SENT: i32 = 2;
 const TCP_SYN_RECV: i32 = 3;
 const TCP_CLOSE: i32 = 7;
 const TCP_LISTEN: i32 = 10;
+/// `task_struct.flags`: a kernel thread (its sends are the kernel's own).
+const PF_KTHREAD: u32 = 0x0020_0000;
 /// recvmsg flag: data peeked at is not consumed.
 const MSG_PEEK: i32 = 2;
 
@@ -122,7 +141,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     if let Err(err) = try_inet_sock_set_state(&ctx) {
         // A failed read of the tracepoint record: it should not happen. The
         // transition is counted as dropped, so that user space resyncs.
-        count_drop();
+        count_drop(DROPPED_TRANSITIONS);
         error!(
             &ctx,
             "reading the inet_sock_set_state record failed: {}", err
@@ -184,16 +203,13 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn recover_state(ctx: RawTracePointContext) -> i32 {
     if try_recover_state(&ctx).is_err() {
-        count_drop();
+        count_drop(DROPPED_TRANSITIONS);
     }
     0
 }
 
 fn try_recover_state(ctx: &RawTracePointContext) -> Result<(), i64> {
-    if let Some(fired) = FIRED.get_ptr_mut(0) {
-        // SAFETY: per-CPU slot; only code on this CPU touches it.
-        unsafe { *fired += 1 };
-    }
+    add_per_cpu(&FIRED, 0);
     let sk: u64 = ctx.arg(0);
     let (oldstate, newstate): (i32, i32) = (ctx.arg(1), ctx.arg(2));
     // Checked first: the shorter the time before the check, the rarer the
@@ -212,6 +228,15 @@ fn try_recover_state(ctx: &RawTracePointContext) -> Result<(), i64> {
     if read_kernel::<u16>(sk, &SK_PROTOCOL)? != IPPROTO_TCP {
         return Ok(());
     }
+    let (family, local, remote) = read_tuple(sk)?;
+    send(event(sk, oldstate, newstate, family, local, remote, 1));
+    Ok(())
+}
+
+/// A socket's family and endpoints (address, host-order port), read from
+/// `struct sock` at the loader's offsets.
+#[inline(always)]
+fn read_tuple(sk: u64) -> Result<(u16, ([u8; 16], u16), ([u8; 16], u16)), i64> {
     let family: u16 = read_kernel(sk, &SKC_FAMILY)?;
     let mut saddr = [0u8; 16];
     let mut daddr = [0u8; 16];
@@ -224,81 +249,256 @@ fn try_recover_state(ctx: &RawTracePointContext) -> Result<(), i64> {
     }
     let sport = u16::from_be(read_kernel(sk, &INET_SPORT)?);
     let dport = u16::from_be(read_kernel(sk, &SKC_DPORT)?);
-    send(event(
-        sk,
-        oldstate,
-        newstate,
-        family,
-        (saddr, sport),
-        (daddr, dport),
-        1,
-    ));
-    Ok(())
+    Ok((family, (saddr, sport), (daddr, dport)))
 }
 
 #[raw_tracepoint(tracepoint = "sock_send_length")]
-pub fn count_sent(ctx: RawTracePointContext) -> i32 {
-    count_bytes(&ctx, |counts| unsafe { &raw mut (*counts).sent });
+pub fn socket_sent(ctx: RawTracePointContext) -> i32 {
+    socket_used(&ctx, |entry| unsafe { &raw mut (*entry).bytes.sent });
     0
 }
 
 #[raw_tracepoint(tracepoint = "sock_recv_length")]
-pub fn count_received(ctx: RawTracePointContext) -> i32 {
+pub fn socket_received(ctx: RawTracePointContext) -> i32 {
     let flags: i32 = ctx.arg(2);
-    if flags & MSG_PEEK == 0 {
-        count_bytes(&ctx, |counts| unsafe { &raw mut (*counts).received });
-    }
+    // Data peeked at is not consumed: not counted, but the peeker uses the socket.
+    let counted: fn(*mut SocketEntry) -> *mut u64 = if flags & MSG_PEEK == 0 {
+        |entry: *mut SocketEntry| unsafe { &raw mut (*entry).bytes.received }
+    } else {
+        |_: *mut SocketEntry| core::ptr::null_mut()
+    };
+    socket_used(&ctx, counted);
     0
 }
 
-/// Adds a sendmsg/recvmsg result (arguments: sk, ret, flags) to the socket's
-/// count chosen by `field`.
-fn count_bytes(ctx: &RawTracePointContext, field: fn(*mut ByteCounts) -> *mut u64) {
+/// A process sent or received on a socket (arguments: sk, ret, flags), in
+/// its own context. When it is not the owner the kernel map names, it
+/// becomes the owner and user space hears of it: fork after accept, an fd
+/// passed over a unix socket, a pre-fork pool. The common case, the owner
+/// again, costs one lookup. With bytes counted (audit), a positive result
+/// is added to the count `field` chooses (null: none).
+fn socket_used(ctx: &RawTracePointContext, field: fn(*mut SocketEntry) -> *mut u64) {
     let (sk, ret): (u64, i32) = (ctx.arg(0), ctx.arg(1));
-    if ret <= 0 || read_kernel::<u16>(sk, &SK_PROTOCOL) != Ok(IPPROTO_TCP) {
+    if read_kernel::<u16>(sk, &SK_PROTOCOL) != Ok(IPPROTO_TCP) {
         return;
     }
-    let counts = match BYTES.get_ptr_mut(sk) {
-        Some(counts) => counts,
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let entry = match SOCKETS.get_ptr_mut(sk) {
+        Some(entry) => entry,
         None => {
+            if in_kernel_thread() {
+                return;
+            }
             // Another CPU may insert first: BPF_NOEXIST then leaves its entry.
-            let _ = BYTES.insert(sk, ByteCounts::default(), 1);
-            match BYTES.get_ptr_mut(sk) {
-                Some(counts) => counts,
+            let _ = SOCKETS.insert(sk, SocketEntry::default(), 1);
+            match SOCKETS.get_ptr_mut(sk) {
+                Some(entry) => entry,
                 None => return,
             }
         }
     };
-    // SAFETY: the map value lives while the program runs; the add is atomic
-    // because threads may send (or receive) on one socket on two CPUs at once.
-    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field(counts), ret as u64) };
+    // SAFETY: the map value lives while the program runs.
+    unsafe {
+        if (*entry).owner != tgid && !in_kernel_thread() {
+            (*entry).owner = tgid;
+            send_owner(sk, event_kind::HANDOFF);
+        }
+        let count = field(entry);
+        if ret > 0 && !count.is_null() && counts_bytes() {
+            // Atomic: threads may send (or receive) on one socket on two CPUs at once.
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, ret as u64);
+        }
+    }
 }
 
-/// The bytes counted at this address, removing the entry: at a change to
-/// CLOSE, the socket's own; when a socket opens, its address's previous
-/// occupant's, left when that one was freed without a traced CLOSE (the new
-/// socket starts from zero).
-fn take_bytes(sk: u64, oldstate: i32, newstate: i32) -> ByteCounts {
+/// On the way out of accept()/accept4(), in the accepting process: it owns
+/// the socket from now on.
+///
+/// The socket is found from the returned fd through the task's file table
+/// (task->files->fdt->fd[ret]->private_data->sk), at offsets from the
+/// kernel's BTF. That is the one way open here: a program on the accept
+/// path itself (kprobe or fexit on inet_accept, which would get the socket
+/// directly) does not attach on this kernel, `bpf_sock_from_file` is for
+/// tracing programs only, and raw_syscalls:sys_exit would run on every
+/// system call. The fd is fresh and the syscall has not returned yet, so no
+/// other thread of the process can have closed it in between (a racing
+/// close of a guessed fd number would at worst make the lookup fail, which
+/// the S_ISSOCK and protocol checks catch).
+#[tracepoint]
+pub fn accept_exit(ctx: TracePointContext) -> u32 {
+    // SAFETY: the offset of `ret` in the syscall exit record (checked by the loader).
+    let fd: i64 = unsafe { ctx.read_at(syscall_exit::RET) }.unwrap_or(-1);
+    if fd < 0 {
+        return 0;
+    }
+    let Ok(sk) = socket_of_fd(fd as u64) else {
+        return 0;
+    };
+    if read_kernel::<u16>(sk, &SK_PROTOCOL) != Ok(IPPROTO_TCP) {
+        return 0;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    match SOCKETS.get_ptr_mut(sk) {
+        // SAFETY: the map value lives while the program runs.
+        Some(entry) => unsafe { (*entry).owner = tgid },
+        None => {
+            let entry = SocketEntry {
+                owner: tgid,
+                ..SocketEntry::default()
+            };
+            let _ = SOCKETS.insert(sk, entry, 0);
+        }
+    }
+    send_owner(sk, event_kind::ACCEPT);
+    0
+}
+
+/// The `struct sock` behind file descriptor `fd` of the current task.
+fn socket_of_fd(fd: u64) -> Result<u64, i64> {
+    // SAFETY: bpf_get_current_task has no preconditions.
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = read_kernel(task, &TASK_FILES)?;
+    let fdt: u64 = read_kernel(files, &FILES_FDT)?;
+    let max_fds: u32 = read_kernel(fdt, &FDTABLE_MAX_FDS)?;
+    if fd >= u64::from(max_fds) {
+        return Err(0);
+    }
+    let fds: u64 = read_kernel(fdt, &FDTABLE_FD)?;
+    // SAFETY: bpf_probe_read_kernel checks the address.
+    let file: u64 = unsafe { bpf_probe_read_kernel((fds + fd * 8) as *const u64) }?;
+    if file == 0 {
+        return Err(0);
+    }
+    let inode: u64 = read_kernel(file, &FILE_F_INODE)?;
+    if inode == 0 || read_kernel::<u16>(inode, &INODE_I_MODE)? & S_IFMT != S_IFSOCK {
+        return Err(0);
+    }
+    let socket: u64 = read_kernel(file, &FILE_PRIVATE_DATA)?;
+    read_kernel(socket, &SOCKET_SK)
+}
+
+/// A process called exec(): its sockets' owner has a new name.
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn process_exec(_ctx: RawTracePointContext) -> i32 {
+    let process = current_process();
+    let event = KernelEvent {
+        kind: event_kind::EXEC,
+        ..blank_event(0, process)
+    };
+    send_to(event, DROPPED_OWNER_EVENTS);
+    0
+}
+
+/// Tells user space that the current process owns socket `sk` now (`kind`:
+/// accept or handoff), with the socket's endpoints and state.
+fn send_owner(sk: u64, kind: u8) {
+    let Ok((family, (saddr, sport), (daddr, dport))) = read_tuple(sk) else {
+        count_drop(DROPPED_OWNER_EVENTS);
+        return;
+    };
+    let state = read_kernel::<u8>(sk, &SKC_STATE).unwrap_or(0);
+    let (netns, uid) = socket_identity(sk);
+    let event = KernelEvent {
+        saddr,
+        daddr,
+        sport,
+        dport,
+        family,
+        netns,
+        uid,
+        oldstate: state,
+        newstate: state,
+        kind,
+        ..blank_event(sk, current_process())
+    };
+    send_to(event, DROPPED_OWNER_EVENTS);
+}
+
+/// The process on the CPU: its tgid, name (the group leader's comm, as
+/// /proc/PID/comm shows it, not the thread's) and start time.
+struct Process {
+    tgid: u32,
+    comm: [u8; 16],
+    start_ns: u64,
+}
+
+#[inline(always)]
+fn current_process() -> Process {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if layout_known() {
+        // SAFETY: bpf_get_current_task has no preconditions.
+        let task = unsafe { bpf_get_current_task() };
+        if let Ok(leader) = read_kernel::<u64>(task, &TASK_GROUP_LEADER) {
+            if let (Ok(comm), Ok(start_ns)) = (
+                read_kernel::<[u8; 16]>(leader, &TASK_COMM),
+                read_kernel::<u64>(leader, &TASK_START_TIME),
+            ) {
+                return Process {
+                    tgid,
+                    comm,
+                    start_ns,
+                };
+            }
+        }
+    }
+    Process {
+        tgid,
+        comm: bpf_get_current_comm().unwrap_or_default(),
+        start_ns: 0,
+    }
+}
+
+/// Whether the task on the CPU is a kernel thread (unknown: no).
+fn in_kernel_thread() -> bool {
+    // SAFETY: bpf_get_current_task has no preconditions.
+    let task = unsafe { bpf_get_current_task() };
+    read_kernel::<u32>(task, &TASK_FLAGS).is_ok_and(|flags| flags & PF_KTHREAD != 0)
+}
+
+/// Whether the loader set the kernel's struct offsets.
+fn layout_known() -> bool {
     // SAFETY: the loader set the global; volatile keeps its initial 0 from being folded.
-    if unsafe { core::ptr::read_volatile(&COUNTS_BYTES) } == 0 {
-        // Nothing counts bytes (watch, verify): no map work on this path.
-        return ByteCounts::default();
-    }
+    (unsafe { core::ptr::read_volatile(&SOCK_LAYOUT_KNOWN) }) != 0
+}
+
+/// Whether audit counts bytes.
+fn counts_bytes() -> bool {
+    // SAFETY: the loader set the global; volatile keeps its initial 0 from being folded.
+    (unsafe { core::ptr::read_volatile(&COUNTS_BYTES) }) != 0
+}
+
+/// What a transition does to the socket's entry in the kernel map, and the
+/// bytes it carries. At a change to CLOSE (audit only), the socket's own
+/// counts, removing the entry; when a socket opens (audit only), those of
+/// its address's previous occupant, left when that one was freed without a
+/// traced CLOSE (the new socket starts from zero). At connect(), the
+/// connecting process becomes the owner, so that its own sends are no
+/// handoff. Elsewhere, and in watch and verify, the map is not touched: a
+/// stale entry only names an owner, which accept() and connect() replace.
+fn update_socket_entry(sk: u64, oldstate: i32, newstate: i32, owner: u32) -> ByteCounts {
     let opens = oldstate == TCP_CLOSE || (oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV);
-    if newstate != TCP_CLOSE && !opens {
-        return ByteCounts::default();
+    let mut counts = ByteCounts::default();
+    if counts_bytes() && (newstate == TCP_CLOSE || opens) {
+        // SAFETY: the value is copied out before the entry is removed.
+        counts = unsafe { SOCKETS.get(sk) }
+            .map(|entry| entry.bytes)
+            .unwrap_or_default();
+        let _ = SOCKETS.remove(sk);
     }
-    // SAFETY: the value is copied out before the entry is removed.
-    let counts = unsafe { BYTES.get(sk) }.copied().unwrap_or_default();
-    let _ = BYTES.remove(sk);
+    if oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT {
+        let entry = SocketEntry {
+            owner,
+            ..SocketEntry::default()
+        };
+        let _ = SOCKETS.insert(sk, entry, 0);
+    }
     counts
 }
 
 /// The socket's network namespace inode and uid, when the loader knew the
 /// layout of `struct sock`: (0, u32::MAX) otherwise.
 fn socket_identity(sk: u64) -> (u32, u32) {
-    // SAFETY: the loader set the global; volatile keeps its initial 0 from being folded.
-    if unsafe { core::ptr::read_volatile(&SOCK_LAYOUT_KNOWN) } == 0 {
+    if !layout_known() {
         return (0, u32::MAX);
     }
     let netns = read_kernel::<u64>(sk, &SKC_NET)
@@ -367,38 +567,78 @@ fn event(
     (saddr, sport): ([u8; 16], u16),
     (daddr, dport): ([u8; 16], u16),
     recovered: u8,
-) -> StateEvent {
-    let bytes = take_bytes(skaddr, oldstate, newstate);
+) -> KernelEvent {
+    // Only connect() and listen() run in the owner's context: their
+    // transitions name the process; the rest need just the tgid.
+    let process = if oldstate == TCP_CLOSE {
+        current_process()
+    } else {
+        Process {
+            tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            comm: [0; 16],
+            start_ns: 0,
+        }
+    };
+    let bytes = update_socket_entry(skaddr, oldstate, newstate, process.tgid);
     let (netns, uid) = socket_identity(skaddr);
-    StateEvent {
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        skaddr,
+    KernelEvent {
         bytes_sent: bytes.sent,
         bytes_received: bytes.received,
         netns,
         uid,
         saddr,
         daddr,
-        comm: bpf_get_current_comm().unwrap_or_default(),
-        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
         sport,
         dport,
         family,
         oldstate: oldstate as u8,
         newstate: newstate as u8,
         recovered,
-        _pad: [0; 3],
+        ..blank_event(skaddr, process)
     }
 }
 
-fn send(event: StateEvent) {
-    match EVENTS.reserve::<StateEvent>(0) {
+/// An event about `skaddr` and `process`, stamped now, its other fields zero.
+#[inline(always)]
+fn blank_event(skaddr: u64, process: Process) -> KernelEvent {
+    KernelEvent {
+        // SAFETY: bpf_ktime_get_ns has no preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        skaddr,
+        bytes_sent: 0,
+        bytes_received: 0,
+        start_ns: process.start_ns,
+        saddr: [0; 16],
+        daddr: [0; 16],
+        comm: process.comm,
+        tgid: process.tgid,
+        netns: 0,
+        uid: u32::MAX,
+        sport: 0,
+        dport: 0,
+        family: 0,
+        oldstate: 0,
+        newstate: 0,
+        recovered: 0,
+        kind: event_kind::TRANSITION,
+        _pad: [0; 2],
+    }
+}
+
+/// Sends a transition.
+fn send(event: KernelEvent) {
+    send_to(event, DROPPED_TRANSITIONS);
+}
+
+/// Sends an event, counting it in slot `drops` of `DROPS` if the ring buffer is full.
+fn send_to(event: KernelEvent, drops: u32) {
+    match EVENTS.reserve::<KernelEvent>(0) {
         Some(mut entry) => {
             let now = event.ts_ns;
             entry.write(event);
             entry.submit(wakeup_flag(now));
         }
-        None => count_drop(),
+        None => count_drop(drops),
     }
 }
 
@@ -423,10 +663,17 @@ fn wakeup_flag(now: u64) -> u64 {
     }
 }
 
-fn count_drop() {
-    if let Some(slot) = DROPS.get_ptr_mut(0) {
-        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
-        unsafe { *slot += 1 };
+fn count_drop(slot: u32) {
+    add_per_cpu(&DROPS, slot);
+}
+
+/// Adds one to a per-CPU counter. Atomically: the recovery program runs
+/// nested inside the tracepoint program on the same CPU, and a plain
+/// read-modify-write interrupted there would lose the nested increment.
+fn add_per_cpu(counters: &PerCpuArray<u64>, slot: u32) {
+    if let Some(counter) = counters.get_ptr_mut(slot) {
+        // SAFETY: the slot lives while the program runs; the add is one instruction.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, 1) };
     }
 }
 

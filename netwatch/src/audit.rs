@@ -16,14 +16,17 @@ use crate::monitor::{self, Config, Observer, WallClock};
 use crate::output::{self, Addr, LossCause, Timestamp};
 use crate::sink::Sink;
 use crate::snapshot::{self, Snapshot};
-use crate::socket::{Proto, TcpState};
+use crate::socket::{Owner, Proto, TcpState};
 use crate::table::{LiveSocket, Observed, SocketTable, Transition, Tuple};
 use netwatch_common::ByteCounts;
 use std::collections::HashSet;
 use std::sync::Arc;
 
 /// Version of the record layout; bumped when a field changes meaning or goes away.
-pub const SCHEMA: u32 = 1;
+/// 2: `pid` and `program` of an accepted connection are the process that
+/// owned it when it closed (the accepting process, or the one it was handed
+/// to), no longer its listener's owner; `owner_changed` is new.
+pub const SCHEMA: u32 = 2;
 
 /// Writes records until SIGINT or SIGTERM.
 pub fn run(args: AuditArgs) -> anyhow::Result<()> {
@@ -43,7 +46,7 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
 /// One audit record (a JSON line).
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-pub enum AuditRecord<'a> {
+pub enum AuditRecord {
     /// A connection: at its close, or still open when audit stopped (`end` null).
     Conn {
         schema: u32,
@@ -52,7 +55,7 @@ pub enum AuditRecord<'a> {
         end: Option<Timestamp>,
         duration_ms: Option<f64>,
         #[serde(flatten)]
-        socket: SocketFields<'a>,
+        socket: SocketFields,
         direction: &'static str,
         remote_addr: Addr,
         remote_port: u16,
@@ -64,6 +67,9 @@ pub enum AuditRecord<'a> {
         /// Whether the kernel traced its change to CLOSE. When not, `end` is
         /// when netwatch found it gone (an upper bound), or null: still open.
         close_seen: bool,
+        /// Whether its owner changed from one process to another while
+        /// audit watched it (`pid` is the last owner).
+        owner_changed: bool,
     },
     /// A listener that opened (`end` null) or closed.
     Listen {
@@ -73,7 +79,7 @@ pub enum AuditRecord<'a> {
         start: Option<Timestamp>,
         end: Option<Timestamp>,
         #[serde(flatten)]
-        socket: SocketFields<'a>,
+        socket: SocketFields,
     },
     /// Transitions the kernel could not deliver: records may be missing.
     Lost {
@@ -86,9 +92,9 @@ pub enum AuditRecord<'a> {
 
 /// The fields every socket record shares.
 #[derive(Debug, Serialize)]
-pub struct SocketFields<'a> {
+pub struct SocketFields {
     pid: Option<u32>,
-    program: Option<&'a str>,
+    program: Option<Arc<str>>,
     uid: Option<u32>,
     netns: Option<u32>,
     proto: &'static str,
@@ -96,18 +102,22 @@ pub struct SocketFields<'a> {
     local_port: u16,
 }
 
-impl<'a> SocketFields<'a> {
-    fn of(socket: &'a LiveSocket) -> SocketFields<'a> {
-        let owner = socket.owner.as_ref();
+impl SocketFields {
+    fn new(owner: Option<Owner>, uid: Option<u32>, netns: Option<u32>, tuple: &Tuple) -> Self {
+        let (pid, program) = owner.map(|owner| (owner.pid, owner.program)).unzip();
         SocketFields {
-            pid: owner.map(|owner| owner.pid),
-            program: owner.map(|owner| owner.program.as_str()),
-            uid: socket.uid,
-            netns: socket.netns,
-            proto: socket.tuple.proto.name(),
-            local_addr: Addr(socket.tuple.local.ip()),
-            local_port: socket.tuple.local.port(),
+            pid,
+            program,
+            uid,
+            netns,
+            proto: tuple.proto.name(),
+            local_addr: Addr(tuple.local.ip()),
+            local_port: tuple.local.port(),
         }
+    }
+
+    fn of(socket: &LiveSocket) -> SocketFields {
+        SocketFields::new(socket.owner(), socket.uid, socket.netns, &socket.tuple)
     }
 }
 
@@ -183,6 +193,7 @@ impl Audit {
             bytes_received: bytes.map(|bytes| bytes.received),
             last_state: last_state.name(),
             close_seen: matches!(ending, Ending::Closed(_)),
+            owner_changed: socket.owner_changed,
         };
         // Writing to a Vec cannot fail.
         let _ = output::write_json_line(out, &record);
@@ -194,7 +205,7 @@ impl Audit {
     /// A listener's record: `start` is None when it opened before audit started.
     fn listen(
         &self,
-        socket: &LiveSocket,
+        socket: SocketFields,
         start: Option<SystemTime>,
         end: Option<SystemTime>,
         out: &mut Vec<u8>,
@@ -204,7 +215,7 @@ impl Audit {
             event: if end.is_some() { "close" } else { "open" },
             start: start.map(Timestamp),
             end: end.map(Timestamp),
-            socket: SocketFields::of(socket),
+            socket,
         };
         let _ = output::write_json_line(out, &record);
         if let Some(metrics) = &self.metrics {
@@ -220,7 +231,7 @@ impl Observer for Audit {
 
     fn baseline(&mut self, _snapshot: &Snapshot, table: &SocketTable, out: &mut Vec<u8>) {
         for (_, socket) in table.sockets().filter(|(_, s)| s.state == TcpState::Listen) {
-            self.listen(socket, None, None, out);
+            self.listen(SocketFields::of(socket), None, None, out);
         }
     }
 
@@ -235,7 +246,7 @@ impl Observer for Audit {
         if let Some(vanished) = &observed.replaced {
             if vanished.state == TcpState::Listen {
                 self.listen(
-                    vanished,
+                    SocketFields::of(vanished),
                     vanished.opened_ns.map(|ns| clock.at(ns)),
                     Some(now),
                     out,
@@ -247,19 +258,14 @@ impl Observer for Audit {
         match (t.old, t.new, observed.closed) {
             (TcpState::Listen, TcpState::Close, Some(listener)) => {
                 let start = listener.opened_ns.map(|ns| clock.at(ns));
-                self.listen(&listener, start, Some(now), out)
+                self.listen(SocketFields::of(&listener), start, Some(now), out)
             }
             (_, TcpState::Close, Some(conn)) => {
                 self.conn(&conn, Ending::Closed(now), Some(t.bytes), clock, out)
             }
             (TcpState::Close, TcpState::Listen, _) => {
-                // The table holds the listener now; the record needs its fields.
-                let listener = LiveSocket {
-                    uid: t.uid,
-                    netns: t.netns,
-                    ..LiveSocket::unknown(t.tuple, TcpState::Listen, observed.owner)
-                };
-                self.listen(&listener, Some(now), None, out)
+                let listener = SocketFields::new(observed.owner, t.uid, t.netns, &t.tuple);
+                self.listen(listener, Some(now), None, out)
             }
             _ => {}
         }

@@ -1,7 +1,7 @@
-//! Loads netwatch's eBPF program, attaches it to `sock:inet_sock_set_state`
-//! and reads its transitions and loss counters.
+//! Loads netwatch's eBPF programs, attaches them to `sock:inet_sock_set_state`
+//! and to the places where a socket changes hands (accept, send, receive,
+//! exec), and reads their events and loss counters.
 
-use std::collections::HashMap;
 use std::io::{self, Read as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd};
@@ -12,16 +12,18 @@ use aya::programs::{Iter, RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
 use netwatch_common::{
-    tracepoint, ByteCounts, SocketFd, StateEvent, AF_INET6, BYTES_MAP, COUNTS_BYTES, DROPS_MAP,
-    EVENTS_MAP, FILE_OFFSETS, FIRED_MAP, RECEIVED_PROGRAM, RECOVERY_PROGRAM, SENT_PROGRAM,
-    SOCKET_FDS_PROGRAM, SOCK_LAYOUT_KNOWN, SOCK_OFFSETS, STATE_PROGRAM,
+    event_kind, syscall_exit, tracepoint, ByteCounts, KernelEvent, SocketEntry, SocketFd,
+    ACCEPT_PROGRAM, AF_INET6, COUNTS_BYTES, DROPPED_OWNER_EVENTS, DROPPED_TRANSITIONS, DROPS_MAP,
+    EVENTS_MAP, EXEC_PROGRAM, FILE_OFFSETS, FIRED_MAP, RECEIVED_PROGRAM, RECOVERY_PROGRAM,
+    SENT_PROGRAM, SOCKETS_MAP, SOCKET_FDS_PROGRAM, SOCK_LAYOUT_KNOWN, SOCK_OFFSETS, STATE_PROGRAM,
+    TASK_OFFSETS,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 use crate::btf::Btf;
 use crate::socket::{Proto, TcpState};
-use crate::table::{Transition, Tuple};
+use crate::table::{OwnerCause, OwnerEvent, Task, Transition, Tuple};
 
 /// Where tracefs is mounted on current systems.
 pub const TRACEFS: &str = "/sys/kernel/tracing";
@@ -50,7 +52,7 @@ pub struct StateProbe {
     kernel_log: Option<KernelLog>,
     drops: PerCpuArray<MapData, u64>,
     fired: PerCpuArray<MapData, u64>,
-    bytes: aya::maps::HashMap<MapData, u64, ByteCounts>,
+    sockets: aya::maps::HashMap<MapData, u64, SocketEntry>,
     /// Raw fds of the two programs, owned by `_ebpf`, for their kernel counters.
     state_fd: i32,
     recovery_fd: Option<i32>,
@@ -61,8 +63,10 @@ pub struct StateProbe {
 /// The kernel's loss counters since the programs were loaded; they only grow.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LossCounters {
-    /// Events the ring buffer had no room for.
+    /// Transitions the ring buffer had no room for.
     pub ring_buffer_full: u64,
+    /// Owner and exec events the ring buffer had no room for.
+    pub owner_events_dropped: u64,
     /// Calls of the tracepoint program the kernel skipped (nested on one CPU):
     /// each is lost unless the recovery program sent it.
     pub skipped: u64,
@@ -73,9 +77,9 @@ pub struct LossCounters {
 
 impl StateProbe {
     /// Checks the prerequisites, loads the programs with a ring buffer of
-    /// `ring_bytes` and attaches them. Transitions flow from here on. With
-    /// `count_bytes`, each socket's bytes are counted too (a program on
-    /// every sendmsg and recvmsg) and arrive with its change to CLOSE.
+    /// `ring_bytes` and attaches them. Transitions and owner events flow
+    /// from here on. With `count_bytes`, each socket's bytes are counted too
+    /// and arrive with its change to CLOSE.
     pub fn attach(ring_bytes: u32, count_bytes: bool) -> Result<StateProbe, ProbeError> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
@@ -84,7 +88,7 @@ impl StateProbe {
         ensure_tracefs()?;
         check_layout(&Path::new(TRACEFS).join(FORMAT))?;
         raise_memlock_limit();
-        let offsets = kernel_offsets(&SOCK_OFFSETS);
+        let offsets = kernel_offsets(&[&SOCK_OFFSETS[..], &FILE_OFFSETS, &TASK_OFFSETS].concat());
         let mut loader = EbpfLoader::new();
         let wakeup_bytes = u64::from(ring_bytes / 16);
         loader
@@ -109,18 +113,18 @@ impl StateProbe {
                 "inet_sock_set_state",
             )?),
             Err(reason) => {
-                eprintln!("netwatch: warning: calls the kernel skips cannot be recovered and sockets' uid and network namespace are unknown ({reason}); skipped calls are counted as lost");
+                eprintln!("netwatch: warning: calls the kernel skips cannot be recovered, sockets' uid and network namespace are unknown, and accepted sockets keep their listener's owner ({reason}); skipped calls are counted as lost");
                 None
             }
         };
-        if count_bytes {
-            if let Err(reason) = &offsets {
+        match &offsets {
+            Ok(_) => attach_owner_programs(&mut ebpf, count_bytes)?,
+            Err(reason) if count_bytes => {
                 return Err(ProbeError::Load(format!(
                     "counting bytes needs the kernel's BTF ({reason})"
-                )));
+                )))
             }
-            attach_raw(&mut ebpf, SENT_PROGRAM, "sock_send_length")?;
-            attach_raw(&mut ebpf, RECEIVED_PROGRAM, "sock_recv_length")?;
+            Err(_) => {}
         }
         let ring = RingBuf::try_from(take_map(&mut ebpf, EVENTS_MAP)?).map_err(|err| load(&err))?;
         // SAFETY: the ring buffer owns its map fd, which stays open and the
@@ -131,11 +135,11 @@ impl StateProbe {
             PerCpuArray::try_from(take_map(&mut ebpf, DROPS_MAP)?).map_err(|err| load(&err))?;
         let fired =
             PerCpuArray::try_from(take_map(&mut ebpf, FIRED_MAP)?).map_err(|err| load(&err))?;
-        let bytes = aya::maps::HashMap::try_from(take_map(&mut ebpf, BYTES_MAP)?)
+        let sockets = aya::maps::HashMap::try_from(take_map(&mut ebpf, SOCKETS_MAP)?)
             .map_err(|err| load(&err))?;
         let kernel_log = start_kernel_log(&mut ebpf);
         Ok(StateProbe {
-            bytes,
+            sockets,
             fired,
             ring,
             kernel_log,
@@ -148,7 +152,7 @@ impl StateProbe {
 
     /// Waits until the ring buffer has events, then hands each to `handle`
     /// until it is empty.
-    pub async fn drain(&mut self, mut handle: impl FnMut(StateEvent)) -> io::Result<()> {
+    pub async fn drain(&mut self, mut handle: impl FnMut(KernelEvent)) -> io::Result<()> {
         let mut guard = self.ring.readable_mut().await?;
         drain_ready(guard.get_inner_mut(), &mut handle);
         guard.clear_ready();
@@ -156,7 +160,7 @@ impl StateProbe {
     }
 
     /// Hands every event already in the ring buffer to `handle`, without waiting.
-    pub fn drain_now(&mut self, mut handle: impl FnMut(StateEvent)) {
+    pub fn drain_now(&mut self, mut handle: impl FnMut(KernelEvent)) {
         drain_ready(self.ring.get_mut(), &mut handle);
     }
 
@@ -167,15 +171,16 @@ impl StateProbe {
 
     /// Reads the loss counters from the kernel.
     pub fn losses(&self) -> io::Result<LossCounters> {
-        let sum = |map: &PerCpuArray<MapData, u64>| -> io::Result<u64> {
-            Ok(map.get(&0, 0).map_err(io::Error::other)?.iter().sum())
+        let sum = |map: &PerCpuArray<MapData, u64>, slot: u32| -> io::Result<u64> {
+            Ok(map.get(&slot, 0).map_err(io::Error::other)?.iter().sum())
         };
         let fired = match self.recovery_fd {
-            Some(fd) => Some(sum(&self.fired)? + recursion_misses(fd)?),
+            Some(fd) => Some(sum(&self.fired, 0)? + recursion_misses(fd)?),
             None => None,
         };
         Ok(LossCounters {
-            ring_buffer_full: sum(&self.drops)?,
+            ring_buffer_full: sum(&self.drops, DROPPED_TRANSITIONS)?,
+            owner_events_dropped: sum(&self.drops, DROPPED_OWNER_EVENTS)?,
             skipped: recursion_misses(self.state_fd)?,
             fired,
         })
@@ -183,7 +188,7 @@ impl StateProbe {
 
     /// The bytes counted so far for an open socket, by its kernel address.
     pub fn bytes(&self, skaddr: u64) -> Option<ByteCounts> {
-        self.bytes.get(&skaddr, 0).ok()
+        self.sockets.get(&skaddr, 0).ok().map(|entry| entry.bytes)
     }
 
     /// Whether the recovery program is attached.
@@ -197,10 +202,10 @@ fn netwatch_object() -> &'static [u8] {
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netwatch"))
 }
 
-/// Socket inode -> lowest pid holding it, from the kernel's task_file
-/// iterator: one pass over every process's fds in the kernel, about ten
-/// times cheaper than a readlinkat per fd under /proc. Needs root.
-pub fn socket_fd_owners() -> Result<HashMap<u64, u32>, String> {
+/// Every socket fd of every process, from the kernel's task_file iterator:
+/// one pass over every process's fds in the kernel, about ten times cheaper
+/// than a readlinkat per fd under /proc. Needs root.
+pub fn socket_fds() -> Result<Vec<SocketFd>, String> {
     let kernel_btf = aya::Btf::from_sys_fs().map_err(|err| err.to_string())?;
     let mut loader = EbpfLoader::new();
     // Only the iterator is loaded; keep the other maps of the object small.
@@ -228,16 +233,11 @@ pub fn socket_fd_owners() -> Result<HashMap<u64, u32>, String> {
         .map_err(|err| err.to_string())?
         .read_to_end(&mut records)
         .map_err(|err| err.to_string())?;
-    let mut owners = HashMap::with_capacity(records.len() / size_of::<SocketFd>());
-    for chunk in records.chunks_exact(size_of::<SocketFd>()) {
+    Ok(records
+        .chunks_exact(size_of::<SocketFd>())
         // SAFETY: the chunk holds a whole SocketFd; any bit pattern is valid.
-        let record = unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<SocketFd>()) };
-        owners
-            .entry(record.inode)
-            .and_modify(|pid: &mut u32| *pid = (*pid).min(record.tgid))
-            .or_insert(record.tgid);
-    }
-    Ok(owners)
+        .map(|chunk| unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<SocketFd>()) })
+        .collect())
 }
 
 /// The byte offsets of kernel struct fields, from the running kernel's BTF,
@@ -261,6 +261,58 @@ fn kernel_offsets(
 
 fn load(err: &dyn std::fmt::Display) -> ProbeError {
     ProbeError::Load(err.to_string())
+}
+
+/// Attaches the programs that follow a socket's owner: accept() gives the
+/// accepting process the socket, a send or receive by another process hands
+/// it over, exec() renames a process. The send and receive programs also
+/// count bytes when `count_bytes`. Each program a kernel cannot attach is
+/// left out with a warning naming the rule it would apply; counting bytes
+/// needs the send and receive programs.
+fn attach_owner_programs(ebpf: &mut Ebpf, count_bytes: bool) -> Result<(), ProbeError> {
+    let accept = ["sys_exit_accept4", "sys_exit_accept"]
+        .into_iter()
+        .try_for_each(|syscall| attach_accept(ebpf, syscall));
+    if let Err(err) = accept {
+        eprintln!("netwatch: warning: accepted sockets keep their listener's owner until their first send or receive ({err})");
+    }
+    for (name, tracepoint) in [
+        (SENT_PROGRAM, "sock_send_length"),
+        (RECEIVED_PROGRAM, "sock_recv_length"),
+    ] {
+        if let Err(err) = attach_raw(ebpf, name, tracepoint) {
+            if count_bytes {
+                return Err(err);
+            }
+            eprintln!("netwatch: warning: a socket used by another process than its owner (after fork, or passed over a unix socket) keeps its owner ({err})");
+            break;
+        }
+    }
+    if let Err(err) = attach_raw(ebpf, EXEC_PROGRAM, "sched_process_exec") {
+        eprintln!("netwatch: warning: a socket owner's name does not follow exec() ({err})");
+    }
+    Ok(())
+}
+
+/// Attaches the accept program to `syscalls:<syscall>`, after checking
+/// where that tracepoint's record holds the returned fd.
+fn attach_accept(ebpf: &mut Ebpf, syscall: &str) -> Result<(), ProbeError> {
+    let format = Path::new(TRACEFS).join(format!("events/syscalls/{syscall}/format"));
+    let text = std::fs::read_to_string(&format)
+        .map_err(|err| ProbeError::Layout(format!("cannot read {}: {err}", format.display())))?;
+    if let Some(mismatch) = fields_mismatch(&text, &syscall_exit::FIELDS) {
+        return Err(ProbeError::Layout(mismatch));
+    }
+    let program: &mut TracePoint = program(ebpf, ACCEPT_PROGRAM)?
+        .try_into()
+        .map_err(|err| load(&err))?;
+    if program.fd().is_err() {
+        program.load().map_err(|err| load(&err))?;
+    }
+    program
+        .attach("syscalls", syscall)
+        .map_err(|err| load(&err))?;
+    Ok(())
 }
 
 /// Attaches the tracepoint program and returns its fd.
@@ -291,28 +343,50 @@ fn program<'a>(
         .ok_or_else(|| ProbeError::Load(format!("program {name} missing from the object")))
 }
 
-/// The transition an event describes; `None` for a state number the kernel should not send.
-pub fn to_transition(event: &StateEvent) -> Option<Transition> {
-    let ipv6 = event.family == AF_INET6;
-    let ip = |bytes: [u8; 16]| -> IpAddr {
-        if ipv6 {
-            IpAddr::V6(Ipv6Addr::from(bytes))
-        } else {
-            IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
-        }
+/// What a kernel event reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    Transition(Transition),
+    Owner(OwnerEvent),
+    /// A process called exec(): the task carries its new name.
+    Exec(Task),
+}
+
+/// The record an event describes; `None` for a kind or state number the
+/// kernel should not send.
+pub fn to_record(event: &KernelEvent) -> Option<Record> {
+    let task = Task {
+        pid: event.tgid,
+        comm: event.comm,
+        start_ns: (event.start_ns != 0).then_some(event.start_ns),
     };
+    let cause = match event.kind {
+        event_kind::TRANSITION => return to_transition(event, task).map(Record::Transition),
+        event_kind::EXEC => return Some(Record::Exec(task)),
+        event_kind::ACCEPT => OwnerCause::Accept,
+        event_kind::HANDOFF => OwnerCause::Handoff,
+        _ => return None,
+    };
+    Some(Record::Owner(OwnerEvent {
+        ts_ns: event.ts_ns,
+        skaddr: event.skaddr,
+        tuple: tuple_of(event),
+        state: TcpState::from_kernel(event.newstate),
+        task,
+        uid: (event.uid != u32::MAX).then_some(event.uid),
+        netns: (event.netns != 0).then_some(event.netns),
+        cause,
+    }))
+}
+
+fn to_transition(event: &KernelEvent, task: Task) -> Option<Transition> {
     Some(Transition {
         ts_ns: event.ts_ns,
         skaddr: event.skaddr,
-        tuple: Tuple {
-            proto: Proto::tcp_for(ipv6),
-            local: SocketAddr::new(ip(event.saddr), event.sport),
-            remote: SocketAddr::new(ip(event.daddr), event.dport),
-        },
+        tuple: tuple_of(event),
         old: TcpState::from_kernel(event.oldstate)?,
         new: TcpState::from_kernel(event.newstate)?,
-        task_pid: event.tgid,
-        task_comm: event.comm,
+        task,
         uid: (event.uid != u32::MAX).then_some(event.uid),
         netns: (event.netns != 0).then_some(event.netns),
         bytes: ByteCounts {
@@ -323,11 +397,27 @@ pub fn to_transition(event: &StateEvent) -> Option<Transition> {
     })
 }
 
-fn drain_ready(ring: &mut RingBuf<MapData>, handle: &mut impl FnMut(StateEvent)) {
+fn tuple_of(event: &KernelEvent) -> Tuple {
+    let ipv6 = event.family == AF_INET6;
+    let ip = |bytes: [u8; 16]| -> IpAddr {
+        if ipv6 {
+            IpAddr::V6(Ipv6Addr::from(bytes))
+        } else {
+            IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+        }
+    };
+    Tuple {
+        proto: Proto::tcp_for(ipv6),
+        local: SocketAddr::new(ip(event.saddr), event.sport),
+        remote: SocketAddr::new(ip(event.daddr), event.dport),
+    }
+}
+
+fn drain_ready(ring: &mut RingBuf<MapData>, handle: &mut impl FnMut(KernelEvent)) {
     while let Some(item) = ring.next() {
-        if item.len() >= size_of::<StateEvent>() {
-            // SAFETY: the kernel wrote a whole StateEvent (checked length); any bit pattern is valid.
-            handle(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<StateEvent>()) });
+        if item.len() >= size_of::<KernelEvent>() {
+            // SAFETY: the kernel wrote a whole KernelEvent (checked length); any bit pattern is valid.
+            handle(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<KernelEvent>()) });
         }
     }
 }
@@ -429,9 +519,15 @@ fn check_layout(format: &Path) -> Result<(), ProbeError> {
     layout_mismatch(&text).map_or(Ok(()), |mismatch| Err(ProbeError::Layout(mismatch)))
 }
 
-/// The first field whose offset or size differs from netwatch-common's, if any.
+/// The first field of inet_sock_set_state whose offset or size differs from netwatch-common's.
 fn layout_mismatch(format: &str) -> Option<String> {
-    for (name, offset, size) in tracepoint::FIELDS {
+    fields_mismatch(format, &tracepoint::FIELDS)
+}
+
+/// The first of `fields` (name, offset, size) whose offset or size in a
+/// tracepoint's format file differs, if any.
+fn fields_mismatch(format: &str, fields: &[(&str, usize, usize)]) -> Option<String> {
+    for &(name, offset, size) in fields {
         let found = format.lines().find_map(|line| {
             let (declaration, rest) = line.trim().strip_prefix("field:")?.split_once(';')?;
             let field = declaration.rsplit([' ', '*']).next()?;
@@ -513,13 +609,13 @@ format:
 \tfield:__u8 daddr_v6[16];\toffset:56;\tsize:16;\tsigned:0;
 ";
 
-    #[test]
-    fn events_become_transitions() {
-        let mut event = StateEvent {
+    fn kernel_event(kind: u8) -> KernelEvent {
+        let mut event = KernelEvent {
             ts_ns: 5,
             skaddr: 0xffff_8880_0000_1000,
             bytes_sent: 10,
             bytes_received: 20,
+            start_ns: 77,
             saddr: [0; 16],
             daddr: [0; 16],
             comm: [0; 16],
@@ -532,17 +628,27 @@ format:
             oldstate: 10,
             newstate: 3,
             recovered: 0,
-            _pad: [0; 3],
+            kind,
+            _pad: [0; 2],
         };
         event.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
         event.daddr[..4].copy_from_slice(&[127, 0, 0, 2]);
         event.comm[..4].copy_from_slice(b"curl");
-        let t = to_transition(&event).unwrap();
+        event
+    }
+
+    #[test]
+    fn events_become_transitions() {
+        let mut event = kernel_event(event_kind::TRANSITION);
+        let Some(Record::Transition(t)) = to_record(&event) else {
+            panic!("a transition");
+        };
         assert_eq!(t.tuple.proto, Proto::Tcp);
         assert_eq!(t.tuple.local, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(t.tuple.remote, "127.0.0.2:40000".parse().unwrap());
         assert_eq!((t.old, t.new), (TcpState::Listen, TcpState::SynRecv));
-        assert_eq!((t.task_pid, &t.task_comm[..5]), (42, &b"curl\0"[..]));
+        assert_eq!((t.task.pid, &t.task.comm[..5]), (42, &b"curl\0"[..]));
+        assert_eq!(t.task.start_ns, Some(77));
         assert_eq!((t.netns, t.uid), (Some(4026531840), None));
         assert_eq!(
             t.bytes,
@@ -554,12 +660,39 @@ format:
 
         event.family = AF_INET6;
         event.saddr = std::net::Ipv6Addr::LOCALHOST.octets();
-        assert_eq!(
-            to_transition(&event).unwrap().tuple.local,
-            "[::1]:8080".parse().unwrap()
-        );
+        let Some(Record::Transition(t)) = to_record(&event) else {
+            panic!("a transition");
+        };
+        assert_eq!(t.tuple.local, "[::1]:8080".parse().unwrap());
         event.newstate = 0;
-        assert_eq!(to_transition(&event), None);
+        assert_eq!(to_record(&event), None);
+    }
+
+    #[test]
+    fn owner_and_exec_events_become_their_records() {
+        let mut event = kernel_event(event_kind::HANDOFF);
+        event.oldstate = 1;
+        event.newstate = 1;
+        let Some(Record::Owner(owner)) = to_record(&event) else {
+            panic!("an owner event");
+        };
+        assert_eq!(owner.cause, OwnerCause::Handoff);
+        assert_eq!(owner.state, Some(TcpState::Established));
+        assert_eq!((owner.task.pid, owner.task.start_ns), (42, Some(77)));
+        assert_eq!(owner.tuple.local, "127.0.0.1:8080".parse().unwrap());
+        event.kind = event_kind::ACCEPT;
+        event.start_ns = 0;
+        let Some(Record::Owner(owner)) = to_record(&event) else {
+            panic!("an owner event");
+        };
+        assert_eq!(
+            (owner.cause, owner.task.start_ns),
+            (OwnerCause::Accept, None)
+        );
+        event.kind = event_kind::EXEC;
+        assert!(matches!(to_record(&event), Some(Record::Exec(task)) if task.pid == 42));
+        event.kind = 200;
+        assert_eq!(to_record(&event), None);
     }
 
     #[test]
@@ -571,8 +704,10 @@ format:
             .to_str()
             .and_then(|l| l.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok())
             .unwrap();
-        let owners = socket_fd_owners().expect("the iterator loads (tests run as root)");
-        assert_eq!(owners.get(&inode), Some(&std::process::id()));
+        let records = socket_fds().expect("the iterator loads (tests run as root)");
+        assert!(records
+            .iter()
+            .any(|record| record.inode == inode && record.tgid == std::process::id()));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::ebpf::LossCounters;
 use crate::socket::TcpState;
-use crate::table::SocketTable;
+use crate::table::{OwnerCause, SocketTable};
 
 /// A monotonic counter.
 #[derive(Debug, Default)]
@@ -48,6 +48,9 @@ pub struct Metrics {
     pub recovered: Counter,
     lost_ring_buffer_full: Counter,
     lost_skipped: Counter,
+    lost_owner_events: Counter,
+    /// Owner changes applied: by accept, by handoff.
+    owner_changes: [Counter; 2],
     evicted: Counter,
     vanished: Counter,
     pub resyncs: Counter,
@@ -67,6 +70,8 @@ impl Metrics {
             recovered: Counter::default(),
             lost_ring_buffer_full: Counter::default(),
             lost_skipped: Counter::default(),
+            lost_owner_events: Counter::default(),
+            owner_changes: Default::default(),
             evicted: Counter::default(),
             vanished: Counter::default(),
             resyncs: Counter::default(),
@@ -82,11 +87,17 @@ impl Metrics {
         self.transitions[old as usize - 1][new as usize - 1].inc();
     }
 
+    /// Counts a socket whose owner became another process.
+    pub fn owner_change(&self, cause: OwnerCause) {
+        self.owner_changes[cause as usize].inc();
+    }
+
     /// Records the losses reported so far, and from the table the sockets
     /// it evicted and those found freed without a traced CLOSE.
     pub fn set_losses(&self, lost: LossCounters, table: &SocketTable) {
         self.lost_ring_buffer_full.set(lost.ring_buffer_full);
         self.lost_skipped.set(lost.skipped);
+        self.lost_owner_events.set(lost.owner_events_dropped);
         self.evicted.set(table.evicted());
         self.vanished.set(table.vanished());
     }
@@ -122,7 +133,7 @@ impl Metrics {
                 }
             }
         }
-        family(&mut text, "netwatch_lost_events_total", "counter", "Transitions lost, by cause: ring buffer full, or skipped by the kernel and not recovered.");
+        family(&mut text, "netwatch_lost_events_total", "counter", "Events lost, by cause: transitions the ring buffer had no room for, transitions skipped by the kernel and not recovered, owner changes the ring buffer had no room for.");
         let _ = writeln!(
             text,
             "netwatch_lost_events_total{{cause=\"ring_buffer_full\"}} {}",
@@ -133,6 +144,28 @@ impl Metrics {
             "netwatch_lost_events_total{{cause=\"skipped\"}} {}",
             self.lost_skipped.get()
         );
+        let _ = writeln!(
+            text,
+            "netwatch_lost_events_total{{cause=\"owner_ring_buffer_full\"}} {}",
+            self.lost_owner_events.get()
+        );
+        family(
+            &mut text,
+            "netwatch_owner_changes_total",
+            "counter",
+            "Sockets whose owner became another process: by accept(), or by a send or receive (handoff).",
+        );
+        for (cause, counter) in [OwnerCause::Accept, OwnerCause::Handoff]
+            .iter()
+            .zip(&self.owner_changes)
+        {
+            let _ = writeln!(
+                text,
+                "netwatch_owner_changes_total{{cause=\"{}\"}} {}",
+                cause.name(),
+                counter.get()
+            );
+        }
         single(
             &mut text,
             "netwatch_recovered_events_total",

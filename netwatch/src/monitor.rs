@@ -14,17 +14,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
-use netwatch_common::{ByteCounts, StateEvent};
+use netwatch_common::{ByteCounts, KernelEvent};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::ProbeArgs;
-use crate::ebpf::{self, KernelLog, LossCounters, StateProbe};
+use crate::ebpf::{self, KernelLog, LossCounters, Record, StateProbe};
 use crate::metrics::Metrics;
 use crate::output::LossCause;
 use crate::sink::Sink;
 use crate::snapshot::{self, Snapshot};
 use crate::socket::Proto;
-use crate::table::{Observed, SocketTable, Transition};
+use crate::table::{Observed, OwnerChange, OwnerEvent, SocketTable, Transition};
 
 /// How often the ring buffer is drained without a wakeup: the eBPF side wakes
 /// netwatch only when much is waiting or 5 ms after its last wakeup.
@@ -39,8 +39,8 @@ const RESYNC_INTERVAL: Duration = Duration::from_secs(2);
 /// Output is written whenever this much is buffered, and after each batch.
 const FLUSH_AT: usize = 64 * 1024;
 /// Sockets the live table holds at most (the least recently changed are
-/// evicted beyond): twice the kernel's map of byte counts.
-pub const TABLE_CAPACITY: usize = 2 * netwatch_common::BYTES_MAP_ENTRIES as usize;
+/// evicted beyond): twice the kernel's map of owners and byte counts.
+pub const TABLE_CAPACITY: usize = 2 * netwatch_common::SOCKETS_MAP_ENTRIES as usize;
 
 /// What a mode does with what the monitor sees. Records go to `out`, a
 /// buffer written to the mode's output after each batch.
@@ -57,7 +57,16 @@ pub trait Observer {
         clock: &WallClock,
         out: &mut Vec<u8>,
     );
-    /// Transitions were lost.
+    /// A socket's owner became another process, at monotonic time `ts_ns`.
+    fn owner_changed(
+        &mut self,
+        _ts_ns: u64,
+        _change: &OwnerChange,
+        _clock: &WallClock,
+        _out: &mut Vec<u8>,
+    ) {
+    }
+    /// Transitions (or owner changes) were lost.
     fn lost(&mut self, _count: u64, _cause: LossCause, _out: &mut Vec<u8>) {}
     /// The table was rebuilt from /proc after losses.
     fn resynced(&mut self, _table: &SocketTable, _out: &mut Vec<u8>) {}
@@ -256,12 +265,27 @@ impl<O: Observer> Monitor<O> {
         }
     }
 
-    fn on_event(&mut self, event: &StateEvent) {
-        let Some(transition) = ebpf::to_transition(event) else {
-            return;
-        };
+    fn on_event(&mut self, event: &KernelEvent) {
+        match ebpf::to_record(event) {
+            Some(Record::Transition(transition)) => self.on_transition(&transition),
+            Some(Record::Owner(owner)) => self.on_owner(&owner),
+            Some(Record::Exec(task)) => self.table.exec(&task),
+            None => {}
+        }
+    }
+
+    fn on_owner(&mut self, event: &OwnerEvent) {
+        if let Some(change) = self.table.set_owner(event) {
+            self.metrics.owner_change(change.cause);
+            self.observer
+                .owner_changed(event.ts_ns, &change, &self.clock, &mut self.buffer);
+            self.flush_when_full();
+        }
+    }
+
+    fn on_transition(&mut self, transition: &Transition) {
         if transition.recovered {
-            if self.table.is_duplicate(&transition) {
+            if self.table.is_duplicate(transition) {
                 self.duplicates += 1;
                 return;
             }
@@ -270,9 +294,14 @@ impl<O: Observer> Monitor<O> {
         }
         self.transitions += 1;
         self.metrics.transition(transition.old, transition.new);
-        let observed = self.table.apply(&transition);
+        let observed = self.table.apply(transition);
         self.observer
-            .transition(&transition, observed, &self.clock, &mut self.buffer);
+            .transition(transition, observed, &self.clock, &mut self.buffer);
+        self.flush_when_full();
+    }
+
+    /// Writes the buffer once it holds `FLUSH_AT`; an error waits for the end of the batch.
+    fn flush_when_full(&mut self) {
         if self.buffer.len() >= FLUSH_AT && self.write_error.is_none() {
             self.write_error = self.flush().err();
         }
@@ -360,13 +389,24 @@ impl<O: Observer> Monitor<O> {
                 unrecovered.saturating_sub(self.lost.skipped),
                 LossCause::Recursion,
             ),
+            (
+                now.owner_events_dropped
+                    .saturating_sub(self.lost.owner_events_dropped),
+                LossCause::OwnerRingBufferFull,
+            ),
         ];
         self.lost.ring_buffer_full = self.lost.ring_buffer_full.max(now.ring_buffer_full);
+        self.lost.owner_events_dropped =
+            self.lost.owner_events_dropped.max(now.owner_events_dropped);
         self.lost.skipped = self.lost.skipped.max(unrecovered);
         self.metrics.set_losses(self.lost, &self.table);
         for (count, cause) in new_losses.into_iter().filter(|(count, _)| *count > 0) {
             self.stale = true;
-            eprintln!("netwatch: lost {count} transition(s): {}", cause.describe());
+            eprintln!(
+                "netwatch: lost {count} {}: {}",
+                cause.lost_what(),
+                cause.describe()
+            );
             self.observer.lost(count, cause, &mut self.buffer);
         }
         let due = last || self.last_resync.elapsed() >= RESYNC_INTERVAL;

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::snapshot::SnapshotEntry;
 use crate::socket::{format_endpoint, Endpoint, Owner, Proto, TcpState};
-use crate::table::Tuple;
+use crate::table::{OwnerChange, Tuple};
 
 /// Which optional columns the snapshot table has.
 #[derive(Clone, Copy, Debug, Default)]
@@ -123,6 +123,8 @@ pub struct SocketRecord<'a> {
     pub uid: u32,
     pub pid: Option<u32>,
     pub program: Option<&'a str>,
+    /// Every process holding it, lowest first (`pid` is the first).
+    pub pids: &'a [u32],
 }
 
 impl<'a> SocketRecord<'a> {
@@ -139,7 +141,8 @@ impl<'a> SocketRecord<'a> {
             inode: socket.inode,
             uid: socket.uid,
             pid: entry.owner.as_ref().map(|owner| owner.pid),
-            program: entry.owner.as_ref().map(|owner| owner.program.as_str()),
+            program: entry.owner.as_ref().map(|owner| &*owner.program),
+            pids: &entry.pids,
         }
     }
 }
@@ -234,6 +237,22 @@ pub enum StreamRecord<'a> {
     },
     /// The table was rebuilt from a fresh /proc snapshot.
     Resync { ts: String, sockets: usize },
+    /// A socket's owner became another process.
+    Owner {
+        ts: Timestamp,
+        proto: &'static str,
+        local_addr: Addr,
+        local_port: u16,
+        remote_addr: Addr,
+        remote_port: u16,
+        state: &'static str,
+        /// "accept" or "handoff".
+        cause: &'static str,
+        old_pid: Option<u32>,
+        old_program: Option<&'a str>,
+        pid: u32,
+        program: &'a str,
+    },
 }
 
 /// Why transitions were lost.
@@ -244,14 +263,25 @@ pub enum LossCause {
     RingBufferFull,
     /// The kernel skipped the program: it was already running on that CPU.
     Recursion,
+    /// Owner changes (accept, handoff, exec) the ring buffer had no room for.
+    OwnerRingBufferFull,
 }
 
 impl LossCause {
+    /// What was lost: "transition(s)" or "owner change(s)".
+    pub fn lost_what(self) -> &'static str {
+        match self {
+            LossCause::RingBufferFull | LossCause::Recursion => "transition(s)",
+            LossCause::OwnerRingBufferFull => "owner change(s)",
+        }
+    }
+
     /// How a person reads the cause.
     pub fn describe(self) -> &'static str {
         match self {
             LossCause::RingBufferFull => "ring buffer full",
             LossCause::Recursion => "kernel skipped nested calls of the program",
+            LossCause::OwnerRingBufferFull => "ring buffer full",
         }
     }
 }
@@ -278,6 +308,23 @@ pub fn write_state_text(
         format_endpoint(tuple.remote),
         old.name(),
         new.name(),
+    )
+}
+
+/// One owner change as a text line: in the state columns, `OWNER <-` and
+/// the previous owner.
+pub fn write_owner_text(out: &mut impl Write, ts: &str, change: &OwnerChange) -> io::Result<()> {
+    let old = change.old.as_ref().map_or_else(
+        || "-".to_owned(),
+        |old| format!("{}/{}", old.pid, old.program),
+    );
+    writeln!(
+        out,
+        "{} {:<28} {:<28} {:<12} <- {old}",
+        when_and_who(ts, Some(&change.new)),
+        format_endpoint(change.tuple.local),
+        format_endpoint(change.tuple.remote),
+        "OWNER",
     )
 }
 
@@ -333,6 +380,7 @@ mod tests {
                 timewait: false,
                 netns: None,
             },
+            pids: owner.iter().map(|owner| owner.pid).collect(),
             owner,
         }
     }
@@ -384,7 +432,7 @@ udp        7      5 0.0.0.0:53              0.0.0.0:*                           
         let expected = serde_json::json!({
             "proto": "tcp6", "local_addr": "::ffff:127.0.0.1", "local_port": 80,
             "remote_addr": "::ffff:127.0.0.1", "remote_port": 4000, "state": "TIME_WAIT",
-            "inode": 4242, "uid": 1000, "pid": null, "program": null
+            "inode": 4242, "uid": 1000, "pid": null, "program": null, "pids": []
         });
         assert_eq!(value, expected);
     }

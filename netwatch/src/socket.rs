@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 /// Transport and address family, named as netstat names them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -163,7 +164,7 @@ impl Direction {
 pub struct Owner {
     pub pid: u32,
     /// The process name (`/proc/PID/comm`, as ss and tcpstates show it).
-    pub program: String,
+    pub program: Arc<str>,
 }
 
 /// `addr:port`, with IPv6 in brackets and port 0 as `*`, as ss prints it.

@@ -9,10 +9,21 @@
 //! The table is bounded: past `capacity` sockets, the ones that changed
 //! least recently are evicted (a socket whose close was lost would
 //! otherwise stay forever), as the kernel's LRU map of byte counts does.
+//!
+//! Who owns a socket: the process that called `connect()` or `listen()`;
+//! for an accepted socket, its listener's owner until `accept()` returns it,
+//! then the accepting process; and from then on, whichever process last
+//! sent or received on it when that was not the owner (owner events, see
+//! [`SocketTable::set_owner`]). Owners are shared [`Process`] records, so
+//! that a process's `exec()` renames all its sockets' owner at once, and a
+//! pid reused by another process gets a record of its own.
 
 use netwatch_common::ByteCounts;
 use rustc_hash::FxHashMap;
+use std::cell::{Cell, RefCell};
 use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::sync::Arc;
 
 use crate::snapshot::Snapshot;
 use crate::socket::{Direction, Owner, Proto, TcpState};
@@ -25,6 +36,18 @@ pub struct Tuple {
     pub remote: SocketAddr,
 }
 
+/// The process of the task on the CPU at a kernel event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Task {
+    /// Its thread group id.
+    pub pid: u32,
+    /// The process's name (NUL-padded); all zero where the kernel did not read it.
+    pub comm: [u8; 16],
+    /// When the process started (CLOCK_MONOTONIC), if the kernel could read
+    /// it: with the pid, the process's identity across pid reuse.
+    pub start_ns: Option<u64>,
+}
+
 /// One state change reported by the kernel.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transition {
@@ -34,10 +57,9 @@ pub struct Transition {
     pub tuple: Tuple,
     pub old: TcpState,
     pub new: TcpState,
-    /// The task on the CPU: the owner only when it opens the socket (connect, listen).
-    pub task_pid: u32,
-    /// That task's thread name (NUL-padded), used when its process is already gone.
-    pub task_comm: [u8; 16],
+    /// The task on the CPU: the owner only when it opens the socket
+    /// (connect, listen), and only then does the kernel name its process.
+    pub task: Task,
     /// The socket's uid, when the kernel's layout was known.
     pub uid: Option<u32>,
     /// The socket's network namespace inode, when the kernel's layout was known.
@@ -48,6 +70,97 @@ pub struct Transition {
     pub bytes: ByteCounts,
     /// Sent by the recovery program: a skipped call, or a duplicate.
     pub recovered: bool,
+}
+
+/// Why a socket has a new owner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OwnerCause {
+    /// `accept()` returned it to this process.
+    Accept,
+    /// This process sent or received on it.
+    Handoff,
+}
+
+impl OwnerCause {
+    /// "accept" or "handoff".
+    pub fn name(self) -> &'static str {
+        match self {
+            OwnerCause::Accept => "accept",
+            OwnerCause::Handoff => "handoff",
+        }
+    }
+}
+
+/// The kernel saw a process take a socket: it accepted it, or it sent or
+/// received on it while the kernel's map named another owner (or none).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnerEvent {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    pub skaddr: u64,
+    pub tuple: Tuple,
+    /// The socket's state then, when it is one the kernel numbers.
+    pub state: Option<TcpState>,
+    /// The process that takes the socket.
+    pub task: Task,
+    pub uid: Option<u32>,
+    pub netns: Option<u32>,
+    pub cause: OwnerCause,
+}
+
+/// A socket whose owner is now another process.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OwnerChange {
+    pub tuple: Tuple,
+    pub state: TcpState,
+    /// The previous owner, if the table knew one.
+    pub old: Option<Owner>,
+    pub new: Owner,
+    pub cause: OwnerCause,
+}
+
+/// A process that owns sockets in the table. Its name follows `exec()`.
+#[derive(Debug)]
+pub struct Process {
+    pub pid: u32,
+    /// When it started, once the kernel said (a baseline owner's is unknown).
+    start_ns: Cell<Option<u64>>,
+    name: RefCell<Arc<str>>,
+}
+
+impl Process {
+    fn new(pid: u32, start_ns: Option<u64>, name: Arc<str>) -> Rc<Process> {
+        Rc::new(Process {
+            pid,
+            start_ns: Cell::new(start_ns),
+            name: RefCell::new(name),
+        })
+    }
+
+    /// The process as records name it: its pid and current name.
+    pub fn owner(&self) -> Owner {
+        Owner {
+            pid: self.pid,
+            program: self.name.borrow().clone(),
+        }
+    }
+
+    /// Whether a task with this start time and name is this process: the
+    /// start times decide when both are known, else the names.
+    fn is(&self, start_ns: Option<u64>, name: &str) -> bool {
+        match (self.start_ns.get(), start_ns) {
+            (Some(known), Some(start_ns)) => known == start_ns,
+            _ => *self.name.borrow().as_ref() == *name,
+        }
+    }
+}
+
+impl PartialEq for Process {
+    fn eq(&self, other: &Process) -> bool {
+        self.pid == other.pid
+            && self.start_ns == other.start_ns
+            && *self.name.borrow() == *other.name.borrow()
+    }
 }
 
 /// A transition with what the table knows of its socket.
@@ -69,7 +182,10 @@ pub struct Observed {
 pub struct LiveSocket {
     pub tuple: Tuple,
     pub state: TcpState,
-    pub owner: Option<Owner>,
+    /// Its owner (see the module documentation).
+    pub process: Option<Rc<Process>>,
+    /// Whether its owner changed from one process to another while the table held it.
+    pub owner_changed: bool,
     pub uid: Option<u32>,
     pub netns: Option<u32>,
     pub direction: Direction,
@@ -83,11 +199,12 @@ pub struct LiveSocket {
 
 impl LiveSocket {
     /// A socket first seen in mid-life: a baseline socket, or one whose opening was lost.
-    pub fn unknown(tuple: Tuple, state: TcpState, owner: Option<Owner>) -> LiveSocket {
+    pub fn unknown(tuple: Tuple, state: TcpState, process: Option<Rc<Process>>) -> LiveSocket {
         LiveSocket {
             tuple,
             state,
-            owner,
+            process,
+            owner_changed: false,
             uid: None,
             netns: None,
             direction: Direction::Unknown,
@@ -96,12 +213,17 @@ impl LiveSocket {
             previous: None,
         }
     }
+
+    /// Its owner's pid and current name.
+    pub fn owner(&self) -> Option<Owner> {
+        self.process.as_ref().map(|process| process.owner())
+    }
 }
 
 /// A kernel task name: the bytes before the first NUL.
-fn comm_name(comm: &[u8; 16]) -> String {
+fn comm_name(comm: &[u8; 16]) -> Arc<str> {
     let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-    String::from_utf8_lossy(&comm[..len]).into_owned()
+    String::from_utf8_lossy(&comm[..len]).into()
 }
 
 /// Looks up a process name by pid (`/proc/PID/comm` in production).
@@ -113,7 +235,7 @@ struct Listener {
     proto: Proto,
     ip: IpAddr,
     netns: Option<u32>,
-    owner: Option<Owner>,
+    process: Option<Rc<Process>>,
 }
 
 /// The table, see the module documentation.
@@ -126,7 +248,9 @@ pub struct SocketTable {
     baseline_netns: Option<u32>,
     /// Listening sockets by local port.
     listeners: FxHashMap<u16, Vec<Listener>>,
-    names: FxHashMap<u32, String>,
+    /// The owners seen lately, by pid (one process per pid at a time).
+    processes: FxHashMap<u32, Rc<Process>>,
+    /// Names a process when the kernel could not (no BTF).
     lookup_name: NameLookup,
     /// Sockets that reached CLOSE lately, with the state they left.
     closed: FxHashMap<u64, TcpState>,
@@ -136,8 +260,8 @@ pub struct SocketTable {
     vanished: u64,
 }
 
-/// Process names cached at most; the cache is cleared when it grows past this.
-const NAME_CACHE_LIMIT: usize = 4096;
+/// Processes remembered at most; past this, those that own no socket are forgotten.
+const PROCESS_LIMIT: usize = 4096;
 /// Closed sockets remembered at most, to recognise a duplicated close.
 const CLOSED_LIMIT: usize = 65536;
 
@@ -145,6 +269,21 @@ const CLOSED_LIMIT: usize = 65536;
 /// CLOSE, an accepted socket leaves its listener's LISTEN.
 fn opens(old: TcpState, new: TcpState) -> bool {
     old == TcpState::Close || (old == TcpState::Listen && new != TcpState::Close)
+}
+
+/// Whether a socket first seen in this state (through an owner event) can
+/// join the table: not one on its way in or out, which a transition will
+/// name soon, nor a listener.
+fn lasts(state: TcpState) -> bool {
+    !matches!(
+        state,
+        TcpState::Close
+            | TcpState::TimeWait
+            | TcpState::SynSent
+            | TcpState::SynRecv
+            | TcpState::NewSynRecv
+            | TcpState::Listen
+    )
 }
 
 impl SocketTable {
@@ -155,7 +294,7 @@ impl SocketTable {
             unbound: FxHashMap::default(),
             baseline_netns: None,
             listeners: FxHashMap::default(),
-            names: FxHashMap::default(),
+            processes: FxHashMap::default(),
             lookup_name,
             closed: FxHashMap::default(),
             capacity: capacity.max(1),
@@ -172,7 +311,7 @@ impl SocketTable {
         self.bound.clear();
         self.unbound.clear();
         self.listeners.clear();
-        self.names.clear();
+        self.processes.clear();
         self.baseline_netns = netns;
         for entry in &snapshot.entries {
             let socket = &entry.socket;
@@ -184,7 +323,11 @@ impl SocketTable {
                 local: socket.local,
                 remote: socket.remote,
             };
-            let mut live = LiveSocket::unknown(tuple, socket.state, entry.owner.clone());
+            let process = entry
+                .owner
+                .as_ref()
+                .map(|owner| self.process(owner.pid, None, owner.program.clone()));
+            let mut live = LiveSocket::unknown(tuple, socket.state, process);
             live.uid = Some(socket.uid);
             live.netns = socket.netns.or(netns);
             if socket.state == TcpState::Listen {
@@ -270,10 +413,10 @@ impl SocketTable {
         if t.tuple.local.port() != 0 {
             // The baseline may have read this socket after the transitions began.
             if let Some(duplicate) = self.take_unbound(t) {
-                socket.owner = socket.owner.or(duplicate.owner);
+                socket.process = socket.process.or(duplicate.process);
             }
         }
-        let owner = socket.owner.clone();
+        let owner = socket.owner();
         let mut closed = None;
         match t.new {
             TcpState::Close => {
@@ -294,6 +437,61 @@ impl SocketTable {
             ms_in_old_state,
             closed,
             replaced,
+        }
+    }
+
+    /// Applies an owner event: the socket's owner becomes the event's
+    /// process. Returns the change when that is another process than the
+    /// table's owner. A socket the table does not hold yet joins it (a
+    /// baseline socket by its tuple, or one first seen here in a state that
+    /// lasts). Listeners keep the process that called `listen()`.
+    pub fn set_owner(&mut self, e: &OwnerEvent) -> Option<OwnerChange> {
+        if !self.bound.contains_key(&e.skaddr) {
+            let socket = match self
+                .unbound
+                .remove(&(e.netns.or(self.baseline_netns), e.tuple))
+            {
+                Some(baseline) => baseline,
+                None => {
+                    let state = e.state.filter(|&state| lasts(state))?;
+                    LiveSocket {
+                        uid: e.uid,
+                        netns: e.netns,
+                        ..LiveSocket::unknown(e.tuple, state, None)
+                    }
+                }
+            };
+            self.insert(e.skaddr, socket);
+        }
+        let process = self.process_of(&e.task);
+        let socket = self.bound.get_mut(&e.skaddr)?;
+        if socket.state == TcpState::Listen {
+            return None;
+        }
+        let old = socket.process.replace(process.clone());
+        if let Some(old) = &old {
+            if old.pid == process.pid && old.is(process.start_ns.get(), &process.name.borrow()) {
+                return None;
+            }
+            socket.owner_changed = true;
+        }
+        Some(OwnerChange {
+            tuple: socket.tuple,
+            state: socket.state,
+            old: old.map(|old| old.owner()),
+            new: process.owner(),
+            cause: e.cause,
+        })
+    }
+
+    /// A process called `exec()`: the sockets it owns now show its new name.
+    pub fn exec(&mut self, task: &Task) {
+        if let Some(process) = self.processes.get(&task.pid) {
+            let name = comm_name(&task.comm);
+            if process.start_ns.get().is_none() || process.start_ns.get() == task.start_ns {
+                process.start_ns.set(task.start_ns);
+                *process.name.borrow_mut() = name;
+            }
         }
     }
 
@@ -340,12 +538,13 @@ impl SocketTable {
     }
 
     /// A socket that starts here: connect() and listen() run in the owner's
-    /// context; an accepted socket (LISTEN -> SYN_RECV) belongs to its listener's owner.
+    /// context; an accepted socket (LISTEN -> SYN_RECV) belongs to its
+    /// listener's owner until accept() returns it (an owner event).
     fn new_socket(&mut self, t: &Transition) -> LiveSocket {
         let (owner, direction) = match (t.old, t.new) {
             (TcpState::Listen, _) => (self.listener_owner(t), Direction::In),
-            (_, TcpState::SynSent) => (Some(self.task_owner(t)), Direction::Out),
-            (_, TcpState::Listen) => (Some(self.task_owner(t)), Direction::Unknown),
+            (_, TcpState::SynSent) => (Some(self.process_of(&t.task)), Direction::Out),
+            (_, TcpState::Listen) => (Some(self.process_of(&t.task)), Direction::Unknown),
             _ => (None, Direction::Unknown),
         };
         LiveSocket {
@@ -356,23 +555,48 @@ impl SocketTable {
         }
     }
 
-    fn task_owner(&mut self, t: &Transition) -> Owner {
-        if self.names.len() >= NAME_CACHE_LIMIT {
-            self.names.clear();
+    /// The process of a task the kernel named. Without its start time (the
+    /// kernel's layout unknown), the name is looked up once per pid, as
+    /// netstat would, or is the thread's when the process is gone.
+    fn process_of(&mut self, task: &Task) -> Rc<Process> {
+        if task.start_ns.is_none() {
+            if let Some(known) = self.processes.get(&task.pid) {
+                return known.clone();
+            }
+            let name = (self.lookup_name)(task.pid)
+                .map(Arc::from)
+                .unwrap_or_else(|| comm_name(&task.comm));
+            return self.process(task.pid, None, name);
         }
-        let lookup_name = self.lookup_name;
-        let program = self
-            .names
-            .entry(t.task_pid)
-            .or_insert_with(|| lookup_name(t.task_pid).unwrap_or_else(|| comm_name(&t.task_comm)))
-            .clone();
-        Owner {
-            pid: t.task_pid,
-            program,
-        }
+        self.process(task.pid, task.start_ns, comm_name(&task.comm))
     }
 
-    fn listener_owner(&self, accepted: &Transition) -> Option<Owner> {
+    /// The record of process `pid`: the one the table has if it is the same
+    /// process (learning its start time, or a new name the kernel gave with
+    /// the same start time), else a new one, which a reused pid gets.
+    fn process(&mut self, pid: u32, start_ns: Option<u64>, name: Arc<str>) -> Rc<Process> {
+        if let Some(known) = self.processes.get(&pid) {
+            if known.is(start_ns, &name) {
+                if start_ns.is_some() {
+                    known.start_ns.set(start_ns);
+                    if *known.name.borrow() != name {
+                        *known.name.borrow_mut() = name;
+                    }
+                }
+                return known.clone();
+            }
+        }
+        if self.processes.len() >= PROCESS_LIMIT {
+            // Keep the processes that own sockets; forget the rest.
+            self.processes
+                .retain(|_, process| Rc::strong_count(process) > 1);
+        }
+        let process = Process::new(pid, start_ns, name);
+        self.processes.insert(pid, process.clone());
+        process
+    }
+
+    fn listener_owner(&self, accepted: &Transition) -> Option<Rc<Process>> {
         let tuple = &accepted.tuple;
         let candidates = self.listeners.get(&tuple.local.port())?;
         let ip = tuple.local.ip();
@@ -389,7 +613,7 @@ impl SocketTable {
                     }
             })
         };
-        matching(true).or_else(|| matching(false))?.owner.clone()
+        matching(true).or_else(|| matching(false))?.process.clone()
     }
 
     fn add_listener(&mut self, socket: &LiveSocket) {
@@ -400,7 +624,7 @@ impl SocketTable {
                 proto: socket.tuple.proto,
                 ip: socket.tuple.local.ip(),
                 netns: socket.netns,
-                owner: socket.owner.clone(),
+                process: socket.process.clone(),
             });
     }
 
@@ -433,7 +657,10 @@ mod tests {
     }
 
     fn owner(pid: u32) -> Option<Owner> {
-        fake_names(pid).map(|program| Owner { pid, program })
+        fake_names(pid).map(|program| Owner {
+            pid,
+            program: program.into(),
+        })
     }
 
     fn tuple(local: &str, remote: &str) -> Tuple {
@@ -458,18 +685,277 @@ mod tests {
             tuple,
             old,
             new,
-            task_pid: task,
-            task_comm: {
-                let mut comm = [0u8; 16];
-                let name = format!("thread{task}");
-                comm[..name.len()].copy_from_slice(name.as_bytes());
-                comm
+            // Without a start time, as without BTF: names are looked up.
+            task: Task {
+                pid: task,
+                comm: comm(&format!("thread{task}")),
+                start_ns: None,
             },
             uid: Some(1000),
             netns: Some(1),
             bytes: ByteCounts::default(),
             recovered: false,
         }
+    }
+
+    fn comm(name: &str) -> [u8; 16] {
+        let mut comm = [0u8; 16];
+        comm[..name.len()].copy_from_slice(name.as_bytes());
+        comm
+    }
+
+    /// A process as the kernel names it: pid, start time and name.
+    fn task(pid: u32, start_ns: u64, name: &str) -> Task {
+        Task {
+            pid,
+            comm: comm(name),
+            start_ns: Some(start_ns),
+        }
+    }
+
+    fn named(pid: u32, program: &str) -> Option<Owner> {
+        Some(Owner {
+            pid,
+            program: program.into(),
+        })
+    }
+
+    /// `transition` by a task the kernel named.
+    fn transition_by(
+        ts_ms: u64,
+        skaddr: u64,
+        tuple: Tuple,
+        (old, new): (TcpState, TcpState),
+        task: Task,
+    ) -> Transition {
+        Transition {
+            task,
+            ..transition(ts_ms, skaddr, tuple, old, new, 0)
+        }
+    }
+
+    fn owner_event(
+        skaddr: u64,
+        tuple: Tuple,
+        state: TcpState,
+        task: Task,
+        cause: OwnerCause,
+    ) -> OwnerEvent {
+        OwnerEvent {
+            ts_ns: 0,
+            skaddr,
+            tuple,
+            state: Some(state),
+            task,
+            uid: Some(1000),
+            netns: Some(1),
+            cause,
+        }
+    }
+
+    /// A listener of `master` on port 80 and a connection to it accepted
+    /// into the kernel (socket 2), before accept() returns it.
+    fn listener_with_pending_connection(master: Task) -> (SocketTable, Tuple) {
+        let mut table = SocketTable::new(fake_names, 1000);
+        let listen = tuple("0.0.0.0:80", "0.0.0.0:0");
+        let child = tuple("127.0.0.1:80", "127.0.0.1:5000");
+        table.apply(&transition_by(1, 1, listen, (Close, Listen), master));
+        table.apply(&transition(2, 2, child, Listen, SynRecv, 0));
+        table.apply(&transition(3, 2, child, SynRecv, Established, 0));
+        (table, child)
+    }
+
+    #[test]
+    fn the_worker_that_accepts_owns_the_socket_from_then_on() {
+        let (mut table, child) = listener_with_pending_connection(task(100, 1, "nginx"));
+        let worker = task(101, 2, "nginx");
+        let change = table
+            .set_owner(&owner_event(
+                2,
+                child,
+                Established,
+                worker,
+                OwnerCause::Accept,
+            ))
+            .expect("the owner changes");
+        assert_eq!(change.old, named(100, "nginx"));
+        assert_eq!(
+            change.new,
+            Owner {
+                pid: 101,
+                program: "nginx".into()
+            }
+        );
+        assert_eq!(
+            (change.tuple, change.state, change.cause),
+            (child, Established, OwnerCause::Accept)
+        );
+        for (ts, old, new) in [
+            (4, Established, CloseWait),
+            (5, CloseWait, LastAck),
+            (6, LastAck, Close),
+        ] {
+            let seen = table.apply(&transition(ts, 2, child, old, new, 7));
+            assert_eq!(seen.owner, named(101, "nginx"), "{old} -> {new}");
+        }
+    }
+
+    #[test]
+    fn accept_by_the_listener_owner_changes_nothing() {
+        let master = task(100, 1, "server");
+        let (mut table, child) = listener_with_pending_connection(master.clone());
+        let accepted = owner_event(2, child, Established, master, OwnerCause::Accept);
+        assert_eq!(table.set_owner(&accepted), None);
+        assert!(!table.sockets().any(|(_, socket)| socket.owner_changed));
+    }
+
+    #[test]
+    fn a_forked_child_that_serves_takes_the_socket_over() {
+        let parent = task(100, 1, "server");
+        let (mut table, child) = listener_with_pending_connection(parent.clone());
+        table.set_owner(&owner_event(
+            2,
+            child,
+            Established,
+            parent,
+            OwnerCause::Accept,
+        ));
+        // The child sends first: the kernel reports a handoff.
+        let forked = task(150, 9, "server");
+        let change = table
+            .set_owner(&owner_event(
+                2,
+                child,
+                Established,
+                forked.clone(),
+                OwnerCause::Handoff,
+            ))
+            .expect("the child takes over");
+        assert_eq!((change.old, change.new.pid), (named(100, "server"), 150));
+        // It sends again (an LRU eviction in the kernel repeats the event): no change.
+        assert_eq!(
+            table.set_owner(&owner_event(
+                2,
+                child,
+                Established,
+                forked,
+                OwnerCause::Handoff
+            )),
+            None
+        );
+        let closed = table.apply(&transition(9, 2, child, LastAck, Close, 0));
+        assert_eq!(closed.owner, named(150, "server"));
+        assert!(closed.closed.expect("closed").owner_changed);
+    }
+
+    #[test]
+    fn an_exec_renames_the_sockets_its_process_owns() {
+        let mut table = SocketTable::new(fake_names, 1000);
+        let conn = tuple("127.0.0.1:5000", "127.0.0.1:80");
+        table.apply(&transition_by(
+            1,
+            7,
+            conn,
+            (Close, SynSent),
+            task(300, 5, "sh"),
+        ));
+        table.exec(&task(300, 5, "curl"));
+        let seen = table.apply(&transition(2, 7, conn, SynSent, Established, 0));
+        assert_eq!(seen.owner, named(300, "curl"));
+        // An exec by another process that had pid 300 renames nothing.
+        table.exec(&task(300, 6, "wget"));
+        let seen = table.apply(&transition(3, 7, conn, Established, FinWait1, 0));
+        assert_eq!(seen.owner, named(300, "curl"));
+    }
+
+    #[test]
+    fn a_reused_pid_never_shows_the_previous_process_name() {
+        let mut table = SocketTable::new(fake_names, 1000);
+        let first = tuple("127.0.0.1:5000", "127.0.0.1:80");
+        let second = tuple("127.0.0.1:5001", "127.0.0.1:80");
+        table.apply(&transition_by(
+            1,
+            7,
+            first,
+            (Close, SynSent),
+            task(300, 5, "nginx"),
+        ));
+        let seen = table.apply(&transition_by(
+            2,
+            8,
+            second,
+            (Close, SynSent),
+            task(300, 6, "curl"),
+        ));
+        assert_eq!(seen.owner, named(300, "curl"));
+        // Even with the same name, a new start time is another process: exec of one renames only it.
+        table.exec(&task(300, 6, "wget"));
+        let old = table.apply(&transition(3, 7, first, SynSent, Established, 0));
+        assert_eq!(old.owner, named(300, "nginx"));
+        let new = table.apply(&transition(3, 8, second, SynSent, Established, 0));
+        assert_eq!(new.owner, named(300, "wget"));
+    }
+
+    #[test]
+    fn owner_events_adopt_baseline_sockets_and_first_seen_ones() {
+        let mut table = SocketTable::new(fake_names, 1000);
+        let conn = tuple("127.0.0.1:80", "127.0.0.1:5000");
+        let listen = tuple("0.0.0.0:81", "0.0.0.0:0");
+        table.reset_from(
+            &baseline(&[(conn, Established, 42), (listen, Listen, 42)]),
+            Some(1),
+        );
+        // The baseline named proc42 without a start time; the kernel now names it with one.
+        let same = owner_event(
+            9,
+            conn,
+            Established,
+            task(42, 3, "proc42"),
+            OwnerCause::Handoff,
+        );
+        assert_eq!(table.set_owner(&same), None);
+        assert_eq!(table.len(), 2);
+        let other = owner_event(
+            9,
+            conn,
+            Established,
+            task(43, 4, "worker"),
+            OwnerCause::Handoff,
+        );
+        assert_eq!(table.set_owner(&other).map(|c| c.old), Some(owner(42)));
+        // A listener keeps the process that called listen().
+        let on_listener = owner_event(
+            10,
+            listen,
+            Listen,
+            task(43, 4, "worker"),
+            OwnerCause::Handoff,
+        );
+        assert_eq!(table.set_owner(&on_listener), None);
+        // A socket never seen: joins in a state that lasts, with no previous owner.
+        let unseen = tuple("127.0.0.1:82", "127.0.0.1:6000");
+        let change = table.set_owner(&owner_event(
+            11,
+            unseen,
+            CloseWait,
+            task(44, 5, "w"),
+            OwnerCause::Accept,
+        ));
+        assert_eq!(change.map(|c| (c.old, c.state)), Some((None, CloseWait)));
+        assert_eq!(table.len(), 3);
+        // ... but not on its way out.
+        let closing = tuple("127.0.0.1:83", "127.0.0.1:6001");
+        assert_eq!(
+            table.set_owner(&owner_event(
+                12,
+                closing,
+                Close,
+                task(44, 5, "w"),
+                OwnerCause::Handoff
+            )),
+            None
+        );
+        assert_eq!(table.len(), 3);
     }
 
     fn baseline(sockets: &[(Tuple, TcpState, u32)]) -> Snapshot {
@@ -671,7 +1157,7 @@ mod tests {
         assert_eq!(second.owner, owner(11));
         assert_eq!(table.len(), 1);
         let replaced = second.replaced.expect("the first socket is handed back");
-        assert_eq!((replaced.tuple, replaced.owner), (first, owner(10)));
+        assert_eq!((replaced.tuple, replaced.owner()), (first, owner(10)));
         assert_eq!(table.vanished(), 1);
     }
 

@@ -7,7 +7,10 @@
 //! applied before comparing). Also left out: TIME_WAIT mini sockets (the
 //! table does not keep them; /proc may show one as FIN_WAIT2), SYN_RECV (/proc lists pending request sockets there, which no
 //! state change announces) and sockets of other network namespaces (/proc
-//! shows netwatch's own).
+//! shows netwatch's own). An owner change counts as a change. A pid differs
+//! only when the table's owner holds no fd of the socket: several
+//! processes may hold one (after fork, a listener shared by workers), and
+//! the snapshot names the lowest.
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
@@ -25,7 +28,7 @@ use crate::output::{self, Timestamp};
 use crate::sink::Sink;
 use crate::snapshot::{self, Snapshot};
 use crate::socket::{format_endpoint, TcpState};
-use crate::table::{LiveSocket, Observed, SocketTable, Transition, Tuple};
+use crate::table::{LiveSocket, Observed, OwnerChange, SocketTable, Transition, Tuple};
 
 /// Sockets listed at most in one report (the counts cover them all).
 const LISTED_AT_MOST: usize = 50;
@@ -103,6 +106,14 @@ struct Verify {
 }
 
 impl Verify {
+    /// Leaves a socket that changed at `ts_ns` out of the current check if
+    /// the check's snapshot had begun by then.
+    fn note_change(&mut self, ts_ns: u64, tuple: Tuple) {
+        if self.check_began_ns.is_some_and(|began| ts_ns >= began) {
+            self.changed.insert(tuple);
+        }
+    }
+
     fn new(json: bool, interval: Duration) -> Verify {
         Verify {
             json,
@@ -205,9 +216,17 @@ impl Observer for Verify {
         _clock: &WallClock,
         _out: &mut Vec<u8>,
     ) {
-        if self.check_began_ns.is_some_and(|began| t.ts_ns >= began) {
-            self.changed.insert(t.tuple);
-        }
+        self.note_change(t.ts_ns, t.tuple);
+    }
+
+    fn owner_changed(
+        &mut self,
+        ts_ns: u64,
+        change: &OwnerChange,
+        _clock: &WallClock,
+        _out: &mut Vec<u8>,
+    ) {
+        self.note_change(ts_ns, change.tuple);
     }
 
     fn check_starts(&mut self, at_ns: u64) {
@@ -335,10 +354,11 @@ pub fn compare(
             ));
             continue;
         };
-        let table_pid = found.owner.as_ref().map(|owner| owner.pid);
+        let table_pid = found.process.as_ref().map(|process| process.pid);
         let kind = if found.state != socket.state {
             Some(DriftKind::StateMismatch)
-        } else if snapshot_pid.is_some() && table_pid != snapshot_pid {
+        } else if snapshot_pid.is_some() && !table_pid.is_some_and(|pid| entry.pids.contains(&pid))
+        {
             Some(DriftKind::PidMismatch)
         } else {
             None
@@ -353,7 +373,7 @@ pub fn compare(
         }
     }
     for socket in live.into_values().chain(portless) {
-        let pid = socket.owner.as_ref().map(|owner| owner.pid);
+        let pid = socket.process.as_ref().map(|process| process.pid);
         comparison.drift.push(drift(
             DriftKind::MissingFromSnapshot,
             socket.tuple,
@@ -436,8 +456,11 @@ mod tests {
                 },
                 old: Close,
                 new: SynSent,
-                task_pid: pid,
-                task_comm: [0; 16],
+                task: crate::table::Task {
+                    pid,
+                    comm: [0; 16],
+                    start_ns: None,
+                },
                 uid: Some(0),
                 netns: Some(netns),
                 bytes: ByteCounts::default(),
@@ -456,7 +479,7 @@ mod tests {
             .map(|&(tuple, state, pid, timewait)| {
                 let owner = pid.map(|pid| Owner {
                     pid,
-                    program: format!("p{pid}"),
+                    program: format!("p{pid}").into(),
                 });
                 let mut entry = SnapshotEntry::of(&tuple, state, owner);
                 entry.socket.timewait = timewait;
@@ -509,6 +532,22 @@ mod tests {
     }
 
     #[test]
+    fn a_pid_differs_only_when_the_table_owner_holds_no_fd_of_the_socket() {
+        let a = tuple("127.0.0.1:80", "127.0.0.1:5000");
+        let table = table(&[(1, a, 12, NETNS)]);
+        let none = FxHashSet::default();
+        // Held by 10 (the lowest, which the snapshot names) and by 12, the table's owner.
+        let mut shared = snapshot(&[(a, Established, Some(10), false)]);
+        shared.entries[0].pids = vec![10, 12];
+        assert_eq!(kinds(&compare(&shared, &table, Some(NETNS), &none)), vec![]);
+        shared.entries[0].pids = vec![10, 11];
+        assert_eq!(
+            kinds(&compare(&shared, &table, Some(NETNS), &none)),
+            vec![DriftKind::PidMismatch]
+        );
+    }
+
+    #[test]
     fn changed_sockets_time_wait_duplicates_and_other_namespaces_are_left_out() {
         let a = tuple("127.0.0.1:5000", "127.0.0.1:80");
         let b = tuple("127.0.0.1:5001", "127.0.0.1:80");
@@ -547,8 +586,11 @@ mod tests {
             tuple: connecting,
             old: Close,
             new: SynSent,
-            task_pid: 10,
-            task_comm: [0; 16],
+            task: crate::table::Task {
+                pid: 10,
+                comm: [0; 16],
+                start_ns: None,
+            },
             uid: Some(0),
             netns: Some(NETNS),
             bytes: ByteCounts::default(),

@@ -8,7 +8,7 @@ use crate::monitor::{self, Config, Observer, WallClock};
 use crate::output::{self, Addr, LossCause, SocketRecord, StreamRecord, Timestamp};
 use crate::sink::Sink;
 use crate::snapshot::Snapshot;
-use crate::table::{Observed, SocketTable, Transition, Tuple};
+use crate::table::{Observed, OwnerChange, SocketTable, Transition, Tuple};
 
 /// Streams until SIGINT or SIGTERM, then prints a summary on stderr.
 pub fn run(args: WatchArgs) -> anyhow::Result<()> {
@@ -77,7 +77,7 @@ impl Observer for Stream {
                 &StreamRecord::State {
                     ts,
                     pid,
-                    program: owner.map(|owner| owner.program.as_str()),
+                    program: owner.map(|owner| &*owner.program),
                     proto: t.tuple.proto.name(),
                     local_addr: Addr(t.tuple.local.ip()),
                     local_port: t.tuple.local.port(),
@@ -90,6 +90,47 @@ impl Observer for Stream {
             )
         } else {
             output::write_state_text(out, &ts.to_string(), owner, &t.tuple, t.old, t.new, ms)
+        };
+    }
+
+    fn owner_changed(
+        &mut self,
+        ts_ns: u64,
+        change: &OwnerChange,
+        clock: &WallClock,
+        out: &mut Vec<u8>,
+    ) {
+        // --pid matches the new owner or the old one.
+        let pids = [Some(change.new.pid), change.old.as_ref().map(|old| old.pid)];
+        let filters = &self.args.filters;
+        if !pids
+            .into_iter()
+            .any(|pid| filters.matches(&change.tuple, pid, &[change.state]))
+        {
+            return;
+        }
+        let ts = Timestamp(clock.at(ts_ns));
+        let _ = if self.args.json {
+            let old = change.old.as_ref();
+            output::write_json_line(
+                out,
+                &StreamRecord::Owner {
+                    ts,
+                    proto: change.tuple.proto.name(),
+                    local_addr: Addr(change.tuple.local.ip()),
+                    local_port: change.tuple.local.port(),
+                    remote_addr: Addr(change.tuple.remote.ip()),
+                    remote_port: change.tuple.remote.port(),
+                    state: change.state.name(),
+                    cause: change.cause.name(),
+                    old_pid: old.map(|old| old.pid),
+                    old_program: old.map(|old| &*old.program),
+                    pid: change.new.pid,
+                    program: &change.new.program,
+                },
+            )
+        } else {
+            output::write_owner_text(out, &ts.to_string(), change)
         };
     }
 

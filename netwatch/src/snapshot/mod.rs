@@ -5,6 +5,7 @@ mod processes;
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::Arc;
 use std::thread;
 
 pub use proc_net::{ProcSocket, ProcTable};
@@ -17,7 +18,10 @@ use crate::socket::{Owner, Proto};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotEntry {
     pub socket: ProcSocket,
+    /// The lowest pid holding it, as netstat shows one.
     pub owner: Option<Owner>,
+    /// Every pid holding it (an fd of it), lowest first, as `ss -p` lists them.
+    pub pids: Vec<u32>,
 }
 
 /// One reading of the socket tables, joined with their owners.
@@ -109,6 +113,7 @@ impl SnapshotEntry {
                 timewait: false,
                 netns: None,
             },
+            pids: owner.iter().map(|owner| owner.pid).collect(),
             owner,
         }
     }
@@ -165,19 +170,26 @@ fn join_owners(
     owners: Option<InodeOwners>,
 ) -> Snapshot {
     let owners_incomplete = owners.as_ref().is_some_and(|owners| owners.incomplete);
-    let pids = owners.map(|owners| owners.pids).unwrap_or_default();
-    let mut names: HashMap<u32, Option<String>> = HashMap::new();
+    let owners = owners.unwrap_or_default();
+    let mut names: HashMap<u32, Option<Arc<str>>> = HashMap::new();
     let entries = sockets
         .into_iter()
         .map(|socket| {
-            let owner = pids.get(&socket.inode).and_then(|&pid| {
-                let program = names.entry(pid).or_insert_with(|| program_name(pid));
+            let owner = owners.pids.get(&socket.inode).and_then(|&pid| {
+                let program = names
+                    .entry(pid)
+                    .or_insert_with(|| program_name(pid).map(Arc::from));
                 Some(Owner {
                     pid,
                     program: program.clone()?,
                 })
             });
-            SnapshotEntry { socket, owner }
+            let pids = owners.holders(socket.inode);
+            SnapshotEntry {
+                socket,
+                owner,
+                pids,
+            }
         })
         .collect();
     Snapshot {

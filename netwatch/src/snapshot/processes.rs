@@ -4,6 +4,7 @@
 //! (procfs's `Process::fd` opens, stats and closes each fd as well, four
 //! times the system calls); names come from procfs for the few owning pids.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ffi::CStr;
 use std::mem::MaybeUninit;
@@ -15,9 +16,60 @@ use rustix::io::Errno;
 /// Socket inode -> pid, for every process whose fds could be read.
 #[derive(Debug, Default)]
 pub struct InodeOwners {
+    /// The lowest pid holding each socket, netstat's choice of one owner.
     pub pids: HashMap<u64, u32>,
+    /// The other pids holding a socket, for the few that more than one holds
+    /// (after fork(), pre-fork workers' listener): unordered, each once.
+    pub shared: HashMap<u64, Vec<u32>>,
     /// Some fd directories were not readable (not root): their sockets have no owner.
     pub incomplete: bool,
+}
+
+impl InodeOwners {
+    /// Notes that process `pid` holds socket `inode`.
+    pub fn add(&mut self, inode: u64, pid: u32) {
+        match self.pids.entry(inode) {
+            Entry::Vacant(first) => {
+                first.insert(pid);
+            }
+            Entry::Occupied(mut lowest) => {
+                let other = match pid.cmp(lowest.get()) {
+                    std::cmp::Ordering::Equal => return,
+                    std::cmp::Ordering::Less => lowest.insert(pid),
+                    std::cmp::Ordering::Greater => pid,
+                };
+                let others = self.shared.entry(inode).or_default();
+                if !others.contains(&other) {
+                    others.push(other);
+                }
+            }
+        }
+    }
+
+    /// Every pid holding socket `inode`, lowest first.
+    pub fn holders(&self, inode: u64) -> Vec<u32> {
+        let Some(&lowest) = self.pids.get(&inode) else {
+            return Vec::new();
+        };
+        let mut pids = vec![lowest];
+        if let Some(others) = self.shared.get(&inode) {
+            pids.extend(others);
+            pids[1..].sort_unstable();
+        }
+        pids
+    }
+
+    fn merge(&mut self, part: InodeOwners) {
+        self.incomplete |= part.incomplete;
+        for (inode, pid) in part.pids {
+            self.add(inode, pid);
+        }
+        for (inode, pids) in part.shared {
+            for pid in pids {
+                self.add(inode, pid);
+            }
+        }
+    }
 }
 
 /// Sockets in use above which the task_file iterator beats the /proc walk:
@@ -27,17 +79,17 @@ const ITERATOR_MIN_SOCKETS: u64 = 20_000;
 
 /// Maps socket inodes to processes: with many sockets and root, with the
 /// kernel's task_file iterator; else (or if it cannot load) by walking
-/// /proc/[pid]/fd. A socket held by several processes is given to the
-/// lowest pid, as netstat does.
+/// /proc/[pid]/fd. Every process holding a socket is noted.
 pub fn scan_socket_inodes(threads: usize) -> InodeOwners {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     if root && sockets_in_use().is_some_and(|used| used >= ITERATOR_MIN_SOCKETS) {
-        if let Ok(pids) = crate::ebpf::socket_fd_owners() {
-            return InodeOwners {
-                pids,
-                incomplete: false,
-            };
+        if let Ok(records) = crate::ebpf::socket_fds() {
+            let mut owners = InodeOwners::default();
+            for record in records {
+                owners.add(record.inode, record.tgid);
+            }
+            return owners;
         }
     }
     walk_proc_fds(threads)
@@ -87,14 +139,7 @@ fn walk_proc_fds(threads: usize) -> InodeOwners {
     });
     let mut owners = InodeOwners::default();
     for part in parts {
-        owners.incomplete |= part.incomplete;
-        for (inode, pid) in part.pids {
-            owners
-                .pids
-                .entry(inode)
-                .and_modify(|owner| *owner = (*owner).min(pid))
-                .or_insert(pid);
-        }
+        owners.merge(part);
     }
     owners
 }
@@ -106,7 +151,7 @@ fn scan_pids<'a>(proc_dir: &OwnedFd, pids: impl Iterator<Item = &'a u32>) -> Ino
             continue;
         };
         match open_dir(proc_dir, &fd_path) {
-            Ok(fd_dir) => collect_socket_fds(&fd_dir, pid, &mut owners.pids),
+            Ok(fd_dir) => collect_socket_fds(&fd_dir, pid, &mut owners),
             // The process exited during the scan: nothing to report.
             Err(Errno::NOENT) | Err(Errno::SRCH) => {}
             Err(_) => owners.incomplete = true,
@@ -115,7 +160,7 @@ fn scan_pids<'a>(proc_dir: &OwnedFd, pids: impl Iterator<Item = &'a u32>) -> Ino
     owners
 }
 
-fn collect_socket_fds(fd_dir: &OwnedFd, pid: u32, pids: &mut HashMap<u64, u32>) {
+fn collect_socket_fds(fd_dir: &OwnedFd, pid: u32, owners: &mut InodeOwners) {
     let mut target = [MaybeUninit::<u8>::uninit(); 64];
     for name in read_dir_names(fd_dir) {
         // An fd closed since readdir fails here and is skipped.
@@ -123,9 +168,7 @@ fn collect_socket_fds(fd_dir: &OwnedFd, pid: u32, pids: &mut HashMap<u64, u32>) 
             continue;
         };
         if let Some(inode) = socket_inode(link) {
-            pids.entry(inode)
-                .and_modify(|owner| *owner = (*owner).min(pid))
-                .or_insert(pid);
+            owners.add(inode, pid);
         }
     }
 }
@@ -172,6 +215,22 @@ mod tests {
     fn sockstat_counts_this_process_sockets() {
         let _listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         assert!(sockets_in_use().is_some_and(|used| used >= 1));
+    }
+
+    #[test]
+    fn a_socket_held_by_several_processes_lists_each_once_lowest_first() {
+        let mut owners = InodeOwners::default();
+        for (inode, pid) in [(7, 30), (7, 10), (7, 30), (7, 20), (7, 10), (8, 5)] {
+            owners.add(inode, pid);
+        }
+        assert_eq!(owners.pids.get(&7), Some(&10));
+        assert_eq!(owners.holders(7), vec![10, 20, 30]);
+        assert_eq!(owners.holders(8), vec![5]);
+        assert_eq!(owners.holders(9), Vec::<u32>::new());
+        let mut merged = InodeOwners::default();
+        merged.add(7, 15);
+        merged.merge(owners);
+        assert_eq!(merged.holders(7), vec![10, 15, 20, 30]);
     }
 
     #[test]
