@@ -73,7 +73,7 @@ fn run_netwatch(args: &[String]) -> anyhow::Result<()> {
 }
 
 fn test() -> anyhow::Result<()> {
-    setup::ensure(&[setup::BUILD_PACKAGES])?;
+    setup::ensure(&[setup::BUILD_PACKAGES, setup::TEST_PACKAGES])?;
     let root = workspace_root();
     run(cargo().current_dir(&root).args(["fmt", "--all", "--check"]))?;
     let host_crates = ["-p", "netwatch", "-p", "netwatch-common", "-p", "xtask"];

@@ -19,6 +19,9 @@ pub const BUILD_PACKAGES: &[&str] = &[
     "iproute2",
     "bpftool",
 ];
+/// The real servers the owner tests run (nginx, socat) and the
+/// interpreter of their server process models (tests/servers/models.py).
+pub const TEST_PACKAGES: &[&str] = &["nginx-light", "socat", "python3"];
 /// What the benchmarks compare against or measure with.
 pub const BENCH_PACKAGES: &[&str] = &["libbpf-tools", "net-tools", "linux-perf", "gnuplot-nox"];
 

@@ -4,6 +4,7 @@
 
 mod audit;
 mod metrics;
+mod owners;
 mod peer;
 mod snapshot;
 mod stream;

@@ -251,7 +251,8 @@ impl Drop for Watch {
     }
 }
 
-fn lines_of(reader: impl std::io::Read + Send + 'static) -> Receiver<String> {
+/// The lines `reader` yields, read on a thread of their own.
+pub fn lines_of(reader: impl std::io::Read + Send + 'static) -> Receiver<String> {
     let (send, receive) = mpsc::channel();
     thread::spawn(move || {
         for line in BufReader::new(reader).lines().map_while(Result::ok) {

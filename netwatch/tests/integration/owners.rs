@@ -1,0 +1,439 @@
+//! Who owns a connection on real server process models: the process that
+//! accepts it, and after that whichever process takes it over (fork, fd
+//! passing, exec), checked on every transition and owner record netwatch
+//! streams, and against `ss -tnp` for nginx and socat from Debian.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt as _;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::{self, Watch};
+
+/// Connections opened to each server.
+const CONNECTIONS: usize = 4;
+
+/// A server process group: a model from tests/servers/models.py, or a real
+/// server; killed as a group when dropped.
+struct Server {
+    child: Child,
+    lines: Option<Receiver<String>>,
+    port: u16,
+}
+
+impl Server {
+    /// Starts `models.py MODEL` and reads its port.
+    fn model(model: &str) -> Server {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/servers/models.py");
+        let mut command = Command::new("python3");
+        command.args([script, model]).stdout(Stdio::piped());
+        let mut server = Server::spawn(command, 0);
+        let listening = server.line();
+        let port = listening
+            .strip_prefix("listening ")
+            .and_then(|rest| rest.split(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("models.py {model} said {listening:?}"));
+        server.port = port;
+        server
+    }
+
+    /// Starts `command` (in a process group of its own) and waits until
+    /// something accepts connections on `port`, when one is given.
+    fn spawn(mut command: Command, port: u16) -> Server {
+        command.process_group(0).stdin(Stdio::null());
+        let mut child = command.spawn().expect("the server starts");
+        let lines = child.stdout.take().map(support::lines_of);
+        let server = Server { child, lines, port };
+        if port != 0 {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(Instant::now() < deadline, "the server listens on {port}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        server
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The next line the model printed (10 s at most).
+    fn line(&mut self) -> String {
+        let lines = self.lines.as_ref().expect("the model's stdout is piped");
+        lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the server model prints a line within 10 s")
+    }
+
+    /// The pid that serves each connection, by peer port, as the model says.
+    fn serving(&mut self, count: usize) -> HashMap<u16, u32> {
+        (0..count)
+            .map(|_| {
+                let line = self.line();
+                let mut words = line
+                    .strip_prefix("serving ")
+                    .expect("a serving line")
+                    .split(' ');
+                let mut number = || words.next().and_then(|word| word.parse().ok());
+                let (port, pid) = (number().expect("a port"), number().expect("a pid"));
+                (port as u16, pid)
+            })
+            .collect()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: signals the process group this test started.
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+/// Opens `count` connections to `port`, sends `request` on each and reads
+/// until the answer ends with `answer_end`; keeps them open.
+fn connect(port: u16, count: usize, request: &[u8], answer_end: &[u8]) -> Vec<TcpStream> {
+    (0..count)
+        .map(|_| {
+            let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connects");
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("a timeout");
+            stream.write_all(request).expect("sends the request");
+            let mut answer = Vec::new();
+            let mut buffer = [0u8; 4096];
+            while !answer.ends_with(answer_end) {
+                let read = stream.read(&mut buffer).expect("the server answers");
+                assert!(read > 0, "the server closed before answering");
+                answer.extend_from_slice(&buffer[..read]);
+            }
+            stream
+        })
+        .collect()
+}
+
+/// The local port of each stream.
+fn local_ports(streams: &[TcpStream]) -> Vec<u16> {
+    streams
+        .iter()
+        .map(|stream| stream.local_addr().expect("bound").port())
+        .collect()
+}
+
+/// The state and owner records of one socket, in order.
+fn records_of(records: &[Value], local_port: u16, remote_port: u16) -> Vec<&Value> {
+    records
+        .iter()
+        .filter(|r| r["type"] == "state" || r["type"] == "owner")
+        .filter(|r| r["local_port"] == local_port && r["remote_port"] == remote_port)
+        .collect()
+}
+
+fn closed(records: &[Value], local_port: u16, remote_port: u16) -> bool {
+    records_of(records, local_port, remote_port)
+        .iter()
+        .any(|r| r["new_state"] == "CLOSE")
+}
+
+/// How an accepted connection changes hands.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Takeover {
+    /// The listener's owner accepts and serves it: no owner record.
+    Never,
+    /// Another process accepts it (a pre-forked worker).
+    Accept,
+    /// The listener's owner accepts it, another process then uses it.
+    Handoff,
+}
+
+/// Checks one server-side socket: the transitions before accept() returns
+/// name the listener's owner, the owner records are exactly `takeover`, and
+/// every transition after them names `server` running `program`.
+fn check_server_socket(
+    records: &[&Value],
+    listener_owner: u32,
+    server: u32,
+    program: &str,
+    takeover: Takeover,
+) {
+    let owners: Vec<&&Value> = records.iter().filter(|r| r["type"] == "owner").collect();
+    match takeover {
+        Takeover::Never => assert!(owners.is_empty(), "no owner record: {owners:#?}"),
+        Takeover::Accept | Takeover::Handoff => {
+            let cause = if takeover == Takeover::Accept {
+                "accept"
+            } else {
+                "handoff"
+            };
+            assert_eq!(owners.len(), 1, "one owner record: {records:#?}");
+            let owner = owners[0];
+            assert_eq!(owner["cause"], cause, "{owner}");
+            assert_eq!(owner["old_pid"], listener_owner, "{owner}");
+            assert_eq!(
+                (&owner["pid"], &owner["program"]),
+                (&server.into(), &program.into()),
+                "{owner}"
+            );
+        }
+    }
+    let taken = records
+        .iter()
+        .position(|r| r["type"] == "owner")
+        .unwrap_or(2);
+    let (before, after) = records.split_at(taken);
+    let steps: Vec<(&Value, &Value)> = before
+        .iter()
+        .map(|r| (&r["old_state"], &r["new_state"]))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            (&"LISTEN".into(), &"SYN_RECV".into()),
+            (&"SYN_RECV".into(), &"ESTABLISHED".into())
+        ],
+        "the socket is established before accept() returns it: {records:#?}"
+    );
+    for record in before {
+        assert_eq!(record["pid"], listener_owner, "before accept: {record}");
+    }
+    let states: Vec<&&Value> = after.iter().filter(|r| r["type"] == "state").collect();
+    assert!(
+        states.iter().any(|r| r["new_state"] == "CLOSE"),
+        "the close is seen: {records:#?}"
+    );
+    for record in states {
+        assert_eq!(
+            (&record["pid"], &record["program"]),
+            (&server.into(), &program.into()),
+            "after accept: {record}"
+        );
+    }
+}
+
+/// Runs a server model under `netwatch --json`, opens connections, closes
+/// them, and checks every record of both ends.
+fn owners_follow(model: &str, program: &str, takeover: Takeover) {
+    let mut server = Server::model(model);
+    let port = server.port;
+    let mut watch = Watch::start(&["--port", &port.to_string()]);
+    let clients = connect(port, CONNECTIONS, b"hello\n", b"\n");
+    let serving = server.serving(CONNECTIONS);
+    let peers = local_ports(&clients);
+    drop(clients);
+    watch.wait_until(|records| peers.iter().all(|&peer| closed(records, port, peer)));
+    let records = watch.stop().records;
+    for peer in peers {
+        let pid = serving[&peer];
+        check_server_socket(
+            &records_of(&records, port, peer),
+            server.pid(),
+            pid,
+            program,
+            takeover,
+        );
+        let client = records_of(&records, peer, port);
+        assert!(!client.is_empty());
+        for record in client {
+            assert_eq!(
+                record["pid"],
+                std::process::id(),
+                "the client end: {record}"
+            );
+        }
+    }
+}
+
+#[test]
+fn prefork_workers_own_what_they_accept() {
+    owners_follow("prefork", "python3", Takeover::Accept);
+}
+
+#[test]
+fn a_forked_child_owns_what_its_parent_accepted() {
+    owners_follow("fork", "python3", Takeover::Handoff);
+}
+
+#[test]
+fn an_fd_passed_over_a_unix_socket_changes_owner() {
+    owners_follow("scm", "python3", Takeover::Handoff);
+}
+
+#[test]
+fn threads_of_one_process_are_one_owner() {
+    owners_follow("threads", "python3", Takeover::Never);
+}
+
+#[test]
+fn the_program_name_follows_exec() {
+    owners_follow("exec", "cat", Takeover::Handoff);
+}
+
+/// The pid `ss -tnp` shows for each established server-side socket on
+/// `port`, by peer port: exactly one holder each.
+fn ss_owners(port: u16) -> HashMap<u16, u32> {
+    let output = Command::new("ss")
+        .args(["-tnpH", "state", "established", &format!("sport = :{port}")])
+        .output()
+        .expect("ss runs");
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .map(|line| {
+            let peer: u16 = line
+                .split_whitespace()
+                .nth(3)
+                .and_then(|peer| peer.rsplit(':').next()?.parse().ok())
+                .unwrap_or_else(|| panic!("ss line {line:?}"));
+            let pids: Vec<u32> = line
+                .split("pid=")
+                .skip(1)
+                .filter_map(|rest| rest.split(',').next()?.parse().ok())
+                .collect();
+            assert_eq!(pids.len(), 1, "one holder: {line}");
+            (peer, pids[0])
+        })
+        .collect()
+}
+
+/// A free port on 127.0.0.1, for a server that takes its port from a config.
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("binds");
+    listener.local_addr().expect("bound").port()
+}
+
+/// Holds connections to a real server, compares the owner of each
+/// server-side socket with `ss -tnp`, closes them, and checks that every
+/// transition from the accept on names that process.
+fn real_server_matches_ss(
+    server: &Server,
+    program: &str,
+    request: &[u8],
+    answer_end: &[u8],
+    takeover: Takeover,
+) {
+    let port = server.port;
+    let mut watch = Watch::start(&["--port", &port.to_string()]);
+    let clients = connect(port, CONNECTIONS, request, answer_end);
+    let peers = local_ports(&clients);
+    let ss = ss_owners(port);
+    drop(clients);
+    watch.wait_until(|records| peers.iter().all(|&peer| closed(records, port, peer)));
+    let records = watch.stop().records;
+    for peer in peers {
+        let held_by = *ss
+            .get(&peer)
+            .unwrap_or_else(|| panic!("ss lists the connection from {peer}: {ss:?}"));
+        assert_ne!(
+            held_by,
+            server.pid(),
+            "the listener's owner does not hold it"
+        );
+        check_server_socket(
+            &records_of(&records, port, peer),
+            server.pid(),
+            held_by,
+            program,
+            takeover,
+        );
+    }
+}
+
+/// An HTTP request nginx answers with "ok\n" on a keep-alive connection.
+const HTTP_REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n";
+
+/// nginx from Debian with 2 workers on a free port, its files in `dir`.
+fn nginx(dir: &str) -> Server {
+    let port = free_port();
+    let config = format!(
+        "daemon off; master_process on; worker_processes 2; pid {dir}/nginx.pid;
+         error_log {dir}/error.log;
+         events {{ worker_connections 64; }}
+         http {{
+           access_log off;
+           client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;
+           fastcgi_temp_path {dir}/fastcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+           server {{ listen 127.0.0.1:{port}; keepalive_timeout 60; location / {{ return 200 \"ok\\n\"; }} }}
+         }}"
+    );
+    std::fs::write(format!("{dir}/nginx.conf"), config).expect("writes the config");
+    let mut command = Command::new("nginx");
+    command.args([
+        "-p",
+        dir,
+        "-c",
+        &format!("{dir}/nginx.conf"),
+        "-e",
+        &format!("{dir}/error.log"),
+    ]);
+    Server::spawn(command, port)
+}
+
+#[test]
+fn nginx_workers_own_their_connections_as_ss_shows() {
+    let dir = tempdir("nginx");
+    let server = nginx(&dir);
+    real_server_matches_ss(&server, "nginx", HTTP_REQUEST, b"ok\n", Takeover::Accept);
+}
+
+#[test]
+fn socat_fork_children_own_their_connections_as_ss_shows() {
+    let port = free_port();
+    let mut command = Command::new("socat");
+    command.args([
+        &format!("TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr"),
+        "EXEC:cat",
+    ]);
+    let server = Server::spawn(command, port);
+    real_server_matches_ss(&server, "socat", b"hello\n", b"hello\n", Takeover::Handoff);
+}
+
+/// A fresh directory under the system's temporary directory.
+fn tempdir(name: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("netwatch-test-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("creates the directory");
+    dir.to_string_lossy().into_owned()
+}
+
+#[test]
+fn verify_finds_no_drift_on_these_servers() {
+    let mut servers: Vec<Server> = ["prefork", "fork", "scm", "exec"]
+        .into_iter()
+        .map(Server::model)
+        .collect();
+    let nginx_dir = tempdir("nginx-verify");
+    let nginx = nginx(&nginx_dir);
+    let verify = Watch::spawn(&["verify", "--json", "--interval", "1", "--duration", "4"]);
+    // Accepted after verify started: their owners come from owner events.
+    let mut held: Vec<TcpStream> = servers
+        .iter_mut()
+        .flat_map(|server| {
+            let streams = connect(server.port, CONNECTIONS, b"hello\n", b"\n");
+            server.serving(CONNECTIONS);
+            streams
+        })
+        .collect();
+    held.extend(connect(nginx.port, CONNECTIONS, HTTP_REQUEST, b"ok\n"));
+    let stopped = verify.wait_exit(Duration::from_secs(30));
+    drop(held);
+    drop(nginx);
+    let _ = std::fs::remove_dir_all(nginx_dir);
+    assert!(
+        stopped.success,
+        "verify found persisting drift: {}",
+        stopped.stderr
+    );
+    let reports: Vec<&Value> = stopped
+        .records
+        .iter()
+        .filter(|r| r["type"] == "drift")
+        .collect();
+    assert!(reports.len() >= 3, "a report per interval: {reports:#?}");
+    for report in reports {
+        assert_eq!(report["pid_mismatch"], 0, "{report}");
+    }
+}
