@@ -233,10 +233,13 @@ fn try_recover_state(ctx: &RawTracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
-/// A socket's family and endpoints (address, host-order port), read from
-/// `struct sock` at the loader's offsets.
+/// An address (IPv4 in the first 4 bytes) and a host-order port.
+type Endpoint = ([u8; 16], u16);
+
+/// A socket's family and endpoints (local, remote), read from `struct sock`
+/// at the loader's offsets.
 #[inline(always)]
-fn read_tuple(sk: u64) -> Result<(u16, ([u8; 16], u16), ([u8; 16], u16)), i64> {
+fn read_tuple(sk: u64) -> Result<(u16, Endpoint, Endpoint), i64> {
     let family: u16 = read_kernel(sk, &SKC_FAMILY)?;
     let mut saddr = [0u8; 16];
     let mut daddr = [0u8; 16];
@@ -564,8 +567,8 @@ fn event(
     oldstate: i32,
     newstate: i32,
     family: u16,
-    (saddr, sport): ([u8; 16], u16),
-    (daddr, dport): ([u8; 16], u16),
+    (saddr, sport): Endpoint,
+    (daddr, dport): Endpoint,
     recovered: u8,
 ) -> KernelEvent {
     // Only connect() and listen() run in the owner's context: their

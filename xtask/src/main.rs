@@ -6,6 +6,8 @@ mod command;
 mod load;
 mod setup;
 mod soak;
+mod tracer;
+mod traffic;
 
 use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
@@ -35,7 +37,7 @@ enum Task {
     },
     /// Install, then fmt --check, clippy -D warnings and every test (root ones included).
     Test,
-    /// Measure netwatch against ss/netstat (snapshot) or tcpstates (stream).
+    /// Measure netwatch against ss/netstat (snapshot), tcpstates (stream), over time (soak), or its cost to TCP traffic (traffic).
     Bench {
         #[command(subcommand)]
         which: bench::Which,
@@ -46,6 +48,9 @@ enum Task {
     /// (benchmark helper) Open and close loopback connections as fast as possible.
     #[command(hide = true)]
     Churn(load::ChurnArgs),
+    /// (benchmark helper) Serve the traffic benchmark's connections until killed.
+    #[command(hide = true)]
+    TrafficServer,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,6 +65,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Hold(args) => load::hold(&args),
         Task::Churn(args) => load::churn(&args).map(|report| println!("{report}")),
+        Task::TrafficServer => traffic::serve(),
     }
 }
 

@@ -17,10 +17,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use serde::Deserialize;
 
-use crate::bench::{
-    churn_ports, command, parse_churn_report, start_tracer, wait_for_churn_to_settle, Holders,
-};
+use crate::bench::{churn_ports, parse_churn_report, wait_for_churn_to_settle, Holders};
 use crate::load::{self, ChurnArgs};
+use crate::tracer::{command, start_tracer};
 
 const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 /// RSS growth is measured from this point on (start-up allocations settle first).

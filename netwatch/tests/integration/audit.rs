@@ -44,8 +44,9 @@ fn each_connection_gives_an_out_and_an_in_record_with_its_bytes() {
     let pid = u64::from(peer.pid());
     for (records, sent, received) in [(&outgoing, 3000, 1500), (&incoming, 1500, 3000)] {
         for record in records {
-            assert_eq!(record["schema"], 1);
+            assert_eq!(record["schema"], 2);
             assert_eq!(record["pid"], pid, "{record}");
+            assert_eq!(record["owner_changed"], false, "{record}");
             assert_eq!(record["program"], peer_program());
             assert_eq!(record["uid"], 0);
             assert_eq!(record["netns"], own_netns());

@@ -274,6 +274,38 @@ fn the_program_name_follows_exec() {
     owners_follow("exec", "cat", Takeover::Handoff);
 }
 
+#[test]
+fn audit_records_name_the_last_owner_and_say_it_changed() {
+    let mut server = Server::model("fork");
+    let port = server.port;
+    let mut audit = Watch::spawn(&["audit"]);
+    let clients = connect(port, CONNECTIONS, b"hello\n", b"\n");
+    let serving = server.serving(CONNECTIONS);
+    drop(clients);
+    let conn = |r: &Value, direction: &str| r["type"] == "conn" && r["direction"] == direction;
+    let accepted = |r: &Value| conn(r, "in") && r["local_port"] == port;
+    audit.wait_until(|records| records.iter().filter(|r| accepted(r)).count() == CONNECTIONS);
+    let records = audit.stop_with(libc::SIGTERM).records;
+    for record in records.iter().filter(|r| accepted(r)) {
+        let peer = record["remote_port"].as_u64().expect("a port") as u16;
+        assert_eq!(record["pid"], serving[&peer], "{record}");
+        assert_eq!(record["owner_changed"], true, "{record}");
+        assert_eq!(record["schema"], 2, "{record}");
+    }
+    let connected: Vec<&Value> = records
+        .iter()
+        .filter(|r| conn(r, "out") && r["remote_port"] == port)
+        .collect();
+    assert_eq!(connected.len(), CONNECTIONS);
+    for record in connected {
+        assert_eq!(
+            (&record["pid"], &record["owner_changed"]),
+            (&std::process::id().into(), &false.into()),
+            "{record}"
+        );
+    }
+}
+
 /// The pid `ss -tnp` shows for each established server-side socket on
 /// `port`, by peer port: exactly one holder each.
 fn ss_owners(port: u16) -> HashMap<u16, u32> {
@@ -436,4 +468,31 @@ fn verify_finds_no_drift_on_these_servers() {
     for report in reports {
         assert_eq!(report["pid_mismatch"], 0, "{report}");
     }
+}
+
+#[test]
+fn the_snapshot_lists_every_process_holding_a_socket_as_ss_does() {
+    let server = Server::model("prefork");
+    let port = server.port.to_string();
+    let output = Command::new("ss")
+        .args(["-tlnpH", &format!("sport = :{port}")])
+        .output()
+        .expect("ss runs");
+    let ss_line = String::from_utf8_lossy(&output.stdout).into_owned();
+    let mut ss_pids: Vec<u64> = ss_line
+        .split("pid=")
+        .skip(1)
+        .filter_map(|rest| rest.split(',').next()?.parse().ok())
+        .collect();
+    ss_pids.sort_unstable();
+    assert_eq!(ss_pids.len(), 3, "the master and 2 workers: {ss_line}");
+    let listeners = support::snapshot_json(&["snapshot", "-tlnp", "--json", "--port", &port]);
+    assert_eq!(listeners.len(), 1, "{listeners:#?}");
+    let listener = &listeners[0];
+    assert_eq!(listener["pids"], serde_json::json!(ss_pids), "{listener}");
+    assert_eq!(
+        listener["pid"],
+        u64::from(server.pid()),
+        "the lowest, as netstat shows"
+    );
 }

@@ -1,0 +1,119 @@
+//! The benchmarks' tracer processes: start one and wait until it is
+//! attached, stop it, and read what it cost (wall, CPU, peak RSS).
+
+use std::fs::File;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+/// Wall time, CPU time and peak RSS of a finished child.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Usage {
+    pub wall: Duration,
+    pub cpu: Duration,
+    pub max_rss_kib: u64,
+    /// Exit status 0.
+    pub success: bool,
+}
+
+/// Waits for `child` with wait4 to read its own resource usage.
+pub(crate) fn wait_usage(child: &Child, started: Instant) -> anyhow::Result<Usage> {
+    let mut status = 0;
+    // SAFETY: rusage is plain old data that wait4 fills in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child, writing status and usage.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    if pid < 0 {
+        bail!("wait4 failed: {}", std::io::Error::last_os_error());
+    }
+    let time = |tv: libc::timeval| Duration::new(tv.tv_sec as u64, tv.tv_usec as u32 * 1000);
+    Ok(Usage {
+        wall: started.elapsed(),
+        cpu: time(usage.ru_utime) + time(usage.ru_stime),
+        max_rss_kib: usage.ru_maxrss as u64,
+        success: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+    })
+}
+
+/// `program ARGS`, to be spawned.
+pub(crate) fn command(program: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    cmd
+}
+
+/// SIGINT to a child: a tracer prints what it has and exits.
+pub(crate) fn interrupt(child: &Child) {
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+}
+
+/// A tracer process; killed if the benchmark fails before stopping it, so
+/// that no BPF program stays attached.
+pub(crate) struct RunningTracer {
+    pub child: Child,
+    started: Instant,
+    stopped: bool,
+}
+
+impl RunningTracer {
+    /// SIGINT (the tracer prints what it has and exits), then its usage.
+    pub(crate) fn stop(&mut self) -> anyhow::Result<Usage> {
+        interrupt(&self.child);
+        self.stopped = true;
+        wait_usage(&self.child, self.started)
+    }
+}
+
+impl Drop for RunningTracer {
+    fn drop(&mut self) {
+        if !self.stopped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Spawns a tracer writing to files and waits until its BPF programs are
+/// attached (a BPF link among its fds) and, for netwatch, its baseline is read.
+pub(crate) fn start_tracer(
+    mut cmd: Command,
+    out_path: &Path,
+    err_path: &Path,
+) -> anyhow::Result<RunningTracer> {
+    let started = Instant::now();
+    let child = cmd
+        .stdout(File::create(out_path)?)
+        .stderr(File::create(err_path)?)
+        .spawn()
+        .with_context(|| format!("starting {cmd:?} failed"))?;
+    let tracer = RunningTracer {
+        child,
+        started,
+        stopped: false,
+    };
+    while started.elapsed() < Duration::from_secs(20) {
+        let watching = std::fs::read_to_string(err_path).is_ok_and(|err| err.contains("watching"));
+        let is_netwatch = cmd.get_program().to_string_lossy().ends_with("netwatch");
+        if (is_netwatch && watching) || (!is_netwatch && has_bpf_link(tracer.child.id())) {
+            // Give a tracer that attaches several programs the time to finish.
+            std::thread::sleep(Duration::from_millis(200));
+            return Ok(tracer);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Dropping the tracer kills it: no programs left attached.
+    drop(tracer);
+    bail!("{cmd:?} did not get ready in 20 s");
+}
+
+fn has_bpf_link(pid: u32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fdinfo")).is_ok_and(|entries| {
+        entries
+            .filter_map(Result::ok)
+            .filter_map(|entry| std::fs::read_to_string(entry.path()).ok())
+            .any(|info| info.contains("link_type:"))
+    })
+}
