@@ -257,7 +257,7 @@ fn read_tuple(sk: u64) -> Result<(u16, Endpoint, Endpoint), i64> {
 
 #[raw_tracepoint(tracepoint = "sock_send_length")]
 pub fn socket_sent(ctx: RawTracePointContext) -> i32 {
-    socket_used(&ctx, |entry| unsafe { &raw mut (*entry).bytes.sent });
+    socket_used(&ctx, Counted::Sent);
     0
 }
 
@@ -265,31 +265,60 @@ pub fn socket_sent(ctx: RawTracePointContext) -> i32 {
 pub fn socket_received(ctx: RawTracePointContext) -> i32 {
     let flags: i32 = ctx.arg(2);
     // Data peeked at is not consumed: not counted, but the peeker uses the socket.
-    let counted: fn(*mut SocketEntry) -> *mut u64 = if flags & MSG_PEEK == 0 {
-        |entry: *mut SocketEntry| unsafe { &raw mut (*entry).bytes.received }
+    let counted = if flags & MSG_PEEK == 0 {
+        Counted::Received
     } else {
-        |_: *mut SocketEntry| core::ptr::null_mut()
+        Counted::Nothing
     };
     socket_used(&ctx, counted);
     0
 }
 
+/// Which byte count a send or receive adds to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Counted {
+    Sent,
+    Received,
+    Nothing,
+}
+
 /// A process sent or received on a socket (arguments: sk, ret, flags), in
 /// its own context. When it is not the owner the kernel map names, it
 /// becomes the owner and user space hears of it: fork after accept, an fd
-/// passed over a unix socket, a pre-fork pool. The common case, the owner
-/// again, costs one lookup. With bytes counted (audit), a positive result
-/// is added to the count `field` chooses (null: none).
-fn socket_used(ctx: &RawTracePointContext, field: fn(*mut SocketEntry) -> *mut u64) {
+/// passed over a unix socket, a pre-fork pool. With bytes counted (audit),
+/// a positive result is added to the `counted` count.
+///
+/// This runs on every sendmsg and recvmsg of the host, so the common case,
+/// the owner again, must be cheap. Without byte counts it is a hit in a
+/// small per-CPU cache of confirmed (socket, thread) pairs, about a sixth
+/// of a hash lookup's cost here; with them, one hash lookup does both.
+fn socket_used(ctx: &RawTracePointContext, counted: Counted) {
     let (sk, ret): (u64, i32) = (ctx.arg(0), ctx.arg(1));
-    if read_kernel::<u16>(sk, &SK_PROTOCOL) != Ok(IPPROTO_TCP) {
-        return;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let counting = counts_bytes();
+    let confirmed = ConfirmedOwner {
+        sk,
+        pid_tgid,
+        epoch: owner_epoch(),
+    };
+    let cached = if counting {
+        None
+    } else {
+        OWNER_CACHE.get_ptr_mut(cache_slot(sk))
+    };
+    if let Some(slot) = cached {
+        // SAFETY: per-CPU slot; only this CPU touches it (raw_tp programs do not nest on a CPU).
+        if unsafe { *slot } == confirmed {
+            return;
+        }
     }
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let tgid = (pid_tgid >> 32) as u32;
+    // The map holds TCP sockets only: a socket found there needs no
+    // protocol check.
     let entry = match SOCKETS.get_ptr_mut(sk) {
         Some(entry) => entry,
         None => {
-            if in_kernel_thread() {
+            if read_kernel::<u16>(sk, &SK_PROTOCOL) != Ok(IPPROTO_TCP) || in_kernel_thread() {
                 return;
             }
             // Another CPU may insert first: BPF_NOEXIST then leaves its entry.
@@ -302,15 +331,73 @@ fn socket_used(ctx: &RawTracePointContext, field: fn(*mut SocketEntry) -> *mut u
     };
     // SAFETY: the map value lives while the program runs.
     unsafe {
-        if (*entry).owner != tgid && !in_kernel_thread() {
+        if (*entry).owner != tgid {
+            if in_kernel_thread() {
+                return;
+            }
             (*entry).owner = tgid;
+            owners_changed();
             send_owner(sk, event_kind::HANDOFF);
+        } else if let Some(slot) = cached {
+            // Confirmed under the epoch read before the lookup: any owner
+            // written since has moved the epoch on, and the slot no longer matches.
+            *slot = confirmed;
         }
-        let count = field(entry);
-        if ret > 0 && !count.is_null() && counts_bytes() {
+        if ret > 0 && counting {
+            let count = match counted {
+                Counted::Sent => &raw mut (*entry).bytes.sent,
+                Counted::Received => &raw mut (*entry).bytes.received,
+                Counted::Nothing => return,
+            };
             // Atomic: threads may send (or receive) on one socket on two CPUs at once.
             atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, ret as u64);
         }
+    }
+}
+
+/// A (socket, thread) pair found to be the socket's owner's while no owner
+/// was written anywhere (`epoch`). It stays true until an owner is written
+/// (accept, connect, a handoff), which moves the epoch on, because only
+/// those change what the map says. A thread id reused by another process
+/// holding the same socket, on the same CPU, with no connect or accept on
+/// the whole host meanwhile (a full pid wrap), is the one case it misses.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+struct ConfirmedOwner {
+    sk: u64,
+    pid_tgid: u64,
+    epoch: u64,
+}
+
+/// Slots of the per-CPU cache of confirmed owners.
+const OWNER_CACHE_SLOTS: u32 = 64;
+
+/// Per CPU: recently confirmed owners, by a hash of the socket's address.
+#[map(name = "OWNER_CACHE")]
+static OWNER_CACHE: PerCpuArray<ConfirmedOwner> =
+    PerCpuArray::with_max_entries(OWNER_CACHE_SLOTS, 0);
+
+/// Slot 0: how many times an owner was written into `SOCKETS`.
+#[map(name = "OWNER_EPOCH")]
+static OWNER_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
+
+fn cache_slot(sk: u64) -> u32 {
+    // Fibonacci hashing: socket addresses differ in their middle bits.
+    (sk.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58) as u32 % OWNER_CACHE_SLOTS
+}
+
+fn owner_epoch() -> u64 {
+    // SAFETY: slot 0 of an array always exists; a plain load.
+    OWNER_EPOCH
+        .get_ptr(0)
+        .map_or(0, |epoch| unsafe { core::ptr::read_volatile(epoch) })
+}
+
+/// Called after an owner is written into `SOCKETS`: every cached confirmation is stale.
+fn owners_changed() {
+    if let Some(epoch) = OWNER_EPOCH.get_ptr_mut(0) {
+        // SAFETY: the slot lives while the program runs; the add is atomic across CPUs.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(epoch, 1) };
     }
 }
 
@@ -352,6 +439,7 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
             let _ = SOCKETS.insert(sk, entry, 0);
         }
     }
+    owners_changed();
     send_owner(sk, event_kind::ACCEPT);
     0
 }
@@ -494,6 +582,7 @@ fn update_socket_entry(sk: u64, oldstate: i32, newstate: i32, owner: u32) -> Byt
             ..SocketEntry::default()
         };
         let _ = SOCKETS.insert(sk, entry, 0);
+        owners_changed();
     }
     counts
 }

@@ -205,6 +205,29 @@ fn serialize_display<S: serde::Serializer>(
     }
 }
 
+/// A connection's protocol and endpoints, as the stream's records name them.
+#[derive(Debug, Serialize)]
+pub struct TupleFields {
+    proto: &'static str,
+    local_addr: Addr,
+    local_port: u16,
+    remote_addr: Addr,
+    remote_port: u16,
+}
+
+impl TupleFields {
+    /// The fields of `tuple`.
+    pub fn of(tuple: &Tuple) -> TupleFields {
+        TupleFields {
+            proto: tuple.proto.name(),
+            local_addr: Addr(tuple.local.ip()),
+            local_port: tuple.local.port(),
+            remote_addr: Addr(tuple.remote.ip()),
+            remote_port: tuple.remote.port(),
+        }
+    }
+}
+
 /// A record of the live stream (`netwatch --json`), tagged by `type`.
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
@@ -214,11 +237,8 @@ pub enum StreamRecord<'a> {
         ts: Timestamp,
         pid: Option<u32>,
         program: Option<&'a str>,
-        proto: &'static str,
-        local_addr: Addr,
-        local_port: u16,
-        remote_addr: Addr,
-        remote_port: u16,
+        #[serde(flatten)]
+        tuple: TupleFields,
         old_state: &'static str,
         new_state: &'static str,
         ms: Option<f64>,
@@ -240,11 +260,8 @@ pub enum StreamRecord<'a> {
     /// A socket's owner became another process.
     Owner {
         ts: Timestamp,
-        proto: &'static str,
-        local_addr: Addr,
-        local_port: u16,
-        remote_addr: Addr,
-        remote_port: u16,
+        #[serde(flatten)]
+        tuple: TupleFields,
         state: &'static str,
         /// "accept" or "handoff".
         cause: &'static str,
@@ -499,6 +516,51 @@ udp        7      5 0.0.0.0:53              0.0.0.0:*                           
         assert_eq!(
             column(STREAM_HEADER, "OLDSTATE"),
             column(lines[0], "ESTABLISHED")
+        );
+    }
+
+    #[test]
+    fn an_owner_change_is_a_record_and_a_line_of_its_own() {
+        use crate::table::OwnerCause;
+        let tuple = Tuple {
+            proto: Proto::Tcp,
+            local: "127.0.0.1:8080".parse().unwrap(),
+            remote: "127.0.0.1:48286".parse().unwrap(),
+        };
+        let record = StreamRecord::Owner {
+            ts: Timestamp(SystemTime::UNIX_EPOCH),
+            tuple: TupleFields::of(&tuple),
+            state: "ESTABLISHED",
+            cause: OwnerCause::Accept.name(),
+            old_pid: Some(100),
+            old_program: Some("nginx"),
+            pid: 101,
+            program: "nginx",
+        };
+        assert_eq!(
+            serde_json::to_value(&record).unwrap(),
+            serde_json::json!({
+                "type": "owner", "ts": "1970-01-01T00:00:00.000000Z", "proto": "tcp",
+                "local_addr": "127.0.0.1", "local_port": 8080, "remote_addr": "127.0.0.1",
+                "remote_port": 48286, "state": "ESTABLISHED", "cause": "accept",
+                "old_pid": 100, "old_program": "nginx", "pid": 101, "program": "nginx"
+            })
+        );
+        let change = OwnerChange {
+            tuple,
+            state: TcpState::Established,
+            old: None,
+            new: Owner {
+                pid: 101,
+                program: "nginx".into(),
+            },
+            cause: OwnerCause::Accept,
+        };
+        let mut out = Vec::new();
+        write_owner_text(&mut out, "2026-11-27T08:19:23.428319Z", &change).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "08:19:23.428319 101     nginx            127.0.0.1:8080               127.0.0.1:48286              OWNER        <- -\n"
         );
     }
 

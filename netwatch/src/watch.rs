@@ -5,7 +5,7 @@ use std::time::SystemTime;
 
 use crate::cli::WatchArgs;
 use crate::monitor::{self, Config, Observer, WallClock};
-use crate::output::{self, Addr, LossCause, SocketRecord, StreamRecord, Timestamp};
+use crate::output::{self, LossCause, SocketRecord, StreamRecord, Timestamp, TupleFields};
 use crate::sink::Sink;
 use crate::snapshot::Snapshot;
 use crate::table::{Observed, OwnerChange, SocketTable, Transition, Tuple};
@@ -78,11 +78,7 @@ impl Observer for Stream {
                     ts,
                     pid,
                     program: owner.map(|owner| &*owner.program),
-                    proto: t.tuple.proto.name(),
-                    local_addr: Addr(t.tuple.local.ip()),
-                    local_port: t.tuple.local.port(),
-                    remote_addr: Addr(t.tuple.remote.ip()),
-                    remote_port: t.tuple.remote.port(),
+                    tuple: TupleFields::of(&t.tuple),
                     old_state: t.old.name(),
                     new_state: t.new.name(),
                     ms,
@@ -116,11 +112,7 @@ impl Observer for Stream {
                 out,
                 &StreamRecord::Owner {
                     ts,
-                    proto: change.tuple.proto.name(),
-                    local_addr: Addr(change.tuple.local.ip()),
-                    local_port: change.tuple.local.port(),
-                    remote_addr: Addr(change.tuple.remote.ip()),
-                    remote_port: change.tuple.remote.port(),
+                    tuple: TupleFields::of(&change.tuple),
                     state: change.state.name(),
                     cause: change.cause.name(),
                     old_pid: old.map(|old| old.pid),

@@ -50,7 +50,11 @@ enum Task {
     Churn(load::ChurnArgs),
     /// (benchmark helper) Serve the traffic benchmark's connections until killed.
     #[command(hide = true)]
-    TrafficServer,
+    TrafficServer {
+        /// The CPU to run on.
+        #[arg(long)]
+        cpu: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -65,7 +69,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Hold(args) => load::hold(&args),
         Task::Churn(args) => load::churn(&args).map(|report| println!("{report}")),
-        Task::TrafficServer => traffic::serve(),
+        Task::TrafficServer { cpu } => traffic::serve(cpu),
     }
 }
 

@@ -5,6 +5,11 @@
 //! rounds of the same run:
 //! (a) request/response, 64-byte messages each way, `--round-trips` of them;
 //! (b) bulk transfer of `--bulk-gib` GiB in 64 KiB writes.
+//!
+//! Client and server are pinned to the same CPU, the last one: a round trip
+//! is then two direct switches rather than two cross-CPU wakeups, whose
+//! cost on a virtual machine (tens of microseconds, and variable) would
+//! hide what is measured. netwatch itself runs on the other CPUs.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -70,7 +75,9 @@ pub fn run(
     rounds: usize,
     results: &Path,
 ) -> anyhow::Result<()> {
-    let server = TrafficServer::start()?;
+    let cpu = last_cpu();
+    pin_to_cpu(cpu)?;
+    let server = TrafficServer::start(cpu)?;
     let mut figures: Vec<Figures> = Tracer::ALL.iter().map(|_| Figures::default()).collect();
     for round in 1..=rounds {
         for (tracer, figures) in Tracer::ALL.iter().zip(&mut figures) {
@@ -163,9 +170,9 @@ struct TrafficServer {
 }
 
 impl TrafficServer {
-    fn start() -> anyhow::Result<TrafficServer> {
+    fn start(cpu: usize) -> anyhow::Result<TrafficServer> {
         let mut child = Command::new(std::env::current_exe()?)
-            .arg("traffic-server")
+            .args(["traffic-server", "--cpu", &cpu.to_string()])
             .stdout(Stdio::piped())
             .spawn()
             .context("starting the traffic server failed")?;
@@ -187,11 +194,12 @@ impl Drop for TrafficServer {
     }
 }
 
-/// `xtask traffic-server`: listens on 127.0.0.1, prints its port, and
-/// serves connections one after the other until killed: echoes each
-/// message of a request/response connection, reads a bulk connection to
-/// its end and confirms with one byte.
-pub fn serve() -> anyhow::Result<()> {
+/// `xtask traffic-server --cpu N`: pinned to CPU N, listens on 127.0.0.1,
+/// prints its port, and serves connections one after the other until
+/// killed: echoes each message of a request/response connection, reads a
+/// bulk connection to its end and confirms with one byte.
+pub fn serve(cpu: usize) -> anyhow::Result<()> {
+    pin_to_cpu(cpu)?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     println!("{}", listener.local_addr()?.port());
     std::io::stdout().flush()?;
@@ -224,4 +232,25 @@ fn drain(stream: &mut TcpStream) -> std::io::Result<()> {
     let mut buffer = vec![0u8; BULK_WRITE];
     while stream.read(&mut buffer)? > 0 {}
     stream.write_all(&[1])
+}
+
+/// The highest-numbered CPU this process may run on.
+fn last_cpu() -> usize {
+    std::thread::available_parallelism().map_or(0, |cpus| cpus.get() - 1)
+}
+
+/// Runs the calling thread (and the threads it starts) on `cpu` only.
+fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
+    // SAFETY: cpu_set_t is plain old data; CPU_SET writes within it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: sets the calling thread's affinity from a valid cpu_set_t.
+    if unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        bail!(
+            "pinning to CPU {cpu} failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
 }

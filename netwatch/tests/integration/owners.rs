@@ -306,6 +306,49 @@ fn audit_records_name_the_last_owner_and_say_it_changed() {
     }
 }
 
+#[test]
+fn the_owner_follows_a_socket_to_a_child_and_back() {
+    let server = Server::model("pingpong");
+    let port = server.port;
+    let mut watch = Watch::start(&["--port", &port.to_string()]);
+    let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connects");
+    let mut reader = std::io::BufReader::new(client.try_clone().expect("a clone"));
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        client.write_all(b"who?\n").expect("sends");
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut reader, &mut line).expect("an answer");
+        answers.push(line.trim().parse::<u64>().expect("a pid"));
+    }
+    let peer = client.local_addr().expect("bound").port();
+    drop((client, reader));
+    let parent = u64::from(server.pid());
+    assert_eq!(answers[0], parent);
+    assert_eq!(answers[2], parent);
+    let child = answers[1];
+    watch.wait_until(|records| closed(records, port, peer));
+    let records = watch.stop().records;
+    let socket = records_of(&records, port, peer);
+    let owners: Vec<(&Value, &Value, &Value)> = socket
+        .iter()
+        .filter(|r| r["type"] == "owner")
+        .map(|r| (&r["cause"], &r["old_pid"], &r["pid"]))
+        .collect();
+    assert_eq!(
+        owners,
+        [
+            (&"handoff".into(), &parent.into(), &child.into()),
+            (&"handoff".into(), &child.into(), &parent.into())
+        ],
+        "{socket:#?}"
+    );
+    let last = socket.last().expect("records");
+    assert_eq!(
+        (&last["new_state"], &last["pid"]),
+        (&"CLOSE".into(), &parent.into())
+    );
+}
+
 /// The pid `ss -tnp` shows for each established server-side socket on
 /// `port`, by peer port: exactly one holder each.
 fn ss_owners(port: u16) -> HashMap<u16, u32> {

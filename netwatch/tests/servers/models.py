@@ -9,6 +9,10 @@ Usage: models.py MODEL, with MODEL one of
   threads  the parent accepts, a thread of the same process serves
   exec     the parent accepts and forks; the child makes the socket its
            stdin and stdout and execs cat
+  pingpong the parent (on the first CPU) accepts and answers the first
+           line, a child it forks (on the last CPU) answers the second, the
+           parent the third: the socket goes to the child and back, and
+           what the parent's CPU remembers of it is stale
 
 Prints "listening PORT PID" once, then "serving PEER_PORT PID" for each
 connection, from the process that serves it (before exec, for exec).
@@ -98,6 +102,27 @@ def exec_cat(listener):
         reap()
 
 
+def pingpong(listener):
+    os.sched_setaffinity(0, {0})
+    while True:
+        conn, _ = listener.accept()
+        say("serving", peer_port(conn), os.getpid())
+        reader = conn.makefile("rb")
+        answer = lambda: (reader.readline(), conn.sendall(f"{os.getpid()}\n".encode()))
+        answer()
+        child = os.fork()
+        if child == 0:
+            os.sched_setaffinity(0, {os.cpu_count() - 1})
+            answer()
+            os._exit(0)
+        os.waitpid(child, 0)
+        answer()
+        while conn.recv(4096):
+            pass
+        reader.close()
+        conn.close()
+
+
 def reap():
     try:
         while os.waitpid(-1, os.WNOHANG)[0] != 0:
@@ -106,7 +131,14 @@ def reap():
         pass
 
 
-MODELS = {"prefork": prefork, "fork": fork, "scm": scm, "threads": threads, "exec": exec_cat}
+MODELS = {
+    "prefork": prefork,
+    "fork": fork,
+    "scm": scm,
+    "threads": threads,
+    "exec": exec_cat,
+    "pingpong": pingpong,
+}
 
 
 def main():
