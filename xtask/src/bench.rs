@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 
 use crate::load::{self, ChurnArgs};
-use crate::tracer::{command, interrupt, start_tracer, wait_usage};
+use crate::tracer::{command, interrupt, programs_of, start_tracer, wait_usage};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Which {
@@ -475,41 +475,12 @@ pub(crate) fn wait_for_churn_to_settle(ports: &HashSet<u16>) {
     }
 }
 
-/// Sum of `recursion_misses` of the BPF programs a process holds (via bpftool).
+/// Sum of `recursion_misses` of the BPF programs a process holds.
 fn recursion_misses_of(pid: u32) -> u64 {
-    let Ok(output) = Command::new("bpftool")
-        .args(["prog", "show", "--json"])
-        .output()
-    else {
-        return 0;
-    };
-    let Ok(programs) = serde_json::from_slice::<serde_json::Value>(&output.stdout) else {
-        return 0;
-    };
-    let ids: HashSet<u64> = bpf_prog_ids_of(pid);
-    programs
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|prog| prog["id"].as_u64().is_some_and(|id| ids.contains(&id)))
+    programs_of(pid)
+        .iter()
         .filter_map(|prog| prog["recursion_misses"].as_u64())
         .sum()
-}
-
-/// Ids of the BPF programs among a process's fds (from /proc/PID/fdinfo).
-fn bpf_prog_ids_of(pid: u32) -> HashSet<u64> {
-    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
-        return HashSet::new();
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter_map(|entry| std::fs::read_to_string(entry.path()).ok())
-        .filter_map(|info| {
-            info.lines()
-                .find_map(|line| line.strip_prefix("prog_id:"))
-                .and_then(|id| id.trim().parse().ok())
-        })
-        .collect()
 }
 
 /// Time from spawning netwatch to its first event in the output, with a

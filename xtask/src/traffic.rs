@@ -10,6 +10,13 @@
 //! is then two direct switches rather than two cross-CPU wakeups, whose
 //! cost on a virtual machine (tens of microseconds, and variable) would
 //! hide what is measured. netwatch itself runs on the other CPUs.
+//!
+//! The throughputs vary by several percent between rounds on a shared
+//! machine, more than the cost measured. So a last pass measures that cost
+//! directly: with `kernel.bpf_stats_enabled`, the kernel counts the calls
+//! and run time of the send and receive programs, and their share of the
+//! workload's time is what they take from its throughput (the CPU is the
+//! only one the workload runs on).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -19,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-use crate::tracer::{command, start_tracer, RunningTracer};
+use crate::tracer::{command, programs_of, start_tracer, RunningTracer};
 
 /// Size of one request and of one response.
 const MESSAGE: usize = 64;
@@ -88,11 +95,12 @@ pub fn run(
             let started = Instant::now();
             bulk(server.port, bulk_gib << 30)?;
             let gib_s = bulk_gib as f64 / started.elapsed().as_secs_f64();
-            if let Some(mut running) = running {
-                running.stop()?;
-            }
+            let tracer_cpu = match running {
+                Some(mut running) => running.stop()?.cpu.as_secs_f64(),
+                None => 0.0,
+            };
             println!(
-                "round {round}/{rounds}, {:<15} {rr:>9.0} round trips/s  {gib_s:>6.2} GiB/s",
+                "round {round}/{rounds}, {:<15} {rr:>9.0} round trips/s  {gib_s:>6.2} GiB/s  (tracer CPU {tracer_cpu:.2} s)",
                 tracer.name()
             );
             figures.round_trips_per_s.push(rr);
@@ -100,6 +108,106 @@ pub fn run(
         }
     }
     print_table(&figures, round_trips, bulk_gib, rounds);
+    program_costs(netwatch, results, server.port, round_trips, bulk_gib)
+}
+
+/// Calls and run time of a tracer's send and receive programs, as the
+/// kernel counts them (kernel.bpf_stats_enabled).
+#[derive(Clone, Copy, Debug, Default)]
+struct ProgramTime {
+    calls: u64,
+    run_ns: u64,
+}
+
+impl ProgramTime {
+    fn of(pid: u32) -> ProgramTime {
+        programs_of(pid)
+            .iter()
+            .filter(|prog| {
+                matches!(
+                    prog["name"].as_str(),
+                    Some("socket_sent" | "socket_received")
+                )
+            })
+            .fold(ProgramTime::default(), |sum, prog| ProgramTime {
+                calls: sum.calls + prog["run_cnt"].as_u64().unwrap_or(0),
+                run_ns: sum.run_ns + prog["run_time_ns"].as_u64().unwrap_or(0),
+            })
+    }
+}
+
+/// Enables the kernel's BPF run-time statistics; restores the setting when dropped.
+struct BpfStats {
+    previous: String,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> anyhow::Result<BpfStats> {
+        let previous = std::fs::read_to_string(BPF_STATS).context("reading bpf_stats_enabled")?;
+        std::fs::write(BPF_STATS, "1").context("enabling kernel.bpf_stats_enabled")?;
+        Ok(BpfStats { previous })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(BPF_STATS, self.previous.trim());
+    }
+}
+
+/// A workload's name, how many units it does, and the work.
+type Workload<'a> = (&'a str, u64, &'a dyn Fn() -> anyhow::Result<()>);
+
+/// Under each tracer, runs each workload once with the kernel's BPF
+/// statistics on and prints what the send and receive programs cost it.
+fn program_costs(
+    netwatch: &Path,
+    results: &Path,
+    port: u16,
+    round_trips: u64,
+    bulk_gib: u64,
+) -> anyhow::Result<()> {
+    let _stats = BpfStats::enable()?;
+    println!();
+    println!(
+        "The send and receive programs, as the kernel counts them (kernel.bpf_stats_enabled):"
+    );
+    println!();
+    println!("| tracer | workload | calls | calls per unit | ns per call | share of the workload's time |");
+    println!("|---|---|---:|---:|---:|---:|");
+    for tracer in [Tracer::Watch, Tracer::Audit] {
+        let Some(mut running) = tracer.start(netwatch, results)? else {
+            continue;
+        };
+        let pid = running.child.id();
+        let workloads: [Workload; 2] = [
+            ("(a) per round trip", round_trips, &|| {
+                request_response(port, round_trips)
+            }),
+            ("(b) per MiB", bulk_gib << 10, &|| {
+                bulk(port, bulk_gib << 30)
+            }),
+        ];
+        for (workload, units, work) in workloads {
+            let before = ProgramTime::of(pid);
+            let started = Instant::now();
+            work()?;
+            let elapsed = started.elapsed().as_nanos() as f64;
+            let after = ProgramTime::of(pid);
+            let calls = after.calls - before.calls;
+            let run_ns = (after.run_ns - before.run_ns) as f64;
+            println!(
+                "| {} | {workload} | {calls} | {:.2} | {:.0} | {:.2}% |",
+                tracer.name(),
+                calls as f64 / units as f64,
+                run_ns / calls.max(1) as f64,
+                run_ns / elapsed * 100.0
+            );
+        }
+        running.stop()?;
+    }
     Ok(())
 }
 

@@ -539,3 +539,44 @@ fn the_snapshot_lists_every_process_holding_a_socket_as_ss_does() {
         "the lowest, as netstat shows"
     );
 }
+
+#[test]
+fn an_owner_that_execs_is_renamed_on_its_sockets() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("binds");
+    let port = listener.local_addr().expect("bound").port();
+    let mut watch = Watch::start(&["--port", &port.to_string()]);
+    // Connects, then execs sleep, which inherits the socket and closes it when it exits.
+    let script = format!(
+        "import os, socket\n\
+         s = socket.create_connection(('127.0.0.1', {port}))\n\
+         s.set_inheritable(True)\n\
+         print(s.getsockname()[1], flush=True)\n\
+         os.execvp('sleep', ['sleep', '0.3'])\n"
+    );
+    let client = Command::new("python3")
+        .args(["-c", &script])
+        .stdout(Stdio::piped())
+        .output()
+        .expect("python3 runs");
+    assert!(client.status.success());
+    let peer: u16 = String::from_utf8_lossy(&client.stdout)
+        .trim()
+        .parse()
+        .expect("the client's port");
+    watch.wait_until(|records| {
+        records_of(records, peer, port)
+            .iter()
+            .any(|r| r["new_state"] == "FIN_WAIT1")
+    });
+    drop(listener);
+    let records = watch.stop().records;
+    let client_end = records_of(&records, peer, port);
+    let opened = client_end.first().expect("the connect");
+    assert_eq!(opened["program"], "python3", "{opened}");
+    let closing = client_end
+        .iter()
+        .find(|r| r["new_state"] == "FIN_WAIT1")
+        .expect("the close");
+    assert_eq!(closing["pid"], opened["pid"], "exec keeps the pid");
+    assert_eq!(closing["program"], "sleep", "{closing}");
+}
