@@ -72,10 +72,6 @@ impl Tracer {
 struct Figures {
     round_trips_per_s: Vec<f64>,
     bulk_gib_per_s: Vec<f64>,
-    /// CPU time of both workload processes per round trip, µs.
-    round_trip_cpu_us: Vec<f64>,
-    /// CPU time of both workload processes per GiB, s.
-    bulk_cpu_s_per_gib: Vec<f64>,
 }
 
 /// Runs the benchmark and prints its table.
@@ -93,16 +89,12 @@ pub fn run(
     for round in 1..=rounds {
         for (tracer, figures) in Tracer::ALL.iter().zip(&mut figures) {
             let running = tracer.start(netwatch, results)?;
-            let (wall, cpu) = measure(server.child.id(), || {
-                request_response(server.port, round_trips)
-            })?;
-            let rr = round_trips as f64 / wall;
-            figures
-                .round_trip_cpu_us
-                .push(cpu / round_trips as f64 * 1e6);
-            let (wall, cpu) = measure(server.child.id(), || bulk(server.port, bulk_gib << 30))?;
-            let gib_s = bulk_gib as f64 / wall;
-            figures.bulk_cpu_s_per_gib.push(cpu / bulk_gib as f64);
+            let started = Instant::now();
+            request_response(server.port, round_trips)?;
+            let rr = round_trips as f64 / started.elapsed().as_secs_f64();
+            let started = Instant::now();
+            bulk(server.port, bulk_gib << 30)?;
+            let gib_s = bulk_gib as f64 / started.elapsed().as_secs_f64();
             let tracer_cpu = match running {
                 Some(mut running) => running.stop()?.cpu.as_secs_f64(),
                 None => 0.0,
@@ -220,77 +212,47 @@ fn program_costs(
 }
 
 fn print_table(figures: &[Figures], round_trips: u64, bulk_gib: u64, rounds: usize) {
-    let median = |values: &[f64]| {
-        let mut sorted = values.to_vec();
-        sorted.sort_by(f64::total_cmp);
-        sorted[sorted.len() / 2]
-    };
-    let base_rr = median(&figures[0].round_trips_per_s);
-    let base_bulk = median(&figures[0].bulk_gib_per_s);
     println!();
-    println!("Loopback TCP between two processes, median of {rounds} alternating rounds:");
+    println!("Loopback TCP between two processes, {rounds} alternating rounds:");
     println!("(a) {round_trips} round trips of {MESSAGE}-byte messages; (b) {bulk_gib} GiB in {} KiB writes", BULK_WRITE / 1024);
+    println!(
+        "Throughput: the median of the rounds; change: against the same round without a tracer,"
+    );
+    println!(
+        "median [lowest, highest] of the rounds (pairing rounds cancels the machine's slow drift)."
+    );
     println!();
-    println!("| tracer | (a) round trips/s | vs none | (a) CPU µs per round trip | vs none | (b) GiB/s | vs none | (b) CPU s per GiB | vs none |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let base_rr_cpu = median(&figures[0].round_trip_cpu_us);
-    let base_bulk_cpu = median(&figures[0].bulk_cpu_s_per_gib);
-    let change = |value: f64, base: f64| (value / base - 1.0) * 100.0;
+    println!("| tracer | (a) round trips/s | (a) change | (b) GiB/s | (b) change |");
+    println!("|---|---:|---:|---:|---:|");
+    let none = &figures[0];
     for (tracer, figures) in Tracer::ALL.iter().zip(figures) {
-        let rr = median(&figures.round_trips_per_s);
-        let gib_s = median(&figures.bulk_gib_per_s);
-        let rr_cpu = median(&figures.round_trip_cpu_us);
-        let bulk_cpu = median(&figures.bulk_cpu_s_per_gib);
         println!(
-            "| {} | {rr:.0} | {:+.1}% | {rr_cpu:.2} | {:+.1}% | {gib_s:.2} | {:+.1}% | {bulk_cpu:.3} | {:+.1}% |",
+            "| {} | {:.0} | {} | {:.2} | {} |",
             tracer.name(),
-            change(rr, base_rr),
-            change(rr_cpu, base_rr_cpu),
-            change(gib_s, base_bulk),
-            change(bulk_cpu, base_bulk_cpu),
+            median(&figures.round_trips_per_s),
+            paired_change(&figures.round_trips_per_s, &none.round_trips_per_s),
+            median(&figures.bulk_gib_per_s),
+            paired_change(&figures.bulk_gib_per_s, &none.bulk_gib_per_s),
         );
     }
 }
 
-/// Runs `work`; returns its wall time and the CPU time (user and system)
-/// that this process and the server process `server` spent meanwhile, in
-/// seconds. CPU time leaves out the time the virtual machine's CPU was
-/// taken away, which wall time does not.
-fn measure(server: u32, work: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<(f64, f64)> {
-    let cpu_before = own_cpu() + process_cpu(server)?;
-    let started = Instant::now();
-    work()?;
-    let wall = started.elapsed().as_secs_f64();
-    let cpu = own_cpu() + process_cpu(server)? - cpu_before;
-    Ok((wall, cpu))
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
 }
 
-/// This process's CPU time, in seconds.
-fn own_cpu() -> f64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut now) };
-    now.tv_sec as f64 + now.tv_nsec as f64 / 1e9
-}
-
-/// Process `pid`'s CPU time (utime + stime of /proc/PID/stat), in seconds.
-fn process_cpu(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The fields after the command name, which may hold spaces: state is field 3.
-    let after_comm = stat.rsplit_once(") ").context("a /proc stat line")?.1;
-    let fields: Vec<&str> = after_comm.split(' ').collect();
-    let ticks = |at: usize| -> anyhow::Result<f64> {
-        Ok(fields
-            .get(at)
-            .context("a /proc stat field")?
-            .parse::<f64>()?)
-    };
-    // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok((ticks(11)? + ticks(12)?) / per_second)
+/// How `traced` differs from `none` round by round, in percent: median [lowest, highest].
+fn paired_change(traced: &[f64], none: &[f64]) -> String {
+    let mut changes: Vec<f64> = traced
+        .iter()
+        .zip(none)
+        .map(|(traced, none)| (traced / none - 1.0) * 100.0)
+        .collect();
+    changes.sort_by(f64::total_cmp);
+    let (lowest, highest) = (changes[0], changes[changes.len() - 1]);
+    format!("{:+.1}% [{lowest:+.1}, {highest:+.1}]", median(&changes))
 }
 
 /// `count` round trips of one message each way on one connection.
