@@ -97,3 +97,27 @@ fn lost_events_without_resync_are_reported_as_drift() {
     let summary = stopped.records.last().expect("a summary");
     assert!(summary["persisting_checks"].as_u64() > Some(0));
 }
+
+#[test]
+fn a_verify_that_checks_nothing_fails() {
+    for args in [
+        &["verify", "--duration", "0"][..],
+        &["verify", "--duration", "1", "--interval", "5"],
+    ] {
+        let output = crate::support::run_netwatch(args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("before its first check at 5 s"),
+            "{args:?}: {stderr}"
+        );
+    }
+    let verify = Watch::spawn(&["verify", "--interval", "5"]);
+    let stopped = verify.stop();
+    assert!(!stopped.success, "{}", stopped.stderr);
+    assert!(
+        stopped.stderr.contains("stopped before its first check"),
+        "{}",
+        stopped.stderr
+    );
+}
