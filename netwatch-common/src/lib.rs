@@ -7,12 +7,17 @@
 /// Name of the ring buffer map that carries [`KernelEvent`]s to user space.
 pub const EVENTS_MAP: &str = "EVENTS";
 /// Name of the per-CPU array counting events the ring buffer refused: slot
-/// [`DROPPED_TRANSITIONS`] for transitions, [`DROPPED_OWNER_EVENTS`] for the rest.
+/// [`DROPPED_TRANSITIONS`] and [`DROPPED_RECOVERIES`] for transitions,
+/// [`DROPPED_OWNER_EVENTS`] for the rest.
 pub const DROPS_MAP: &str = "DROPS";
-/// Slot of `DROPS_MAP` counting transitions the ring buffer refused.
+/// Slot of `DROPS_MAP` counting transitions the ring buffer refused to the tracepoint program.
 pub const DROPPED_TRANSITIONS: u32 = 0;
 /// Slot of `DROPS_MAP` counting owner and exec events the ring buffer refused.
 pub const DROPPED_OWNER_EVENTS: u32 = 1;
+/// Slot of `DROPS_MAP` counting transitions the recovery program could not
+/// send: calls the kernel skipped, lost to a full ring buffer (so that user
+/// space counts each of them once, not also as a skip not recovered).
+pub const DROPPED_RECOVERIES: u32 = 2;
 /// Name of the per-CPU array (one `u64` slot) counting calls of the recovery program.
 pub const FIRED_MAP: &str = "FIRED";
 /// Name of the tracepoint program: it forwards every transition.

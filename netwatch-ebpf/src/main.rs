@@ -32,17 +32,19 @@ use core::ffi::c_void;
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use netwatch_common::{
     event_kind, syscall_exit, tracepoint as field, ByteCounts, KernelEvent, SocketEntry, SocketFd,
-    AF_INET, DROPPED_OWNER_EVENTS, DROPPED_TRANSITIONS, IPPROTO_TCP, SOCKETS_MAP_ENTRIES,
+    AF_INET, DROPPED_OWNER_EVENTS, DROPPED_RECOVERIES, DROPPED_TRANSITIONS, IPPROTO_TCP,
+    SOCKETS_MAP_ENTRIES,
 };
 
 /// Default size; the loader overrides it from `--ring-buffer-kib`.
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 
-/// Events the ring buffer had no room for, per CPU: transitions in slot
-/// `DROPPED_TRANSITIONS`, owner and exec events in `DROPPED_OWNER_EVENTS`.
+/// Events the ring buffer had no room for, per CPU: transitions in slots
+/// `DROPPED_TRANSITIONS` (tracepoint program) and `DROPPED_RECOVERIES`
+/// (recovery program), owner and exec events in `DROPPED_OWNER_EVENTS`.
 #[map(name = "DROPS")]
-static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
 
 /// Calls of the recovery program per CPU (slot 0): with its recursion_misses,
 /// every firing of the tracepoint, for user space to check completeness.
@@ -203,7 +205,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn recover_state(ctx: RawTracePointContext) -> i32 {
     if try_recover_state(&ctx).is_err() {
-        count_drop(DROPPED_TRANSITIONS);
+        count_drop(DROPPED_RECOVERIES);
     }
     0
 }
@@ -229,7 +231,10 @@ fn try_recover_state(ctx: &RawTracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     let (family, local, remote) = read_tuple(sk)?;
-    send(event(sk, oldstate, newstate, family, local, remote, 1));
+    send_to(
+        event(sk, oldstate, newstate, family, local, remote, 1),
+        DROPPED_RECOVERIES,
+    );
     Ok(())
 }
 

@@ -13,10 +13,10 @@ use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
 use netwatch_common::{
     event_kind, syscall_exit, tracepoint, ByteCounts, KernelEvent, SocketEntry, SocketFd,
-    ACCEPT_PROGRAM, AF_INET6, COUNTS_BYTES, DROPPED_OWNER_EVENTS, DROPPED_TRANSITIONS, DROPS_MAP,
-    EVENTS_MAP, EXEC_PROGRAM, FILE_OFFSETS, FIRED_MAP, RECEIVED_PROGRAM, RECOVERY_PROGRAM,
-    SENT_PROGRAM, SOCKETS_MAP, SOCKET_FDS_PROGRAM, SOCK_LAYOUT_KNOWN, SOCK_OFFSETS, STATE_PROGRAM,
-    TASK_OFFSETS,
+    ACCEPT_PROGRAM, AF_INET6, COUNTS_BYTES, DROPPED_OWNER_EVENTS, DROPPED_RECOVERIES,
+    DROPPED_TRANSITIONS, DROPS_MAP, EVENTS_MAP, EXEC_PROGRAM, FILE_OFFSETS, FIRED_MAP,
+    RECEIVED_PROGRAM, RECOVERY_PROGRAM, SENT_PROGRAM, SOCKETS_MAP, SOCKET_FDS_PROGRAM,
+    SOCK_LAYOUT_KNOWN, SOCK_OFFSETS, STATE_PROGRAM, TASK_OFFSETS,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -63,8 +63,11 @@ pub struct StateProbe {
 /// The kernel's loss counters since the programs were loaded; they only grow.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LossCounters {
-    /// Transitions the ring buffer had no room for.
+    /// Transitions the ring buffer had no room for (sent by either program).
     pub ring_buffer_full: u64,
+    /// Of those, the ones the recovery program could not send: calls the
+    /// kernel skipped, already lost to the full ring buffer.
+    pub recoveries_refused: u64,
     /// Owner and exec events the ring buffer had no room for.
     pub owner_events_dropped: u64,
     /// Calls of the tracepoint program the kernel skipped (nested on one CPU):
@@ -178,8 +181,10 @@ impl StateProbe {
             Some(fd) => Some(sum(&self.fired, 0)? + recursion_misses(fd)?),
             None => None,
         };
+        let recoveries_refused = sum(&self.drops, DROPPED_RECOVERIES)?;
         Ok(LossCounters {
-            ring_buffer_full: sum(&self.drops, DROPPED_TRANSITIONS)?,
+            ring_buffer_full: sum(&self.drops, DROPPED_TRANSITIONS)? + recoveries_refused,
+            recoveries_refused,
             owner_events_dropped: sum(&self.drops, DROPPED_OWNER_EVENTS)?,
             skipped: recursion_misses(self.state_fd)?,
             fired,

@@ -372,13 +372,15 @@ impl<O: Observer> Monitor<O> {
     /// loss. A skipped call counts as lost once its recovery had time to
     /// arrive: skips counted at the previous check (or, when `last`, now).
     fn check_losses(&mut self, now: LossCounters, last: bool) -> anyhow::Result<()> {
-        let settled_skips = if last {
-            now.skipped
-        } else {
-            self.counters.skipped
-        };
+        let settled = if last { now } else { self.counters };
         self.counters = now;
-        let unrecovered = settled_skips.saturating_sub(self.recovered);
+        // A skipped call whose recovery the full ring buffer refused is a
+        // ring buffer loss already: counting it here too would make
+        // delivered + lost exceed what the kernel fired.
+        let unrecovered = settled
+            .skipped
+            .saturating_sub(self.recovered)
+            .saturating_sub(settled.recoveries_refused);
         let new_losses = [
             (
                 now.ring_buffer_full
@@ -475,4 +477,58 @@ fn clock_ns(clock: libc::clockid_t) -> u64 {
     // SAFETY: clock_gettime writes one timespec.
     unsafe { libc::clock_gettime(clock, &mut now) };
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An observer that writes nothing.
+    struct Silent;
+
+    impl Observer for Silent {
+        fn transition(&mut self, _: &Transition, _: Observed, _: &WallClock, _: &mut Vec<u8>) {}
+    }
+
+    fn monitor() -> Monitor<Silent> {
+        Monitor::new(true, Silent, Sink::stdout(), Arc::new(Metrics::new(4096)))
+    }
+
+    #[test]
+    fn a_skipped_call_refused_by_the_full_ring_is_lost_once() {
+        let mut monitor = monitor();
+        monitor.recovered = 2;
+        // 5 calls skipped: 2 recovered, 3 refused by the full ring buffer,
+        // which also refused 7 of the tracepoint program's.
+        let now = LossCounters {
+            ring_buffer_full: 10,
+            recoveries_refused: 3,
+            owner_events_dropped: 0,
+            skipped: 5,
+            fired: Some(100),
+        };
+        monitor.check_losses(now, true).expect("no resync");
+        assert_eq!(
+            (monitor.lost.ring_buffer_full, monitor.lost.skipped),
+            (10, 0)
+        );
+    }
+
+    #[test]
+    fn skips_count_as_lost_once_their_recovery_had_time_to_arrive() {
+        let mut monitor = monitor();
+        let skipped = LossCounters {
+            skipped: 4,
+            ..LossCounters::default()
+        };
+        monitor.check_losses(skipped, false).expect("no resync");
+        assert_eq!(
+            monitor.lost.skipped, 0,
+            "recoveries may still be on their way"
+        );
+        monitor.recovered = 3;
+        monitor.check_losses(skipped, false).expect("no resync");
+        assert_eq!(monitor.lost.skipped, 1);
+        assert!(monitor.stale);
+    }
 }

@@ -197,6 +197,16 @@ fn losses_are_reported_and_the_table_resyncs() {
         stopped.stderr
     );
     assert_eq!(lost, summary_number(&stopped.stderr, "ring buffer full"));
+    // Each transition counted once: a skipped call whose recovery the full
+    // ring refused is lost once, not also as a skip not recovered.
+    let delivered = summary_number(&stopped.stderr, " transitions (");
+    let all_lost = summary_number(&stopped.stderr, " lost (");
+    let fired = summary_number(&stopped.stderr, " fired in the kernel");
+    assert!(
+        delivered + all_lost <= fired,
+        "counted more than the kernel fired: {}",
+        stopped.stderr
+    );
     assert!(
         stopped.stderr.contains("transition(s): ring buffer full"),
         "{}",
@@ -350,5 +360,45 @@ fn without_root_one_clear_sentence() {
     assert!(
         stderr.contains("needs root") && stderr.contains("netwatch snapshot"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn a_stopped_reader_loses_each_transition_once() {
+    // The reader stops under churn: the ring fills, and calls the kernel
+    // skips meanwhile find it full too. Each must count once.
+    let watch = Watch::start(&["--ring-buffer-kib", "64"]);
+    // SAFETY: signals the netwatch child this test started.
+    unsafe { libc::kill(watch.pid() as i32, libc::SIGSTOP) };
+    let churners: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(|| {
+                let mut peer = Peer::spawn();
+                for _ in 0..5 {
+                    peer.send("burst 2000");
+                }
+            })
+        })
+        .collect();
+    for churner in churners {
+        churner.join().expect("churn finished");
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(watch.pid() as i32, libc::SIGCONT) };
+    let stopped = watch.stop();
+    assert!(stopped.success, "{}", stopped.stderr);
+    let delivered = summary_number(&stopped.stderr, " transitions (");
+    let lost = summary_number(&stopped.stderr, " lost (");
+    let fired = summary_number(&stopped.stderr, " fired in the kernel");
+    eprintln!("{}", stopped.stderr);
+    assert!(
+        lost > 0,
+        "a stopped reader lost nothing? {}",
+        stopped.stderr
+    );
+    assert!(
+        delivered + lost <= fired,
+        "counted more than the kernel fired: {}",
+        stopped.stderr
     );
 }
