@@ -26,6 +26,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // `netwatch | head`: the reader is gone, which is not an error.
         Err(err) if pipe_closed_is_fine && is_broken_pipe(&err) => ExitCode::SUCCESS,
+        // verify that compared nothing neither passed nor found drift.
+        Err(err) if err.downcast_ref::<verify::NothingCompared>().is_some() => {
+            eprintln!("netwatch: {err:#}");
+            ExitCode::from(2)
+        }
         Err(err) => {
             eprintln!("netwatch: {err:#}");
             ExitCode::FAILURE

@@ -77,7 +77,7 @@ pub fn write_snapshot_text(
         if columns.program {
             match &entry.owner {
                 Some(owner) => {
-                    let _ = write!(line, " {}/{}", owner.pid, owner.program);
+                    let _ = write!(line, " {}/{}", owner.pid, Printable(&owner.program));
                 }
                 None => line.push_str(" -"),
             }
@@ -144,6 +144,25 @@ impl<'a> SocketRecord<'a> {
             program: entry.owner.as_ref().map(|owner| &*owner.program),
             pids: &entry.pids,
         }
+    }
+}
+
+/// Text from a process (its name) made safe for a terminal: control
+/// characters (ESC, newline, ...) are shown escaped, as `\u{1b}` or `\n`,
+/// so that a process cannot move the cursor or forge lines. JSON escapes
+/// them by itself.
+pub struct Printable<'a>(pub &'a str);
+
+impl std::fmt::Display for Printable<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for c in self.0.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -333,7 +352,7 @@ pub fn write_state_text(
 pub fn write_owner_text(out: &mut impl Write, ts: &str, change: &OwnerChange) -> io::Result<()> {
     let old = change.old.as_ref().map_or_else(
         || "-".to_owned(),
-        |old| format!("{}/{}", old.pid, old.program),
+        |old| format!("{}/{}", old.pid, Printable(&old.program)),
     );
     writeln!(
         out,
@@ -350,7 +369,11 @@ pub fn write_owner_text(out: &mut impl Write, ts: &str, change: &OwnerChange) ->
 fn when_and_who(ts: &str, owner: Option<&Owner>) -> String {
     let time = ts.get(11..26).unwrap_or(ts);
     match owner {
-        Some(owner) => format!("{time:<15} {:<7} {:<16}", owner.pid, owner.program),
+        Some(owner) => format!(
+            "{time:<15} {:<7} {:<16}",
+            owner.pid,
+            Printable(&owner.program).to_string()
+        ),
         None => format!("{time:<15} {:<7} {:<16}", "-", "-"),
     }
 }
@@ -562,6 +585,44 @@ udp        7      5 0.0.0.0:53              0.0.0.0:*                           
             String::from_utf8(out).unwrap(),
             "08:19:23.428319 101     nginx            127.0.0.1:8080               127.0.0.1:48286              OWNER        <- -\n"
         );
+    }
+
+    #[test]
+    fn control_characters_in_a_name_are_shown_escaped() {
+        assert_eq!(
+            Printable("evil\u{1b}[2J\nfake line\tx").to_string(),
+            "evil\\u{1b}[2J\\nfake line\\tx"
+        );
+        assert_eq!(Printable("nginx: wörker").to_string(), "nginx: wörker");
+        let owner = Owner {
+            pid: 7,
+            program: "a\u{1b}b".into(),
+        };
+        let entries = [entry(
+            Proto::Tcp,
+            "127.0.0.1:22",
+            "127.0.0.1:5000",
+            TcpState::Established,
+            Some(owner.clone()),
+        )];
+        let refs: Vec<&SnapshotEntry> = entries.iter().collect();
+        let mut out = Vec::new();
+        let columns = SnapshotColumns {
+            program: true,
+            extend: false,
+        };
+        write_snapshot_text(&mut out, "title", &refs, columns).unwrap();
+        let tuple = Tuple {
+            proto: Proto::Tcp,
+            local: "127.0.0.1:22".parse().unwrap(),
+            remote: "127.0.0.1:5000".parse().unwrap(),
+        };
+        let ts = "2026-11-27T08:19:23.428319Z";
+        let (old, new) = (TcpState::Established, TcpState::FinWait1);
+        write_state_text(&mut out, ts, Some(&owner), &tuple, old, new, None).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains('\u{1b}'), "{text:?}");
+        assert_eq!(text.matches("a\\u{1b}b").count(), 2, "{text}");
     }
 
     #[test]

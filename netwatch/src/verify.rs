@@ -33,22 +33,31 @@ use crate::table::{LiveSocket, Observed, OwnerChange, SocketTable, Transition, T
 /// Sockets listed at most in one report (the counts cover them all).
 const LISTED_AT_MOST: usize = 50;
 
+/// verify compared nothing: no check could run, or none did (exit status 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NothingCompared(String);
+
 /// Compares until SIGINT, SIGTERM or `--duration`; `Ok(true)` when no drift
 /// persisted across two consecutive checks. A run that could make no
-/// check, or made none, is an error: it verified nothing.
+/// check, or made none, is a [`NothingCompared`] error: it verified nothing.
 pub fn run(args: VerifyArgs) -> anyhow::Result<bool> {
     if let Some(duration) = args.duration.filter(|&duration| duration < args.interval) {
-        anyhow::bail!(
+        return Err(NothingCompared(format!(
             "verify would stop after {duration} s, before its first check at {} s: give a --duration of at least --interval",
             args.interval
-        );
+        ))
+        .into());
     }
     let duration = args.duration.map(Duration::from_secs);
     let config = Config::new(&args.probe, false, duration);
     let verify = Verify::new(args.json, Duration::from_secs(args.interval));
     let verify = monitor::run(config, verify, Sink::stdout())?;
     if verify.checks == 0 {
-        anyhow::bail!("verify stopped before its first check: nothing was compared");
+        return Err(NothingCompared(
+            "verify stopped before its first check: nothing was compared".to_owned(),
+        )
+        .into());
     }
     Ok(verify.persisted_checks == 0)
 }

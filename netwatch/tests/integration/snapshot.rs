@@ -305,3 +305,35 @@ fn the_whole_table_matches_ss_on_thousands_of_sockets() {
         );
     }
 }
+
+#[test]
+fn a_process_named_with_control_characters_cannot_write_to_the_terminal() {
+    // Names itself "ev<ESC>[2J<LF>il" (prctl PR_SET_NAME), listens, waits for stdin to close.
+    let script = "import ctypes, socket, sys\n\
+                  ctypes.CDLL(None).prctl(15, b'ev\\x1b[2J\\nil', 0, 0, 0)\n\
+                  s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n\
+                  print(s.getsockname()[1], flush=True)\n\
+                  sys.stdin.read()\n";
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut port = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().expect("piped")),
+        &mut port,
+    )
+    .expect("the port");
+    let output = run_netwatch(&["snapshot", "-tlnp", "--port", port.trim()]);
+    drop(child.stdin.take());
+    let _ = child.wait();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(!text.contains('\u{1b}'), "{text:?}");
+    let line = text
+        .lines()
+        .find(|line| line.contains(&format!(":{}", port.trim())))
+        .unwrap_or_else(|| panic!("the listener is listed: {text}"));
+    assert!(line.ends_with("/ev\\u{1b}[2J\\nil"), "{line:?}");
+}

@@ -110,6 +110,8 @@ pub struct Stopped {
     pub records: Vec<Value>,
     pub stderr: String,
     pub success: bool,
+    /// The exit status, when netwatch exited (not killed by a signal).
+    pub code: Option<i32>,
 }
 
 impl Watch {
@@ -198,6 +200,7 @@ impl Watch {
             records: std::mem::take(&mut self.seen),
             stderr: self.stderr.iter().collect::<Vec<_>>().join("\n"),
             success: status.success(),
+            code: status.code(),
         }
     }
 
@@ -220,6 +223,7 @@ impl Watch {
             records: std::mem::take(&mut self.seen),
             stderr: self.stderr.iter().collect::<Vec<_>>().join("\n"),
             success: status.success(),
+            code: status.code(),
         }
     }
 
