@@ -4,7 +4,7 @@
 
 use std::io::{self, Read as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
@@ -53,11 +53,12 @@ pub struct StateProbe {
     drops: PerCpuArray<MapData, u64>,
     fired: PerCpuArray<MapData, u64>,
     sockets: aya::maps::HashMap<MapData, u64, SocketEntry>,
-    /// Raw fds of the two programs, owned by `_ebpf`, for their kernel counters.
-    state_fd: i32,
-    recovery_fd: Option<i32>,
+    /// Fds of the two transition programs, for their kernel counters; they
+    /// keep the programs (not their attachments) alive after `detach`.
+    state_prog: OwnedFd,
+    recovery_prog: Option<OwnedFd>,
     // Owns the program and its link: dropping it detaches everything.
-    _ebpf: Ebpf,
+    ebpf: Option<Ebpf>,
 }
 
 /// The kernel's loss counters since the programs were loaded; they only grow.
@@ -107,9 +108,9 @@ impl StateProbe {
             loader.override_global(COUNTS_BYTES, &1u32, true);
         }
         let mut ebpf = loader.load(netwatch_object()).map_err(|err| load(&err))?;
-        let state_fd = attach_tracepoint(&mut ebpf)?;
+        let state_prog = attach_tracepoint(&mut ebpf)?;
         // Attached second, so it runs after the tracepoint program on each transition.
-        let recovery_fd = match &offsets {
+        let recovery_prog = match &offsets {
             Ok(_) => Some(attach_raw(
                 &mut ebpf,
                 RECOVERY_PROGRAM,
@@ -147,9 +148,9 @@ impl StateProbe {
             ring,
             kernel_log,
             drops,
-            state_fd,
-            recovery_fd,
-            _ebpf: ebpf,
+            state_prog,
+            recovery_prog,
+            ebpf: Some(ebpf),
         })
     }
 
@@ -177,8 +178,8 @@ impl StateProbe {
         let sum = |map: &PerCpuArray<MapData, u64>, slot: u32| -> io::Result<u64> {
             Ok(map.get(&slot, 0).map_err(io::Error::other)?.iter().sum())
         };
-        let fired = match self.recovery_fd {
-            Some(fd) => Some(sum(&self.fired, 0)? + recursion_misses(fd)?),
+        let fired = match &self.recovery_prog {
+            Some(program) => Some(sum(&self.fired, 0)? + recursion_misses(program.as_raw_fd())?),
             None => None,
         };
         let recoveries_refused = sum(&self.drops, DROPPED_RECOVERIES)?;
@@ -186,7 +187,7 @@ impl StateProbe {
             ring_buffer_full: sum(&self.drops, DROPPED_TRANSITIONS)? + recoveries_refused,
             recoveries_refused,
             owner_events_dropped: sum(&self.drops, DROPPED_OWNER_EVENTS)?,
-            skipped: recursion_misses(self.state_fd)?,
+            skipped: recursion_misses(self.state_prog.as_raw_fd())?,
             fired,
         })
     }
@@ -198,7 +199,24 @@ impl StateProbe {
 
     /// Whether the recovery program is attached.
     pub fn recovers_skipped_calls(&self) -> bool {
-        self.recovery_fd.is_some()
+        self.recovery_prog.is_some()
+    }
+
+    /// Detaches every program: nothing fires from here on, while the ring
+    /// buffer, the maps and the programs' counters stay readable, so that
+    /// a last drain and count add up exactly. The tracepoint program goes
+    /// first: a transition in between is then sent by the recovery program,
+    /// which also counts it as fired, rather than sent but never counted.
+    pub fn detach(&mut self) {
+        if let Some(mut ebpf) = self.ebpf.take() {
+            let state: Option<&mut TracePoint> = ebpf
+                .program_mut(STATE_PROGRAM)
+                .and_then(|program| program.try_into().ok());
+            if let Some(state) = state {
+                // Our own fd keeps the program loaded for its counters.
+                let _ = state.unload();
+            }
+        }
     }
 }
 
@@ -320,8 +338,8 @@ fn attach_accept(ebpf: &mut Ebpf, syscall: &str) -> Result<(), ProbeError> {
     Ok(())
 }
 
-/// Attaches the tracepoint program and returns its fd.
-fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<i32, ProbeError> {
+/// Attaches the tracepoint program and returns a new fd of it.
+fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<OwnedFd, ProbeError> {
     let program: &mut TracePoint = program(ebpf, STATE_PROGRAM)?
         .try_into()
         .map_err(|err| load(&err))?;
@@ -329,15 +347,20 @@ fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<i32, ProbeError> {
     program
         .attach("sock", "inet_sock_set_state")
         .map_err(|err| load(&err))?;
-    Ok(program.fd().map_err(|err| load(&err))?.as_fd().as_raw_fd())
+    own_fd(program.fd().map_err(|err| load(&err))?.as_fd())
 }
 
-/// Attaches a raw tracepoint program and returns its fd.
-fn attach_raw(ebpf: &mut Ebpf, name: &str, tracepoint: &str) -> Result<i32, ProbeError> {
+/// Attaches a raw tracepoint program and returns a new fd of it.
+fn attach_raw(ebpf: &mut Ebpf, name: &str, tracepoint: &str) -> Result<OwnedFd, ProbeError> {
     let program: &mut RawTracePoint = program(ebpf, name)?.try_into().map_err(|err| load(&err))?;
     program.load().map_err(|err| load(&err))?;
     program.attach(tracepoint).map_err(|err| load(&err))?;
-    Ok(program.fd().map_err(|err| load(&err))?.as_fd().as_raw_fd())
+    own_fd(program.fd().map_err(|err| load(&err))?.as_fd())
+}
+
+/// A new fd of a program, which keeps it loaded as long as it is open.
+fn own_fd(fd: std::os::fd::BorrowedFd<'_>) -> Result<OwnedFd, ProbeError> {
+    fd.try_clone_to_owned().map_err(|err| load(&err))
 }
 
 fn program<'a>(
