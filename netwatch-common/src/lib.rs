@@ -20,6 +20,10 @@ pub const DROPPED_OWNER_EVENTS: u32 = 1;
 pub const DROPPED_RECOVERIES: u32 = 2;
 /// Name of the per-CPU array (one `u64` slot) counting calls of the recovery program.
 pub const FIRED_MAP: &str = "FIRED";
+/// Name of the array (one `u32` slot) that user space sets to 1 when it
+/// stops: the transition programs then neither send nor count anything,
+/// so that its last drain and count describe the same transitions.
+pub const STOPPING_MAP: &str = "STOPPING";
 /// Name of the tracepoint program: it forwards every transition.
 pub const STATE_PROGRAM: &str = "inet_sock_set_state";
 /// Name of the raw tracepoint program on the same tracepoint. It has its own

@@ -51,6 +51,15 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
 #[map(name = "FIRED")]
 static FIRED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// Slot 0 is set to 1 by user space when it stops (see `STOPPING_MAP`).
+#[map(name = "STOPPING")]
+static STOPPING: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Whether user space is stopping: the transition programs then return at once.
+fn stopping() -> bool {
+    STOPPING.get(0).is_some_and(|&stopping| stopping != 0)
+}
+
 /// The transition the tracepoint program last handled on this CPU.
 #[map(name = "HANDLED")]
 static HANDLED: PerCpuArray<Handled> = PerCpuArray::with_max_entries(1, 0);
@@ -140,6 +149,9 @@ const MSG_PEEK: i32 = 2;
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    if stopping() {
+        return 0;
+    }
     if let Err(err) = try_inet_sock_set_state(&ctx) {
         // A failed read of the tracepoint record: it should not happen. The
         // transition is counted as dropped, so that user space resyncs.
@@ -204,6 +216,9 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
 
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn recover_state(ctx: RawTracePointContext) -> i32 {
+    if stopping() {
+        return 0;
+    }
     if try_recover_state(&ctx).is_err() {
         count_drop(DROPPED_RECOVERIES);
     }

@@ -4,7 +4,7 @@
 
 use std::io::{self, Read as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
@@ -16,7 +16,7 @@ use netwatch_common::{
     ACCEPT_PROGRAM, AF_INET6, COUNTS_BYTES, DROPPED_OWNER_EVENTS, DROPPED_RECOVERIES,
     DROPPED_TRANSITIONS, DROPS_MAP, EVENTS_MAP, EXEC_PROGRAM, FILE_OFFSETS, FIRED_MAP,
     RECEIVED_PROGRAM, RECOVERY_PROGRAM, SENT_PROGRAM, SOCKETS_MAP, SOCKET_FDS_PROGRAM,
-    SOCK_LAYOUT_KNOWN, SOCK_OFFSETS, STATE_PROGRAM, TASK_OFFSETS,
+    SOCK_LAYOUT_KNOWN, SOCK_OFFSETS, STATE_PROGRAM, STOPPING_MAP, TASK_OFFSETS,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -52,13 +52,13 @@ pub struct StateProbe {
     kernel_log: Option<KernelLog>,
     drops: PerCpuArray<MapData, u64>,
     fired: PerCpuArray<MapData, u64>,
+    stopping: aya::maps::Array<MapData, u32>,
     sockets: aya::maps::HashMap<MapData, u64, SocketEntry>,
-    /// Fds of the two transition programs, for their kernel counters; they
-    /// keep the programs (not their attachments) alive after `detach`.
-    state_prog: OwnedFd,
-    recovery_prog: Option<OwnedFd>,
+    /// Raw fds of the two programs, owned by `_ebpf`, for their kernel counters.
+    state_fd: i32,
+    recovery_fd: Option<i32>,
     // Owns the program and its link: dropping it detaches everything.
-    ebpf: Option<Ebpf>,
+    _ebpf: Ebpf,
 }
 
 /// The kernel's loss counters since the programs were loaded; they only grow.
@@ -108,9 +108,9 @@ impl StateProbe {
             loader.override_global(COUNTS_BYTES, &1u32, true);
         }
         let mut ebpf = loader.load(netwatch_object()).map_err(|err| load(&err))?;
-        let state_prog = attach_tracepoint(&mut ebpf)?;
+        let state_fd = attach_tracepoint(&mut ebpf)?;
         // Attached second, so it runs after the tracepoint program on each transition.
-        let recovery_prog = match &offsets {
+        let recovery_fd = match &offsets {
             Ok(_) => Some(attach_raw(
                 &mut ebpf,
                 RECOVERY_PROGRAM,
@@ -139,18 +139,21 @@ impl StateProbe {
             PerCpuArray::try_from(take_map(&mut ebpf, DROPS_MAP)?).map_err(|err| load(&err))?;
         let fired =
             PerCpuArray::try_from(take_map(&mut ebpf, FIRED_MAP)?).map_err(|err| load(&err))?;
+        let stopping = aya::maps::Array::try_from(take_map(&mut ebpf, STOPPING_MAP)?)
+            .map_err(|err| load(&err))?;
         let sockets = aya::maps::HashMap::try_from(take_map(&mut ebpf, SOCKETS_MAP)?)
             .map_err(|err| load(&err))?;
         let kernel_log = start_kernel_log(&mut ebpf);
         Ok(StateProbe {
             sockets,
+            stopping,
             fired,
             ring,
             kernel_log,
             drops,
-            state_prog,
-            recovery_prog,
-            ebpf: Some(ebpf),
+            state_fd,
+            recovery_fd,
+            _ebpf: ebpf,
         })
     }
 
@@ -178,8 +181,8 @@ impl StateProbe {
         let sum = |map: &PerCpuArray<MapData, u64>, slot: u32| -> io::Result<u64> {
             Ok(map.get(&slot, 0).map_err(io::Error::other)?.iter().sum())
         };
-        let fired = match &self.recovery_prog {
-            Some(program) => Some(sum(&self.fired, 0)? + recursion_misses(program.as_raw_fd())?),
+        let fired = match self.recovery_fd {
+            Some(fd) => Some(sum(&self.fired, 0)? + recursion_misses(fd)?),
             None => None,
         };
         let recoveries_refused = sum(&self.drops, DROPPED_RECOVERIES)?;
@@ -187,7 +190,7 @@ impl StateProbe {
             ring_buffer_full: sum(&self.drops, DROPPED_TRANSITIONS)? + recoveries_refused,
             recoveries_refused,
             owner_events_dropped: sum(&self.drops, DROPPED_OWNER_EVENTS)?,
-            skipped: recursion_misses(self.state_prog.as_raw_fd())?,
+            skipped: recursion_misses(self.state_fd)?,
             fired,
         })
     }
@@ -199,24 +202,16 @@ impl StateProbe {
 
     /// Whether the recovery program is attached.
     pub fn recovers_skipped_calls(&self) -> bool {
-        self.recovery_prog.is_some()
+        self.recovery_fd.is_some()
     }
 
-    /// Detaches every program: nothing fires from here on, while the ring
-    /// buffer, the maps and the programs' counters stay readable, so that
-    /// a last drain and count add up exactly. The tracepoint program goes
-    /// first: a transition in between is then sent by the recovery program,
-    /// which also counts it as fired, rather than sent but never counted.
-    pub fn detach(&mut self) {
-        if let Some(mut ebpf) = self.ebpf.take() {
-            let state: Option<&mut TracePoint> = ebpf
-                .program_mut(STATE_PROGRAM)
-                .and_then(|program| program.try_into().ok());
-            if let Some(state) = state {
-                // Our own fd keeps the program loaded for its counters.
-                let _ = state.unload();
-            }
-        }
+    /// Makes the transition programs return at once: from here on they
+    /// neither send nor count, so that a last drain and count (once the
+    /// calls under way have finished) add up exactly. Detaching instead
+    /// takes about 100 ms here, one RCU grace period per program, during
+    /// which some would still run and others not.
+    pub fn stop_sending(&mut self) -> io::Result<()> {
+        self.stopping.set(0, 1, 0).map_err(io::Error::other)
     }
 }
 
@@ -338,8 +333,8 @@ fn attach_accept(ebpf: &mut Ebpf, syscall: &str) -> Result<(), ProbeError> {
     Ok(())
 }
 
-/// Attaches the tracepoint program and returns a new fd of it.
-fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<OwnedFd, ProbeError> {
+/// Attaches the tracepoint program and returns its fd.
+fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<i32, ProbeError> {
     let program: &mut TracePoint = program(ebpf, STATE_PROGRAM)?
         .try_into()
         .map_err(|err| load(&err))?;
@@ -347,20 +342,15 @@ fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<OwnedFd, ProbeError> {
     program
         .attach("sock", "inet_sock_set_state")
         .map_err(|err| load(&err))?;
-    own_fd(program.fd().map_err(|err| load(&err))?.as_fd())
+    Ok(program.fd().map_err(|err| load(&err))?.as_fd().as_raw_fd())
 }
 
-/// Attaches a raw tracepoint program and returns a new fd of it.
-fn attach_raw(ebpf: &mut Ebpf, name: &str, tracepoint: &str) -> Result<OwnedFd, ProbeError> {
+/// Attaches a raw tracepoint program and returns its fd.
+fn attach_raw(ebpf: &mut Ebpf, name: &str, tracepoint: &str) -> Result<i32, ProbeError> {
     let program: &mut RawTracePoint = program(ebpf, name)?.try_into().map_err(|err| load(&err))?;
     program.load().map_err(|err| load(&err))?;
     program.attach(tracepoint).map_err(|err| load(&err))?;
-    own_fd(program.fd().map_err(|err| load(&err))?.as_fd())
-}
-
-/// A new fd of a program, which keeps it loaded as long as it is open.
-fn own_fd(fd: std::os::fd::BorrowedFd<'_>) -> Result<OwnedFd, ProbeError> {
-    fd.try_clone_to_owned().map_err(|err| load(&err))
+    Ok(program.fd().map_err(|err| load(&err))?.as_fd().as_raw_fd())
 }
 
 fn program<'a>(

@@ -336,11 +336,13 @@ impl<O: Observer> Monitor<O> {
     /// Drains what is left, counts the last losses and lets the observer
     /// write its last records.
     async fn stop(&mut self, probe: &mut StateProbe) -> anyhow::Result<()> {
-        // Nothing fires once the programs are detached: after the programs
-        // still running on other CPUs have finished, the last drain and the
-        // kernel's counters describe the same transitions, and delivered +
-        // lost = fired exactly.
-        probe.detach();
+        // The transition programs neither send nor count from here on:
+        // once the calls under way on other CPUs have finished, the last
+        // drain and the kernel's counters describe the same transitions,
+        // and delivered + lost = fired exactly.
+        probe
+            .stop_sending()
+            .context("telling the eBPF programs to stop failed")?;
         tokio::time::sleep(Duration::from_millis(20)).await;
         probe.drain_now(|event| self.on_event(&event));
         let counters = probe.losses().context("reading the loss counters failed")?;
