@@ -162,6 +162,7 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     let mut pending_check: Option<tokio::task::JoinHandle<anyhow::Result<Snapshot>>> = None;
     let deadline = tokio::time::sleep(config.duration.unwrap_or(Duration::MAX / 4));
     tokio::pin!(deadline);
+    let mut write_failed = None;
     loop {
         tokio::select! {
             drained = probe.drain(|event| monitor.on_event(&event)) => {
@@ -188,10 +189,19 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
             _ = terminate.recv() => break,
             _ = &mut deadline => break,
         }
-        monitor.flush()?;
+        if let Err(err) = monitor.flush() {
+            write_failed = Some(err);
+            break;
+        }
     }
-    monitor.stop(&mut probe).await?;
+    // Even when the output failed, stop writes what it still can and the
+    // summary goes to stderr; the first error is the one reported.
+    let stopped = monitor.stop(&mut probe).await;
     monitor.summary(started.elapsed());
+    if let Some(err) = write_failed {
+        return Err(err.into());
+    }
+    stopped?;
     Ok(monitor.observer)
 }
 

@@ -3,9 +3,10 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::{FileExt as _, FileTypeExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
 
 /// The output of a mode; netwatch buffers records itself and writes them
 /// here in batches.
@@ -20,11 +21,16 @@ impl Sink {
         Sink::Stdout(io::stdout())
     }
 
-    /// `path`, created if missing and appended to.
+    /// `path`, created if missing and appended to: a regular file, or a
+    /// FIFO that has a reader. A file that ends in a cut record (a write
+    /// error ended an earlier run) gets a newline first, so that every
+    /// line stays one JSON record.
     pub fn append_to(path: &Path) -> anyhow::Result<Sink> {
+        let file = open_for_append(path)?;
+        end_a_cut_line(path, &file)?;
         Ok(Sink::File {
             path: path.to_owned(),
-            file: open_for_append(path)?,
+            file,
         })
     }
 
@@ -36,7 +42,15 @@ impl Sink {
                 stdout.write_all(records)?;
                 stdout.flush()
             }
-            Sink::File { file, .. } => file.write_all(records),
+            Sink::File { file, path } => file.write_all(records).map_err(|err| {
+                io::Error::new(
+                    err.kind(),
+                    format!(
+                        "writing to {} failed ({err}): free space where it is or give --output another file, then start audit again",
+                        path.display()
+                    ),
+                )
+            }),
         }
     }
 
@@ -50,12 +64,83 @@ impl Sink {
     }
 }
 
+/// Opens `path` for appending without blocking (a FIFO without a reader
+/// would block open() forever), and refuses what is neither a regular file
+/// nor a FIFO.
 fn open_for_append(path: &Path) -> anyhow::Result<File> {
-    OpenOptions::new()
+    let file = match OpenOptions::new()
         .create(true)
         .append(true)
+        .custom_flags(libc::O_NONBLOCK)
         .open(path)
-        .with_context(|| format!("opening {} for appending failed", path.display()))
+    {
+        Ok(file) => file,
+        Err(err) if err.raw_os_error() == Some(libc::ENXIO) => bail!(
+            "{} is a FIFO with no reader: start its reader first, or give --output a file",
+            path.display()
+        ),
+        Err(err) => {
+            return Err(err)
+                .with_context(|| format!("opening {} for appending failed", path.display()))
+        }
+    };
+    let kind = file
+        .metadata()
+        .with_context(|| format!("reading what {} is failed", path.display()))?
+        .file_type();
+    if !kind.is_file() && !kind.is_fifo() {
+        let what = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_char_device() || kind.is_block_device() {
+            "a device"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        bail!(
+            "{} is {what}: give --output a regular file (or a FIFO with a reader)",
+            path.display()
+        );
+    }
+    // Writes block again, as records must not be dropped.
+    set_blocking(&file).with_context(|| format!("opening {} failed", path.display()))?;
+    Ok(file)
+}
+
+fn set_blocking(file: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on an fd this function borrows; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Writes a newline if the regular file `file` does not end with one.
+fn end_a_cut_line(path: &Path, file: &File) -> anyhow::Result<()> {
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.len() == 0 {
+        return Ok(());
+    }
+    let mut last = [0u8; 1];
+    // `file` is open for writing only (read-write would make a FIFO its own reader).
+    File::open(path)
+        .and_then(|reader| reader.read_at(&mut last, meta.len() - 1))
+        .with_context(|| format!("reading the end of {} failed", path.display()))?;
+    if last[0] != b'\n' {
+        eprintln!(
+            "netwatch: warning: {} ended in a cut record (an earlier write failed); a newline ends it, so that every line stays one JSON record",
+            path.display()
+        );
+        (&*file)
+            .write_all(b"\n")
+            .with_context(|| format!("writing to {} failed", path.display()))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -81,15 +166,58 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("netwatch-sink-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
     #[test]
-    fn a_write_error_is_returned() {
+    fn a_write_error_names_the_file_and_keeps_its_kind() {
         let mut sink = Sink::File {
             path: "/dev/full".into(),
-            file: open_for_append(Path::new("/dev/full")).unwrap(),
+            file: OpenOptions::new().append(true).open("/dev/full").unwrap(),
         };
-        assert_eq!(
-            sink.write_all(b"record\n").unwrap_err().raw_os_error(),
-            Some(libc::ENOSPC)
+        let err = sink.write_all(b"record\n").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::StorageFull);
+        assert!(
+            err.to_string().contains("writing to /dev/full failed"),
+            "{err}"
         );
+    }
+
+    #[test]
+    fn a_cut_record_is_ended_before_the_next() {
+        let dir = scratch("cut");
+        let path = dir.join("audit.log");
+        std::fs::write(&path, "{\"a\":1}\n{\"cut").unwrap();
+        let mut sink = Sink::append_to(&path).unwrap();
+        sink.write_all(b"{\"b\":2}\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"a\":1}\n{\"cut\n{\"b\":2}\n"
+        );
+        // A file that ends well is left as it is.
+        drop(Sink::append_to(&path).unwrap());
+        assert!(std::fs::read_to_string(&path).unwrap().ends_with("2}\n"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_fifo_without_reader_or_a_device_is_refused_at_once() {
+        let dir = scratch("fifo");
+        let fifo = dir.join("fifo");
+        let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let err = Sink::append_to(&fifo).err().expect("refused, not blocked");
+        assert!(err.to_string().contains("FIFO with no reader"), "{err}");
+        let err = Sink::append_to(Path::new("/dev/null"))
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("is a device"), "{err}");
+        let err = Sink::append_to(&dir).err().expect("refused");
+        assert!(format!("{err:#}").contains("directory"), "{err:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -235,12 +235,42 @@ fn a_closed_pipe_is_an_error_for_audit() {
     assert_eq!(stderr.matches("Broken pipe").count(), 1, "{stderr}");
 }
 
+/// A 64 KiB tmpfs mounted for one test, unmounted when dropped.
+struct SmallFilesystem(std::path::PathBuf);
+
+impl SmallFilesystem {
+    fn mount() -> SmallFilesystem {
+        let dir = std::env::temp_dir().join(format!("netwatch-full-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a mount point");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+            .arg(&dir)
+            .status()
+            .expect("mount runs");
+        assert!(status.success(), "tests run as root and can mount a tmpfs");
+        SmallFilesystem(dir)
+    }
+}
+
+impl Drop for SmallFilesystem {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
 #[test]
-fn a_write_error_is_reported_once_and_audit_exits_non_zero() {
+fn a_full_disk_stops_audit_with_one_sentence_and_a_restart_keeps_lines_whole() {
+    let disk = SmallFilesystem::mount();
+    let filler = disk.0.join("filler");
+    // Leaves about one page free: the records soon fill it, mid-record.
+    std::fs::write(&filler, vec![0u8; 60 * 1024]).expect("fills the disk");
+    let log = disk.0.join("audit.log");
+    let log_arg = log.to_str().expect("a UTF-8 path");
     let mut peer = Peer::spawn();
-    let audit = Watch::spawn(&["audit", "--output", "/dev/full"]);
-    peer.send("exchange 1 10");
-    let stopped = audit.wait_exit(Duration::from_secs(10));
+    let audit = Watch::spawn(&["audit", "--output", log_arg]);
+    peer.send("exchange 50 10");
+    let stopped = audit.wait_exit(Duration::from_secs(20));
     assert!(!stopped.success);
     assert_eq!(
         stopped.stderr.matches("No space left on device").count(),
@@ -248,6 +278,37 @@ fn a_write_error_is_reported_once_and_audit_exits_non_zero() {
         "{}",
         stopped.stderr
     );
+    assert!(
+        stopped
+            .stderr
+            .contains(&format!("writing to {log_arg} failed")),
+        "the message names the file: {}",
+        stopped.stderr
+    );
+    assert!(
+        stopped.stderr.contains("netwatch: ran "),
+        "the summary still goes to stderr: {}",
+        stopped.stderr
+    );
+    let cut = std::fs::read_to_string(&log).expect("the log");
+    assert!(!cut.ends_with('\n'), "the disk filled mid-record");
+    // Space again; audit starts on the same file.
+    std::fs::remove_file(&filler).expect("frees the disk");
+    let audit = Watch::spawn(&["audit", "--output", log_arg]);
+    peer.send("exchange 5 10");
+    let stopped = audit.stop_with(libc::SIGTERM);
+    assert!(stopped.success, "{}", stopped.stderr);
+    let text = std::fs::read_to_string(&log).expect("the log");
+    assert!(
+        text.starts_with(&format!("{cut}\n")),
+        "a newline ends the cut record before the next one"
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    let cut_lines = cut.lines().count();
+    assert!(lines.len() > cut_lines, "the restart wrote records");
+    for line in &lines[cut_lines..] {
+        serde_json::from_str::<Value>(line).unwrap_or_else(|err| panic!("{err}: {line}"));
+    }
 }
 
 #[test]
