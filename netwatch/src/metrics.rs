@@ -54,6 +54,8 @@ pub struct Metrics {
     evicted: Counter,
     vanished: Counter,
     pub resyncs: Counter,
+    /// Reopens of the output (SIGHUP) that failed.
+    pub reopen_failures: Counter,
     pub conn_records: Counter,
     pub listen_records: Counter,
     /// Verify: sockets found drifting at the last check.
@@ -75,6 +77,7 @@ impl Metrics {
             evicted: Counter::default(),
             vanished: Counter::default(),
             resyncs: Counter::default(),
+            reopen_failures: Counter::default(),
             conn_records: Counter::default(),
             listen_records: Counter::default(),
             drift: Counter::default(),
@@ -179,6 +182,13 @@ impl Metrics {
             "counter",
             "Times the table was rebuilt from /proc after losses.",
             self.resyncs.get(),
+        );
+        single(
+            &mut text,
+            "netwatch_output_reopen_failures_total",
+            "counter",
+            "Reopens of --output (SIGHUP) that failed; records keep going to the file already open.",
+            self.reopen_failures.get(),
         );
         single(
             &mut text,

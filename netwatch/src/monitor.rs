@@ -33,6 +33,10 @@ const DRAIN_INTERVAL: Duration = Duration::from_millis(25);
 const LOSS_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 /// How often the sockets-by-state gauge is recounted (when metrics are served).
 const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
+/// A failed reopen of the output is tried again after this long, doubling
+/// up to `REOPEN_RETRY_MAX`.
+const REOPEN_RETRY_FIRST: Duration = Duration::from_secs(1);
+const REOPEN_RETRY_MAX: Duration = Duration::from_secs(60);
 /// Resyncs at most this often: under a storm of losses, re-reading /proc
 /// (which slows as TIME_WAIT sockets pile up) would only cause more.
 const RESYNC_INTERVAL: Duration = Duration::from_secs(2);
@@ -163,7 +167,11 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     let deadline = tokio::time::sleep(config.duration.unwrap_or(Duration::MAX / 4));
     tokio::pin!(deadline);
     let mut write_failed = None;
+    // Armed while a reopen of the output is to be tried again.
+    let reopen_retry = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(reopen_retry);
     loop {
+        let retrying_reopen = monitor.reopen_backoff.is_some();
         tokio::select! {
             drained = probe.drain(|event| monitor.on_event(&event)) => {
                 drained.context("reading the ring buffer failed")?;
@@ -184,7 +192,8 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
                 pending_check = None;
                 monitor.check(&mut probe, taken.context("the snapshot thread failed")??).await;
             }
-            _ = hangup.recv() => monitor.sink.reopen()?,
+            _ = hangup.recv() => reopen_retry.as_mut().reset(monitor.reopen_output()),
+            _ = &mut reopen_retry, if retrying_reopen => reopen_retry.as_mut().reset(monitor.reopen_output()),
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
             _ = &mut deadline => break,
@@ -250,6 +259,8 @@ struct Monitor<O> {
     resyncs: u64,
     /// The first error writing the output, raised after the batch.
     write_error: Option<io::Error>,
+    /// While a reopen of the output keeps failing: the wait before the next try.
+    reopen_backoff: Option<Duration>,
 }
 
 impl<O: Observer> Monitor<O> {
@@ -272,6 +283,32 @@ impl<O: Observer> Monitor<O> {
             last_resync: Instant::now(),
             resyncs: 0,
             write_error: None,
+            reopen_backoff: None,
+        }
+    }
+
+    /// Reopens the output (SIGHUP, or a retry). When that fails (the
+    /// directory was moved or removed, no fd left), records keep going to
+    /// the file already open: the failure is reported and tried again
+    /// after a backoff. Returns when the next try is due.
+    fn reopen_output(&mut self) -> tokio::time::Instant {
+        match self.sink.reopen() {
+            Ok(()) => {
+                self.reopen_backoff = None;
+                tokio::time::Instant::now()
+            }
+            Err(err) => {
+                let wait = self
+                    .reopen_backoff
+                    .map_or(REOPEN_RETRY_FIRST, |wait| (wait * 2).min(REOPEN_RETRY_MAX));
+                self.reopen_backoff = Some(wait);
+                self.metrics.reopen_failures.inc();
+                eprintln!(
+                    "netwatch: warning: {err:#}; records keep going to the file already open, and the reopen is tried again in {} s",
+                    wait.as_secs()
+                );
+                tokio::time::Instant::now() + wait
+            }
         }
     }
 

@@ -219,6 +219,46 @@ fn sighup_reopens_the_output_file() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+#[test]
+fn sighup_with_the_log_directory_gone_keeps_audit_running() {
+    let dir = std::env::temp_dir().join(format!("netwatch-audit-gone-{}", std::process::id()));
+    let moved = dir.with_extension("moved");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("audit.log");
+    let mut peer = Peer::spawn();
+    let mut audit = Watch::spawn(&["audit", "--output", path.to_str().unwrap()]);
+    // An operator moves the whole directory away, then logrotate signals.
+    std::fs::rename(&dir, &moved).unwrap();
+    // SAFETY: signals the netwatch child.
+    unsafe { libc::kill(audit.pid() as i32, libc::SIGHUP) };
+    audit.wait_for_stderr("records keep going to the file already open");
+    let kept = peer.send("exchange 1 10")[0] as u16;
+    let written = |path: &std::path::Path, port: u16| {
+        let records = json_lines(&std::fs::read(path).unwrap_or_default());
+        let (outgoing, incoming) = conn_records(&records, port);
+        outgoing.len() + incoming.len()
+    };
+    let old_file = moved.join("audit.log");
+    wait_for(
+        || written(&old_file, kept) == 2,
+        "records go on to the file already open",
+    );
+    // The directory is back: the retry (1 s after the failure) reopens the path.
+    std::fs::create_dir_all(&dir).unwrap();
+    audit.wait_for_stderr("reopened");
+    let later = peer.send("exchange 1 10")[0] as u16;
+    wait_for(|| written(&path, later) == 2, "then to the path again");
+    let stopped = audit.stop_with(libc::SIGTERM);
+    assert!(stopped.success, "{}", stopped.stderr);
+    assert!(
+        stopped.stderr.contains("netwatch: ran "),
+        "{}",
+        stopped.stderr
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&moved).unwrap();
+}
+
 /// Polls `done` for up to 1.5 s: records must be flushed within 1 s.
 fn wait_for(done: impl Fn() -> bool, what: &str) {
     let deadline = std::time::Instant::now() + Duration::from_millis(1500);
