@@ -193,11 +193,6 @@ fn sighup_reopens_the_output_file() {
     let mut peer = Peer::spawn();
     let mut audit = Watch::spawn(&["audit", "--output", path.to_str().unwrap()]);
     let first = peer.send("exchange 1 10")[0] as u16;
-    let written = |path: &std::path::Path, port: u16| {
-        let records = json_lines(&std::fs::read(path).unwrap_or_default());
-        let (outgoing, incoming) = conn_records(&records, port);
-        outgoing.len() + incoming.len()
-    };
     wait_for(
         || written(&path, first) == 2,
         "the first records are flushed within 1 s",
@@ -233,11 +228,6 @@ fn sighup_with_the_log_directory_gone_keeps_audit_running() {
     unsafe { libc::kill(audit.pid() as i32, libc::SIGHUP) };
     audit.wait_for_stderr("records keep going to the file already open");
     let kept = peer.send("exchange 1 10")[0] as u16;
-    let written = |path: &std::path::Path, port: u16| {
-        let records = json_lines(&std::fs::read(path).unwrap_or_default());
-        let (outgoing, incoming) = conn_records(&records, port);
-        outgoing.len() + incoming.len()
-    };
     let old_file = moved.join("audit.log");
     wait_for(
         || written(&old_file, kept) == 2,
@@ -257,6 +247,13 @@ fn sighup_with_the_log_directory_gone_keeps_audit_running() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
     std::fs::remove_dir_all(&moved).unwrap();
+}
+
+/// How many conn records of connections to `port` the file at `path` holds.
+fn written(path: &std::path::Path, port: u16) -> usize {
+    let records = json_lines(&std::fs::read(path).unwrap_or_default());
+    let (outgoing, incoming) = conn_records(&records, port);
+    outgoing.len() + incoming.len()
 }
 
 /// Polls `done` for up to 1.5 s: records must be flushed within 1 s.
