@@ -342,16 +342,24 @@ fn sigterm_stops_cleanly_and_leaves_nothing_attached() {
         "a summary: {}",
         stopped.stderr
     );
+    // The kernel frees a detached program after a grace period: allow 5 s.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     for id in held {
-        let shown = Command::new("bpftool")
-            .args(["prog", "show", "id", &id])
-            .output()
-            .expect("bpftool runs");
-        assert!(
-            !shown.status.success(),
-            "program {id} still loaded after netwatch {netwatch_pid} exited: {}",
-            String::from_utf8_lossy(&shown.stdout)
-        );
+        loop {
+            let shown = Command::new("bpftool")
+                .args(["prog", "show", "id", &id])
+                .output()
+                .expect("bpftool runs");
+            if !shown.status.success() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "program {id} still loaded 5 s after netwatch {netwatch_pid} exited: {}",
+                String::from_utf8_lossy(&shown.stdout)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 }
 
