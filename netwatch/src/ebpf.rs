@@ -77,6 +77,8 @@ pub struct LossCounters {
     /// Every firing of the tracepoint (any protocol), when the recovery
     /// program runs: its calls plus the calls the kernel skipped of it.
     pub fired: Option<u64>,
+    /// Of those, the calls of the recovery program the kernel skipped.
+    pub recovery_skipped: u64,
 }
 
 impl StateProbe {
@@ -181,8 +183,12 @@ impl StateProbe {
         let sum = |map: &PerCpuArray<MapData, u64>, slot: u32| -> io::Result<u64> {
             Ok(map.get(&slot, 0).map_err(io::Error::other)?.iter().sum())
         };
+        let recovery_skipped = match self.recovery_fd {
+            Some(fd) => recursion_misses(fd)?,
+            None => 0,
+        };
         let fired = match self.recovery_fd {
-            Some(fd) => Some(sum(&self.fired, 0)? + recursion_misses(fd)?),
+            Some(_) => Some(sum(&self.fired, 0)? + recovery_skipped),
             None => None,
         };
         let recoveries_refused = sum(&self.drops, DROPPED_RECOVERIES)?;
@@ -192,6 +198,7 @@ impl StateProbe {
             owner_events_dropped: sum(&self.drops, DROPPED_OWNER_EVENTS)?,
             skipped: recursion_misses(self.state_fd)?,
             fired,
+            recovery_skipped,
         })
     }
 
