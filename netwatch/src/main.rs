@@ -7,6 +7,7 @@ use netwatch::{audit, snapshot_command, verify, watch};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    raise_fd_limit();
     let (result, pipe_closed_is_fine) = match cli.command {
         Some(Command::Snapshot(args)) => (
             snapshot_command::run(&args, &mut BufWriter::new(io::stdout().lock())),
@@ -34,6 +35,24 @@ fn main() -> ExitCode {
         Err(err) => {
             eprintln!("netwatch: {err:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard one: systemd's default
+/// soft limit (1024) is soon reached by the /proc walk, the metrics
+/// server's clients and the output files together.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write one valid rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
     }
 }

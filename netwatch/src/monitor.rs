@@ -134,7 +134,7 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     let started = Instant::now();
     let metrics = Arc::new(Metrics::new(config.ring_bytes));
     if let Some(addr) = config.metrics {
-        crate::metrics::serve(addr, metrics.clone()).await?;
+        crate::metrics::serve(addr, metrics.clone())?;
     }
     let mut probe = StateProbe::attach(config.ring_bytes, config.count_bytes)?;
     let attached = started.elapsed();

@@ -109,3 +109,98 @@ fn audit_counts_its_records() {
     );
     audit.stop();
 }
+
+/// CPU seconds (user + system) process `pid` has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("its stat");
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .expect("a stat line")
+        .1
+        .split(' ')
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Sets the soft limit on open files of process `pid` (0: this one), keeping the hard one.
+fn set_fd_limit(pid: u32, soft: Option<u64>) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit reads and writes valid rlimits of a process the test started (or its own).
+    unsafe {
+        assert_eq!(
+            libc::prlimit(
+                pid as i32,
+                libc::RLIMIT_NOFILE,
+                std::ptr::null(),
+                &mut limit
+            ),
+            0
+        );
+        limit.rlim_cur = soft.unwrap_or(limit.rlim_max).min(limit.rlim_max);
+        assert_eq!(
+            libc::prlimit(
+                pid as i32,
+                libc::RLIMIT_NOFILE,
+                &limit,
+                std::ptr::null_mut()
+            ),
+            0
+        );
+    }
+}
+
+#[test]
+fn a_flood_of_idle_connections_neither_stops_nor_slows_netwatch() {
+    let port = free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let verify = Watch::spawn(&[
+        "verify",
+        "--json",
+        "--interval",
+        "1",
+        "--duration",
+        "6",
+        "--metrics",
+        &metrics,
+    ]);
+    // systemd's default soft limit, set after netwatch raised its own.
+    set_fd_limit(verify.pid(), Some(1024));
+    set_fd_limit(0, None);
+    let cpu_before = cpu_seconds(verify.pid());
+    let target = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let flood: Vec<TcpStream> = (0..2000)
+        .filter_map(|_| TcpStream::connect_timeout(&target, Duration::from_secs(2)).ok())
+        .collect();
+    assert!(flood.len() > 1000, "the flood connected: {}", flood.len());
+    std::thread::sleep(Duration::from_secs(2));
+    let cpu = cpu_seconds(verify.pid()) - cpu_before;
+    assert!(cpu < 1.0, "netwatch spent {cpu:.2} s of CPU in the flood");
+    let started = std::time::Instant::now();
+    let answered = scrape(port);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "a scrape took {:?}",
+        started.elapsed()
+    );
+    assert!(value(&answered, "netwatch_drift_sockets", &[]).is_some());
+    let mut head = TcpStream::connect(("127.0.0.1", port)).expect("connects");
+    write!(head, "HEAD /metrics?x=1 HTTP/1.1\r\n\r\n").unwrap();
+    let mut response = String::new();
+    head.read_to_string(&mut response).unwrap();
+    assert!(
+        response.starts_with("HTTP/1.1 200") && response.ends_with("\r\n\r\n"),
+        "{response}"
+    );
+    drop(flood);
+    let stopped = verify.wait_exit(Duration::from_secs(30));
+    assert!(
+        stopped.success,
+        "verify kept running and passed: {}",
+        stopped.stderr
+    );
+}
