@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::cli::AuditArgs;
-use crate::metrics::Metrics;
+use crate::metrics::{Failure, Metrics};
 use crate::monitor::{self, Config, Observer, WallClock};
 use crate::output::{self, Addr, LossCause, Timestamp};
 use crate::sink::Sink;
@@ -80,6 +80,14 @@ pub enum AuditRecord {
         end: Option<Timestamp>,
         #[serde(flatten)]
         socket: SocketFields,
+    },
+    /// Something failed that audit went on after (a resync, a reopen of
+    /// its output): records may be late or missing there.
+    Failure {
+        schema: u32,
+        ts: Timestamp,
+        what: &'static str,
+        message: String,
     },
     /// Transitions the kernel could not deliver: records may be missing.
     Lost {
@@ -269,6 +277,16 @@ impl Observer for Audit {
             }
             _ => {}
         }
+    }
+
+    fn failed(&mut self, what: Failure, message: &str, out: &mut Vec<u8>) {
+        let record = AuditRecord::Failure {
+            schema: SCHEMA,
+            ts: Timestamp(SystemTime::now()),
+            what: what.name(),
+            message: message.to_owned(),
+        };
+        let _ = output::write_json_line(out, &record);
     }
 
     fn lost(&mut self, count: u64, cause: LossCause, out: &mut Vec<u8>) {

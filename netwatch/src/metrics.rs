@@ -18,6 +18,30 @@ use crate::ebpf::LossCounters;
 use crate::socket::TcpState;
 use crate::table::{OwnerCause, SocketTable};
 
+/// A routine failure that a long-lived mode reports and goes on after.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// Re-reading /proc after losses.
+    Resync,
+    /// Verify's periodic snapshot.
+    Snapshot,
+    /// Reopening `--output` on SIGHUP.
+    Reopen,
+}
+
+impl Failure {
+    const ALL: [Failure; 3] = [Failure::Resync, Failure::Snapshot, Failure::Reopen];
+
+    /// "resync", "snapshot" or "reopen".
+    pub fn name(self) -> &'static str {
+        match self {
+            Failure::Resync => "resync",
+            Failure::Snapshot => "snapshot",
+            Failure::Reopen => "reopen",
+        }
+    }
+}
+
 /// A monotonic counter.
 #[derive(Debug, Default)]
 pub struct Counter(AtomicU64);
@@ -54,8 +78,8 @@ pub struct Metrics {
     evicted: Counter,
     vanished: Counter,
     pub resyncs: Counter,
-    /// Reopens of the output (SIGHUP) that failed.
-    pub reopen_failures: Counter,
+    /// Routine failures netwatch went on after, by kind (`Failure`).
+    failures: [Counter; 3],
     pub conn_records: Counter,
     pub listen_records: Counter,
     /// Verify: sockets found drifting at the last check.
@@ -77,7 +101,7 @@ impl Metrics {
             evicted: Counter::default(),
             vanished: Counter::default(),
             resyncs: Counter::default(),
-            reopen_failures: Counter::default(),
+            failures: Default::default(),
             conn_records: Counter::default(),
             listen_records: Counter::default(),
             drift: Counter::default(),
@@ -88,6 +112,11 @@ impl Metrics {
     /// Counts one transition.
     pub fn transition(&self, old: TcpState, new: TcpState) {
         self.transitions[old as usize - 1][new as usize - 1].inc();
+    }
+
+    /// Counts a routine failure.
+    pub fn failure(&self, what: Failure) {
+        self.failures[what as usize].inc();
     }
 
     /// Counts a socket whose owner became another process.
@@ -183,13 +212,20 @@ impl Metrics {
             "Times the table was rebuilt from /proc after losses.",
             self.resyncs.get(),
         );
-        single(
+        family(
             &mut text,
-            "netwatch_output_reopen_failures_total",
+            "netwatch_failures_total",
             "counter",
-            "Reopens of --output (SIGHUP) that failed; records keep going to the file already open.",
-            self.reopen_failures.get(),
+            "Routine failures netwatch went on after and retries: a resync, a verify snapshot, a reopen of --output.",
         );
+        for (what, counter) in Failure::ALL.iter().zip(&self.failures) {
+            let _ = writeln!(
+                text,
+                "netwatch_failures_total{{what=\"{}\"}} {}",
+                what.name(),
+                counter.get()
+            );
+        }
         single(
             &mut text,
             "netwatch_table_evictions_total",

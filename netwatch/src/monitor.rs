@@ -19,7 +19,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::ProbeArgs;
 use crate::ebpf::{self, KernelLog, LossCounters, Record, StateProbe};
-use crate::metrics::Metrics;
+use crate::metrics::{Failure, Metrics};
 use crate::output::LossCause;
 use crate::sink::Sink;
 use crate::snapshot::{self, Snapshot};
@@ -70,6 +70,9 @@ pub trait Observer {
         _out: &mut Vec<u8>,
     ) {
     }
+    /// A routine failure that the monitor goes on after (reported on
+    /// stderr already): `message` says what failed and what happens next.
+    fn failed(&mut self, _what: Failure, _message: &str, _out: &mut Vec<u8>) {}
     /// Transitions (or owner changes) were lost.
     fn lost(&mut self, _count: u64, _cause: LossCause, _out: &mut Vec<u8>) {}
     /// The table was rebuilt from /proc after losses.
@@ -190,7 +193,10 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
             }
             taken = async { pending_check.as_mut().expect("guarded").await }, if pending_check.is_some() => {
                 pending_check = None;
-                monitor.check(&mut probe, taken.context("the snapshot thread failed")??).await;
+                match taken.context("the snapshot thread failed").and_then(|taken| taken) {
+                    Ok(snapshot) => monitor.check(&mut probe, snapshot).await,
+                    Err(err) => monitor.report_failure(Failure::Snapshot, &err, "this check is skipped; the next one comes at the next interval"),
+                }
             }
             _ = hangup.recv() => reopen_retry.as_mut().reset(monitor.reopen_output()),
             _ = &mut reopen_retry, if retrying_reopen => reopen_retry.as_mut().reset(monitor.reopen_output()),
@@ -302,14 +308,23 @@ impl<O: Observer> Monitor<O> {
                     .reopen_backoff
                     .map_or(REOPEN_RETRY_FIRST, |wait| (wait * 2).min(REOPEN_RETRY_MAX));
                 self.reopen_backoff = Some(wait);
-                self.metrics.reopen_failures.inc();
-                eprintln!(
-                    "netwatch: warning: {err:#}; records keep going to the file already open, and the reopen is tried again in {} s",
+                let next = format!(
+                    "records keep going to the file already open, and the reopen is tried again in {} s",
                     wait.as_secs()
                 );
+                self.report_failure(Failure::Reopen, &err, &next);
                 tokio::time::Instant::now() + wait
             }
         }
+    }
+
+    /// Reports a failure that netwatch goes on after: on stderr, in the
+    /// metrics, and as a record of the mode's output.
+    fn report_failure(&mut self, what: Failure, err: &anyhow::Error, next: &str) {
+        self.metrics.failure(what);
+        let message = format!("{err:#}; {next}");
+        eprintln!("netwatch: warning: {message}");
+        self.observer.failed(what, &message, &mut self.buffer);
     }
 
     fn on_event(&mut self, event: &KernelEvent) {
@@ -467,7 +482,15 @@ impl<O: Observer> Monitor<O> {
         }
         let due = last || self.last_resync.elapsed() >= RESYNC_INTERVAL;
         if self.stale && due && !self.no_resync {
-            self.resync()?;
+            if let Err(err) = self.resync() {
+                // Tried again after RESYNC_INTERVAL, while the table stays stale.
+                self.last_resync = Instant::now();
+                let next = format!(
+                    "the table stays as it is, and the resync is tried again in {} s",
+                    RESYNC_INTERVAL.as_secs()
+                );
+                self.report_failure(Failure::Resync, &err, &next);
+            }
         }
         Ok(())
     }

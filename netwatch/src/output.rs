@@ -276,6 +276,12 @@ pub enum StreamRecord<'a> {
     },
     /// The table was rebuilt from a fresh /proc snapshot.
     Resync { ts: String, sockets: usize },
+    /// Something failed that netwatch went on after (a resync, a reopen).
+    Failure {
+        ts: String,
+        what: &'static str,
+        message: &'a str,
+    },
     /// A socket's owner became another process.
     Owner {
         ts: Timestamp,

@@ -22,7 +22,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use serde::Serialize;
 
 use crate::cli::VerifyArgs;
-use crate::metrics::Metrics;
+use crate::metrics::{Failure, Metrics};
 use crate::monitor::{self, Config, Observer, WallClock};
 use crate::output::{self, Timestamp};
 use crate::sink::Sink;
@@ -246,6 +246,18 @@ impl Observer for Verify {
         _out: &mut Vec<u8>,
     ) {
         self.note_change(ts_ns, change.tuple);
+    }
+
+    fn failed(&mut self, what: Failure, message: &str, out: &mut Vec<u8>) {
+        if self.json {
+            let record = serde_json::json!({
+                "type": "failure",
+                "ts": Timestamp(SystemTime::now()),
+                "what": what.name(),
+                "message": message,
+            });
+            let _ = output::write_json_line(out, &record);
+        }
     }
 
     fn check_starts(&mut self, at_ns: u64) {

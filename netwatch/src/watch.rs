@@ -4,6 +4,7 @@
 use std::time::SystemTime;
 
 use crate::cli::WatchArgs;
+use crate::metrics::Failure;
 use crate::monitor::{self, Config, Observer, WallClock};
 use crate::output::{self, LossCause, SocketRecord, StreamRecord, Timestamp, TupleFields};
 use crate::sink::Sink;
@@ -124,6 +125,14 @@ impl Observer for Stream {
         } else {
             output::write_owner_text(out, &ts.to_string(), change)
         };
+    }
+
+    fn failed(&mut self, what: Failure, message: &str, out: &mut Vec<u8>) {
+        if self.args.json {
+            let ts = output::rfc3339(SystemTime::now());
+            let what = what.name();
+            let _ = output::write_json_line(out, &StreamRecord::Failure { ts, what, message });
+        }
     }
 
     fn lost(&mut self, count: u64, cause: LossCause, out: &mut Vec<u8>) {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use prometheus_parse::{Scrape, Value};
 
 use crate::peer::Peer;
-use crate::support::Watch;
+use crate::support::{set_fd_limit, Watch};
 
 /// A loopback port free at the time of asking.
 fn free_port() -> u16 {
@@ -122,36 +122,6 @@ fn cpu_seconds(pid: u32) -> f64 {
     let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
     // SAFETY: sysconf has no preconditions.
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
-
-/// Sets the soft limit on open files of process `pid` (0: this one), keeping the hard one.
-fn set_fd_limit(pid: u32, soft: Option<u64>) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: prlimit reads and writes valid rlimits of a process the test started (or its own).
-    unsafe {
-        assert_eq!(
-            libc::prlimit(
-                pid as i32,
-                libc::RLIMIT_NOFILE,
-                std::ptr::null(),
-                &mut limit
-            ),
-            0
-        );
-        limit.rlim_cur = soft.unwrap_or(limit.rlim_max).min(limit.rlim_max);
-        assert_eq!(
-            libc::prlimit(
-                pid as i32,
-                libc::RLIMIT_NOFILE,
-                &limit,
-                std::ptr::null_mut()
-            ),
-            0
-        );
-    }
 }
 
 #[test]

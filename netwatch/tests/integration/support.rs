@@ -313,3 +313,33 @@ pub fn expect_steps(steps: &[&str], pid: u32) -> Vec<(String, String, Option<u64
         })
         .collect()
 }
+
+/// Sets the soft limit on open files of process `pid` (0: this one), keeping the hard one.
+pub fn set_fd_limit(pid: u32, soft: Option<u64>) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit reads and writes valid rlimits of a process the test started (or its own).
+    unsafe {
+        assert_eq!(
+            libc::prlimit(
+                pid as i32,
+                libc::RLIMIT_NOFILE,
+                std::ptr::null(),
+                &mut limit
+            ),
+            0
+        );
+        limit.rlim_cur = soft.unwrap_or(limit.rlim_max).min(limit.rlim_max);
+        assert_eq!(
+            libc::prlimit(
+                pid as i32,
+                libc::RLIMIT_NOFILE,
+                &limit,
+                std::ptr::null_mut()
+            ),
+            0
+        );
+    }
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::peer::Peer;
-use crate::support::{run_netwatch, Watch};
+use crate::support::{run_netwatch, set_fd_limit, Watch};
 
 fn drift_reports(records: &[Value]) -> Vec<&Value> {
     records.iter().filter(|r| r["type"] == "drift").collect()
@@ -119,5 +119,44 @@ fn a_verify_that_checks_nothing_fails() {
         stopped.stderr.contains("stopped before its first check"),
         "{}",
         stopped.stderr
+    );
+}
+
+#[test]
+fn a_snapshot_that_fails_is_reported_and_verify_goes_on() {
+    let verify = Watch::spawn(&["verify", "--json", "--interval", "1", "--duration", "6"]);
+    let pid = verify.pid();
+    // No file left to open: the next snapshots fail (EMFILE).
+    let open_now = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("its fds")
+        .count() as u64;
+    set_fd_limit(pid, Some(open_now));
+    std::thread::sleep(Duration::from_millis(2500));
+    set_fd_limit(pid, None);
+    let stopped = verify.wait_exit(Duration::from_secs(30));
+    assert!(
+        stopped.success,
+        "verify went on and passed: {}",
+        stopped.stderr
+    );
+    let failures: Vec<&Value> = stopped
+        .records
+        .iter()
+        .filter(|r| r["type"] == "failure" && r["what"] == "snapshot")
+        .collect();
+    assert!(
+        !failures.is_empty(),
+        "a failure record: {:#?}",
+        stopped.records
+    );
+    assert!(
+        stopped.stderr.contains("this check is skipped"),
+        "{}",
+        stopped.stderr
+    );
+    let after: Vec<&Value> = drift_reports(&stopped.records);
+    assert!(
+        !after.is_empty(),
+        "checks ran once files could be opened again"
     );
 }
