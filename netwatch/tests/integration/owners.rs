@@ -580,3 +580,29 @@ fn an_owner_that_execs_is_renamed_on_its_sockets() {
     assert_eq!(closing["pid"], opened["pid"], "exec keeps the pid");
     assert_eq!(closing["program"], "sleep", "{closing}");
 }
+
+#[test]
+fn verify_finds_no_drift_while_new_connects_go_to_a_busy_port() {
+    let mut server = Server::model("threads");
+    let port = server.port;
+    let held = connect(port, 200, b"hello\n", b"\n");
+    server.serving(200);
+    let verify = Watch::spawn(&["verify", "--json", "--interval", "1", "--duration", "5"]);
+    // A new connection to the same port every 5 ms: each is seen without a
+    // local port at first, during the snapshots too.
+    let deadline = Instant::now() + Duration::from_millis(5500);
+    while Instant::now() < deadline {
+        drop(connect(port, 1, b"hello\n", b"\n"));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let stopped = verify.wait_exit(Duration::from_secs(30));
+    drop(held);
+    assert!(
+        stopped.success,
+        "verify found persisting drift: {}",
+        stopped.stderr
+    );
+    for report in stopped.records.iter().filter(|r| r["type"] == "drift") {
+        assert_eq!(report["persisting"], 0, "{report}");
+    }
+}
