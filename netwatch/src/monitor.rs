@@ -40,6 +40,8 @@ const REOPEN_RETRY_MAX: Duration = Duration::from_secs(60);
 /// Resyncs at most this often: under a storm of losses, re-reading /proc
 /// (which slows as TIME_WAIT sockets pile up) would only cause more.
 const RESYNC_INTERVAL: Duration = Duration::from_secs(2);
+/// After failed resyncs, the wait doubles up to this.
+const RESYNC_RETRY_MAX: Duration = Duration::from_secs(60);
 /// Output is written whenever this much is buffered, and after each batch.
 const FLUSH_AT: usize = 64 * 1024;
 /// Sockets the live table holds at most (the least recently changed are
@@ -262,6 +264,8 @@ struct Monitor<O> {
     /// Losses happened since the last resync.
     stale: bool,
     last_resync: Instant,
+    /// The wait before the next resync: `RESYNC_INTERVAL`, doubled after each failure.
+    resync_wait: Duration,
     resyncs: u64,
     /// The first error writing the output, raised after the batch.
     write_error: Option<io::Error>,
@@ -287,6 +291,7 @@ impl<O: Observer> Monitor<O> {
             lost: LossCounters::default(),
             stale: false,
             last_resync: Instant::now(),
+            resync_wait: RESYNC_INTERVAL,
             resyncs: 0,
             write_error: None,
             reopen_backoff: None,
@@ -375,6 +380,7 @@ impl<O: Observer> Monitor<O> {
         self.table.reset_from(&snapshot, self.netns);
         self.stale = false;
         self.last_resync = Instant::now();
+        self.resync_wait = RESYNC_INTERVAL;
         Ok(snapshot)
     }
 
@@ -480,14 +486,15 @@ impl<O: Observer> Monitor<O> {
             );
             self.observer.lost(count, cause, &mut self.buffer);
         }
-        let due = last || self.last_resync.elapsed() >= RESYNC_INTERVAL;
+        let due = last || self.last_resync.elapsed() >= self.resync_wait;
         if self.stale && due && !self.no_resync {
             if let Err(err) = self.resync() {
-                // Tried again after RESYNC_INTERVAL, while the table stays stale.
+                // Tried again later, while the table stays stale.
                 self.last_resync = Instant::now();
+                self.resync_wait = (self.resync_wait * 2).min(RESYNC_RETRY_MAX);
                 let next = format!(
                     "the table stays as it is, and the resync is tried again in {} s",
-                    RESYNC_INTERVAL.as_secs()
+                    self.resync_wait.as_secs()
                 );
                 self.report_failure(Failure::Resync, &err, &next);
             }

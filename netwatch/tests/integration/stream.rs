@@ -5,7 +5,9 @@ use std::process::Command;
 use serde_json::Value;
 
 use crate::peer::{peer_program, Peer};
-use crate::support::{expect_steps, run_netwatch_as_nobody, snapshot_json, transitions_of, Watch};
+use crate::support::{
+    expect_steps, run_netwatch_as_nobody, set_fd_limit, snapshot_json, transitions_of, Watch,
+};
 
 const CLIENT_STEPS: [&str; 4] = [
     "SYN_SENT->ESTABLISHED",
@@ -440,6 +442,39 @@ fn a_stopped_reader_loses_each_transition_once() {
         delivered + lost,
         fired,
         "each transition the kernel fired is delivered or lost, once: {}",
+        stopped.stderr
+    );
+}
+
+#[test]
+fn a_resync_that_fails_is_reported_and_tried_again() {
+    let _alone = churn_alone();
+    let mut watch = Watch::start(&["--ring-buffer-kib", "4"]);
+    let pid = watch.pid();
+    // No file left to open: the resync after the losses below fails.
+    let open_now = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("its fds")
+        .count() as u64;
+    set_fd_limit(pid, Some(open_now));
+    let mut churner = Peer::spawn();
+    churner.send("burst 2000");
+    watch.wait_until(|records| {
+        records
+            .iter()
+            .any(|r| r["type"] == "failure" && r["what"] == "resync")
+    });
+    set_fd_limit(pid, None);
+    // Tried again 4 s later, with files again.
+    let resynced = watch.collect_until(
+        |r| r["type"] == "resync",
+        std::time::Duration::from_secs(10),
+    );
+    assert!(resynced, "the resync was tried again: {:#?}", watch.seen);
+    let stopped = watch.stop();
+    assert!(stopped.success, "{}", stopped.stderr);
+    assert!(
+        stopped.stderr.contains("the resync is tried again in 4 s"),
+        "{}",
         stopped.stderr
     );
 }
