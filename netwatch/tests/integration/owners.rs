@@ -502,11 +502,7 @@ fn verify_finds_no_drift_on_these_servers() {
         "verify found persisting drift: {}",
         stopped.stderr
     );
-    let reports: Vec<&Value> = stopped
-        .records
-        .iter()
-        .filter(|r| r["type"] == "drift")
-        .collect();
+    let reports = support::drift_reports(&stopped.records);
     assert!(reports.len() >= 3, "a report per interval: {reports:#?}");
     for report in reports {
         assert_eq!(report["pid_mismatch"], 0, "{report}");
@@ -602,7 +598,7 @@ fn verify_finds_no_drift_while_new_connects_go_to_a_busy_port() {
         "verify found persisting drift: {}",
         stopped.stderr
     );
-    for report in stopped.records.iter().filter(|r| r["type"] == "drift") {
+    for report in support::drift_reports(&stopped.records) {
         assert_eq!(report["persisting"], 0, "{report}");
     }
 }

@@ -343,3 +343,8 @@ pub fn set_fd_limit(pid: u32, soft: Option<u64>) {
         );
     }
 }
+
+/// verify's drift reports among `records`, in order.
+pub fn drift_reports(records: &[Value]) -> Vec<&Value> {
+    records.iter().filter(|r| r["type"] == "drift").collect()
+}

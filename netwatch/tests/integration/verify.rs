@@ -6,11 +6,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::peer::Peer;
-use crate::support::{run_netwatch, set_fd_limit, Watch};
-
-fn drift_reports(records: &[Value]) -> Vec<&Value> {
-    records.iter().filter(|r| r["type"] == "drift").collect()
-}
+use crate::support::{drift_reports, run_netwatch, set_fd_limit, Watch};
 
 fn drifted(report: &Value) -> u64 {
     [
