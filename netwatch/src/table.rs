@@ -221,9 +221,14 @@ impl LiveSocket {
 }
 
 /// A kernel task name: the bytes before the first NUL.
-fn comm_name(comm: &[u8; 16]) -> Arc<str> {
+fn comm_bytes(comm: &[u8; 16]) -> &[u8] {
     let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-    String::from_utf8_lossy(&comm[..len]).into()
+    &comm[..len]
+}
+
+/// A kernel task name as text.
+fn comm_name(comm: &[u8; 16]) -> Arc<str> {
+    String::from_utf8_lossy(comm_bytes(comm)).into()
 }
 
 /// Looks up a process name by pid (`/proc/PID/comm` in production).
@@ -567,6 +572,14 @@ impl SocketTable {
                 .map(Arc::from)
                 .unwrap_or_else(|| comm_name(&task.comm));
             return self.process(task.pid, None, name);
+        }
+        // The common case, a process seen before under the same name, allocates nothing.
+        if let Some(known) = self.processes.get(&task.pid) {
+            if known.start_ns.get() == task.start_ns
+                && known.name.borrow().as_bytes() == comm_bytes(&task.comm)
+            {
+                return known.clone();
+            }
         }
         self.process(task.pid, task.start_ns, comm_name(&task.comm))
     }
