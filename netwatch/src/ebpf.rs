@@ -146,7 +146,7 @@ impl StateProbe {
         let sockets = aya::maps::HashMap::try_from(take_map(&mut ebpf, SOCKETS_MAP)?)
             .map_err(|err| load(&err))?;
         let kernel_log = start_kernel_log(&mut ebpf);
-        Ok(StateProbe {
+        let probe = StateProbe {
             sockets,
             stopping,
             fired,
@@ -156,7 +156,13 @@ impl StateProbe {
             state_fd,
             recovery_fd,
             _ebpf: ebpf,
-        })
+        };
+        // aya reads the list of possible CPUs from a file at a thread's
+        // first per-CPU lookup. Read the counters once now, on the thread
+        // that keeps reading them, so that a netwatch out of file
+        // descriptors later can still count its losses.
+        probe.losses().map_err(|err| load(&err))?;
+        Ok(probe)
     }
 
     /// Waits until the ring buffer has events, then hands each to `handle`
