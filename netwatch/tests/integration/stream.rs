@@ -458,12 +458,12 @@ fn a_resync_that_fails_is_reported_and_tried_again() {
     set_fd_limit(pid, Some(open_now));
     let mut churner = Peer::spawn();
     churner.send("burst 2000");
-    watch.wait_until(|records| {
-        records
-            .iter()
-            .any(|r| r["type"] == "failure" && r["what"] == "resync")
-    });
+    let failed = watch.collect_until(
+        |r| r["type"] == "failure" && r["what"] == "resync",
+        std::time::Duration::from_secs(10),
+    );
     set_fd_limit(pid, None);
+    assert!(failed, "a failed resync: {:#?}", watch.seen);
     // Tried again 4 s later, with files again.
     let resynced = watch.collect_until(
         |r| r["type"] == "resync",
