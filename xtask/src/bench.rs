@@ -46,8 +46,9 @@ pub enum Which {
         #[arg(long, default_value_t = 1000)]
         long_lived: usize,
     },
-    /// Loopback TCP throughput with no tracer, under `netwatch` and under
-    /// `netwatch audit`: what the programs on every send and receive cost.
+    /// Loopback TCP throughput with no tracer, with empty programs on the
+    /// same hooks, under `netwatch` and under `netwatch audit`: what the
+    /// programs on every send and receive cost.
     Traffic {
         /// Round trips of 64-byte messages per measurement.
         #[arg(long, default_value_t = 1_000_000)]

@@ -3,6 +3,7 @@
 
 mod bench;
 mod command;
+mod empty_programs;
 mod load;
 mod setup;
 mod soak;

@@ -1,8 +1,9 @@
 //! `cargo xtask bench traffic`: what netwatch's programs on every sendmsg
 //! and recvmsg cost the host's TCP traffic. Loopback TCP between two
 //! processes (this one and an `xtask traffic-server` child), measured with
-//! no tracer, under `netwatch` and under `netwatch audit`, in alternating
-//! rounds of the same run:
+//! no tracer, with an empty program on the same two hooks (the floor: the
+//! kernel's dispatch alone), under `netwatch` and under `netwatch audit`,
+//! in alternating rounds of the same run:
 //! (a) request/response, 64-byte messages each way, `--round-trips` of them;
 //! (b) bulk transfer of `--bulk-gib` GiB in 64 KiB writes.
 //!
@@ -26,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
+use crate::empty_programs::EmptyPrograms;
 use crate::tracer::{command, programs_of, start_tracer, RunningTracer};
 
 /// Size of one request and of one response.
@@ -40,30 +42,67 @@ const BULK: u8 = b'b';
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Tracer {
     None,
+    EmptyPrograms,
     Watch,
     Audit,
 }
 
+/// The tracepoints of netwatch's send and receive programs.
+const HANDOFF_TRACEPOINTS: [&str; 2] = ["sock_send_length", "sock_recv_length"];
+
 impl Tracer {
-    const ALL: [Tracer; 3] = [Tracer::None, Tracer::Watch, Tracer::Audit];
+    const ALL: [Tracer; 4] = [
+        Tracer::None,
+        Tracer::EmptyPrograms,
+        Tracer::Watch,
+        Tracer::Audit,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Tracer::None => "none",
+            Tracer::EmptyPrograms => "empty programs",
             Tracer::Watch => "netwatch",
             Tracer::Audit => "netwatch audit",
         }
     }
 
-    fn start(self, netwatch: &Path, results: &Path) -> anyhow::Result<Option<RunningTracer>> {
+    fn start(self, netwatch: &Path, results: &Path) -> anyhow::Result<Running> {
         let out = results.join("traffic-tracer.out");
         let err = results.join("traffic-tracer.err");
         let args: &[&str] = match self {
-            Tracer::None => return Ok(None),
+            Tracer::None => return Ok(Running::Nothing),
+            Tracer::EmptyPrograms => {
+                return EmptyPrograms::attach(&HANDOFF_TRACEPOINTS).map(|attached| {
+                    Running::Programs {
+                        _attached: attached,
+                    }
+                })
+            }
             Tracer::Watch => &["--json"],
             Tracer::Audit => &["audit"],
         };
-        start_tracer(command(netwatch, args), &out, &err).map(Some)
+        start_tracer(command(netwatch, args), &out, &err).map(Running::Process)
+    }
+}
+
+/// What a round runs besides the workload.
+enum Running {
+    Nothing,
+    /// Attached while held.
+    Programs {
+        _attached: EmptyPrograms,
+    },
+    Process(RunningTracer),
+}
+
+impl Running {
+    /// Stops it; the CPU time a tracer process used.
+    fn stop(self) -> anyhow::Result<Duration> {
+        match self {
+            Running::Process(mut running) => Ok(running.stop()?.cpu),
+            Running::Nothing | Running::Programs { .. } => Ok(Duration::ZERO),
+        }
     }
 }
 
@@ -95,10 +134,7 @@ pub fn run(
             let started = Instant::now();
             bulk(server.port, bulk_gib << 30)?;
             let gib_s = bulk_gib as f64 / started.elapsed().as_secs_f64();
-            let tracer_cpu = match running {
-                Some(mut running) => running.stop()?.cpu.as_secs_f64(),
-                None => 0.0,
-            };
+            let tracer_cpu = running.stop()?.as_secs_f64();
             println!(
                 "round {round}/{rounds}, {:<15} {rr:>9.0} round trips/s  {gib_s:>6.2} GiB/s  (tracer CPU {tracer_cpu:.2} s)",
                 tracer.name()
@@ -120,13 +156,14 @@ struct ProgramTime {
 }
 
 impl ProgramTime {
+    /// The programs on the send and receive hooks that process `pid` holds.
     fn of(pid: u32) -> ProgramTime {
         programs_of(pid)
             .iter()
             .filter(|prog| {
                 matches!(
                     prog["name"].as_str(),
-                    Some("socket_sent" | "socket_received")
+                    Some("socket_sent" | "socket_received" | "empty")
                 )
             })
             .fold(ProgramTime::default(), |sum, prog| ProgramTime {
@@ -177,11 +214,12 @@ fn program_costs(
     println!();
     println!("| tracer | workload | calls | calls per unit | ns per call | share of the workload's time |");
     println!("|---|---|---:|---:|---:|---:|");
-    for tracer in [Tracer::Watch, Tracer::Audit] {
-        let Some(mut running) = tracer.start(netwatch, results)? else {
-            continue;
+    for tracer in [Tracer::EmptyPrograms, Tracer::Watch, Tracer::Audit] {
+        let running = tracer.start(netwatch, results)?;
+        let pid = match &running {
+            Running::Process(process) => process.child.id(),
+            Running::Programs { .. } | Running::Nothing => std::process::id(),
         };
-        let pid = running.child.id();
         let workloads: [Workload; 2] = [
             ("(a) per round trip", round_trips, &|| {
                 request_response(port, round_trips)
