@@ -12,12 +12,12 @@ use serde::Serialize;
 
 use crate::cli::AuditArgs;
 use crate::metrics::{Failure, Metrics};
+use crate::model::{LossCause, Owner, Proto, TcpState, Transition, Tuple};
 use crate::monitor::{self, Config, Observer, WallClock};
-use crate::output::{self, Addr, LossCause, Timestamp};
+use crate::output::{self, Addr, Timestamp};
 use crate::sink::Sink;
 use crate::snapshot::{self, Snapshot};
-use crate::socket::{Owner, Proto, TcpState};
-use crate::table::{LiveSocket, Observed, SocketTable, Transition, Tuple};
+use crate::table::{LiveSocket, Observed, SocketTable};
 use netwatch_common::ByteCounts;
 use std::collections::HashSet;
 use std::sync::Arc;

@@ -7,8 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::socket::TcpState;
-use crate::table::Tuple;
+use crate::model::{TcpState, Tuple};
 
 /// Live TCP connection monitor: a /proc snapshot kept current by eBPF.
 ///

@@ -22,8 +22,9 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 use crate::btf::Btf;
-use crate::socket::{Proto, TcpState};
-use crate::table::{OwnerCause, OwnerEvent, Task, Transition, Tuple};
+use crate::model::{
+    LossCounters, OwnerCause, OwnerEvent, Proto, Task, TcpState, Transition, Tuple,
+};
 
 /// Where tracefs is mounted on current systems.
 pub const TRACEFS: &str = "/sys/kernel/tracing";
@@ -59,26 +60,6 @@ pub struct StateProbe {
     recovery_fd: Option<i32>,
     // Owns the program and its link: dropping it detaches everything.
     _ebpf: Ebpf,
-}
-
-/// The kernel's loss counters since the programs were loaded; they only grow.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LossCounters {
-    /// Transitions the ring buffer had no room for (sent by either program).
-    pub ring_buffer_full: u64,
-    /// Of those, the ones the recovery program could not send: calls the
-    /// kernel skipped, already lost to the full ring buffer.
-    pub recoveries_refused: u64,
-    /// Owner and exec events the ring buffer had no room for.
-    pub owner_events_dropped: u64,
-    /// Calls of the tracepoint program the kernel skipped (nested on one CPU):
-    /// each is lost unless the recovery program sent it.
-    pub skipped: u64,
-    /// Every firing of the tracepoint (any protocol), when the recovery
-    /// program runs: its calls plus the calls the kernel skipped of it.
-    pub fired: Option<u64>,
-    /// Of those, the calls of the recovery program the kernel skipped.
-    pub recovery_skipped: u64,
 }
 
 impl StateProbe {

@@ -14,9 +14,8 @@ use anyhow::Context as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::ebpf::LossCounters;
-use crate::socket::TcpState;
-use crate::table::{OwnerCause, SocketTable};
+use crate::model::{LossCounters, OwnerCause, TcpState};
+use crate::table::SocketTable;
 
 /// A routine failure that a long-lived mode reports and goes on after.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -18,13 +18,12 @@ use netwatch_common::{ByteCounts, KernelEvent};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::ProbeArgs;
-use crate::ebpf::{self, KernelLog, LossCounters, Record, StateProbe};
+use crate::ebpf::{self, KernelLog, Record, StateProbe};
 use crate::metrics::{Failure, Metrics};
-use crate::output::LossCause;
+use crate::model::{LossCause, LossCounters, OwnerChange, OwnerEvent, Proto, Transition};
 use crate::sink::Sink;
 use crate::snapshot::{self, Snapshot};
-use crate::socket::Proto;
-use crate::table::{Observed, OwnerChange, OwnerEvent, SocketTable, Transition};
+use crate::table::{Observed, SocketTable};
 
 /// How often the ring buffer is drained without a wakeup: the eBPF side wakes
 /// netwatch only when much is waiting or 5 ms after its last wakeup.

@@ -7,9 +7,10 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
+use crate::model::{
+    format_endpoint, Endpoint, LossCause, Owner, OwnerChange, Proto, TcpState, Tuple,
+};
 use crate::snapshot::SnapshotEntry;
-use crate::socket::{format_endpoint, Endpoint, Owner, Proto, TcpState};
-use crate::table::{OwnerChange, Tuple};
 
 /// Which optional columns the snapshot table has.
 #[derive(Clone, Copy, Debug, Default)]
@@ -297,37 +298,6 @@ pub enum StreamRecord<'a> {
     },
 }
 
-/// Why transitions were lost.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LossCause {
-    /// The ring buffer had no room (user space fell behind).
-    RingBufferFull,
-    /// The kernel skipped the program: it was already running on that CPU.
-    Recursion,
-    /// Owner changes (accept, handoff, exec) the ring buffer had no room for.
-    OwnerRingBufferFull,
-}
-
-impl LossCause {
-    /// What was lost: "transition(s)" or "owner change(s)".
-    pub fn lost_what(self) -> &'static str {
-        match self {
-            LossCause::RingBufferFull | LossCause::Recursion => "transition(s)",
-            LossCause::OwnerRingBufferFull => "owner change(s)",
-        }
-    }
-
-    /// How a person reads the cause.
-    pub fn describe(self) -> &'static str {
-        match self {
-            LossCause::RingBufferFull => "ring buffer full",
-            LossCause::Recursion => "kernel skipped nested calls of the program",
-            LossCause::OwnerRingBufferFull => "ring buffer full",
-        }
-    }
-}
-
 /// Header of the text stream, tcpstates' columns.
 pub const STREAM_HEADER: &str = "TIME            PID     COMM             LADDR:LPORT                  RADDR:RPORT                  OLDSTATE     -> NEWSTATE        MS";
 
@@ -550,7 +520,7 @@ udp        7      5 0.0.0.0:53              0.0.0.0:*                           
 
     #[test]
     fn an_owner_change_is_a_record_and_a_line_of_its_own() {
-        use crate::table::OwnerCause;
+        use crate::model::OwnerCause;
         let tuple = Tuple {
             proto: Proto::Tcp,
             local: "127.0.0.1:8080".parse().unwrap(),

@@ -5,10 +5,9 @@ use std::io::Write;
 use anyhow::Context as _;
 
 use crate::cli::SnapshotArgs;
+use crate::model::{Proto, TcpState, Tuple};
 use crate::output::{self, SnapshotColumns, SocketRecord};
 use crate::snapshot::{self, SnapshotEntry};
-use crate::socket::{Proto, TcpState};
-use crate::table::Tuple;
 
 /// Takes a snapshot and writes the sockets the flags select to `out`.
 pub fn run(args: &SnapshotArgs, out: &mut impl Write) -> anyhow::Result<()> {
@@ -79,7 +78,7 @@ fn is_shown(args: &SnapshotArgs, entry: &SnapshotEntry) -> bool {
 mod tests {
     use super::*;
     use crate::cli::{Cli, Command};
-    use crate::table::Tuple;
+    use crate::model::Tuple;
     use clap::Parser;
 
     fn args(flags: &[&str]) -> SnapshotArgs {

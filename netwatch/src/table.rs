@@ -18,106 +18,16 @@
 //! that a process's `exec()` renames all its sockets' owner at once, and a
 //! pid reused by another process gets a record of its own.
 
-use netwatch_common::ByteCounts;
 use rustc_hash::FxHashMap;
 use std::cell::{Cell, RefCell};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use crate::model::{
+    Direction, Owner, OwnerChange, OwnerEvent, Proto, Task, TcpState, Transition, Tuple,
+};
 use crate::snapshot::Snapshot;
-use crate::socket::{Direction, Owner, Proto, TcpState};
-
-/// Protocol and both endpoints: what identifies a connection across /proc and eBPF.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Tuple {
-    pub proto: Proto,
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
-}
-
-/// The process of the task on the CPU at a kernel event.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Task {
-    /// Its thread group id.
-    pub pid: u32,
-    /// The process's name (NUL-padded); all zero where the kernel did not read it.
-    pub comm: [u8; 16],
-    /// When the process started (CLOCK_MONOTONIC), if the kernel could read
-    /// it: with the pid, the process's identity across pid reuse.
-    pub start_ns: Option<u64>,
-}
-
-/// One state change reported by the kernel.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Transition {
-    /// CLOCK_MONOTONIC nanoseconds.
-    pub ts_ns: u64,
-    pub skaddr: u64,
-    pub tuple: Tuple,
-    pub old: TcpState,
-    pub new: TcpState,
-    /// The task on the CPU: the owner only when it opens the socket
-    /// (connect, listen), and only then does the kernel name its process.
-    pub task: Task,
-    /// The socket's uid, when the kernel's layout was known.
-    pub uid: Option<u32>,
-    /// The socket's network namespace inode, when the kernel's layout was known.
-    pub netns: Option<u32>,
-    /// At a change to CLOSE, what the socket carried (when bytes are
-    /// counted); when a socket opens, what the previous one at its address
-    /// carried, if that one left without a traced CLOSE.
-    pub bytes: ByteCounts,
-    /// Sent by the recovery program: a skipped call, or a duplicate.
-    pub recovered: bool,
-}
-
-/// Why a socket has a new owner.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OwnerCause {
-    /// `accept()` returned it to this process.
-    Accept,
-    /// This process sent or received on it.
-    Handoff,
-}
-
-impl OwnerCause {
-    /// "accept" or "handoff".
-    pub fn name(self) -> &'static str {
-        match self {
-            OwnerCause::Accept => "accept",
-            OwnerCause::Handoff => "handoff",
-        }
-    }
-}
-
-/// The kernel saw a process take a socket: it accepted it, or it sent or
-/// received on it while the kernel's map named another owner (or none).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OwnerEvent {
-    /// CLOCK_MONOTONIC nanoseconds.
-    pub ts_ns: u64,
-    pub skaddr: u64,
-    pub tuple: Tuple,
-    /// The socket's state then, when it is one the kernel numbers.
-    pub state: Option<TcpState>,
-    /// The process that takes the socket.
-    pub task: Task,
-    pub uid: Option<u32>,
-    pub netns: Option<u32>,
-    pub cause: OwnerCause,
-}
-
-/// A socket whose owner is now another process.
-#[derive(Clone, Debug, PartialEq)]
-pub struct OwnerChange {
-    pub tuple: Tuple,
-    pub state: TcpState,
-    /// The previous owner, if the table knew one.
-    pub old: Option<Owner>,
-    pub new: Owner,
-    pub cause: OwnerCause,
-}
 
 /// A process that owns sockets in the table. Its name follows `exec()`.
 #[derive(Debug)]
@@ -662,7 +572,9 @@ impl SocketTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::OwnerCause;
     use crate::snapshot::SnapshotEntry;
+    use netwatch_common::ByteCounts;
     use TcpState::*;
 
     fn fake_names(pid: u32) -> Option<String> {

@@ -23,12 +23,12 @@ use serde::Serialize;
 
 use crate::cli::VerifyArgs;
 use crate::metrics::{Failure, Metrics};
+use crate::model::{format_endpoint, OwnerChange, TcpState, Transition, Tuple};
 use crate::monitor::{self, Config, Observer, WallClock};
 use crate::output::{self, Timestamp};
 use crate::sink::Sink;
 use crate::snapshot::{self, Snapshot};
-use crate::socket::{format_endpoint, TcpState};
-use crate::table::{LiveSocket, Observed, OwnerChange, SocketTable, Transition, Tuple};
+use crate::table::{LiveSocket, Observed, SocketTable};
 
 /// Sockets listed at most in one report (the counts cover them all).
 const LISTED_AT_MOST: usize = 50;
@@ -458,8 +458,8 @@ fn drift(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{Owner, Proto};
     use crate::snapshot::SnapshotEntry;
-    use crate::socket::{Owner, Proto};
     use netwatch_common::ByteCounts;
     use TcpState::*;
 
@@ -491,7 +491,7 @@ mod tests {
                 },
                 old: Close,
                 new: SynSent,
-                task: crate::table::Task {
+                task: crate::model::Task {
                     pid,
                     comm: [0; 16],
                     start_ns: None,
@@ -637,7 +637,7 @@ mod tests {
             tuple: connecting,
             old: Close,
             new: SynSent,
-            task: crate::table::Task {
+            task: crate::model::Task {
                 pid: 10,
                 comm: [0; 16],
                 start_ns: None,

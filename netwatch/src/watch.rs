@@ -5,11 +5,12 @@ use std::time::SystemTime;
 
 use crate::cli::WatchArgs;
 use crate::metrics::Failure;
+use crate::model::{LossCause, OwnerChange, Transition, Tuple};
 use crate::monitor::{self, Config, Observer, WallClock};
-use crate::output::{self, LossCause, SocketRecord, StreamRecord, Timestamp, TupleFields};
+use crate::output::{self, SocketRecord, StreamRecord, Timestamp, TupleFields};
 use crate::sink::Sink;
 use crate::snapshot::Snapshot;
-use crate::table::{Observed, OwnerChange, SocketTable, Transition, Tuple};
+use crate::table::{Observed, SocketTable};
 
 /// Streams until SIGINT or SIGTERM, then prints a summary on stderr.
 pub fn run(args: WatchArgs) -> anyhow::Result<()> {

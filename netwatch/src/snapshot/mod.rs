@@ -12,7 +12,7 @@ pub use proc_net::{ProcSocket, ProcTable};
 pub use processes::program_name;
 use processes::InodeOwners;
 
-use crate::socket::{Owner, Proto};
+use crate::model::{Owner, Proto};
 
 /// A socket from /proc/net and, when it could be found, its owner.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -96,8 +96,8 @@ fn take_in(
 impl SnapshotEntry {
     /// A TCP socket as /proc would list it, for tests.
     pub fn of(
-        tuple: &crate::table::Tuple,
-        state: crate::socket::TcpState,
+        tuple: &crate::model::Tuple,
+        state: crate::model::TcpState,
         owner: Option<Owner>,
     ) -> SnapshotEntry {
         SnapshotEntry {

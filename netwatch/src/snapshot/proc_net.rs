@@ -7,7 +7,7 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::socket::{Proto, TcpState};
+use crate::model::{Proto, TcpState};
 
 /// One line of a /proc/net socket table.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use netwatch::socket::TcpState;
+use netwatch::model::TcpState;
 use serde_json::Value;
 
 use crate::peer::{peer_program, Peer};

@@ -1,5 +1,8 @@
-//! What a socket is, in the words netstat and the kernel use.
+//! The words every layer uses: what a socket, a transition, an owner and
+//! a loss are, in the terms netstat and the kernel use.
 
+use netwatch_common::ByteCounts;
+use serde::Serialize;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -187,6 +190,148 @@ impl fmt::Display for Endpoint {
             port => write!(f, "{port}"),
         }
     }
+}
+
+/// Protocol and both endpoints: what identifies a connection across /proc and eBPF.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tuple {
+    pub proto: Proto,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+/// The process of the task on the CPU at a kernel event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Task {
+    /// Its thread group id.
+    pub pid: u32,
+    /// The process's name (NUL-padded); all zero where the kernel did not read it.
+    pub comm: [u8; 16],
+    /// When the process started (CLOCK_MONOTONIC), if the kernel could read
+    /// it: with the pid, the process's identity across pid reuse.
+    pub start_ns: Option<u64>,
+}
+
+/// One state change reported by the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    pub skaddr: u64,
+    pub tuple: Tuple,
+    pub old: TcpState,
+    pub new: TcpState,
+    /// The task on the CPU: the owner only when it opens the socket
+    /// (connect, listen), and only then does the kernel name its process.
+    pub task: Task,
+    /// The socket's uid, when the kernel's layout was known.
+    pub uid: Option<u32>,
+    /// The socket's network namespace inode, when the kernel's layout was known.
+    pub netns: Option<u32>,
+    /// At a change to CLOSE, what the socket carried (when bytes are
+    /// counted); when a socket opens, what the previous one at its address
+    /// carried, if that one left without a traced CLOSE.
+    pub bytes: ByteCounts,
+    /// Sent by the recovery program: a skipped call, or a duplicate.
+    pub recovered: bool,
+}
+
+/// Why a socket has a new owner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OwnerCause {
+    /// `accept()` returned it to this process.
+    Accept,
+    /// This process sent or received on it.
+    Handoff,
+}
+
+impl OwnerCause {
+    /// "accept" or "handoff".
+    pub fn name(self) -> &'static str {
+        match self {
+            OwnerCause::Accept => "accept",
+            OwnerCause::Handoff => "handoff",
+        }
+    }
+}
+
+/// The kernel saw a process take a socket: it accepted it, or it sent or
+/// received on it while the kernel's map named another owner (or none).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnerEvent {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    pub skaddr: u64,
+    pub tuple: Tuple,
+    /// The socket's state then, when it is one the kernel numbers.
+    pub state: Option<TcpState>,
+    /// The process that takes the socket.
+    pub task: Task,
+    pub uid: Option<u32>,
+    pub netns: Option<u32>,
+    pub cause: OwnerCause,
+}
+
+/// A socket whose owner is now another process.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OwnerChange {
+    pub tuple: Tuple,
+    pub state: TcpState,
+    /// The previous owner, if the table knew one.
+    pub old: Option<Owner>,
+    pub new: Owner,
+    pub cause: OwnerCause,
+}
+
+/// Why transitions were lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossCause {
+    /// The ring buffer had no room (user space fell behind).
+    RingBufferFull,
+    /// The kernel skipped the program: it was already running on that CPU.
+    Recursion,
+    /// Owner changes (accept, handoff, exec) the ring buffer had no room for.
+    OwnerRingBufferFull,
+}
+
+impl LossCause {
+    /// What was lost: "transition(s)" or "owner change(s)".
+    pub fn lost_what(self) -> &'static str {
+        match self {
+            LossCause::RingBufferFull | LossCause::Recursion => "transition(s)",
+            LossCause::OwnerRingBufferFull => "owner change(s)",
+        }
+    }
+
+    /// How a person reads the cause.
+    pub fn describe(self) -> &'static str {
+        match self {
+            LossCause::RingBufferFull => "ring buffer full",
+            LossCause::Recursion => "kernel skipped nested calls of the program",
+            LossCause::OwnerRingBufferFull => "ring buffer full",
+        }
+    }
+}
+
+/// The kernel's loss counters since the programs were loaded; they only grow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LossCounters {
+    /// Transitions the ring buffer had no room for (sent by either program).
+    pub ring_buffer_full: u64,
+    /// Of those, the ones the recovery program could not send: calls the
+    /// kernel skipped, already lost to the full ring buffer.
+    pub recoveries_refused: u64,
+    /// Owner and exec events the ring buffer had no room for.
+    pub owner_events_dropped: u64,
+    /// Calls of the tracepoint program the kernel skipped (nested on one CPU):
+    /// each is lost unless the recovery program sent it.
+    pub skipped: u64,
+    /// Every firing of the tracepoint (any protocol), when the recovery
+    /// program runs: its calls plus the calls the kernel skipped of it.
+    pub fired: Option<u64>,
+    /// Of those, the calls of the recovery program the kernel skipped.
+    pub recovery_skipped: u64,
 }
 
 #[cfg(test)]
