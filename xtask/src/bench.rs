@@ -7,10 +7,10 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 
 use crate::load::{self, ChurnArgs};
 use crate::tracer::{command, interrupt, programs_of, start_tracer, wait_usage};
@@ -88,60 +88,6 @@ fn median(values: &mut [f64]) -> f64 {
 
 // ---- snapshot -------------------------------------------------------------
 
-/// Processes holding the benchmark's sockets; they exit when dropped.
-pub(crate) struct Holders {
-    children: Vec<(Child, ChildStdin)>,
-}
-
-const HOLDERS: usize = 20;
-
-impl Holders {
-    /// 20 processes holding `sockets` established sockets in all, each on its own 127.0.0.x.
-    pub(crate) fn start(sockets: usize) -> anyhow::Result<Holders> {
-        let per_holder = sockets / HOLDERS / 2;
-        let mut children = Vec::new();
-        for i in 0..HOLDERS {
-            let mut child = Command::new(std::env::current_exe()?)
-                .args(["hold", "--connections", &per_holder.to_string()])
-                .args(["--addr", &format!("127.0.0.{}", i + 2)])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()?;
-            let stdin = child.stdin.take().context("holder stdin")?;
-            let stdout = child.stdout.take().context("holder stdout")?;
-            let mut ready = String::new();
-            BufReader::new(stdout).read_line(&mut ready)?;
-            if ready.trim() != "ready" {
-                bail!("holder {i} did not get ready");
-            }
-            children.push((child, stdin));
-        }
-        Ok(Holders { children })
-    }
-}
-
-impl Drop for Holders {
-    fn drop(&mut self) {
-        for (mut child, stdin) in self.children.drain(..) {
-            drop(stdin);
-            let _ = child.wait();
-        }
-    }
-}
-
-/// The data lines of /proc/net/tcp and /proc/net/tcp6 (headers left out).
-fn proc_tcp_lines() -> Vec<String> {
-    ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .filter_map(|path| std::fs::read_to_string(path).ok())
-        .flat_map(|table| table.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
-        .collect()
-}
-
-fn tcp_socket_count() -> usize {
-    proc_tcp_lines().len()
-}
-
 fn snapshot(netwatch: &Path, sizes: &[usize], runs: usize) -> anyhow::Result<()> {
     load::raise_fd_limit(4096)?;
     let mut tools: Vec<(&str, Command)> = vec![
@@ -151,7 +97,7 @@ fn snapshot(netwatch: &Path, sizes: &[usize], runs: usize) -> anyhow::Result<()>
     if Command::new("netstat").arg("--version").output().is_ok() {
         tools.push(("netstat", command(Path::new("netstat"), &["-tanp"])));
     }
-    println!("Snapshot benchmark: median of {runs} runs, output to /dev/null, {HOLDERS} processes holding the sockets");
+    println!("Snapshot benchmark: median of {runs} runs, output to /dev/null, {} processes holding the sockets", load::HOLDERS);
     println!(
         "{:>8} {:>13} {:>13} {:>13} {:>11} {:>13} {:>14}",
         "sockets",
@@ -164,8 +110,8 @@ fn snapshot(netwatch: &Path, sizes: &[usize], runs: usize) -> anyhow::Result<()>
     );
     let mut netwatch_ms = Vec::new();
     for &size in sizes {
-        let holders = Holders::start(size)?;
-        let sockets = tcp_socket_count();
+        let holders = load::Holders::start(size)?;
+        let sockets = load::tcp_socket_count();
         let mut times = vec![Vec::new(); tools.len()];
         let mut rss = 0;
         for _ in 0..runs {
@@ -228,7 +174,7 @@ enum Tracer {
 
 /// What one churn run under one tracer gave.
 #[derive(Debug, Default)]
-pub(crate) struct StreamRun {
+struct StreamRun {
     pub connections: u64,
     pub failed: u64,
     pub rate: f64,
@@ -257,7 +203,7 @@ fn stream(netwatch: &Path, burst: u64, seconds: u64, results: &Path) -> anyhow::
             .next()
             .unwrap_or("?")
             .trim_start_matches("netwatch: "),
-        tcp_socket_count()
+        load::tcp_socket_count()
     );
     println!(
         "netwatch: start to first event delivered: {:.0} ms",
@@ -425,10 +371,15 @@ fn traced_churn(
         )?),
     };
     let report = load::churn(churn)?;
-    let ports = churn_ports(&report);
-    let mut run = parse_churn_report(&report)?;
+    let ports = report.ports.clone();
+    let mut run = StreamRun {
+        connections: report.connections,
+        failed: report.failed,
+        rate: report.rate,
+        ..StreamRun::default()
+    };
     // A few FINs are retransmitted: wait until every churn socket has closed.
-    wait_for_churn_to_settle(&ports);
+    load::wait_for_churn_to_settle(&ports);
     if let Some(mut tracer) = traced {
         run.skipped = recursion_misses_of(tracer.child.id());
         let usage = tracer.stop()?;
@@ -447,33 +398,6 @@ fn traced_churn(
         Tracer::Tcpstates => count_tcpstates(&out_path, &err_path, &ports, &mut run)?,
     }
     Ok(run)
-}
-
-/// Waits (30 s at most) until no socket on the churn's ports is open, but for TIME_WAIT.
-pub(crate) fn wait_for_churn_to_settle(ports: &HashSet<u16>) {
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(30) {
-        let open = proc_tcp_lines()
-            .iter()
-            .filter(|line| {
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                let port = |field: Option<&&str>| {
-                    field
-                        .and_then(|f| f.rsplit(':').next())
-                        .and_then(|p| u16::from_str_radix(p, 16).ok())
-                };
-                let on_churn = [port(fields.get(1)), port(fields.get(2))]
-                    .iter()
-                    .any(|p| p.is_some_and(|p| ports.contains(&p)));
-                // 06: TIME_WAIT, 0A: LISTEN (the churn's listeners are gone by now).
-                on_churn && fields.get(3).is_some_and(|state| *state != "06")
-            })
-            .count();
-        if open == 0 {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Sum of `recursion_misses` of the BPF programs a process holds.
@@ -509,29 +433,6 @@ fn time_to_first_event(netwatch: &Path, results: &Path) -> anyhow::Result<Durati
     interrupt(&child);
     wait_usage(&child, started)?;
     first.context("netwatch delivered no event within 10 s")
-}
-
-pub(crate) fn parse_churn_report(report: &str) -> anyhow::Result<StreamRun> {
-    let field = |name: &str| {
-        report
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
-            .with_context(|| format!("churn report lacks {name}: {report}"))
-    };
-    Ok(StreamRun {
-        connections: field("connections")?.parse()?,
-        failed: field("failed")?.parse()?,
-        rate: field("rate")?.parse()?,
-        ..StreamRun::default()
-    })
-}
-
-pub(crate) fn churn_ports(report: &str) -> HashSet<u16> {
-    report
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix("ports="))
-        .map(|ports| ports.split(',').filter_map(|p| p.parse().ok()).collect())
-        .unwrap_or_default()
 }
 
 /// Counts netwatch's JSON lines: transitions, lost records, and the churn's opens and closes.

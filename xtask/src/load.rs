@@ -2,9 +2,12 @@
 //! connections, and a generator of connection churn. Both are bounded and
 //! touch only 127.0.0.0/8.
 
-use std::io::{BufRead as _, Read as _};
+use std::collections::HashSet;
+use std::fmt;
+use std::io::{BufRead as _, BufReader, Read as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -70,8 +73,38 @@ pub struct ChurnArgs {
     pub rate: u64,
 }
 
-/// Runs the churn and returns `connections=N seconds=S rate=R failed=F ports=P,Q`.
-pub fn churn(args: &ChurnArgs) -> anyhow::Result<String> {
+/// What a churn run did.
+#[derive(Debug)]
+pub struct ChurnReport {
+    /// Connections made (accepted and closed).
+    pub connections: u64,
+    pub seconds: f64,
+    /// Connections per second.
+    pub rate: f64,
+    /// connect() calls that failed.
+    pub failed: u64,
+    /// The listeners' ports.
+    pub ports: HashSet<u16>,
+}
+
+impl fmt::Display for ChurnReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut ports: Vec<String> = self.ports.iter().map(u16::to_string).collect();
+        ports.sort();
+        write!(
+            f,
+            "connections={} seconds={:.3} rate={:.0} failed={} ports={}",
+            self.connections,
+            self.seconds,
+            self.rate,
+            self.failed,
+            ports.join(",")
+        )
+    }
+}
+
+/// Runs the churn.
+pub fn churn(args: &ChurnArgs) -> anyhow::Result<ChurnReport> {
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let started = Instant::now();
     let counts = Arc::new(ChurnCounts::default());
@@ -106,13 +139,13 @@ pub fn churn(args: &ChurnArgs) -> anyhow::Result<String> {
     }
     let seconds = started.elapsed().as_secs_f64();
     let made = counts.made.load(Ordering::Relaxed);
-    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
-    Ok(format!(
-        "connections={made} seconds={seconds:.3} rate={:.0} failed={} ports={}",
-        made as f64 / seconds,
-        counts.failed.load(Ordering::Relaxed),
-        ports.join(",")
-    ))
+    Ok(ChurnReport {
+        connections: made,
+        seconds,
+        rate: made as f64 / seconds,
+        failed: counts.failed.load(Ordering::Relaxed),
+        ports: ports.into_iter().collect(),
+    })
 }
 
 /// Connects and closes at once (the client closes first) until `limit`
@@ -234,4 +267,87 @@ pub fn raise_fd_limit(wanted: u64) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Processes holding the benchmark's sockets; they exit when dropped.
+pub(crate) struct Holders {
+    children: Vec<(Child, ChildStdin)>,
+}
+
+/// Processes the snapshot benchmark's sockets are spread over.
+pub(crate) const HOLDERS: usize = 20;
+
+impl Holders {
+    /// 20 processes holding `sockets` established sockets in all, each on its own 127.0.0.x.
+    pub(crate) fn start(sockets: usize) -> anyhow::Result<Holders> {
+        let per_holder = sockets / HOLDERS / 2;
+        let mut children = Vec::new();
+        for i in 0..HOLDERS {
+            let mut child = Command::new(std::env::current_exe()?)
+                .args(["hold", "--connections", &per_holder.to_string()])
+                .args(["--addr", &format!("127.0.0.{}", i + 2)])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()?;
+            let stdin = child.stdin.take().context("holder stdin")?;
+            let stdout = child.stdout.take().context("holder stdout")?;
+            let mut ready = String::new();
+            BufReader::new(stdout).read_line(&mut ready)?;
+            if ready.trim() != "ready" {
+                bail!("holder {i} did not get ready");
+            }
+            children.push((child, stdin));
+        }
+        Ok(Holders { children })
+    }
+}
+
+impl Drop for Holders {
+    fn drop(&mut self) {
+        for (mut child, stdin) in self.children.drain(..) {
+            drop(stdin);
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The data lines of /proc/net/tcp and /proc/net/tcp6 (headers left out).
+fn proc_tcp_lines() -> Vec<String> {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .flat_map(|table| table.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
+        .collect()
+}
+
+/// Sockets in /proc/net/tcp and tcp6.
+pub(crate) fn tcp_socket_count() -> usize {
+    proc_tcp_lines().len()
+}
+
+/// Waits (30 s at most) until no socket on the churn's ports is open, but for TIME_WAIT.
+pub(crate) fn wait_for_churn_to_settle(ports: &HashSet<u16>) {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        let open = proc_tcp_lines()
+            .iter()
+            .filter(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let port = |field: Option<&&str>| {
+                    field
+                        .and_then(|f| f.rsplit(':').next())
+                        .and_then(|p| u16::from_str_radix(p, 16).ok())
+                };
+                let on_churn = [port(fields.get(1)), port(fields.get(2))]
+                    .iter()
+                    .any(|p| p.is_some_and(|p| ports.contains(&p)));
+                // 06: TIME_WAIT, 0A: LISTEN (the churn's listeners are gone by now).
+                on_churn && fields.get(3).is_some_and(|state| *state != "06")
+            })
+            .count();
+        if open == 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -17,8 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use serde::Deserialize;
 
-use crate::bench::{churn_ports, parse_churn_report, wait_for_churn_to_settle, Holders};
-use crate::load::{self, ChurnArgs};
+use crate::load::{self, wait_for_churn_to_settle, ChurnArgs, Holders};
 use crate::tracer::{command, start_tracer};
 
 const SAMPLE_EVERY: Duration = Duration::from_secs(10);
@@ -61,16 +60,16 @@ pub fn run(netwatch: &Path, minutes: u64, long_lived: usize, results: &Path) -> 
         threads: 2,
         rate,
     })?;
-    let churn = parse_churn_report(&report)?;
-    let ports = churn_ports(&report);
-    wait_for_churn_to_settle(&ports);
+    let churn = report;
+    let ports = &churn.ports;
+    wait_for_churn_to_settle(ports);
     thread::sleep(Duration::from_secs(2 * VERIFY_INTERVAL_S + 2));
     let samples = sampler.stop();
     let verified = verify.stop()?;
     audit.stop()?;
     drop(holders);
 
-    let records = count_records(&audit_path, &ports)?;
+    let records = count_records(&audit_path, ports)?;
     println!("\n== soak: {minutes} min ==");
     println!(
         "connections made: {} ({:.0}/s, {} failed connects); expected records: {} out + {} in",
@@ -98,8 +97,8 @@ fn half_the_maximum_rate() -> anyhow::Result<u64> {
         threads: 2,
         rate: 0,
     })?;
-    wait_for_churn_to_settle(&churn_ports(&report));
-    let max = parse_churn_report(&report)?.rate;
+    wait_for_churn_to_settle(&report.ports);
+    let max = report.rate;
     println!("maximum churn rate without a tracer: {max:.0} connections/s");
     Ok((max / 2.0) as u64)
 }
