@@ -108,8 +108,13 @@ pub struct SocketFd {
     pub inode: u64,
     /// The process (thread group) holding the fd.
     pub tgid: u32,
+    /// The fd number, or `SOCKET_FD_UNREADABLE`.
     pub fd: u32,
 }
+
+/// The `fd` of a record that says the iterator could not read an fd of
+/// process `tgid`: the listing is incomplete.
+pub const SOCKET_FD_UNREADABLE: u32 = u32::MAX;
 
 #[cfg(feature = "user")]
 // SAFETY: `SocketFd` is `repr(C)`, `Copy`, without padding; any bit pattern is valid.

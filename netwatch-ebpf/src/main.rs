@@ -33,7 +33,7 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use netwatch_common::{
     event_kind, syscall_exit, tracepoint as field, ByteCounts, KernelEvent, SocketEntry, SocketFd,
     AF_INET, DROPPED_OWNER_EVENTS, DROPPED_RECOVERIES, DROPPED_TRANSITIONS, IPPROTO_TCP,
-    SOCKETS_MAP_ENTRIES,
+    SOCKETS_MAP_ENTRIES, SOCKET_FD_UNREADABLE,
 };
 
 /// Default size; the loader overrides it from `--ring-buffer-kib`.
@@ -628,29 +628,29 @@ const S_IFSOCK: u16 = 0o140000;
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/task_file")]
 pub fn socket_fds(ctx: *mut c_void) -> i32 {
-    let _ = try_socket_fds(ctx.cast::<u64>());
-    0
-}
-
-fn try_socket_fds(ctx: *const u64) -> Result<(), i64> {
+    let ctx = ctx.cast::<u64>();
     // SAFETY: the kernel passes a `struct bpf_iter__task_file`: meta, task,
     // fd and file, 8 bytes apart.
     let (meta, task, fd, file) = unsafe { (*ctx, *ctx.add(1), *ctx.add(2) as u32, *ctx.add(3)) };
     if meta == 0 || task == 0 || file == 0 {
-        return Ok(());
+        return 0;
     }
-    let inode: u64 = read_kernel(file, &FILE_F_INODE)?;
-    if inode == 0 || read_kernel::<u16>(inode, &INODE_I_MODE)? & S_IFMT != S_IFSOCK {
-        return Ok(());
-    }
-    let record = SocketFd {
-        inode: read_kernel(inode, &INODE_I_INO)?,
-        tgid: read_kernel(task, &TASK_TGID)?,
-        fd,
+    // An fd the program cannot read leaves a marker, so that user space
+    // knows the listing is incomplete rather than taking it as whole.
+    let record = socket_fd(task, fd, file).unwrap_or_else(|_| {
+        Some(SocketFd {
+            inode: 0,
+            tgid: read_kernel(task, &TASK_TGID).unwrap_or(0),
+            fd: SOCKET_FD_UNREADABLE,
+        })
+    });
+    let Some(record) = record else {
+        return 0;
     };
     // SAFETY: `meta` points at a `struct bpf_iter_meta`, whose first field is the seq file.
     let seq = unsafe { *(meta as *const u64) };
-    // SAFETY: writes the record's bytes to the iterator's seq file.
+    // SAFETY: writes the record's bytes to the iterator's seq file. When the
+    // seq buffer is full, the kernel shows this object again in the next read.
     unsafe {
         bpf_seq_write(
             seq as *mut _,
@@ -658,7 +658,20 @@ fn try_socket_fds(ctx: *const u64) -> Result<(), i64> {
             size_of::<SocketFd>() as u32,
         )
     };
-    Ok(())
+    0
+}
+
+/// The record of fd `fd` of `task`, if `file` is a socket.
+fn socket_fd(task: u64, fd: u32, file: u64) -> Result<Option<SocketFd>, i64> {
+    let inode: u64 = read_kernel(file, &FILE_F_INODE)?;
+    if inode == 0 || read_kernel::<u16>(inode, &INODE_I_MODE)? & S_IFMT != S_IFSOCK {
+        return Ok(None);
+    }
+    Ok(Some(SocketFd {
+        inode: read_kernel(inode, &INODE_I_INO)?,
+        tgid: read_kernel(task, &TASK_TGID)?,
+        fd,
+    }))
 }
 
 /// Reads the kernel object field at `base` plus the offset held by the global `offset`.

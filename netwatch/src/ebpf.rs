@@ -16,7 +16,8 @@ use netwatch_common::{
     ACCEPT_PROGRAM, AF_INET6, COUNTS_BYTES, DROPPED_OWNER_EVENTS, DROPPED_RECOVERIES,
     DROPPED_TRANSITIONS, DROPS_MAP, EVENTS_MAP, EXEC_PROGRAM, FILE_OFFSETS, FIRED_MAP,
     RECEIVED_PROGRAM, RECOVERY_PROGRAM, SENT_PROGRAM, SOCKETS_MAP, SOCKET_FDS_PROGRAM,
-    SOCK_LAYOUT_KNOWN, SOCK_OFFSETS, STATE_PROGRAM, STOPPING_MAP, TASK_OFFSETS,
+    SOCKET_FD_UNREADABLE, SOCK_LAYOUT_KNOWN, SOCK_OFFSETS, STATE_PROGRAM, STOPPING_MAP,
+    TASK_OFFSETS,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -245,11 +246,23 @@ pub fn socket_fds() -> Result<Vec<SocketFd>, String> {
         .map_err(|err| err.to_string())?
         .read_to_end(&mut records)
         .map_err(|err| err.to_string())?;
-    Ok(records
+    parse_socket_fds(&records)
+}
+
+/// The iterator's records; an error if one says an fd could not be read.
+fn parse_socket_fds(records: &[u8]) -> Result<Vec<SocketFd>, String> {
+    let fds: Vec<SocketFd> = records
         .chunks_exact(size_of::<SocketFd>())
         // SAFETY: the chunk holds a whole SocketFd; any bit pattern is valid.
         .map(|chunk| unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<SocketFd>()) })
-        .collect())
+        .collect();
+    match fds.iter().find(|fd| fd.fd == SOCKET_FD_UNREADABLE) {
+        Some(unreadable) => Err(format!(
+            "the fd iterator could not read an fd of process {}",
+            unreadable.tgid
+        )),
+        None => Ok(fds),
+    }
 }
 
 /// The byte offsets of kernel struct fields, from the running kernel's BTF,
@@ -720,6 +733,36 @@ format:
         assert!(records
             .iter()
             .any(|record| record.inode == inode && record.tgid == std::process::id()));
+    }
+
+    #[test]
+    fn an_fd_the_iterator_could_not_read_makes_the_listing_incomplete() {
+        let record = |fd: u32| SocketFd {
+            inode: 7,
+            tgid: 42,
+            fd,
+        };
+        let bytes = |records: &[SocketFd]| -> Vec<u8> {
+            records
+                .iter()
+                .flat_map(|record| {
+                    // SAFETY: SocketFd is plain old data without padding.
+                    unsafe {
+                        std::slice::from_raw_parts(
+                            (record as *const SocketFd).cast::<u8>(),
+                            size_of::<SocketFd>(),
+                        )
+                    }
+                    .to_vec()
+                })
+                .collect()
+        };
+        assert_eq!(
+            parse_socket_fds(&bytes(&[record(3), record(4)])),
+            Ok(vec![record(3), record(4)])
+        );
+        let incomplete = parse_socket_fds(&bytes(&[record(3), record(SOCKET_FD_UNREADABLE)]));
+        assert!(incomplete.unwrap_err().contains("process 42"));
     }
 
     #[test]
