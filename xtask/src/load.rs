@@ -110,8 +110,10 @@ pub fn churn(args: &ChurnArgs) -> anyhow::Result<ChurnReport> {
     let counts = Arc::new(ChurnCounts::default());
     let mut ports = Vec::new();
     let mut workers = Vec::new();
+    let overflows_before = ListenOverflows::now()?;
     for _ in 0..args.threads.max(1) {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        deepen_backlog(&listener)?;
         let target = listener.local_addr()?;
         ports.push(target.port());
         let connected = Arc::new(AtomicU64::new(0));
@@ -138,6 +140,16 @@ pub fn churn(args: &ChurnArgs) -> anyhow::Result<ChurnReport> {
             .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
     }
     let seconds = started.elapsed().as_secs_f64();
+    let overflows = ListenOverflows::now()?.since(overflows_before);
+    if overflows.listen_overflows > 0 {
+        bail!(
+            "the churn's listeners overflowed their accept queues {} times ({} SYNs retransmitted): \
+             connects waited on SYN retransmits, so the rate would measure the load generator, not the tracer; \
+             run again on a quieter machine",
+            overflows.listen_overflows,
+            overflows.syn_retransmits
+        );
+    }
     let made = counts.made.load(Ordering::Relaxed);
     Ok(ChurnReport {
         connections: made,
@@ -211,6 +223,59 @@ fn serve(
         let (mut stream, _) = listener.accept()?;
         accepted += 1;
         while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+    }
+}
+
+/// The accept queue std leaves at 128 overflows under churn on a busy host
+/// (a SYN is then dropped and retried 1 s later): make it the most the
+/// host allows (net.core.somaxconn caps it).
+fn deepen_backlog(listener: &TcpListener) -> anyhow::Result<()> {
+    // SAFETY: listen() again on a listening socket only changes its backlog.
+    if unsafe { libc::listen(listener.as_raw_fd(), 65_535) } != 0 {
+        bail!(
+            "raising the churn listener's backlog failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// The host's counters of accept queue overflows and of retransmitted SYNs
+/// (TcpExt in /proc/net/netstat).
+#[derive(Clone, Copy, Debug)]
+struct ListenOverflows {
+    listen_overflows: u64,
+    syn_retransmits: u64,
+}
+
+impl ListenOverflows {
+    fn now() -> anyhow::Result<ListenOverflows> {
+        let netstat = std::fs::read_to_string("/proc/net/netstat")?;
+        let mut tcp_ext = netstat.lines().filter(|line| line.starts_with("TcpExt:"));
+        let (Some(names), Some(values)) = (tcp_ext.next(), tcp_ext.next()) else {
+            bail!("/proc/net/netstat has no TcpExt counters");
+        };
+        let counter = |wanted: &str| -> anyhow::Result<u64> {
+            names
+                .split_whitespace()
+                .zip(values.split_whitespace())
+                .find(|(name, _)| *name == wanted)
+                .and_then(|(_, value)| value.parse().ok())
+                .with_context(|| format!("/proc/net/netstat has no TcpExt {wanted}"))
+        };
+        Ok(ListenOverflows {
+            listen_overflows: counter("ListenOverflows")?,
+            syn_retransmits: counter("TCPSynRetrans")?,
+        })
+    }
+
+    fn since(self, before: ListenOverflows) -> ListenOverflows {
+        ListenOverflows {
+            listen_overflows: self
+                .listen_overflows
+                .saturating_sub(before.listen_overflows),
+            syn_retransmits: self.syn_retransmits.saturating_sub(before.syn_retransmits),
+        }
     }
 }
 
