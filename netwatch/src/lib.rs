@@ -4,16 +4,16 @@
 //! a check of the table against /proc (`verify`).
 
 pub mod audit;
-pub mod btf;
+mod btf;
 pub mod cli;
-pub mod ebpf;
-pub mod metrics;
+mod ebpf;
+mod metrics;
 pub mod model;
-pub mod monitor;
-pub mod output;
-pub mod sink;
-pub mod snapshot;
+mod monitor;
+mod output;
+mod sink;
+mod snapshot;
 pub mod snapshot_command;
-pub mod table;
+mod table;
 pub mod verify;
 pub mod watch;
