@@ -371,7 +371,7 @@ fn traced_churn(
         )?),
     };
     let report = load::churn(churn)?;
-    let ports = report.ports.clone();
+    let ports = &report.ports;
     let mut run = StreamRun {
         connections: report.connections,
         failed: report.failed,
@@ -379,7 +379,7 @@ fn traced_churn(
         ..StreamRun::default()
     };
     // A few FINs are retransmitted: wait until every churn socket has closed.
-    load::wait_for_churn_to_settle(&ports);
+    load::wait_for_churn_to_settle(ports);
     if let Some(mut tracer) = traced {
         run.skipped = recursion_misses_of(tracer.child.id());
         let usage = tracer.stop()?;
@@ -392,10 +392,10 @@ fn traced_churn(
     match tracer {
         Tracer::None => {}
         Tracer::Netwatch => {
-            count_netwatch(&out_path, &ports, &mut run)?;
+            count_netwatch(&out_path, ports, &mut run)?;
             run.fired = netwatch_fired(&err_path);
         }
-        Tracer::Tcpstates => count_tcpstates(&out_path, &err_path, &ports, &mut run)?,
+        Tracer::Tcpstates => count_tcpstates(&out_path, &err_path, ports, &mut run)?,
     }
     Ok(run)
 }

@@ -54,13 +54,12 @@ pub fn run(netwatch: &Path, minutes: u64, long_lived: usize, results: &Path) -> 
     println!(
         "churn: {rate} connections/s for {minutes} min, {long_lived} long-lived connections held"
     );
-    let report = load::churn(&ChurnArgs {
+    let churn = load::churn(&ChurnArgs {
         connections: 0,
         seconds: minutes * 60,
         threads: 2,
         rate,
     })?;
-    let churn = report;
     let ports = &churn.ports;
     wait_for_churn_to_settle(ports);
     thread::sleep(Duration::from_secs(2 * VERIFY_INTERVAL_S + 2));
