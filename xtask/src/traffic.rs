@@ -21,6 +21,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsRawFd as _;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -144,7 +145,12 @@ pub fn run(
         }
     }
     print_table(&figures, round_trips, bulk_gib, rounds);
-    program_costs(netwatch, results, server.port, round_trips, bulk_gib)
+    let calls = program_costs(netwatch, results, server.port, round_trips, bulk_gib)?;
+    let unit_ns = PerUnit {
+        round_trip: 1e9 / median(&figures[0].round_trips_per_s),
+        mib: 1e9 / (median(&figures[0].bulk_gib_per_s) * 1024.0),
+    };
+    call_costs(netwatch, results, rounds, calls, unit_ns)
 }
 
 /// Calls and run time of a tracer's send and receive programs, as the
@@ -205,8 +211,9 @@ fn program_costs(
     port: u16,
     round_trips: u64,
     bulk_gib: u64,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<PerUnit> {
     let _stats = BpfStats::enable()?;
+    let mut calls_per_unit = PerUnit::default();
     println!();
     println!(
         "The send and receive programs, as the kernel counts them (kernel.bpf_stats_enabled):"
@@ -228,7 +235,7 @@ fn program_costs(
                 bulk(port, bulk_gib << 30)
             }),
         ];
-        for (workload, units, work) in workloads {
+        for (index, (workload, units, work)) in workloads.into_iter().enumerate() {
             let before = ProgramTime::of(pid);
             let started = Instant::now();
             work()?;
@@ -236,6 +243,9 @@ fn program_costs(
             let after = ProgramTime::of(pid);
             let calls = after.calls - before.calls;
             let run_ns = (after.run_ns - before.run_ns) as f64;
+            if tracer == Tracer::EmptyPrograms {
+                *calls_per_unit.of_workload(index) = calls as f64 / units as f64;
+            }
             println!(
                 "| {} | {workload} | {calls} | {:.2} | {:.0} | {:.2}% |",
                 tracer.name(),
@@ -246,7 +256,153 @@ fn program_costs(
         }
         running.stop()?;
     }
+    Ok(calls_per_unit)
+}
+
+/// A figure for each workload: per round trip of (a), per MiB of (b).
+#[derive(Clone, Copy, Debug, Default)]
+struct PerUnit {
+    round_trip: f64,
+    mib: f64,
+}
+
+impl PerUnit {
+    /// Workload 0 is (a), 1 is (b).
+    fn of_workload(&mut self, index: usize) -> &mut f64 {
+        if index == 0 {
+            &mut self.round_trip
+        } else {
+            &mut self.mib
+        }
+    }
+}
+
+/// Calls in one timing of the per-call pass.
+const IDLE_CALLS: u32 = 300_000;
+/// Timings per tracer and round; the fastest counts (the others were interrupted).
+const IDLE_TIMINGS: usize = 5;
+
+/// Per tracer, one figure per round: ns per recv() on an idle connection
+/// and per getppid(), each the fastest of its timings.
+#[derive(Default)]
+struct CallTimes {
+    recv_ns: Vec<f64>,
+    getppid_ns: Vec<f64>,
+}
+
+/// What one send or receive program call adds, measured without the
+/// kernel's statistics (whose clock reads are most of an empty program's
+/// figure above): the thread CPU time of recv() on an idle connection,
+/// which returns EAGAIN and still fires `sock_recv_length`, in alternating
+/// rounds. The program takes the path of both workloads (the owner again).
+/// The added time, times the calls per unit, over the unit's time without
+/// a tracer, is the share of the workload's time the programs take.
+/// getppid(), which fires no socket hook, shows what a tracer adds to
+/// every system call of the host: a syscall tracepoint in use (netwatch's
+/// accept hook) puts every system call on the kernel's traced path.
+fn call_costs(
+    netwatch: &Path,
+    results: &Path,
+    rounds: usize,
+    calls: PerUnit,
+    unit_ns: PerUnit,
+) -> anyhow::Result<()> {
+    let (client, _server) = idle_connection()?;
+    let mut times: Vec<CallTimes> = Tracer::ALL.iter().map(|_| CallTimes::default()).collect();
+    for _ in 0..rounds {
+        for (tracer, times) in Tracer::ALL.iter().zip(&mut times) {
+            let running = tracer.start(netwatch, results)?;
+            times.recv_ns.push(fastest(|| idle_recv_ns(&client)));
+            times.getppid_ns.push(fastest(getppid_ns));
+            running.stop()?;
+        }
+    }
+    print_call_costs(&times, rounds, calls, unit_ns);
     Ok(())
+}
+
+fn print_call_costs(times: &[CallTimes], rounds: usize, calls: PerUnit, unit_ns: PerUnit) {
+    println!();
+    println!(
+        "What one call adds, without the kernel's statistics: thread CPU time of recv() on an idle"
+    );
+    println!("connection (EAGAIN), and of getppid() (no socket hook), fastest of {IDLE_TIMINGS} timings of {IDLE_CALLS}");
+    println!("calls, {rounds} alternating rounds; added: against the same round without a tracer, median [lowest, highest];");
+    println!("share = added ns per recv() x calls per unit / the unit's time without a tracer");
+    println!(
+        "({:.2} calls in {:.0} ns per round trip, {:.2} calls in {:.0} ns per MiB):",
+        calls.round_trip, unit_ns.round_trip, calls.mib, unit_ns.mib
+    );
+    println!();
+    println!("| tracer | ns per recv() | added per recv() | ns per getppid() | added per getppid() | (a) share | (b) share |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let none = &times[0];
+    for (tracer, times) in Tracer::ALL.iter().zip(times).skip(1) {
+        let (recv_added, recv_text) = paired_difference(&times.recv_ns, &none.recv_ns);
+        let (_, getppid_text) = paired_difference(&times.getppid_ns, &none.getppid_ns);
+        println!(
+            "| {} | {:.0} | {recv_text} | {:.0} | {getppid_text} | {:.2}% | {:.2}% |",
+            tracer.name(),
+            median(&times.recv_ns),
+            median(&times.getppid_ns),
+            recv_added * calls.round_trip / unit_ns.round_trip * 100.0,
+            recv_added * calls.mib / unit_ns.mib * 100.0,
+        );
+    }
+}
+
+/// How `traced` differs from `none` round by round: the median, and it as
+/// "median [lowest, highest]".
+fn paired_difference(traced: &[f64], none: &[f64]) -> (f64, String) {
+    let added = traced.iter().zip(none).map(|(traced, none)| traced - none);
+    let (typical, spread) = median_and_spread(added.collect());
+    (typical, format!("{typical:+.1} {spread}"))
+}
+
+/// The fastest of `IDLE_TIMINGS` timings (the others were interrupted).
+fn fastest(time: impl Fn() -> f64) -> f64 {
+    (0..IDLE_TIMINGS)
+        .map(|_| time())
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// Both ends of a loopback connection on which nothing is sent.
+fn idle_connection() -> anyhow::Result<(TcpStream, TcpStream)> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let client = TcpStream::connect(listener.local_addr()?)?;
+    let (server, _) = listener.accept()?;
+    Ok((client, server))
+}
+
+/// Thread CPU ns per recv() on `socket`, which has nothing to read.
+fn idle_recv_ns(socket: &TcpStream) -> f64 {
+    let fd = socket.as_raw_fd();
+    let mut byte = 0u8;
+    let started = thread_cpu_ns();
+    for _ in 0..IDLE_CALLS {
+        // SAFETY: reads at most one byte into `byte`; EAGAIN is the expected result.
+        unsafe { libc::recv(fd, (&raw mut byte).cast(), 1, libc::MSG_DONTWAIT) };
+    }
+    (thread_cpu_ns() - started) as f64 / f64::from(IDLE_CALLS)
+}
+
+/// Thread CPU ns per getppid(), a system call that fires no socket hook.
+fn getppid_ns() -> f64 {
+    let started = thread_cpu_ns();
+    for _ in 0..IDLE_CALLS {
+        // SAFETY: no preconditions.
+        unsafe { libc::getppid() };
+    }
+    (thread_cpu_ns() - started) as f64 / f64::from(IDLE_CALLS)
+}
+
+/// CPU time of the calling thread, in ns.
+fn thread_cpu_ns() -> u64 {
+    // SAFETY: timespec is plain old data that clock_gettime fills in.
+    let mut now: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid clock id and a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 fn print_table(figures: &[Figures], round_trips: u64, bulk_gib: u64, rounds: usize) {
@@ -283,14 +439,19 @@ fn median(values: &[f64]) -> f64 {
 
 /// How `traced` differs from `none` round by round, in percent: median [lowest, highest].
 fn paired_change(traced: &[f64], none: &[f64]) -> String {
-    let mut changes: Vec<f64> = traced
+    let changes = traced
         .iter()
         .zip(none)
-        .map(|(traced, none)| (traced / none - 1.0) * 100.0)
-        .collect();
-    changes.sort_by(f64::total_cmp);
-    let (lowest, highest) = (changes[0], changes[changes.len() - 1]);
-    format!("{:+.1}% [{lowest:+.1}, {highest:+.1}]", median(&changes))
+        .map(|(traced, none)| (traced / none - 1.0) * 100.0);
+    let (typical, spread) = median_and_spread(changes.collect());
+    format!("{typical:+.1}% {spread}")
+}
+
+/// The median of `values`, and "[lowest, highest]".
+fn median_and_spread(mut values: Vec<f64>) -> (f64, String) {
+    values.sort_by(f64::total_cmp);
+    let spread = format!("[{:+.1}, {:+.1}]", values[0], values[values.len() - 1]);
+    (median(&values), spread)
 }
 
 /// `count` round trips of one message each way on one connection.
