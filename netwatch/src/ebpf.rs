@@ -24,7 +24,7 @@ use tokio::io::Interest;
 
 use crate::btf::Btf;
 use crate::model::{
-    LossCounters, OwnerCause, OwnerEvent, Proto, Task, TcpState, Transition, Tuple,
+    LossCounters, OwnerCause, OwnerEvent, Proto, Record, Task, TcpState, Transition, Tuple,
 };
 
 /// Where tracefs is mounted on current systems.
@@ -366,15 +366,6 @@ fn program<'a>(
 ) -> Result<&'a mut aya::programs::Program, ProbeError> {
     ebpf.program_mut(name)
         .ok_or_else(|| ProbeError::Load(format!("program {name} missing from the object")))
-}
-
-/// What a kernel event reports.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Record {
-    Transition(Transition),
-    Owner(OwnerEvent),
-    /// A process called exec(): the task carries its new name.
-    Exec(Task),
 }
 
 /// The record an event describes; `None` for a kind or state number the

@@ -14,6 +14,7 @@ mod output;
 mod sink;
 mod snapshot;
 pub mod snapshot_command;
+mod source;
 mod table;
 pub mod verify;
 pub mod watch;

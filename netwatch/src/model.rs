@@ -334,6 +334,15 @@ pub struct LossCounters {
     pub recovery_skipped: u64,
 }
 
+/// What one event of the kernel's programs reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    Transition(Transition),
+    Owner(OwnerEvent),
+    /// A process called exec(): the task carries its new name.
+    Exec(Task),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,15 +14,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
-use netwatch_common::{ByteCounts, KernelEvent};
+use netwatch_common::ByteCounts;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::ProbeArgs;
-use crate::ebpf::{self, KernelLog, Record, StateProbe};
+use crate::ebpf::{KernelLog, StateProbe};
 use crate::metrics::{Failure, Metrics};
-use crate::model::{LossCause, LossCounters, OwnerChange, OwnerEvent, Proto, Transition};
+use crate::model::{LossCause, LossCounters, OwnerChange, OwnerEvent, Proto, Record, Transition};
 use crate::sink::Sink;
 use crate::snapshot::{self, Snapshot};
+use crate::source::{EventSource, KernelSource};
 use crate::table::{Observed, SocketTable};
 
 /// How often the ring buffer is drained without a wakeup: the eBPF side wakes
@@ -145,21 +146,23 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut hangup = signal(SignalKind::hangup())?;
+    let mut kernel_log = probe.take_kernel_log();
+    let recovers_skipped_calls = probe.recovers_skipped_calls();
+    let mut source = KernelSource(probe);
     let mut monitor = Monitor::new(config.no_resync, observer, sink, metrics.clone());
     monitor.observer.attach_metrics(metrics);
-    monitor.take_baseline()?;
+    monitor.take_baseline(&mut source)?;
     eprintln!(
         "netwatch: watching TCP state transitions (loaded and attached in {} ms, baseline of {} sockets read in {} ms{})",
         attached.as_millis(),
         monitor.table.len(),
         (started.elapsed() - attached).as_millis(),
-        if probe.recovers_skipped_calls() {
+        if recovers_skipped_calls {
             ", recovering skipped calls"
         } else {
             ""
         }
     );
-    let mut kernel_log = probe.take_kernel_log();
     let mut loss_check = tokio::time::interval(LOSS_CHECK_INTERVAL);
     let mut drain_timer = tokio::time::interval(DRAIN_INTERVAL);
     let mut gauge_timer = tokio::time::interval(GAUGE_INTERVAL);
@@ -177,15 +180,15 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     loop {
         let retrying_reopen = monitor.reopen_backoff.is_some();
         tokio::select! {
-            drained = probe.drain(|event| monitor.on_event(&event)) => {
+            drained = source.drain(|record| monitor.on_record(record)) => {
                 drained.context("reading the ring buffer failed")?;
             }
             logged = forward(kernel_log.as_mut()) => logged.context("reading the eBPF program's log failed")?,
-            _ = drain_timer.tick() => probe.drain_now(|event| monitor.on_event(&event)),
+            _ = drain_timer.tick() => source.drain_now(|record| monitor.on_record(record)),
             _ = loss_check.tick() => {
-                let counters = probe.losses().context("reading the loss counters failed")?;
-                probe.drain_now(|event| monitor.on_event(&event));
-                monitor.check_losses(counters, false)?;
+                let counters = source.losses().context("reading the loss counters failed")?;
+                source.drain_now(|record| monitor.on_record(record));
+                monitor.check_losses(&mut source, counters, false)?;
             }
             _ = gauge_timer.tick(), if config.metrics.is_some() => monitor.metrics.count_sockets(&monitor.table),
             _ = check_timer.tick(), if check_every.is_some() && pending_check.is_none() => {
@@ -195,7 +198,7 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
             taken = async { pending_check.as_mut().expect("guarded").await }, if pending_check.is_some() => {
                 pending_check = None;
                 match taken.context("the snapshot thread failed").and_then(|taken| taken) {
-                    Ok(snapshot) => monitor.check(&mut probe, snapshot).await,
+                    Ok(snapshot) => monitor.check(&mut source, snapshot).await,
                     Err(err) => monitor.report_failure(Failure::Snapshot, &err, "this check is skipped; the next one comes at the next interval"),
                 }
             }
@@ -212,19 +215,13 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     }
     // Even when the output failed, stop writes what it still can and the
     // summary goes to stderr; the first error is the one reported.
-    let stopped = monitor.stop(&mut probe).await;
-    monitor.summary(started.elapsed());
+    let stopped = monitor.stop(&mut source).await;
+    eprintln!("netwatch: {}", monitor.summary(started.elapsed()));
     if let Some(err) = write_failed {
         return Err(err.into());
     }
     stopped?;
     Ok(monitor.observer)
-}
-
-/// Reads the TCP tables of every network namespace, with their owners.
-fn read_baseline() -> anyhow::Result<Snapshot> {
-    snapshot::take_every_namespace(&[Proto::Tcp, Proto::Tcp6], true)
-        .context("reading the /proc TCP tables failed")
 }
 
 /// Reads netwatch's own namespace's TCP tables of /proc with their owners.
@@ -331,12 +328,11 @@ impl<O: Observer> Monitor<O> {
         self.observer.failed(what, &message, &mut self.buffer);
     }
 
-    fn on_event(&mut self, event: &KernelEvent) {
-        match ebpf::to_record(event) {
-            Some(Record::Transition(transition)) => self.on_transition(&transition),
-            Some(Record::Owner(owner)) => self.on_owner(&owner),
-            Some(Record::Exec(task)) => self.table.exec(&task),
-            None => {}
+    fn on_record(&mut self, record: Record) {
+        match record {
+            Record::Transition(transition) => self.on_transition(&transition),
+            Record::Owner(owner) => self.on_owner(&owner),
+            Record::Exec(task) => self.table.exec(&task),
         }
     }
 
@@ -374,8 +370,8 @@ impl<O: Observer> Monitor<O> {
     }
 
     /// Fills the table from /proc: the baseline at start, or a resync.
-    fn reload(&mut self) -> anyhow::Result<Snapshot> {
-        let snapshot = read_baseline()?;
+    fn reload(&mut self, source: &mut impl EventSource) -> anyhow::Result<Snapshot> {
+        let snapshot = source.baseline()?;
         self.table.reset_from(&snapshot, self.netns);
         self.stale = false;
         self.last_resync = Instant::now();
@@ -383,8 +379,8 @@ impl<O: Observer> Monitor<O> {
         Ok(snapshot)
     }
 
-    fn take_baseline(&mut self) -> anyhow::Result<()> {
-        let snapshot = self.reload()?;
+    fn take_baseline(&mut self, source: &mut impl EventSource) -> anyhow::Result<()> {
+        let snapshot = self.reload(source)?;
         self.observer
             .baseline(&snapshot, &self.table, &mut self.buffer);
         Ok(())
@@ -392,37 +388,41 @@ impl<O: Observer> Monitor<O> {
 
     /// Hands the observer a snapshot just read, once every transition
     /// stamped before its end is applied.
-    async fn check(&mut self, probe: &mut StateProbe, snapshot: Snapshot) {
+    async fn check(&mut self, source: &mut impl EventSource, snapshot: Snapshot) {
         // Transitions stamped before the snapshot ended may still be on their way on other CPUs.
         tokio::time::sleep(Duration::from_millis(10)).await;
-        probe.drain_now(|event| self.on_event(&event));
+        source.drain_now(|record| self.on_record(record));
         self.observer
             .check(&snapshot, &self.table, &mut self.buffer);
     }
 
     /// Drains what is left, counts the last losses and lets the observer
     /// write its last records.
-    async fn stop(&mut self, probe: &mut StateProbe) -> anyhow::Result<()> {
+    async fn stop(&mut self, source: &mut impl EventSource) -> anyhow::Result<()> {
         // The transition programs neither send nor count from here on:
         // once the calls under way on other CPUs have finished, the last
         // drain and the kernel's counters describe the same transitions,
         // and delivered + lost = fired exactly.
-        probe
+        source
             .stop_sending()
             .context("telling the eBPF programs to stop failed")?;
-        let at_stop = probe.losses().context("reading the loss counters failed")?;
+        let at_stop = source
+            .losses()
+            .context("reading the loss counters failed")?;
         tokio::time::sleep(Duration::from_millis(20)).await;
-        probe.drain_now(|event| self.on_event(&event));
-        let mut counters = probe.losses().context("reading the loss counters failed")?;
+        source.drain_now(|record| self.on_record(record));
+        let mut counters = source
+            .losses()
+            .context("reading the loss counters failed")?;
         // The kernel still counts the calls it skips after the stop, which
         // were neither sent nor counted as fired: leave them out.
         counters.skipped = at_stop.skipped;
         let skipped_since = counters.recovery_skipped - at_stop.recovery_skipped;
         counters.fired = counters.fired.map(|fired| fired - skipped_since);
-        self.check_losses(counters, true)?;
+        self.check_losses(source, counters, true)?;
         self.observer.stopped(
             &self.table,
-            &|skaddr| probe.bytes(skaddr),
+            &|skaddr| source.bytes(skaddr),
             &self.clock,
             &mut self.buffer,
         );
@@ -430,8 +430,8 @@ impl<O: Observer> Monitor<O> {
     }
 
     /// Rebuilds the table from a fresh /proc snapshot after losses.
-    fn resync(&mut self) -> anyhow::Result<()> {
-        self.reload()?;
+    fn resync(&mut self, source: &mut impl EventSource) -> anyhow::Result<()> {
+        self.reload(source)?;
         self.resyncs += 1;
         self.metrics.resyncs.inc();
         eprintln!(
@@ -445,7 +445,12 @@ impl<O: Observer> Monitor<O> {
     /// Reports transitions lost since the last check and resyncs after a
     /// loss. A skipped call counts as lost once its recovery had time to
     /// arrive: skips counted at the previous check (or, when `last`, now).
-    fn check_losses(&mut self, now: LossCounters, last: bool) -> anyhow::Result<()> {
+    fn check_losses(
+        &mut self,
+        source: &mut impl EventSource,
+        now: LossCounters,
+        last: bool,
+    ) -> anyhow::Result<()> {
         let settled = if last { now } else { self.counters };
         self.counters = now;
         // A skipped call whose recovery the full ring buffer refused is a
@@ -487,7 +492,7 @@ impl<O: Observer> Monitor<O> {
         }
         let due = last || self.last_resync.elapsed() >= self.resync_wait;
         if self.stale && due && !self.no_resync {
-            if let Err(err) = self.resync() {
+            if let Err(err) = self.resync(source) {
                 // Tried again later, while the table stays stale.
                 self.last_resync = Instant::now();
                 self.resync_wait = (self.resync_wait * 2).min(RESYNC_RETRY_MAX);
@@ -513,23 +518,74 @@ impl<O: Observer> Monitor<O> {
         Ok(())
     }
 
-    fn summary(&self, runtime: Duration) {
-        let lost = self.lost;
-        eprintln!(
-            "netwatch: ran {:.1} s: {} transitions ({} fired in the kernel), {} lost ({} ring buffer full, {} skipped by the kernel and not recovered); {} of {} skipped calls recovered, {} duplicates dropped; {} resyncs, {} sockets in the table, {} found freed without a traced CLOSE",
-            runtime.as_secs_f64(),
+    fn summary(&self, runtime: Duration) -> Summary {
+        Summary {
+            runtime,
+            transitions: self.transitions,
+            fired: self.counters.fired,
+            ring_buffer_full: self.lost.ring_buffer_full,
+            not_recovered: self.lost.skipped,
+            skipped: self.counters.skipped,
+            recovered: self.recovered,
+            duplicates: self.duplicates,
+            resyncs: self.resyncs,
+            sockets: self.table.len(),
+            vanished: self.table.vanished(),
+        }
+    }
+}
+
+/// What a run of the monitor saw, for its last words.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Summary {
+    pub runtime: Duration,
+    /// Transitions applied: recovered ones in, duplicates out.
+    pub transitions: u64,
+    /// Firings of the tracepoint the kernel counted (known with the recovery program).
+    pub fired: Option<u64>,
+    /// Transitions lost to a full ring buffer.
+    pub ring_buffer_full: u64,
+    /// Calls the kernel skipped and the recovery program did not send.
+    pub not_recovered: u64,
+    /// Calls the kernel skipped, and of them those recovered.
+    pub skipped: u64,
+    pub recovered: u64,
+    /// Recovered transitions that repeated one already applied (dropped).
+    pub duplicates: u64,
+    pub resyncs: u64,
+    /// Sockets in the table at the end.
+    pub sockets: usize,
+    /// Sockets found freed without a traced CLOSE.
+    pub vanished: u64,
+}
+
+impl Summary {
+    /// Transitions lost, whatever the cause.
+    pub fn lost(&self) -> u64 {
+        self.ring_buffer_full + self.not_recovered
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let fired = self
+            .fired
+            .map_or_else(|| "?".to_owned(), |fired| fired.to_string());
+        write!(
+            f,
+            "ran {:.1} s: {} transitions ({fired} fired in the kernel), {} lost ({} ring buffer full, {} skipped by the kernel and not recovered); {} of {} skipped calls recovered, {} duplicates dropped; {} resyncs, {} sockets in the table, {} found freed without a traced CLOSE",
+            self.runtime.as_secs_f64(),
             self.transitions,
-            self.counters.fired.map_or_else(|| "?".to_owned(), |fired| fired.to_string()),
-            lost.ring_buffer_full + lost.skipped,
-            lost.ring_buffer_full,
-            lost.skipped,
+            self.lost(),
+            self.ring_buffer_full,
+            self.not_recovered,
             self.recovered,
-            self.counters.skipped,
+            self.skipped,
             self.duplicates,
             self.resyncs,
-            self.table.len(),
-            self.table.vanished()
-        );
+            self.sockets,
+            self.vanished
+        )
     }
 }
 
@@ -564,22 +620,304 @@ fn clock_ns(clock: libc::clockid_t) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::VecDeque;
+
     use super::*;
+    use crate::model::{Task, TcpState, Tuple};
+    use crate::snapshot::{ProcSocket, SnapshotEntry};
 
-    /// An observer that writes nothing.
-    struct Silent;
-
-    impl Observer for Silent {
-        fn transition(&mut self, _: &Transition, _: Observed, _: &WallClock, _: &mut Vec<u8>) {}
+    /// What the monitor told the mode.
+    #[derive(Default)]
+    struct Recorder {
+        transitions: Vec<Transition>,
+        lost: Vec<(u64, LossCause)>,
+        failures: Vec<Failure>,
+        resyncs: usize,
     }
 
-    fn monitor() -> Monitor<Silent> {
-        Monitor::new(true, Silent, Sink::stdout(), Arc::new(Metrics::new(4096)))
+    impl Observer for Recorder {
+        fn transition(&mut self, t: &Transition, _: Observed, _: &WallClock, _: &mut Vec<u8>) {
+            self.transitions.push(t.clone());
+        }
+        fn lost(&mut self, count: u64, cause: LossCause, _: &mut Vec<u8>) {
+            self.lost.push((count, cause));
+        }
+        fn failed(&mut self, what: Failure, _: &str, _: &mut Vec<u8>) {
+            self.failures.push(what);
+        }
+        fn resynced(&mut self, _: &SocketTable, _: &mut Vec<u8>) {
+            self.resyncs += 1;
+        }
+    }
+
+    /// What the kernel would send, as a test writes it: records waiting
+    /// for the next drain, the loss counters, and what each read of the
+    /// baseline returns (an empty table once the script runs out).
+    #[derive(Default)]
+    struct ScriptedSource {
+        waiting: Vec<Record>,
+        losses: LossCounters,
+        baselines: VecDeque<anyhow::Result<Snapshot>>,
+        /// Transitions the full ring buffer refuses during each baseline read.
+        lost_during_read: u64,
+        baselines_read: usize,
+        stopped: bool,
+    }
+
+    impl EventSource for ScriptedSource {
+        async fn drain(&mut self, handle: impl FnMut(Record)) -> io::Result<()> {
+            self.drain_now(handle);
+            Ok(())
+        }
+        fn drain_now(&mut self, handle: impl FnMut(Record)) {
+            self.waiting.drain(..).for_each(handle);
+        }
+        fn losses(&self) -> io::Result<LossCounters> {
+            Ok(self.losses)
+        }
+        fn stop_sending(&mut self) -> io::Result<()> {
+            self.stopped = true;
+            Ok(())
+        }
+        fn bytes(&self, _: u64) -> Option<ByteCounts> {
+            None
+        }
+        fn baseline(&mut self) -> anyhow::Result<Snapshot> {
+            self.baselines_read += 1;
+            self.losses.ring_buffer_full += self.lost_during_read;
+            self.baselines
+                .pop_front()
+                .unwrap_or_else(|| Ok(Snapshot::default()))
+        }
+    }
+
+    fn monitor(resync: bool) -> Monitor<Recorder> {
+        let metrics = Arc::new(Metrics::new(4096));
+        Monitor::new(!resync, Recorder::default(), Sink::stdout(), metrics)
+    }
+
+    /// A transition of the socket at `skaddr`, from port 40000 + skaddr to port 80.
+    fn transition(skaddr: u64, (old, new): (TcpState, TcpState), recovered: bool) -> Record {
+        Record::Transition(Transition {
+            ts_ns: skaddr,
+            skaddr,
+            tuple: Tuple {
+                proto: Proto::Tcp,
+                local: SocketAddr::from(([127, 0, 0, 1], 40_000 + skaddr as u16)),
+                remote: SocketAddr::from(([127, 0, 0, 1], 80)),
+            },
+            old,
+            new,
+            task: Task {
+                pid: 1,
+                comm: [0; 16],
+                start_ns: None,
+            },
+            uid: None,
+            netns: None,
+            bytes: ByteCounts::default(),
+            recovered,
+        })
+    }
+
+    const CONNECT: (TcpState, TcpState) = (TcpState::Close, TcpState::SynSent);
+    const ESTABLISH: (TcpState, TcpState) = (TcpState::SynSent, TcpState::Established);
+
+    /// `count` established sockets, as /proc lists them.
+    fn snapshot_of(count: u16) -> Snapshot {
+        let entries = (0..count)
+            .map(|index| SnapshotEntry {
+                socket: ProcSocket {
+                    proto: Proto::Tcp,
+                    local: SocketAddr::from(([127, 0, 0, 1], 50_000 + index)),
+                    remote: SocketAddr::from(([127, 0, 0, 1], 80)),
+                    state: TcpState::Established,
+                    tx_queue: 0,
+                    rx_queue: 0,
+                    uid: 0,
+                    inode: u64::from(index) + 1,
+                    timewait: false,
+                    netns: None,
+                },
+                owner: None,
+                pids: Vec::new(),
+            })
+            .collect();
+        Snapshot {
+            entries,
+            ..Snapshot::default()
+        }
+    }
+
+    /// Drains what is waiting, then checks the losses as the monitor does
+    /// every 100 ms, `checks` times, with any resync due.
+    fn check(monitor: &mut Monitor<Recorder>, source: &mut ScriptedSource, checks: usize) {
+        for _ in 0..checks {
+            source.drain_now(|record| monitor.on_record(record));
+            monitor.last_resync -= monitor.resync_wait;
+            let counters = source.losses().expect("scripted");
+            monitor
+                .check_losses(source, counters, false)
+                .expect("scripted");
+        }
+    }
+
+    /// Stops the monitor as at SIGINT: its summary.
+    fn stop(monitor: &mut Monitor<Recorder>, source: &mut ScriptedSource) -> Summary {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("a runtime");
+        runtime
+            .block_on(monitor.stop(source))
+            .expect("scripted stop");
+        assert!(source.stopped);
+        monitor.summary(Duration::ZERO)
+    }
+
+    #[test]
+    fn a_skipped_call_and_its_recovery_count_once_and_nothing_is_lost() {
+        let (mut monitor, mut source) = (monitor(false), ScriptedSource::default());
+        // The tracepoint program sent the connect; the kernel skipped its
+        // call at the handshake (nested in a softirq), and the recovery
+        // program sent that one.
+        source.waiting = vec![
+            transition(1, CONNECT, false),
+            transition(1, ESTABLISH, true),
+        ];
+        source.losses = LossCounters {
+            skipped: 1,
+            fired: Some(2),
+            ..LossCounters::default()
+        };
+        check(&mut monitor, &mut source, 2);
+        let summary = stop(&mut monitor, &mut source);
+        assert_eq!(monitor.observer.transitions.len(), 2);
+        assert!(monitor.observer.lost.is_empty());
+        assert_eq!(
+            (summary.transitions, summary.recovered, summary.lost()),
+            (2, 1, 0)
+        );
+        assert_eq!(Some(summary.transitions + summary.lost()), summary.fired);
+    }
+
+    #[test]
+    fn a_recovered_twin_of_a_sent_transition_is_dropped() {
+        let (mut monitor, mut source) = (monitor(false), ScriptedSource::default());
+        // A softirq interrupted the recovery program before it saw that the
+        // tracepoint program had sent the handshake: it sent it again.
+        source.waiting = vec![
+            transition(1, CONNECT, false),
+            transition(1, ESTABLISH, false),
+            transition(1, ESTABLISH, true),
+        ];
+        source.losses.fired = Some(2);
+        check(&mut monitor, &mut source, 1);
+        let summary = stop(&mut monitor, &mut source);
+        assert_eq!(monitor.observer.transitions.len(), 2);
+        assert_eq!(
+            (summary.transitions, summary.duplicates, summary.recovered),
+            (2, 1, 0)
+        );
+        assert_eq!(Some(summary.transitions + summary.lost()), summary.fired);
+    }
+
+    #[test]
+    fn unrecovered_skips_are_lost_once_their_recovery_could_have_arrived() {
+        let (mut monitor, mut source) = (monitor(false), ScriptedSource::default());
+        source.waiting = vec![transition(1, CONNECT, true)];
+        source.losses = LossCounters {
+            skipped: 3,
+            fired: Some(3),
+            ..LossCounters::default()
+        };
+        check(&mut monitor, &mut source, 2);
+        assert_eq!(monitor.observer.lost, [(2, LossCause::Recursion)]);
+        let summary = stop(&mut monitor, &mut source);
+        assert_eq!((summary.recovered, summary.not_recovered), (1, 2));
+        assert_eq!(Some(summary.transitions + summary.lost()), summary.fired);
+        assert_eq!(monitor.observer.lost.len(), 1, "reported once");
+    }
+
+    #[test]
+    fn a_full_ring_buffer_is_reported_and_the_table_rebuilt() {
+        let (mut monitor, mut source) = (monitor(true), ScriptedSource::default());
+        source.baselines = VecDeque::from([Ok(snapshot_of(1)), Ok(snapshot_of(3))]);
+        monitor.take_baseline(&mut source).expect("scripted");
+        source.waiting = vec![transition(1, CONNECT, false)];
+        source.losses.ring_buffer_full = 4;
+        check(&mut monitor, &mut source, 1);
+        assert_eq!(monitor.observer.lost, [(4, LossCause::RingBufferFull)]);
+        assert_eq!((source.baselines_read, monitor.observer.resyncs), (2, 1));
+        assert_eq!(monitor.table.len(), 3, "the table is the new baseline");
+        assert!(!monitor.stale);
+        check(&mut monitor, &mut source, 1);
+        assert_eq!(source.baselines_read, 2, "no new loss, no new resync");
+        assert_eq!(monitor.observer.lost.len(), 1);
+    }
+
+    #[test]
+    fn losses_during_a_resync_bring_another_one() {
+        let (mut monitor, mut source) = (monitor(true), ScriptedSource::default());
+        monitor.take_baseline(&mut source).expect("scripted");
+        source.lost_during_read = 2;
+        source.losses.ring_buffer_full = 1;
+        check(&mut monitor, &mut source, 1);
+        // The table was read while 2 more transitions were refused.
+        check(&mut monitor, &mut source, 1);
+        assert_eq!(
+            monitor.observer.lost,
+            [
+                (1, LossCause::RingBufferFull),
+                (2, LossCause::RingBufferFull)
+            ]
+        );
+        assert_eq!(monitor.observer.resyncs, 2);
+        source.lost_during_read = 0;
+        check(&mut monitor, &mut source, 1);
+        assert_eq!(
+            monitor.observer.lost.len(),
+            3,
+            "the second resync's read lost 2 more"
+        );
+        check(&mut monitor, &mut source, 1);
+        assert_eq!(monitor.observer.lost.len(), 3, "settled");
+        let summary = stop(&mut monitor, &mut source);
+        assert_eq!((summary.ring_buffer_full, summary.resyncs), (5, 3));
+    }
+
+    #[test]
+    fn a_failed_resync_is_reported_and_tried_again_later() {
+        let (mut monitor, mut source) = (monitor(true), ScriptedSource::default());
+        source.baselines = VecDeque::from([
+            Ok(snapshot_of(1)),
+            Err(anyhow::anyhow!("Too many open files")),
+            Ok(snapshot_of(2)),
+        ]);
+        monitor.take_baseline(&mut source).expect("scripted");
+        source.losses.ring_buffer_full = 1;
+        check(&mut monitor, &mut source, 1);
+        assert_eq!(monitor.observer.failures, [Failure::Resync]);
+        assert!(monitor.stale, "the table stays stale");
+        assert_eq!(monitor.resync_wait, RESYNC_INTERVAL * 2, "backs off");
+        let counters = source.losses().expect("scripted");
+        monitor
+            .check_losses(&mut source, counters, false)
+            .expect("scripted");
+        assert_eq!(source.baselines_read, 2, "not before the backoff ends");
+        check(&mut monitor, &mut source, 1);
+        assert_eq!(source.baselines_read, 3);
+        assert!(!monitor.stale);
+        assert_eq!(
+            (monitor.table.len(), monitor.resync_wait),
+            (2, RESYNC_INTERVAL)
+        );
+        assert_eq!(monitor.observer.lost.len(), 1, "the loss is reported once");
     }
 
     #[test]
     fn a_skipped_call_refused_by_the_full_ring_is_lost_once() {
-        let mut monitor = monitor();
+        let (mut monitor, mut source) = (monitor(false), ScriptedSource::default());
         monitor.recovered = 2;
         // 5 calls skipped: 2 recovered, 3 refused by the full ring buffer,
         // which also refused 7 of the tracepoint program's.
@@ -591,28 +929,12 @@ mod tests {
             fired: Some(100),
             recovery_skipped: 0,
         };
-        monitor.check_losses(now, true).expect("no resync");
+        monitor
+            .check_losses(&mut source, now, true)
+            .expect("no resync");
         assert_eq!(
             (monitor.lost.ring_buffer_full, monitor.lost.skipped),
             (10, 0)
         );
-    }
-
-    #[test]
-    fn skips_count_as_lost_once_their_recovery_had_time_to_arrive() {
-        let mut monitor = monitor();
-        let skipped = LossCounters {
-            skipped: 4,
-            ..LossCounters::default()
-        };
-        monitor.check_losses(skipped, false).expect("no resync");
-        assert_eq!(
-            monitor.lost.skipped, 0,
-            "recoveries may still be on their way"
-        );
-        monitor.recovered = 3;
-        monitor.check_losses(skipped, false).expect("no resync");
-        assert_eq!(monitor.lost.skipped, 1);
-        assert!(monitor.stale);
     }
 }
