@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::cli::AuditArgs;
 use crate::metrics::{Failure, Metrics};
 use crate::model::{LossCause, Owner, Proto, TcpState, Transition, Tuple};
-use crate::monitor::{self, Config, Observer, WallClock};
+use crate::monitor::{self, Config, Observer, Summary, WallClock};
 use crate::output::{self, Addr, Timestamp};
 use crate::sink::Sink;
 use crate::snapshot::{self, Snapshot};
@@ -95,6 +95,13 @@ pub enum AuditRecord {
         ts: Timestamp,
         count: u64,
         cause: LossCause,
+    },
+    /// The last record: what the run saw.
+    Summary {
+        schema: u32,
+        ts: Timestamp,
+        #[serde(flatten)]
+        counts: Summary,
     },
 }
 
@@ -295,6 +302,15 @@ impl Observer for Audit {
             ts: Timestamp(SystemTime::now()),
             count,
             cause,
+        };
+        let _ = output::write_json_line(out, &record);
+    }
+
+    fn summary(&mut self, summary: &Summary, out: &mut Vec<u8>) {
+        let record = AuditRecord::Summary {
+            schema: SCHEMA,
+            ts: Timestamp(SystemTime::now()),
+            counts: *summary,
         };
         let _ = output::write_json_line(out, &record);
     }

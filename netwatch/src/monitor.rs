@@ -89,6 +89,8 @@ pub trait Observer {
     /// were applied), and every transition stamped before it ended has been
     /// applied to `table`.
     fn check(&mut self, _snapshot: &Snapshot, _table: &SocketTable, _out: &mut Vec<u8>) {}
+    /// The monitor stopped and the table's last records are written: its summary.
+    fn summary(&mut self, _summary: &Summary, _out: &mut Vec<u8>) {}
     /// The monitor stops; the table holds what is still open. `bytes` looks
     /// up a socket's byte counts so far by its kernel address.
     fn stopped(
@@ -216,11 +218,14 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     // Even when the output failed, stop writes what it still can and the
     // summary goes to stderr; the first error is the one reported.
     let stopped = monitor.stop(&mut source).await;
-    eprintln!("netwatch: {}", monitor.summary(started.elapsed()));
+    let summary = monitor.summary(started.elapsed());
+    eprintln!("netwatch: {summary}");
     if let Some(err) = write_failed {
         return Err(err.into());
     }
     stopped?;
+    monitor.observer.summary(&summary, &mut monitor.buffer);
+    monitor.flush()?;
     Ok(monitor.observer)
 }
 
@@ -520,9 +525,10 @@ impl<O: Observer> Monitor<O> {
 
     fn summary(&self, runtime: Duration) -> Summary {
         Summary {
-            runtime,
+            seconds: runtime.as_secs_f64(),
             transitions: self.transitions,
             fired: self.counters.fired,
+            lost: self.lost.ring_buffer_full + self.lost.skipped,
             ring_buffer_full: self.lost.ring_buffer_full,
             not_recovered: self.lost.skipped,
             skipped: self.counters.skipped,
@@ -535,14 +541,18 @@ impl<O: Observer> Monitor<O> {
     }
 }
 
-/// What a run of the monitor saw, for its last words.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a run of the monitor saw: its last words, on stderr and as the
+/// last record of the JSON outputs.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
 pub struct Summary {
-    pub runtime: Duration,
+    pub seconds: f64,
     /// Transitions applied: recovered ones in, duplicates out.
     pub transitions: u64,
-    /// Firings of the tracepoint the kernel counted (known with the recovery program).
+    /// Firings of the tracepoint the kernel counted (known with the
+    /// recovery program): `transitions + lost` when nothing went uncounted.
     pub fired: Option<u64>,
+    /// Transitions lost, whatever the cause: the next two.
+    pub lost: u64,
     /// Transitions lost to a full ring buffer.
     pub ring_buffer_full: u64,
     /// Calls the kernel skipped and the recovery program did not send.
@@ -559,13 +569,6 @@ pub struct Summary {
     pub vanished: u64,
 }
 
-impl Summary {
-    /// Transitions lost, whatever the cause.
-    pub fn lost(&self) -> u64 {
-        self.ring_buffer_full + self.not_recovered
-    }
-}
-
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let fired = self
@@ -574,9 +577,9 @@ impl std::fmt::Display for Summary {
         write!(
             f,
             "ran {:.1} s: {} transitions ({fired} fired in the kernel), {} lost ({} ring buffer full, {} skipped by the kernel and not recovered); {} of {} skipped calls recovered, {} duplicates dropped; {} resyncs, {} sockets in the table, {} found freed without a traced CLOSE",
-            self.runtime.as_secs_f64(),
+            self.seconds,
             self.transitions,
-            self.lost(),
+            self.lost,
             self.ring_buffer_full,
             self.not_recovered,
             self.recovered,
@@ -795,10 +798,10 @@ mod tests {
         assert_eq!(monitor.observer.transitions.len(), 2);
         assert!(monitor.observer.lost.is_empty());
         assert_eq!(
-            (summary.transitions, summary.recovered, summary.lost()),
+            (summary.transitions, summary.recovered, summary.lost),
             (2, 1, 0)
         );
-        assert_eq!(Some(summary.transitions + summary.lost()), summary.fired);
+        assert_eq!(Some(summary.transitions + summary.lost), summary.fired);
     }
 
     #[test]
@@ -819,7 +822,7 @@ mod tests {
             (summary.transitions, summary.duplicates, summary.recovered),
             (2, 1, 0)
         );
-        assert_eq!(Some(summary.transitions + summary.lost()), summary.fired);
+        assert_eq!(Some(summary.transitions + summary.lost), summary.fired);
     }
 
     #[test]
@@ -835,7 +838,7 @@ mod tests {
         assert_eq!(monitor.observer.lost, [(2, LossCause::Recursion)]);
         let summary = stop(&mut monitor, &mut source);
         assert_eq!((summary.recovered, summary.not_recovered), (1, 2));
-        assert_eq!(Some(summary.transitions + summary.lost()), summary.fired);
+        assert_eq!(Some(summary.transitions + summary.lost), summary.fired);
         assert_eq!(monitor.observer.lost.len(), 1, "reported once");
     }
 

@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::model::{
     format_endpoint, Endpoint, LossCause, Owner, OwnerChange, Proto, TcpState, Tuple,
 };
+use crate::monitor::Summary;
 use crate::snapshot::SnapshotEntry;
 
 /// Which optional columns the snapshot table has.
@@ -282,6 +283,12 @@ pub enum StreamRecord<'a> {
         ts: String,
         what: &'static str,
         message: &'a str,
+    },
+    /// The last record: what the run saw.
+    Summary {
+        ts: String,
+        #[serde(flatten)]
+        counts: &'a Summary,
     },
     /// A socket's owner became another process.
     Owner {

@@ -6,13 +6,14 @@ use std::time::SystemTime;
 use crate::cli::WatchArgs;
 use crate::metrics::Failure;
 use crate::model::{LossCause, OwnerChange, Transition, Tuple};
-use crate::monitor::{self, Config, Observer, WallClock};
+use crate::monitor::{self, Config, Observer, Summary, WallClock};
 use crate::output::{self, SocketRecord, StreamRecord, Timestamp, TupleFields};
 use crate::sink::Sink;
 use crate::snapshot::Snapshot;
 use crate::table::{Observed, SocketTable};
 
-/// Streams until SIGINT or SIGTERM, then prints a summary on stderr.
+/// Streams until SIGINT or SIGTERM, then prints a summary on stderr (and,
+/// in JSON, as the last record).
 pub fn run(args: WatchArgs) -> anyhow::Result<()> {
     let config = Config::new(&args.probe, false, None);
     monitor::run(config, Stream { args }, Sink::stdout())?;
@@ -140,6 +141,17 @@ impl Observer for Stream {
         if self.args.json {
             let ts = output::rfc3339(SystemTime::now());
             let _ = output::write_json_line(out, &StreamRecord::Lost { ts, count, cause });
+        }
+    }
+
+    fn summary(&mut self, summary: &Summary, out: &mut Vec<u8>) {
+        if self.args.json {
+            let ts = output::rfc3339(SystemTime::now());
+            let record = StreamRecord::Summary {
+                ts,
+                counts: summary,
+            };
+            let _ = output::write_json_line(out, &record);
         }
     }
 

@@ -393,7 +393,6 @@ fn traced_churn(
         Tracer::None => {}
         Tracer::Netwatch => {
             count_netwatch(&out_path, ports, &mut run)?;
-            run.fired = netwatch_fired(&err_path);
         }
         Tracer::Tcpstates => count_tcpstates(&out_path, &err_path, ports, &mut run)?,
     }
@@ -435,18 +434,8 @@ fn time_to_first_event(netwatch: &Path, results: &Path) -> anyhow::Result<Durati
     first.context("netwatch delivered no event within 10 s")
 }
 
-/// Counts netwatch's JSON lines: transitions, lost records, and the churn's opens and closes.
-/// netwatch's own count of the tracepoint's firings, from its summary
-/// ("N transitions (M fired in the kernel)").
-fn netwatch_fired(err_path: &Path) -> Option<u64> {
-    let err = std::fs::read_to_string(err_path).ok()?;
-    let summary = err
-        .lines()
-        .find(|line| line.contains(" fired in the kernel"))?;
-    let before = &summary[..summary.find(" fired in the kernel")?];
-    before.rsplit(['(', ' ']).next()?.parse().ok()
-}
-
+/// Counts netwatch's JSON lines: transitions, lost records, the churn's opens and
+/// closes, and the firings its summary record counted.
 fn count_netwatch(
     out_path: &Path,
     ports: &HashSet<u16>,
@@ -464,6 +453,8 @@ fn count_netwatch(
                 count_churn_transition(on_churn, states, run);
             }
             Some("lost") => run.lost_reported += record["count"].as_u64().unwrap_or(0),
+            // netwatch's own count of the tracepoint's firings.
+            Some("summary") => run.fired = record["fired"].as_u64(),
             _ => {}
         }
     }

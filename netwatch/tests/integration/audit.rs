@@ -346,6 +346,9 @@ fn a_full_disk_stops_audit_with_one_sentence_and_a_restart_keeps_lines_whole() {
     for line in &lines[cut_lines..] {
         serde_json::from_str::<Value>(line).unwrap_or_else(|err| panic!("{err}: {line}"));
     }
+    let last: Value = serde_json::from_str(lines[lines.len() - 1]).expect("JSON");
+    assert_eq!(last["type"], "summary", "the run's summary ends it: {last}");
+    assert!(last["transitions"].as_u64() > Some(0), "{last}");
 }
 
 #[test]

@@ -161,18 +161,16 @@ fn kernel_recursion_misses() -> u64 {
     program["recursion_misses"].as_u64().unwrap_or(0)
 }
 
-fn summary_number(stderr: &str, before: &str) -> u64 {
-    let summary = stderr
-        .lines()
-        .find(|l| l.contains("netwatch: ran "))
-        .expect("summary line");
-    let at = summary
-        .find(before)
-        .unwrap_or_else(|| panic!("'{before}' in {summary}"));
-    let number = summary[..at].split_whitespace().last();
-    number
-        .and_then(|n| n.trim_start_matches('(').parse().ok())
-        .unwrap_or_else(|| panic!("a number before '{before}' in {summary}"))
+/// A count of netwatch's last record, `{"type":"summary", ...}`.
+fn summary_count(records: &[Value], field: &str) -> u64 {
+    let summary = records
+        .iter()
+        .rev()
+        .find(|record| record["type"] == "summary")
+        .expect("a summary record");
+    summary[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{field} in {summary}"))
 }
 
 #[test]
@@ -199,12 +197,12 @@ fn losses_are_reported_and_the_table_resyncs() {
         "a 4 KiB ring buffer lost nothing?\n{}",
         stopped.stderr
     );
-    assert_eq!(lost, summary_number(&stopped.stderr, "ring buffer full"));
+    assert_eq!(lost, summary_count(&stopped.records, "ring_buffer_full"));
     // Each transition counted once: a skipped call whose recovery the full
     // ring refused is lost once, not also as a skip not recovered.
-    let delivered = summary_number(&stopped.stderr, " transitions (");
-    let all_lost = summary_number(&stopped.stderr, " lost (");
-    let fired = summary_number(&stopped.stderr, " fired in the kernel");
+    let delivered = summary_count(&stopped.records, "transitions");
+    let all_lost = summary_count(&stopped.records, "lost");
+    let fired = summary_count(&stopped.records, "fired");
     assert_eq!(
         delivered + all_lost,
         fired,
@@ -225,7 +223,7 @@ fn losses_are_reported_and_the_table_resyncs() {
     // After the last resync the table is what /proc says (TIME_WAIT aside,
     // which has no owner). Other tests open and close sockets meanwhile, so
     // one of a few snapshots taken right after must agree.
-    let in_table = summary_number(&stopped.stderr, "sockets in the table");
+    let in_table = summary_count(&stopped.records, "sockets");
     let live: Vec<u64> = (0..5)
         .map(|_| {
             let fresh = snapshot_json(&["snapshot", "-tan", "--json"]);
@@ -302,10 +300,10 @@ fn skipped_calls_are_recovered_or_reported_as_the_kernel_counts_them() {
     let kernel = kernel_recursion_misses();
     let stopped = watch.stop();
     let (opens, closes, all) = churn_counts(&stopped.records, &ports);
-    let skipped = summary_number(&stopped.stderr, " skipped calls recovered");
-    let recovered = summary_number(&stopped.stderr, " of ");
-    let unrecovered = summary_number(&stopped.stderr, " skipped by the kernel and not recovered");
-    let ring_full = summary_number(&stopped.stderr, " ring buffer full");
+    let skipped = summary_count(&stopped.records, "skipped");
+    let recovered = summary_count(&stopped.records, "recovered");
+    let unrecovered = summary_count(&stopped.records, "not_recovered");
+    let ring_full = summary_count(&stopped.records, "ring_buffer_full");
     eprintln!("skipped calls: kernel {kernel}, netwatch {skipped}, recovered {recovered}; transitions {all} of {expected}");
     assert_eq!(
         skipped, kernel,
@@ -322,8 +320,8 @@ fn skipped_calls_are_recovered_or_reported_as_the_kernel_counts_them() {
     // Every transition the kernel fired (its own count, all sockets) was
     // delivered or reported lost. (The model of 10 per connection is not the
     // reference: a retransmitted FIN can close a connection seconds later.)
-    let delivered = summary_number(&stopped.stderr, " transitions (");
-    let fired = summary_number(&stopped.stderr, " fired in the kernel");
+    let delivered = summary_count(&stopped.records, "transitions");
+    let fired = summary_count(&stopped.records, "fired");
     assert_eq!(
         delivered + unrecovered + ring_full,
         fired,
@@ -429,9 +427,9 @@ fn a_stopped_reader_loses_each_transition_once() {
     unsafe { libc::kill(watch.pid() as i32, libc::SIGCONT) };
     let stopped = watch.stop();
     assert!(stopped.success, "{}", stopped.stderr);
-    let delivered = summary_number(&stopped.stderr, " transitions (");
-    let lost = summary_number(&stopped.stderr, " lost (");
-    let fired = summary_number(&stopped.stderr, " fired in the kernel");
+    let delivered = summary_count(&stopped.records, "transitions");
+    let lost = summary_count(&stopped.records, "lost");
+    let fired = summary_count(&stopped.records, "fired");
     eprintln!("{}", stopped.stderr);
     assert!(
         lost > 0,
