@@ -16,7 +16,7 @@ use crate::model::{LossCause, Owner, Proto, TcpState, Transition, Tuple};
 use crate::monitor::{self, Config, Observer, Summary, WallClock};
 use crate::output::{self, Addr, Timestamp};
 use crate::sink::Sink;
-use crate::snapshot::{self, Snapshot};
+use crate::snapshot::{self, Owners, Snapshot};
 use crate::table::{LiveSocket, Observed, SocketTable};
 use netwatch_common::ByteCounts;
 use std::collections::HashSet;
@@ -148,16 +148,12 @@ struct Audit {
 /// the table's sockets still open from those freed without a trace; `None`
 /// when /proc cannot be read.
 fn open_in_proc(own: Option<u32>) -> Option<HashSet<(Option<u32>, Tuple)>> {
-    let snapshot = snapshot::take_every_namespace(&[Proto::Tcp, Proto::Tcp6], false).ok()?;
+    let snapshot = snapshot::take_every_namespace(&[Proto::Tcp, Proto::Tcp6], Owners::Skip).ok()?;
     let open = snapshot.entries.iter().map(|entry| &entry.socket);
     Some(
         open.filter(|socket| !socket.timewait && socket.state != TcpState::TimeWait)
             .map(|socket| {
-                let tuple = Tuple {
-                    proto: socket.proto,
-                    local: socket.local,
-                    remote: socket.remote,
-                };
+                let tuple = socket.tuple();
                 (socket.netns.or(own), tuple)
             })
             .collect(),

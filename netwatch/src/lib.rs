@@ -1,12 +1,11 @@
 //! netwatch: a TCP connection monitor. A /proc snapshot (`snapshot`) is kept
-//! current by eBPF programs on TCP state changes (`ebpf`, `table`,
-//! `monitor`), for a live stream (`watch`), connection records (`audit`) and
-//! a check of the table against /proc (`verify`).
+//! current by eBPF programs on TCP state changes (`kernel`, `source`,
+//! `table`, `monitor`), for a live stream (`watch`), connection records
+//! (`audit`) and a check of the table against /proc (`verify`).
 
 pub mod audit;
-mod btf;
 pub mod cli;
-mod ebpf;
+mod kernel;
 mod metrics;
 pub mod model;
 mod monitor;

@@ -7,6 +7,8 @@ use netwatch::{audit, snapshot_command, verify, watch};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The only other logger would be a second call here.
+    let _ = log::set_logger(&NOTICES).map(|()| log::set_max_level(log::LevelFilter::Info));
     raise_fd_limit();
     let (result, pipe_closed_is_fine) = match cli.command {
         Some(Command::Snapshot(args)) => (
@@ -37,6 +39,33 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// What the library reports as it goes (warnings, and notices such as
+/// "watching" and the summary), one line each on stderr. Other crates'
+/// records are left out: they are not meant for netwatch's users.
+struct Notices;
+
+static NOTICES: Notices = Notices;
+
+impl log::Log for Notices {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Info && metadata.target().starts_with("netwatch")
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        match record.level() {
+            log::Level::Error | log::Level::Warn => {
+                eprintln!("netwatch: warning: {}", record.args())
+            }
+            _ => eprintln!("netwatch: {}", record.args()),
+        }
+    }
+
+    fn flush(&self) {}
 }
 
 /// Raises the soft limit on open files to the hard one: systemd's default

@@ -328,7 +328,7 @@ pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
 
 async fn accept_loop(listener: std::net::TcpListener, metrics: Arc<Metrics>) {
     let Ok(listener) = TcpListener::from_std(listener) else {
-        eprintln!("netwatch: warning: the metrics listener could not be registered; no metrics are served");
+        log::warn!("the metrics listener could not be registered; no metrics are served");
         return;
     };
     let mut open: std::collections::VecDeque<tokio::task::JoinHandle<()>> =

@@ -18,11 +18,11 @@ use netwatch_common::ByteCounts;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::ProbeArgs;
-use crate::ebpf::{KernelLog, StateProbe};
+use crate::kernel::{self, KernelLog, StateProbe};
 use crate::metrics::{Failure, Metrics};
 use crate::model::{LossCause, LossCounters, OwnerChange, OwnerEvent, Proto, Record, Transition};
 use crate::sink::Sink;
-use crate::snapshot::{self, Snapshot};
+use crate::snapshot::{self, Owners, Snapshot};
 use crate::source::{EventSource, KernelSource};
 use crate::table::{Observed, SocketTable};
 
@@ -154,8 +154,8 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     let mut monitor = Monitor::new(config.no_resync, observer, sink, metrics.clone());
     monitor.observer.attach_metrics(metrics);
     monitor.take_baseline(&mut source)?;
-    eprintln!(
-        "netwatch: watching TCP state transitions (loaded and attached in {} ms, baseline of {} sockets read in {} ms{})",
+    log::info!(
+        "watching TCP state transitions (loaded and attached in {} ms, baseline of {} sockets read in {} ms{})",
         attached.as_millis(),
         monitor.table.len(),
         (started.elapsed() - attached).as_millis(),
@@ -219,7 +219,7 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     // summary goes to stderr; the first error is the one reported.
     let stopped = monitor.stop(&mut source).await;
     let summary = monitor.summary(started.elapsed());
-    eprintln!("netwatch: {summary}");
+    log::info!("{summary}");
     if let Some(err) = write_failed {
         return Err(err.into());
     }
@@ -231,7 +231,9 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
 
 /// Reads netwatch's own namespace's TCP tables of /proc with their owners.
 fn read_proc() -> anyhow::Result<Snapshot> {
-    snapshot::take(&[Proto::Tcp, Proto::Tcp6], true).context("reading the /proc TCP tables failed")
+    let owners = Owners::Find(Some(kernel::socket_fds_if_possible));
+    snapshot::take(&[Proto::Tcp, Proto::Tcp6], owners)
+        .context("reading the /proc TCP tables failed")
 }
 
 /// Forwards the eBPF program's log, or waits forever when there is none.
@@ -329,7 +331,7 @@ impl<O: Observer> Monitor<O> {
     fn report_failure(&mut self, what: Failure, err: &anyhow::Error, next: &str) {
         self.metrics.failure(what);
         let message = format!("{err:#}; {next}");
-        eprintln!("netwatch: warning: {message}");
+        log::warn!("{message}");
         self.observer.failed(what, &message, &mut self.buffer);
     }
 
@@ -439,8 +441,8 @@ impl<O: Observer> Monitor<O> {
         self.reload(source)?;
         self.resyncs += 1;
         self.metrics.resyncs.inc();
-        eprintln!(
-            "netwatch: resynced the table from /proc: {} sockets",
+        log::info!(
+            "resynced the table from /proc: {} sockets",
             self.table.len()
         );
         self.observer.resynced(&self.table, &mut self.buffer);
@@ -488,11 +490,7 @@ impl<O: Observer> Monitor<O> {
         self.metrics.set_losses(self.lost, &self.table);
         for (count, cause) in new_losses.into_iter().filter(|(count, _)| *count > 0) {
             self.stale = true;
-            eprintln!(
-                "netwatch: lost {count} {}: {}",
-                cause.lost_what(),
-                cause.describe()
-            );
+            log::info!("lost {count} {}: {}", cause.lost_what(), cause.describe());
             self.observer.lost(count, cause, &mut self.buffer);
         }
         let due = last || self.last_resync.elapsed() >= self.resync_wait;

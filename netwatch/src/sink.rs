@@ -58,7 +58,7 @@ impl Sink {
     pub fn reopen(&mut self) -> anyhow::Result<()> {
         if let Sink::File { path, file } = self {
             *file = open_for_append(path)?;
-            eprintln!("netwatch: reopened {}", path.display());
+            log::info!("reopened {}", path.display());
         }
         Ok(())
     }
@@ -132,8 +132,8 @@ fn end_a_cut_line(path: &Path, file: &File) -> anyhow::Result<()> {
         .and_then(|reader| reader.read_at(&mut last, meta.len() - 1))
         .with_context(|| format!("reading the end of {} failed", path.display()))?;
     if last[0] != b'\n' {
-        eprintln!(
-            "netwatch: warning: {} ended in a cut record (an earlier write failed); a newline ends it, so that every line stays one JSON record",
+        log::warn!(
+            "{} ended in a cut record (an earlier write failed); a newline ends it, so that every line stays one JSON record",
             path.display()
         );
         (&*file)

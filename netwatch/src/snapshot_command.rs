@@ -5,18 +5,23 @@ use std::io::Write;
 use anyhow::Context as _;
 
 use crate::cli::SnapshotArgs;
-use crate::model::{Proto, TcpState, Tuple};
+use crate::kernel;
+use crate::model::{Proto, TcpState};
 use crate::output::{self, SnapshotColumns, SocketRecord};
-use crate::snapshot::{self, SnapshotEntry};
+use crate::snapshot::{self, Owners, SnapshotEntry};
 
 /// Takes a snapshot and writes the sockets the flags select to `out`.
 pub fn run(args: &SnapshotArgs, out: &mut impl Write) -> anyhow::Result<()> {
-    let resolve_owners = args.program || args.json || args.filters.pid.is_some();
-    let snapshot = snapshot::take(&selected_protos(args), resolve_owners)
+    let owners = if args.program || args.json || args.filters.pid.is_some() {
+        Owners::Find(Some(kernel::socket_fds_if_possible))
+    } else {
+        Owners::Skip
+    };
+    let snapshot = snapshot::take(&selected_protos(args), owners)
         .context("reading the socket tables in /proc/net failed")?;
     if snapshot.malformed_lines > 0 {
-        eprintln!(
-            "netwatch: skipped {} malformed line(s) in /proc/net socket tables",
+        log::info!(
+            "skipped {} malformed line(s) in /proc/net socket tables",
             snapshot.malformed_lines
         );
     }
@@ -38,8 +43,8 @@ pub fn run(args: &SnapshotArgs, out: &mut impl Write) -> anyhow::Result<()> {
         output::write_snapshot_text(out, title, &shown, columns)?;
     }
     out.flush()?;
-    if snapshot.owners_incomplete && resolve_owners {
-        eprintln!("netwatch: not all processes could be identified: sockets of other users' processes show '-'; run as root to see them all");
+    if snapshot.owners_incomplete && matches!(owners, Owners::Find(_)) {
+        log::info!("not all processes could be identified: sockets of other users' processes show '-'; run as root to see them all");
     }
     Ok(())
 }
@@ -65,11 +70,7 @@ fn is_shown(args: &SnapshotArgs, entry: &SnapshotEntry) -> bool {
         socket.state == TcpState::Close
     };
     let by_state = args.all || args.filters.state.is_some() || listening == args.listening;
-    let tuple = Tuple {
-        proto: socket.proto,
-        local: socket.local,
-        remote: socket.remote,
-    };
+    let tuple = socket.tuple();
     let pid = entry.owner.as_ref().map(|owner| owner.pid);
     by_state && args.filters.matches(&tuple, pid, &[socket.state])
 }

@@ -9,9 +9,9 @@ use std::io;
 use anyhow::Context as _;
 use netwatch_common::ByteCounts;
 
-use crate::ebpf::{self, StateProbe};
+use crate::kernel::{self, StateProbe};
 use crate::model::{LossCounters, Proto, Record};
-use crate::snapshot::{self, Snapshot};
+use crate::snapshot::{self, Owners, Snapshot};
 
 /// Where the monitor's records come from.
 pub(crate) trait EventSource {
@@ -37,13 +37,13 @@ pub(crate) struct KernelSource(pub StateProbe);
 impl EventSource for KernelSource {
     async fn drain(&mut self, mut handle: impl FnMut(Record)) -> io::Result<()> {
         self.0
-            .drain(|event| ebpf::to_record(&event).into_iter().for_each(&mut handle))
+            .drain(|event| kernel::to_record(&event).into_iter().for_each(&mut handle))
             .await
     }
 
     fn drain_now(&mut self, mut handle: impl FnMut(Record)) {
         self.0
-            .drain_now(|event| ebpf::to_record(&event).into_iter().for_each(&mut handle));
+            .drain_now(|event| kernel::to_record(&event).into_iter().for_each(&mut handle));
     }
 
     fn losses(&self) -> io::Result<LossCounters> {
@@ -59,7 +59,8 @@ impl EventSource for KernelSource {
     }
 
     fn baseline(&mut self) -> anyhow::Result<Snapshot> {
-        snapshot::take_every_namespace(&[Proto::Tcp, Proto::Tcp6], true)
+        let owners = Owners::Find(Some(kernel::socket_fds_if_possible));
+        snapshot::take_every_namespace(&[Proto::Tcp, Proto::Tcp6], owners)
             .context("reading the /proc TCP tables failed")
     }
 }

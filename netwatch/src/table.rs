@@ -233,11 +233,7 @@ impl SocketTable {
             if !socket.proto.is_tcp() || socket.state == TcpState::TimeWait || socket.timewait {
                 continue;
             }
-            let tuple = Tuple {
-                proto: socket.proto,
-                local: socket.local,
-                remote: socket.remote,
-            };
+            let tuple = socket.tuple();
             let process = entry
                 .owner
                 .as_ref()

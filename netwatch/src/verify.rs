@@ -304,7 +304,7 @@ impl Observer for Verify {
             "{} checks, drift in {}, persisting in {}: {verdict}",
             self.checks, self.drift_checks, self.persisted_checks
         );
-        eprintln!("netwatch: verify: {summary}");
+        log::info!("verify: {summary}");
         if self.json {
             let record = serde_json::json!({
                 "type": "summary",
@@ -360,11 +360,7 @@ pub fn compare(
         if elsewhere || !socket.proto.is_tcp() || socket.timewait || !compared_state(socket.state) {
             continue;
         }
-        let tuple = Tuple {
-            proto: socket.proto,
-            local: socket.local,
-            remote: socket.remote,
-        };
+        let tuple = socket.tuple();
         if !listed.insert(tuple) {
             continue;
         }

@@ -5,7 +5,7 @@ use std::time::SystemTime;
 
 use crate::cli::WatchArgs;
 use crate::metrics::Failure;
-use crate::model::{LossCause, OwnerChange, Transition, Tuple};
+use crate::model::{LossCause, OwnerChange, Transition};
 use crate::monitor::{self, Config, Observer, Summary, WallClock};
 use crate::output::{self, SocketRecord, StreamRecord, Timestamp, TupleFields};
 use crate::sink::Sink;
@@ -38,11 +38,7 @@ impl Observer for Stream {
         // netwatch's own namespace, as netstat shows it.
         for entry in snapshot.entries.iter().filter(|e| e.socket.netns.is_none()) {
             let socket = &entry.socket;
-            let tuple = Tuple {
-                proto: socket.proto,
-                local: socket.local,
-                remote: socket.remote,
-            };
+            let tuple = socket.tuple();
             let pid = entry.owner.as_ref().map(|owner| owner.pid);
             if !self.args.filters.matches(&tuple, pid, &[socket.state]) {
                 continue;

@@ -12,6 +12,8 @@ pub use proc_net::{ProcSocket, ProcTable};
 pub use processes::program_name;
 use processes::InodeOwners;
 
+use netwatch_common::SocketFd;
+
 use crate::model::{Owner, Proto};
 
 /// A socket from /proc/net and, when it could be found, its owner.
@@ -34,28 +36,38 @@ pub struct Snapshot {
     pub owners_incomplete: bool,
 }
 
+/// Lists every process's socket fds in one pass in the kernel; `None` when
+/// it cannot (the /proc walk does it then).
+pub type ListSocketFds = fn() -> Option<Vec<SocketFd>>;
+
+/// Whether and how a snapshot finds the processes holding each socket.
+#[derive(Clone, Copy)]
+pub enum Owners {
+    /// Not looked up.
+    Skip,
+    /// By walking /proc/[pid]/fd, or with many sockets in use and root, by
+    /// the lister in the kernel, if any and when it works.
+    Find(Option<ListSocketFds>),
+}
+
 /// Takes a snapshot of the given tables. Each table is read on a thread of
-/// its own (every one walks the kernel's whole hash of sockets), and with
-/// `resolve_owners` /proc/[pid]/fd is walked by two more meanwhile.
-pub fn take(protos: &[Proto], resolve_owners: bool) -> io::Result<Snapshot> {
-    take_in(&[], protos, resolve_owners)
+/// its own (every one walks the kernel's whole hash of sockets), and the
+/// owners are found by two more meanwhile.
+pub fn take(protos: &[Proto], owners: Owners) -> io::Result<Snapshot> {
+    take_in(&[], protos, owners)
 }
 
 /// Takes a snapshot of every network namespace that has a process: netwatch's
 /// own, then each other one through one of its processes (/proc/PID/net),
 /// its sockets marked with the namespace's inode. Owners are found across
 /// all of them (socket inodes are unique host-wide).
-pub fn take_every_namespace(protos: &[Proto], resolve_owners: bool) -> io::Result<Snapshot> {
-    take_in(&other_namespaces(), protos, resolve_owners)
+pub fn take_every_namespace(protos: &[Proto], owners: Owners) -> io::Result<Snapshot> {
+    take_in(&other_namespaces(), protos, owners)
 }
 
 /// Reads netwatch's own tables and those of `others` (namespace inode, a
 /// /proc task directory in it).
-fn take_in(
-    others: &[(u32, String)],
-    protos: &[Proto],
-    resolve_owners: bool,
-) -> io::Result<Snapshot> {
+fn take_in(others: &[(u32, String)], protos: &[Proto], owners: Owners) -> io::Result<Snapshot> {
     let (tables, owners) = thread::scope(|scope| {
         let readers: Vec<_> = protos
             .iter()
@@ -71,7 +83,13 @@ fn take_in(
                 })
             })
             .collect();
-        let owners = resolve_owners.then(|| processes::scan_socket_inodes(FD_SCAN_THREADS));
+        let owners = match owners {
+            Owners::Skip => None,
+            Owners::Find(list_in_kernel) => Some(processes::scan_socket_inodes(
+                FD_SCAN_THREADS,
+                list_in_kernel,
+            )),
+        };
         let tables: Vec<io::Result<ProcTable>> = readers
             .into_iter()
             .map(|reader| {

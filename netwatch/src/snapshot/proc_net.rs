@@ -7,7 +7,7 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::model::{Proto, TcpState};
+use crate::model::{Proto, TcpState, Tuple};
 
 /// One line of a /proc/net socket table.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,6 +25,17 @@ pub struct ProcSocket {
     pub timewait: bool,
     /// The network namespace, when read from another than netwatch's own.
     pub netns: Option<u32>,
+}
+
+impl ProcSocket {
+    /// Its protocol and endpoints.
+    pub fn tuple(&self) -> Tuple {
+        Tuple {
+            proto: self.proto,
+            local: self.local,
+            remote: self.remote,
+        }
+    }
 }
 
 /// A /proc/net table: the sockets of its well-formed lines and how many were not.

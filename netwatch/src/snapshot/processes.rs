@@ -13,6 +13,8 @@ use rustix::fd::OwnedFd;
 use rustix::fs::{openat, readlinkat_raw, Dir, Mode, OFlags, CWD};
 use rustix::io::Errno;
 
+use super::ListSocketFds;
+
 /// Socket inode -> pid, for every process whose fds could be read.
 #[derive(Debug, Default)]
 pub struct InodeOwners {
@@ -77,14 +79,15 @@ impl InodeOwners {
 /// walk costs about 5 us per fd (measured crossover: about 20k sockets).
 const ITERATOR_MIN_SOCKETS: u64 = 20_000;
 
-/// Maps socket inodes to processes: with many sockets and root, with the
-/// kernel's task_file iterator; else (or if it cannot load) by walking
-/// /proc/[pid]/fd. Every process holding a socket is noted.
-pub fn scan_socket_inodes(threads: usize) -> InodeOwners {
+/// Maps socket inodes to processes: with many sockets, root and a lister
+/// in the kernel (the task_file iterator), with it; else (or if it cannot
+/// load) by walking /proc/[pid]/fd. Every process holding a socket is noted.
+pub fn scan_socket_inodes(threads: usize, list_in_kernel: Option<ListSocketFds>) -> InodeOwners {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    if root && sockets_in_use().is_some_and(|used| used >= ITERATOR_MIN_SOCKETS) {
-        if let Ok(records) = crate::ebpf::socket_fds() {
+    let many = || sockets_in_use().is_some_and(|used| used >= ITERATOR_MIN_SOCKETS);
+    if let Some(list) = list_in_kernel.filter(|_| root && many()) {
+        if let Some(records) = list() {
             let mut owners = InodeOwners::default();
             for record in records {
                 owners.add(record.inode, record.tgid);

@@ -1,10 +1,13 @@
 //! Just enough of the BPF Type Format to find where a struct member lives.
 //!
-//! Rust eBPF has no CO-RE, so the recovery program (`ebpf`) reads `struct
-//! sock` fields at offsets taken from the running kernel's BTF
-//! (/sys/kernel/btf/vmlinux) and passed in as globals.
+//! Rust eBPF has no CO-RE, so the programs read kernel struct fields at
+//! offsets taken from the running kernel's BTF (/sys/kernel/btf/vmlinux)
+//! and passed in as globals.
 
 use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use netwatch_common::{FILE_OFFSETS, SOCK_OFFSETS, TASK_OFFSETS};
 
 /// Where the kernel exposes its own BTF.
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
@@ -20,7 +23,7 @@ const KIND_RESTRICT: u32 = 11;
 const KIND_TYPE_TAG: u32 = 18;
 
 /// Why a member offset could not be found.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BtfError {
     #[error("the BTF data is malformed ({0})")]
     Malformed(&'static str),
@@ -30,6 +33,52 @@ pub enum BtfError {
     NoMember(String, String),
     #[error("{0}.{1} is a bitfield")]
     Bitfield(String, String),
+}
+
+/// Why the offsets a program needs are unknown.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum OffsetsError {
+    #[error("cannot read {VMLINUX}: {0}")]
+    Unreadable(String),
+    #[error(transparent)]
+    Btf(#[from] BtfError),
+    #[error("no offset is declared for the global {0}")]
+    Undeclared(&'static str),
+}
+
+/// Every member offset a program reads, by the global the loader sets.
+type MemberOffsets = HashMap<&'static str, Result<u32, BtfError>>;
+
+/// The offsets of the kernel struct members named in `fields` (global,
+/// struct, member), for the loader to set. The kernel's BTF (megabytes) is
+/// parsed once per process, at the first call, and only the offsets of
+/// every field in `netwatch_common` are kept.
+pub fn kernel_offsets(
+    fields: &[(&'static str, &str, &str)],
+) -> Result<Vec<(&'static str, u32)>, OffsetsError> {
+    static KNOWN: OnceLock<Result<MemberOffsets, OffsetsError>> = OnceLock::new();
+    let known = KNOWN
+        .get_or_init(read_member_offsets)
+        .as_ref()
+        .map_err(Clone::clone)?;
+    fields
+        .iter()
+        .map(|&(global, _, _)| match known.get(global) {
+            Some(offset) => Ok((global, offset.clone()?)),
+            None => Err(OffsetsError::Undeclared(global)),
+        })
+        .collect()
+}
+
+fn read_member_offsets() -> Result<MemberOffsets, OffsetsError> {
+    let btf = Btf::from_kernel().map_err(|err| OffsetsError::Unreadable(err.to_string()))?;
+    let declared = SOCK_OFFSETS
+        .iter()
+        .chain(&FILE_OFFSETS)
+        .chain(&TASK_OFFSETS);
+    Ok(declared
+        .map(|&(global, ty, member)| (global, btf.member_offset(ty, member)))
+        .collect())
 }
 
 #[derive(Clone, Copy, Debug)]

@@ -1,0 +1,160 @@
+//! The kernel's events as netwatch's records.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use netwatch_common::{event_kind, ByteCounts, KernelEvent, AF_INET6};
+
+use crate::model::{OwnerCause, OwnerEvent, Proto, Record, Task, TcpState, Transition, Tuple};
+
+/// The record an event describes; `None` for a kind or state number the
+/// kernel should not send.
+pub fn to_record(event: &KernelEvent) -> Option<Record> {
+    let task = Task {
+        pid: event.tgid,
+        comm: event.comm,
+        start_ns: (event.start_ns != 0).then_some(event.start_ns),
+    };
+    let cause = match event.kind {
+        event_kind::TRANSITION => return to_transition(event, task).map(Record::Transition),
+        event_kind::EXEC => return Some(Record::Exec(task)),
+        event_kind::ACCEPT => OwnerCause::Accept,
+        event_kind::HANDOFF => OwnerCause::Handoff,
+        _ => return None,
+    };
+    Some(Record::Owner(OwnerEvent {
+        ts_ns: event.ts_ns,
+        skaddr: event.skaddr,
+        tuple: tuple_of(event),
+        state: TcpState::from_kernel(event.newstate),
+        task,
+        uid: (event.uid != u32::MAX).then_some(event.uid),
+        netns: (event.netns != 0).then_some(event.netns),
+        cause,
+    }))
+}
+
+fn to_transition(event: &KernelEvent, task: Task) -> Option<Transition> {
+    Some(Transition {
+        ts_ns: event.ts_ns,
+        skaddr: event.skaddr,
+        tuple: tuple_of(event),
+        old: TcpState::from_kernel(event.oldstate)?,
+        new: TcpState::from_kernel(event.newstate)?,
+        task,
+        uid: (event.uid != u32::MAX).then_some(event.uid),
+        netns: (event.netns != 0).then_some(event.netns),
+        bytes: ByteCounts {
+            sent: event.bytes_sent,
+            received: event.bytes_received,
+        },
+        recovered: event.recovered != 0,
+    })
+}
+
+fn tuple_of(event: &KernelEvent) -> Tuple {
+    let ipv6 = event.family == AF_INET6;
+    let ip = |bytes: [u8; 16]| -> IpAddr {
+        if ipv6 {
+            IpAddr::V6(Ipv6Addr::from(bytes))
+        } else {
+            IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+        }
+    };
+    Tuple {
+        proto: Proto::tcp_for(ipv6),
+        local: SocketAddr::new(ip(event.saddr), event.sport),
+        remote: SocketAddr::new(ip(event.daddr), event.dport),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netwatch_common::AF_INET;
+
+    fn kernel_event(kind: u8) -> KernelEvent {
+        let mut event = KernelEvent {
+            ts_ns: 5,
+            skaddr: 0xffff_8880_0000_1000,
+            bytes_sent: 10,
+            bytes_received: 20,
+            start_ns: 77,
+            saddr: [0; 16],
+            daddr: [0; 16],
+            comm: [0; 16],
+            tgid: 42,
+            netns: 4026531840,
+            uid: u32::MAX,
+            sport: 8080,
+            dport: 40000,
+            family: AF_INET,
+            oldstate: 10,
+            newstate: 3,
+            recovered: 0,
+            kind,
+            _pad: [0; 2],
+        };
+        event.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        event.daddr[..4].copy_from_slice(&[127, 0, 0, 2]);
+        event.comm[..4].copy_from_slice(b"curl");
+        event
+    }
+
+    #[test]
+    fn events_become_transitions() {
+        let mut event = kernel_event(event_kind::TRANSITION);
+        let Some(Record::Transition(t)) = to_record(&event) else {
+            panic!("a transition");
+        };
+        assert_eq!(t.tuple.proto, Proto::Tcp);
+        assert_eq!(t.tuple.local, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(t.tuple.remote, "127.0.0.2:40000".parse().unwrap());
+        assert_eq!((t.old, t.new), (TcpState::Listen, TcpState::SynRecv));
+        assert_eq!((t.task.pid, &t.task.comm[..5]), (42, &b"curl\0"[..]));
+        assert_eq!(t.task.start_ns, Some(77));
+        assert_eq!((t.netns, t.uid), (Some(4026531840), None));
+        assert_eq!(
+            t.bytes,
+            ByteCounts {
+                sent: 10,
+                received: 20
+            }
+        );
+
+        event.family = AF_INET6;
+        event.saddr = std::net::Ipv6Addr::LOCALHOST.octets();
+        let Some(Record::Transition(t)) = to_record(&event) else {
+            panic!("a transition");
+        };
+        assert_eq!(t.tuple.local, "[::1]:8080".parse().unwrap());
+        event.newstate = 0;
+        assert_eq!(to_record(&event), None);
+    }
+
+    #[test]
+    fn owner_and_exec_events_become_their_records() {
+        let mut event = kernel_event(event_kind::HANDOFF);
+        event.oldstate = 1;
+        event.newstate = 1;
+        let Some(Record::Owner(owner)) = to_record(&event) else {
+            panic!("an owner event");
+        };
+        assert_eq!(owner.cause, OwnerCause::Handoff);
+        assert_eq!(owner.state, Some(TcpState::Established));
+        assert_eq!((owner.task.pid, owner.task.start_ns), (42, Some(77)));
+        assert_eq!(owner.tuple.local, "127.0.0.1:8080".parse().unwrap());
+        event.kind = event_kind::ACCEPT;
+        event.start_ns = 0;
+        let Some(Record::Owner(owner)) = to_record(&event) else {
+            panic!("an owner event");
+        };
+        assert_eq!(
+            (owner.cause, owner.task.start_ns),
+            (OwnerCause::Accept, None)
+        );
+        event.kind = event_kind::EXEC;
+        assert!(matches!(to_record(&event), Some(Record::Exec(task)) if task.pid == 42));
+        event.kind = 200;
+        assert_eq!(to_record(&event), None);
+    }
+}

@@ -1,0 +1,136 @@
+//! What must hold before the programs load: root, tracefs, the
+//! tracepoint's record layout, the memlock limit.
+
+use std::io;
+use std::path::Path;
+
+use netwatch_common::tracepoint;
+
+use super::ProbeError;
+
+/// Where tracefs is mounted on current systems.
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+/// The state tracepoint's format file, under tracefs.
+pub const FORMAT: &str = "events/sock/inet_sock_set_state/format";
+
+/// Mounts tracefs when it is missing (netwatch runs as root here).
+pub(super) fn ensure_tracefs() -> Result<(), ProbeError> {
+    let events = Path::new(TRACEFS).join("events");
+    if events.is_dir() {
+        return tracepoint_present(&events);
+    }
+    let target = c"/sys/kernel/tracing";
+    // SAFETY: every pointer is a valid NUL-terminated string; data may be null.
+    let ret = unsafe {
+        libc::mount(
+            c"tracefs".as_ptr(),
+            target.as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if ret != 0 {
+        return Err(ProbeError::NoTracefs(io::Error::last_os_error()));
+    }
+    tracepoint_present(&events)
+}
+
+fn tracepoint_present(events: &Path) -> Result<(), ProbeError> {
+    if events.join("sock/inet_sock_set_state").is_dir() {
+        Ok(())
+    } else {
+        Err(ProbeError::NoTracepoint)
+    }
+}
+
+/// Compares the tracepoint's format file with the offsets the program reads.
+pub(super) fn check_layout(format: &Path) -> Result<(), ProbeError> {
+    let text = std::fs::read_to_string(format)
+        .map_err(|err| ProbeError::Layout(format!("cannot read {}: {err}", format.display())))?;
+    layout_mismatch(&text).map_or(Ok(()), |mismatch| Err(ProbeError::Layout(mismatch)))
+}
+
+/// The first field of inet_sock_set_state whose offset or size differs from netwatch-common's.
+fn layout_mismatch(format: &str) -> Option<String> {
+    fields_mismatch(format, &tracepoint::FIELDS)
+}
+
+/// The first of `fields` (name, offset, size) whose offset or size in a
+/// tracepoint's format file differs, if any.
+pub(super) fn fields_mismatch(format: &str, fields: &[(&str, usize, usize)]) -> Option<String> {
+    for &(name, offset, size) in fields {
+        let found = format.lines().find_map(|line| {
+            let (declaration, rest) = line.trim().strip_prefix("field:")?.split_once(';')?;
+            let field = declaration.rsplit([' ', '*']).next()?;
+            let field = field.split('[').next()?;
+            (field == name).then_some(rest)
+        });
+        let Some(rest) = found else {
+            return Some(format!("field {name} is missing"));
+        };
+        let expected = format!("offset:{offset};\tsize:{size};");
+        if !rest.trim().starts_with(&expected) {
+            return Some(format!(
+                "field {name} is at {}, expected {expected}",
+                rest.trim()
+            ));
+        }
+    }
+    None
+}
+
+/// Older kernels charge BPF maps to RLIMIT_MEMLOCK.
+pub(super) fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid rlimit; failure only matters on old kernels.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FORMAT_6_18: &str = "name: inet_sock_set_state
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;
+\tfield:int newstate;\toffset:20;\tsize:4;\tsigned:1;
+\tfield:__u16 sport;\toffset:24;\tsize:2;\tsigned:0;
+\tfield:__u16 dport;\toffset:26;\tsize:2;\tsigned:0;
+\tfield:__u16 family;\toffset:28;\tsize:2;\tsigned:0;
+\tfield:__u16 protocol;\toffset:30;\tsize:2;\tsigned:0;
+\tfield:__u8 saddr[4];\toffset:32;\tsize:4;\tsigned:0;
+\tfield:__u8 daddr[4];\toffset:36;\tsize:4;\tsigned:0;
+\tfield:__u8 saddr_v6[16];\toffset:40;\tsize:16;\tsigned:0;
+\tfield:__u8 daddr_v6[16];\toffset:56;\tsize:16;\tsigned:0;
+";
+
+    #[test]
+    fn the_documented_layout_matches() {
+        assert_eq!(layout_mismatch(FORMAT_6_18), None);
+    }
+
+    #[test]
+    fn a_moved_or_missing_field_is_reported() {
+        let moved = FORMAT_6_18.replace("offset:24;\tsize:2", "offset:26;\tsize:2");
+        assert!(layout_mismatch(&moved).unwrap().contains("sport"));
+        let missing = FORMAT_6_18.replace("saddr_v6", "other");
+        assert!(layout_mismatch(&missing)
+            .unwrap()
+            .contains("saddr_v6 is missing"));
+    }
+
+    #[test]
+    fn this_kernel_has_the_expected_layout() {
+        let format = Path::new(TRACEFS).join(FORMAT);
+        if !format.exists() {
+            ensure_tracefs().expect("tests run as root and can mount tracefs");
+        }
+        check_layout(&format).expect("the running kernel's layout matches");
+    }
+}

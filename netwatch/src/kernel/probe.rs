@@ -1,0 +1,351 @@
+//! Loads netwatch's eBPF programs, attaches them to `sock:inet_sock_set_state`
+//! and to the places where a socket changes hands (accept, send, receive,
+//! exec), and reads their events and loss counters.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::Path;
+
+use aya::maps::{MapData, MapError, PerCpuArray, RingBuf};
+use aya::programs::{ProgramError, RawTracePoint, TracePoint};
+use aya::{Ebpf, EbpfLoader};
+use netwatch_common::{
+    syscall_exit, ByteCounts, KernelEvent, SocketEntry, ACCEPT_PROGRAM, COUNTS_BYTES,
+    DROPPED_OWNER_EVENTS, DROPPED_RECOVERIES, DROPPED_TRANSITIONS, DROPS_MAP, EVENTS_MAP,
+    EXEC_PROGRAM, FILE_OFFSETS, FIRED_MAP, RECEIVED_PROGRAM, RECOVERY_PROGRAM, SENT_PROGRAM,
+    SOCKETS_MAP, SOCK_LAYOUT_KNOWN, SOCK_OFFSETS, STATE_PROGRAM, STOPPING_MAP, TASK_OFFSETS,
+};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+use super::btf::{kernel_offsets, OffsetsError};
+use super::netwatch_object;
+use super::prerequisites::{
+    check_layout, ensure_tracefs, fields_mismatch, raise_memlock_limit, FORMAT, TRACEFS,
+};
+use super::program_log::{start_kernel_log, KernelLog};
+use crate::model::LossCounters;
+
+/// Why the probe could not start, each with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("netwatch needs root (CAP_BPF and CAP_PERFMON) to load its eBPF programs: run it with sudo, or use `netwatch snapshot`, which needs no root")]
+    NotRoot,
+    #[error("tracefs is not mounted at {TRACEFS} and mounting it failed ({0}): mount it with `mount -t tracefs tracefs {TRACEFS}`")]
+    NoTracefs(io::Error),
+    #[error(
+        "this kernel has no sock:inet_sock_set_state tracepoint (it needs Linux 4.16 or later)"
+    )]
+    NoTracepoint,
+    #[error("the sock:inet_sock_set_state tracepoint has an unexpected layout ({0}); this kernel is not supported")]
+    Layout(String),
+    #[error("loading netwatch's eBPF object failed")]
+    Object(#[from] aya::EbpfError),
+    #[error("the eBPF object has no {0}")]
+    Missing(&'static str),
+    #[error("loading or attaching the eBPF program {name} failed")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("opening the eBPF map {name} failed")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("watching the ring buffer failed")]
+    Poll(#[source] io::Error),
+    #[error("reading the loss counters failed")]
+    Counters(#[source] io::Error),
+    #[error("counting bytes needs the kernel's struct offsets")]
+    BytesNeedOffsets(#[source] OffsetsError),
+}
+
+/// The attached program, its ring buffer and its loss counters.
+pub struct StateProbe {
+    ring: AsyncFd<RingBuf<MapData>>,
+    kernel_log: Option<KernelLog>,
+    drops: PerCpuArray<MapData, u64>,
+    fired: PerCpuArray<MapData, u64>,
+    stopping: aya::maps::Array<MapData, u32>,
+    sockets: aya::maps::HashMap<MapData, u64, SocketEntry>,
+    /// Raw fds of the two programs, owned by `_ebpf`, for their kernel counters.
+    state_fd: i32,
+    recovery_fd: Option<i32>,
+    // Owns the program and its link: dropping it detaches everything.
+    _ebpf: Ebpf,
+}
+
+impl StateProbe {
+    /// Checks the prerequisites, loads the programs with a ring buffer of
+    /// `ring_bytes` and attaches them. Transitions and owner events flow
+    /// from here on. With `count_bytes`, each socket's bytes are counted too
+    /// and arrive with its change to CLOSE.
+    pub fn attach(ring_bytes: u32, count_bytes: bool) -> Result<StateProbe, ProbeError> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(ProbeError::NotRoot);
+        }
+        ensure_tracefs()?;
+        check_layout(&Path::new(TRACEFS).join(FORMAT))?;
+        raise_memlock_limit();
+        let offsets = kernel_offsets(&[&SOCK_OFFSETS[..], &FILE_OFFSETS, &TASK_OFFSETS].concat());
+        let mut loader = EbpfLoader::new();
+        // No program here has a BTF attach point: spare aya's own parse of the kernel's BTF.
+        loader.btf(None);
+        let wakeup_bytes = u64::from(ring_bytes / 16);
+        loader
+            .map_max_entries(EVENTS_MAP, ring_bytes)
+            .override_global("WAKEUP_BYTES", &wakeup_bytes, true);
+        if let Ok(offsets) = &offsets {
+            for (global, offset) in offsets {
+                loader.override_global(global, offset, true);
+            }
+            loader.override_global(SOCK_LAYOUT_KNOWN, &1u32, true);
+        }
+        if count_bytes {
+            loader.override_global(COUNTS_BYTES, &1u32, true);
+        }
+        let mut ebpf = loader.load(netwatch_object())?;
+        let state_fd = attach_tracepoint(&mut ebpf)?;
+        // Attached second, so it runs after the tracepoint program on each transition.
+        let recovery_fd = match &offsets {
+            Ok(_) => Some(attach_raw(
+                &mut ebpf,
+                RECOVERY_PROGRAM,
+                "inet_sock_set_state",
+            )?),
+            Err(reason) => {
+                log::warn!("calls the kernel skips cannot be recovered, sockets' uid and network namespace are unknown, and accepted sockets keep their listener's owner ({reason}); skipped calls are counted as lost");
+                None
+            }
+        };
+        match &offsets {
+            Ok(_) => attach_owner_programs(&mut ebpf, count_bytes)?,
+            Err(reason) if count_bytes => return Err(ProbeError::BytesNeedOffsets(reason.clone())),
+            Err(_) => {}
+        }
+        let ring: RingBuf<MapData> = take_map(&mut ebpf, EVENTS_MAP)?;
+        // SAFETY: the ring buffer owns its map fd, which stays open and the
+        // same for as long as the AsyncFd (which owns the ring buffer) lives.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+            .map_err(|err| ProbeError::Poll(err.into()))?;
+        let drops = take_map(&mut ebpf, DROPS_MAP)?;
+        let fired = take_map(&mut ebpf, FIRED_MAP)?;
+        let stopping = take_map(&mut ebpf, STOPPING_MAP)?;
+        let sockets = take_map(&mut ebpf, SOCKETS_MAP)?;
+        let kernel_log = start_kernel_log(&mut ebpf);
+        let probe = StateProbe {
+            sockets,
+            stopping,
+            fired,
+            ring,
+            kernel_log,
+            drops,
+            state_fd,
+            recovery_fd,
+            _ebpf: ebpf,
+        };
+        // aya reads the list of possible CPUs from a file at a thread's
+        // first per-CPU lookup. Read the counters once now, on the thread
+        // that keeps reading them, so that a netwatch out of file
+        // descriptors later can still count its losses.
+        probe.losses().map_err(ProbeError::Counters)?;
+        Ok(probe)
+    }
+
+    /// Waits until the ring buffer has events, then hands each to `handle`
+    /// until it is empty.
+    pub async fn drain(&mut self, mut handle: impl FnMut(KernelEvent)) -> io::Result<()> {
+        let mut guard = self.ring.readable_mut().await?;
+        drain_ready(guard.get_inner_mut(), &mut handle);
+        guard.clear_ready();
+        Ok(())
+    }
+
+    /// Hands every event already in the ring buffer to `handle`, without waiting.
+    pub fn drain_now(&mut self, mut handle: impl FnMut(KernelEvent)) {
+        drain_ready(self.ring.get_mut(), &mut handle);
+    }
+
+    /// The eBPF program's log, to be polled beside the ring buffer.
+    pub fn take_kernel_log(&mut self) -> Option<KernelLog> {
+        self.kernel_log.take()
+    }
+
+    /// Reads the loss counters from the kernel.
+    pub fn losses(&self) -> io::Result<LossCounters> {
+        let sum = |map: &PerCpuArray<MapData, u64>, slot: u32| -> io::Result<u64> {
+            Ok(map.get(&slot, 0).map_err(io::Error::other)?.iter().sum())
+        };
+        let recovery_skipped = match self.recovery_fd {
+            Some(fd) => recursion_misses(fd)?,
+            None => 0,
+        };
+        let fired = match self.recovery_fd {
+            Some(_) => Some(sum(&self.fired, 0)? + recovery_skipped),
+            None => None,
+        };
+        let recoveries_refused = sum(&self.drops, DROPPED_RECOVERIES)?;
+        Ok(LossCounters {
+            ring_buffer_full: sum(&self.drops, DROPPED_TRANSITIONS)? + recoveries_refused,
+            recoveries_refused,
+            owner_events_dropped: sum(&self.drops, DROPPED_OWNER_EVENTS)?,
+            skipped: recursion_misses(self.state_fd)?,
+            fired,
+            recovery_skipped,
+        })
+    }
+
+    /// The bytes counted so far for an open socket, by its kernel address.
+    pub fn bytes(&self, skaddr: u64) -> Option<ByteCounts> {
+        self.sockets.get(&skaddr, 0).ok().map(|entry| entry.bytes)
+    }
+
+    /// Whether the recovery program is attached.
+    pub fn recovers_skipped_calls(&self) -> bool {
+        self.recovery_fd.is_some()
+    }
+
+    /// Makes the transition programs return at once: from here on they
+    /// neither send nor count, so that a last drain and count (once the
+    /// calls under way have finished) add up exactly. Detaching instead
+    /// takes about 100 ms here, one RCU grace period per program, during
+    /// which some would still run and others not.
+    pub fn stop_sending(&mut self) -> io::Result<()> {
+        self.stopping.set(0, 1, 0).map_err(io::Error::other)
+    }
+}
+
+/// Attaches the programs that follow a socket's owner: accept() gives the
+/// accepting process the socket, a send or receive by another process hands
+/// it over, exec() renames a process. The send and receive programs also
+/// count bytes when `count_bytes`. Each program a kernel cannot attach is
+/// left out with a warning naming the rule it would apply; counting bytes
+/// needs the send and receive programs.
+fn attach_owner_programs(ebpf: &mut Ebpf, count_bytes: bool) -> Result<(), ProbeError> {
+    let accept = ["sys_exit_accept4", "sys_exit_accept"]
+        .into_iter()
+        .try_for_each(|syscall| attach_accept(ebpf, syscall));
+    if let Err(err) = accept {
+        log::warn!("accepted sockets keep their listener's owner until their first send or receive ({err})");
+    }
+    for (name, tracepoint) in [
+        (SENT_PROGRAM, "sock_send_length"),
+        (RECEIVED_PROGRAM, "sock_recv_length"),
+    ] {
+        if let Err(err) = attach_raw(ebpf, name, tracepoint) {
+            if count_bytes {
+                return Err(err);
+            }
+            log::warn!("a socket used by another process than its owner (after fork, or passed over a unix socket) keeps its owner ({err})");
+            break;
+        }
+    }
+    if let Err(err) = attach_raw(ebpf, EXEC_PROGRAM, "sched_process_exec") {
+        log::warn!("a socket owner's name does not follow exec() ({err})");
+    }
+    Ok(())
+}
+
+/// Attaches the accept program to `syscalls:<syscall>`, after checking
+/// where that tracepoint's record holds the returned fd.
+fn attach_accept(ebpf: &mut Ebpf, syscall: &str) -> Result<(), ProbeError> {
+    let format = Path::new(TRACEFS).join(format!("events/syscalls/{syscall}/format"));
+    let text = std::fs::read_to_string(&format)
+        .map_err(|err| ProbeError::Layout(format!("cannot read {}: {err}", format.display())))?;
+    if let Some(mismatch) = fields_mismatch(&text, &syscall_exit::FIELDS) {
+        return Err(ProbeError::Layout(mismatch));
+    }
+    let name = ACCEPT_PROGRAM;
+    let attach = |program: &mut TracePoint| {
+        // One program on both syscalls: loaded at the first.
+        if program.fd().is_err() {
+            program.load()?;
+        }
+        program.attach("syscalls", syscall).map(drop)
+    };
+    attach(typed_program(ebpf, name)?).map_err(|source| ProbeError::Program { name, source })
+}
+
+/// Attaches the tracepoint program and returns its fd.
+fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<i32, ProbeError> {
+    let name = STATE_PROGRAM;
+    let attach = |program: &mut TracePoint| {
+        program.load()?;
+        program.attach("sock", "inet_sock_set_state")?;
+        Ok(program.fd()?.as_fd().as_raw_fd())
+    };
+    attach(typed_program(ebpf, name)?).map_err(|source| ProbeError::Program { name, source })
+}
+
+/// Attaches a raw tracepoint program and returns its fd.
+fn attach_raw(ebpf: &mut Ebpf, name: &'static str, tracepoint: &str) -> Result<i32, ProbeError> {
+    let attach = |program: &mut RawTracePoint| {
+        program.load()?;
+        program.attach(tracepoint)?;
+        Ok(program.fd()?.as_fd().as_raw_fd())
+    };
+    attach(typed_program(ebpf, name)?).map_err(|source| ProbeError::Program { name, source })
+}
+
+/// Program `name` of the object, as the program type `P`.
+fn typed_program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, ProbeError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let program = ebpf.program_mut(name).ok_or(ProbeError::Missing(name))?;
+    program
+        .try_into()
+        .map_err(|source| ProbeError::Program { name, source })
+}
+
+/// Takes map `name` out of the object, as the map type `M`.
+fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, ProbeError>
+where
+    M: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(ProbeError::Missing(name))?;
+    M::try_from(map).map_err(|source| ProbeError::Map { name, source })
+}
+
+fn drain_ready(ring: &mut RingBuf<MapData>, handle: &mut impl FnMut(KernelEvent)) {
+    while let Some(item) = ring.next() {
+        if item.len() >= size_of::<KernelEvent>() {
+            // SAFETY: the kernel wrote a whole KernelEvent (checked length); any bit pattern is valid.
+            handle(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<KernelEvent>()) });
+        }
+    }
+}
+
+/// `bpf_prog_info.recursion_misses`, which aya's ProgramInfo does not expose.
+fn recursion_misses(program_fd: i32) -> io::Result<u64> {
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    // SAFETY: bpf_prog_info is plain old data.
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut attr = InfoByFd {
+        bpf_fd: program_fd as u32,
+        info_len: size_of_val(&info) as u32,
+        info: &raw mut info as u64,
+    };
+    // SAFETY: attr points at a valid bpf_prog_info of the size it states.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            aya_obj::generated::bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as i32,
+            &raw mut attr,
+            size_of::<InfoByFd>(),
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.recursion_misses)
+}
