@@ -17,7 +17,7 @@ mod program_log;
 
 pub use events::to_record;
 pub use fd_iterator::socket_fds;
-pub use probe::{ProbeError, StateProbe};
+pub use probe::StateProbe;
 pub use program_log::KernelLog;
 
 /// `socket_fds` as the snapshot takes it: `None` when the iterator cannot

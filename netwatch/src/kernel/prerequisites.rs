@@ -6,15 +6,37 @@ use std::path::Path;
 
 use netwatch_common::tracepoint;
 
-use super::ProbeError;
-
 /// Where tracefs is mounted on current systems.
 pub const TRACEFS: &str = "/sys/kernel/tracing";
 /// The state tracepoint's format file, under tracefs.
 pub const FORMAT: &str = "events/sock/inet_sock_set_state/format";
 
+/// What is missing for the programs to load, each with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum PrerequisiteError {
+    #[error("netwatch needs root (CAP_BPF and CAP_PERFMON) to load its eBPF programs: run it with sudo, or use `netwatch snapshot`, which needs no root")]
+    NotRoot,
+    #[error("tracefs is not mounted at {TRACEFS} and mounting it failed ({0}): mount it with `mount -t tracefs tracefs {TRACEFS}`")]
+    NoTracefs(io::Error),
+    #[error(
+        "this kernel has no sock:inet_sock_set_state tracepoint (it needs Linux 4.16 or later)"
+    )]
+    NoTracepoint,
+    #[error("the sock:inet_sock_set_state tracepoint has an unexpected layout ({0}); this kernel is not supported")]
+    Layout(String),
+}
+
+/// Loading the programs needs root.
+pub(super) fn check_root() -> Result<(), PrerequisiteError> {
+    // SAFETY: geteuid has no preconditions.
+    match unsafe { libc::geteuid() } {
+        0 => Ok(()),
+        _ => Err(PrerequisiteError::NotRoot),
+    }
+}
+
 /// Mounts tracefs when it is missing (netwatch runs as root here).
-pub(super) fn ensure_tracefs() -> Result<(), ProbeError> {
+pub(super) fn ensure_tracefs() -> Result<(), PrerequisiteError> {
     let events = Path::new(TRACEFS).join("events");
     if events.is_dir() {
         return tracepoint_present(&events);
@@ -31,24 +53,25 @@ pub(super) fn ensure_tracefs() -> Result<(), ProbeError> {
         )
     };
     if ret != 0 {
-        return Err(ProbeError::NoTracefs(io::Error::last_os_error()));
+        return Err(PrerequisiteError::NoTracefs(io::Error::last_os_error()));
     }
     tracepoint_present(&events)
 }
 
-fn tracepoint_present(events: &Path) -> Result<(), ProbeError> {
+fn tracepoint_present(events: &Path) -> Result<(), PrerequisiteError> {
     if events.join("sock/inet_sock_set_state").is_dir() {
         Ok(())
     } else {
-        Err(ProbeError::NoTracepoint)
+        Err(PrerequisiteError::NoTracepoint)
     }
 }
 
 /// Compares the tracepoint's format file with the offsets the program reads.
-pub(super) fn check_layout(format: &Path) -> Result<(), ProbeError> {
-    let text = std::fs::read_to_string(format)
-        .map_err(|err| ProbeError::Layout(format!("cannot read {}: {err}", format.display())))?;
-    layout_mismatch(&text).map_or(Ok(()), |mismatch| Err(ProbeError::Layout(mismatch)))
+pub(super) fn check_layout(format: &Path) -> Result<(), PrerequisiteError> {
+    let text = std::fs::read_to_string(format).map_err(|err| {
+        PrerequisiteError::Layout(format!("cannot read {}: {err}", format.display()))
+    })?;
+    layout_mismatch(&text).map_or(Ok(()), |mismatch| Err(PrerequisiteError::Layout(mismatch)))
 }
 
 /// The first field of inet_sock_set_state whose offset or size differs from netwatch-common's.

@@ -21,7 +21,8 @@ use tokio::io::Interest;
 use super::btf::{kernel_offsets, OffsetsError};
 use super::netwatch_object;
 use super::prerequisites::{
-    check_layout, ensure_tracefs, fields_mismatch, raise_memlock_limit, FORMAT, TRACEFS,
+    check_layout, check_root, ensure_tracefs, fields_mismatch, raise_memlock_limit,
+    PrerequisiteError, FORMAT, TRACEFS,
 };
 use super::program_log::{start_kernel_log, KernelLog};
 use crate::model::LossCounters;
@@ -29,16 +30,8 @@ use crate::model::LossCounters;
 /// Why the probe could not start, each with what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    #[error("netwatch needs root (CAP_BPF and CAP_PERFMON) to load its eBPF programs: run it with sudo, or use `netwatch snapshot`, which needs no root")]
-    NotRoot,
-    #[error("tracefs is not mounted at {TRACEFS} and mounting it failed ({0}): mount it with `mount -t tracefs tracefs {TRACEFS}`")]
-    NoTracefs(io::Error),
-    #[error(
-        "this kernel has no sock:inet_sock_set_state tracepoint (it needs Linux 4.16 or later)"
-    )]
-    NoTracepoint,
-    #[error("the sock:inet_sock_set_state tracepoint has an unexpected layout ({0}); this kernel is not supported")]
-    Layout(String),
+    #[error(transparent)]
+    Prerequisite(#[from] PrerequisiteError),
     #[error("loading netwatch's eBPF object failed")]
     Object(#[from] aya::EbpfError),
     #[error("the eBPF object has no {0}")]
@@ -84,10 +77,7 @@ impl StateProbe {
     /// from here on. With `count_bytes`, each socket's bytes are counted too
     /// and arrive with its change to CLOSE.
     pub fn attach(ring_bytes: u32, count_bytes: bool) -> Result<StateProbe, ProbeError> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err(ProbeError::NotRoot);
-        }
+        check_root()?;
         ensure_tracefs()?;
         check_layout(&Path::new(TRACEFS).join(FORMAT))?;
         raise_memlock_limit();
@@ -255,9 +245,12 @@ fn attach_owner_programs(ebpf: &mut Ebpf, count_bytes: bool) -> Result<(), Probe
 fn attach_accept(ebpf: &mut Ebpf, syscall: &str) -> Result<(), ProbeError> {
     let format = Path::new(TRACEFS).join(format!("events/syscalls/{syscall}/format"));
     let text = std::fs::read_to_string(&format)
-        .map_err(|err| ProbeError::Layout(format!("cannot read {}: {err}", format.display())))?;
+        .map_err(|err| {
+            PrerequisiteError::Layout(format!("cannot read {}: {err}", format.display()))
+        })
+        .map_err(ProbeError::from)?;
     if let Some(mismatch) = fields_mismatch(&text, &syscall_exit::FIELDS) {
-        return Err(ProbeError::Layout(mismatch));
+        return Err(PrerequisiteError::Layout(mismatch).into());
     }
     let name = ACCEPT_PROGRAM;
     let attach = |program: &mut TracePoint| {
