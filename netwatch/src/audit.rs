@@ -36,7 +36,7 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
     };
     let config = Config::new(&args.probe, true, None);
     let audit = Audit {
-        metrics: None,
+        metrics: config.metrics.clone(),
         netns: snapshot::own_netns(),
     };
     monitor::run(config, audit, sink)?;
@@ -138,7 +138,7 @@ impl SocketFields {
 
 /// The audit observer; `metrics` counts its records.
 struct Audit {
-    metrics: Option<Arc<Metrics>>,
+    metrics: Arc<Metrics>,
     /// netwatch's network namespace, whose sockets /proc lists.
     netns: Option<u32>,
 }
@@ -208,9 +208,7 @@ impl Audit {
         };
         // Writing to a Vec cannot fail.
         let _ = output::write_json_line(out, &record);
-        if let Some(metrics) = &self.metrics {
-            metrics.conn_records.inc();
-        }
+        self.metrics.conn_records.inc();
     }
 
     /// A listener's record: `start` is None when it opened before audit started.
@@ -229,17 +227,11 @@ impl Audit {
             socket,
         };
         let _ = output::write_json_line(out, &record);
-        if let Some(metrics) = &self.metrics {
-            metrics.listen_records.inc();
-        }
+        self.metrics.listen_records.inc();
     }
 }
 
 impl Observer for Audit {
-    fn attach_metrics(&mut self, metrics: Arc<Metrics>) {
-        self.metrics = Some(metrics);
-    }
-
     fn baseline(&mut self, _snapshot: &Snapshot, table: &SocketTable, out: &mut Vec<u8>) {
         for (_, socket) in table.sockets().filter(|(_, s)| s.state == TcpState::Listen) {
             self.listen(SocketFields::of(socket), None, None, out);

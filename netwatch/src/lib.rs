@@ -6,6 +6,7 @@
 pub mod audit;
 pub mod cli;
 mod kernel;
+mod ledger;
 mod metrics;
 pub mod model;
 mod monitor;

@@ -19,6 +19,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::ProbeArgs;
 use crate::kernel::{self, KernelLog, StateProbe};
+use crate::ledger::{Arrival, LossLedger};
 use crate::metrics::{Failure, Metrics};
 use crate::model::{LossCause, LossCounters, OwnerChange, OwnerEvent, Proto, Record, Transition};
 use crate::sink::Sink;
@@ -51,8 +52,6 @@ pub const TABLE_CAPACITY: usize = 2 * netwatch_common::SOCKETS_MAP_ENTRIES as us
 /// What a mode does with what the monitor sees. Records go to `out`, a
 /// buffer written to the mode's output after each batch.
 pub trait Observer {
-    /// The counters the monitor serves, for the observer's own.
-    fn attach_metrics(&mut self, _metrics: Arc<Metrics>) {}
     /// The baseline is in the table (once, before any transition).
     fn baseline(&mut self, _snapshot: &Snapshot, _table: &SocketTable, _out: &mut Vec<u8>) {}
     /// A transition was applied to the table.
@@ -81,10 +80,6 @@ pub trait Observer {
     fn resynced(&mut self, _table: &SocketTable, _out: &mut Vec<u8>) {}
     /// A periodic check begins: a snapshot is taken from monotonic time `at_ns`.
     fn check_starts(&mut self, _at_ns: u64) {}
-    /// How often `check` runs, if at all.
-    fn check_interval(&self) -> Option<Duration> {
-        None
-    }
     /// The periodic check: `snapshot` was just taken (while transitions
     /// were applied), and every transition stamped before it ended has been
     /// applied to `table`.
@@ -109,20 +104,27 @@ pub struct Config {
     pub no_resync: bool,
     /// Count each socket's bytes in the kernel (audit).
     pub count_bytes: bool,
-    pub metrics: Option<SocketAddr>,
+    /// The counters served at `metrics_addr`, which observers add to.
+    pub metrics: Arc<Metrics>,
+    pub metrics_addr: Option<SocketAddr>,
     /// Stop after this long (SIGINT and SIGTERM stop it in any case).
     pub duration: Option<Duration>,
+    /// How often the observer's `check` runs, if at all.
+    pub check_every: Option<Duration>,
 }
 
 impl Config {
     /// The monitor's configuration from a mode's flags.
     pub fn new(probe: &ProbeArgs, count_bytes: bool, duration: Option<Duration>) -> Config {
+        let ring_bytes = probe.ring_buffer_kib * 1024;
         Config {
-            ring_bytes: probe.ring_buffer_kib * 1024,
+            ring_bytes,
             no_resync: probe.no_resync,
             count_bytes,
-            metrics: probe.metrics,
+            metrics: Arc::new(Metrics::new(ring_bytes)),
+            metrics_addr: probe.metrics,
             duration,
+            check_every: None,
         }
     }
 }
@@ -139,8 +141,8 @@ pub fn run<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow::Resu
 
 async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow::Result<O> {
     let started = Instant::now();
-    let metrics = Arc::new(Metrics::new(config.ring_bytes));
-    if let Some(addr) = config.metrics {
+    let metrics = config.metrics;
+    if let Some(addr) = config.metrics_addr {
         crate::metrics::serve(addr, metrics.clone())?;
     }
     let mut probe = StateProbe::attach(config.ring_bytes, config.count_bytes)?;
@@ -151,8 +153,7 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     let mut kernel_log = probe.take_kernel_log();
     let recovers_skipped_calls = probe.recovers_skipped_calls();
     let mut source = KernelSource(probe);
-    let mut monitor = Monitor::new(config.no_resync, observer, sink, metrics.clone());
-    monitor.observer.attach_metrics(metrics);
+    let mut monitor = Monitor::new(config.no_resync, observer, sink, metrics);
     monitor.take_baseline(&mut source)?;
     log::info!(
         "watching TCP state transitions (loaded and attached in {} ms, baseline of {} sockets read in {} ms{})",
@@ -168,7 +169,7 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     let mut loss_check = tokio::time::interval(LOSS_CHECK_INTERVAL);
     let mut drain_timer = tokio::time::interval(DRAIN_INTERVAL);
     let mut gauge_timer = tokio::time::interval(GAUGE_INTERVAL);
-    let check_every = monitor.observer.check_interval();
+    let check_every = config.check_every;
     let mut check_timer = tokio::time::interval(check_every.unwrap_or(Duration::from_secs(3600)));
     check_timer.tick().await;
     // The check's snapshot is read on a thread while transitions keep flowing.
@@ -180,7 +181,7 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     let reopen_retry = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(reopen_retry);
     loop {
-        let retrying_reopen = monitor.reopen_backoff.is_some();
+        let retrying_reopen = monitor.output.reopen_backoff.is_some();
         tokio::select! {
             drained = source.drain(|record| monitor.on_record(record)) => {
                 drained.context("reading the ring buffer failed")?;
@@ -192,7 +193,7 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
                 source.drain_now(|record| monitor.on_record(record));
                 monitor.check_losses(&mut source, counters, false)?;
             }
-            _ = gauge_timer.tick(), if config.metrics.is_some() => monitor.metrics.count_sockets(&monitor.table),
+            _ = gauge_timer.tick(), if config.metrics_addr.is_some() => monitor.metrics.count_sockets(&monitor.table),
             _ = check_timer.tick(), if check_every.is_some() && pending_check.is_none() => {
                 monitor.observer.check_starts(clock_ns(libc::CLOCK_MONOTONIC));
                 pending_check = Some(tokio::task::spawn_blocking(read_proc));
@@ -210,7 +211,7 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
             _ = terminate.recv() => break,
             _ = &mut deadline => break,
         }
-        if let Err(err) = monitor.flush() {
+        if let Err(err) = monitor.output.flush() {
             write_failed = Some(err);
             break;
         }
@@ -224,8 +225,10 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
         return Err(err.into());
     }
     stopped?;
-    monitor.observer.summary(&summary, &mut monitor.buffer);
-    monitor.flush()?;
+    monitor
+        .observer
+        .summary(&summary, &mut monitor.output.buffer);
+    monitor.output.flush()?;
     Ok(monitor.observer)
 }
 
@@ -247,57 +250,129 @@ async fn forward(kernel_log: Option<&mut KernelLog>) -> io::Result<()> {
 /// The table, the loss accounting and the observer, fed event by event.
 struct Monitor<O> {
     observer: O,
-    no_resync: bool,
-    sink: Sink,
-    buffer: Vec<u8>,
+    output: Output,
     table: SocketTable,
     clock: WallClock,
     metrics: Arc<Metrics>,
     /// Network namespace of netwatch, where /proc is read.
     netns: Option<u32>,
-    transitions: u64,
-    /// Transitions the recovery program sent that the kernel had skipped.
-    recovered: u64,
-    /// Transitions the recovery program repeated (dropped).
-    duplicates: u64,
-    /// The kernel's counters at the previous check.
-    counters: LossCounters,
-    /// Losses reported so far: ring buffer full, skipped and not recovered.
-    lost: LossCounters,
-    /// Losses happened since the last resync.
-    stale: bool,
-    last_resync: Instant,
-    /// The wait before the next resync: `RESYNC_INTERVAL`, doubled after each failure.
-    resync_wait: Duration,
-    resyncs: u64,
+    ledger: LossLedger,
+    resync: ResyncSchedule,
+}
+
+/// The mode's output: records are buffered, and written after each batch
+/// of events or once `FLUSH_AT` is buffered.
+struct Output {
+    sink: Sink,
+    buffer: Vec<u8>,
     /// The first error writing the output, raised after the batch.
     write_error: Option<io::Error>,
     /// While a reopen of the output keeps failing: the wait before the next try.
     reopen_backoff: Option<Duration>,
 }
 
+impl Output {
+    fn new(sink: Sink) -> Output {
+        Output {
+            sink,
+            buffer: Vec::with_capacity(1 << 16),
+            write_error: None,
+            reopen_backoff: None,
+        }
+    }
+
+    /// Writes the buffer once it holds `FLUSH_AT`; an error waits for the end of the batch.
+    fn flush_when_full(&mut self) {
+        if self.buffer.len() >= FLUSH_AT && self.write_error.is_none() {
+            self.write_error = self.flush().err();
+        }
+    }
+
+    /// Writes what is buffered.
+    fn flush(&mut self) -> io::Result<()> {
+        if let Some(err) = self.write_error.take() {
+            return Err(err);
+        }
+        if !self.buffer.is_empty() {
+            self.sink.write_all(&self.buffer)?;
+            self.buffer.clear();
+        }
+        Ok(())
+    }
+
+    /// Reopens the file; on failure, the wait before the next try
+    /// (`REOPEN_RETRY_FIRST`, doubling up to `REOPEN_RETRY_MAX`).
+    fn reopen(&mut self) -> Result<(), (anyhow::Error, Duration)> {
+        match self.sink.reopen() {
+            Ok(()) => {
+                self.reopen_backoff = None;
+                Ok(())
+            }
+            Err(err) => {
+                let wait = self
+                    .reopen_backoff
+                    .map_or(REOPEN_RETRY_FIRST, |wait| (wait * 2).min(REOPEN_RETRY_MAX));
+                self.reopen_backoff = Some(wait);
+                Err((err, wait))
+            }
+        }
+    }
+}
+
+/// When the table is read from /proc again after losses.
+struct ResyncSchedule {
+    /// `--no-resync`: never.
+    disabled: bool,
+    /// Losses happened since the table was last read.
+    stale: bool,
+    last: Instant,
+    /// The wait before the next resync: `RESYNC_INTERVAL`, doubled after each failure.
+    wait: Duration,
+    done: u64,
+}
+
+impl ResyncSchedule {
+    fn new(disabled: bool) -> ResyncSchedule {
+        ResyncSchedule {
+            disabled,
+            stale: false,
+            last: Instant::now(),
+            wait: RESYNC_INTERVAL,
+            done: 0,
+        }
+    }
+
+    /// The table was just read from /proc.
+    fn table_read(&mut self) {
+        self.stale = false;
+        self.last = Instant::now();
+        self.wait = RESYNC_INTERVAL;
+    }
+
+    /// Whether to resync now: after losses, once the wait is over (or at the last check).
+    fn due(&self, last_check: bool) -> bool {
+        self.stale && !self.disabled && (last_check || self.last.elapsed() >= self.wait)
+    }
+
+    /// A resync failed: the next waits twice as long. Returns that wait.
+    fn failed(&mut self) -> Duration {
+        self.last = Instant::now();
+        self.wait = (self.wait * 2).min(RESYNC_RETRY_MAX);
+        self.wait
+    }
+}
+
 impl<O: Observer> Monitor<O> {
     fn new(no_resync: bool, observer: O, sink: Sink, metrics: Arc<Metrics>) -> Self {
         Monitor {
             observer,
-            no_resync,
-            sink,
-            buffer: Vec::with_capacity(1 << 16),
+            output: Output::new(sink),
             table: SocketTable::new(snapshot::program_name, TABLE_CAPACITY),
             clock: WallClock::now(),
             metrics,
             netns: snapshot::own_netns(),
-            transitions: 0,
-            recovered: 0,
-            duplicates: 0,
-            counters: LossCounters::default(),
-            lost: LossCounters::default(),
-            stale: false,
-            last_resync: Instant::now(),
-            resync_wait: RESYNC_INTERVAL,
-            resyncs: 0,
-            write_error: None,
-            reopen_backoff: None,
+            ledger: LossLedger::default(),
+            resync: ResyncSchedule::new(no_resync),
         }
     }
 
@@ -306,16 +381,9 @@ impl<O: Observer> Monitor<O> {
     /// the file already open: the failure is reported and tried again
     /// after a backoff. Returns when the next try is due.
     fn reopen_output(&mut self) -> tokio::time::Instant {
-        match self.sink.reopen() {
-            Ok(()) => {
-                self.reopen_backoff = None;
-                tokio::time::Instant::now()
-            }
-            Err(err) => {
-                let wait = self
-                    .reopen_backoff
-                    .map_or(REOPEN_RETRY_FIRST, |wait| (wait * 2).min(REOPEN_RETRY_MAX));
-                self.reopen_backoff = Some(wait);
+        match self.output.reopen() {
+            Ok(()) => tokio::time::Instant::now(),
+            Err((err, wait)) => {
                 let next = format!(
                     "records keep going to the file already open, and the reopen is tried again in {} s",
                     wait.as_secs()
@@ -332,7 +400,8 @@ impl<O: Observer> Monitor<O> {
         self.metrics.failure(what);
         let message = format!("{err:#}; {next}");
         log::warn!("{message}");
-        self.observer.failed(what, &message, &mut self.buffer);
+        self.observer
+            .failed(what, &message, &mut self.output.buffer);
     }
 
     fn on_record(&mut self, record: Record) {
@@ -347,49 +416,42 @@ impl<O: Observer> Monitor<O> {
         if let Some(change) = self.table.set_owner(event) {
             self.metrics.owner_change(change.cause);
             self.observer
-                .owner_changed(event.ts_ns, &change, &self.clock, &mut self.buffer);
-            self.flush_when_full();
+                .owner_changed(event.ts_ns, &change, &self.clock, &mut self.output.buffer);
+            self.output.flush_when_full();
         }
     }
 
     fn on_transition(&mut self, transition: &Transition) {
-        if transition.recovered {
-            if self.table.is_duplicate(transition) {
-                self.duplicates += 1;
-                return;
-            }
-            self.recovered += 1;
+        let arrival = match transition.recovered {
+            false => Arrival::Sent,
+            true if self.table.is_duplicate(transition) => Arrival::Duplicate,
+            true => Arrival::Recovered,
+        };
+        if !self.ledger.arrived(arrival) {
+            return;
+        }
+        if arrival == Arrival::Recovered {
             self.metrics.recovered.inc();
         }
-        self.transitions += 1;
         self.metrics.transition(transition.old, transition.new);
         let observed = self.table.apply(transition);
         self.observer
-            .transition(transition, observed, &self.clock, &mut self.buffer);
-        self.flush_when_full();
-    }
-
-    /// Writes the buffer once it holds `FLUSH_AT`; an error waits for the end of the batch.
-    fn flush_when_full(&mut self) {
-        if self.buffer.len() >= FLUSH_AT && self.write_error.is_none() {
-            self.write_error = self.flush().err();
-        }
+            .transition(transition, observed, &self.clock, &mut self.output.buffer);
+        self.output.flush_when_full();
     }
 
     /// Fills the table from /proc: the baseline at start, or a resync.
     fn reload(&mut self, source: &mut impl EventSource) -> anyhow::Result<Snapshot> {
         let snapshot = source.baseline()?;
         self.table.reset_from(&snapshot, self.netns);
-        self.stale = false;
-        self.last_resync = Instant::now();
-        self.resync_wait = RESYNC_INTERVAL;
+        self.resync.table_read();
         Ok(snapshot)
     }
 
     fn take_baseline(&mut self, source: &mut impl EventSource) -> anyhow::Result<()> {
         let snapshot = self.reload(source)?;
         self.observer
-            .baseline(&snapshot, &self.table, &mut self.buffer);
+            .baseline(&snapshot, &self.table, &mut self.output.buffer);
         Ok(())
     }
 
@@ -400,7 +462,7 @@ impl<O: Observer> Monitor<O> {
         tokio::time::sleep(Duration::from_millis(10)).await;
         source.drain_now(|record| self.on_record(record));
         self.observer
-            .check(&snapshot, &self.table, &mut self.buffer);
+            .check(&snapshot, &self.table, &mut self.output.buffer);
     }
 
     /// Drains what is left, counts the last losses and lets the observer
@@ -431,21 +493,21 @@ impl<O: Observer> Monitor<O> {
             &self.table,
             &|skaddr| source.bytes(skaddr),
             &self.clock,
-            &mut self.buffer,
+            &mut self.output.buffer,
         );
-        Ok(self.flush()?)
+        Ok(self.output.flush()?)
     }
 
     /// Rebuilds the table from a fresh /proc snapshot after losses.
     fn resync(&mut self, source: &mut impl EventSource) -> anyhow::Result<()> {
         self.reload(source)?;
-        self.resyncs += 1;
+        self.resync.done += 1;
         self.metrics.resyncs.inc();
         log::info!(
             "resynced the table from /proc: {} sockets",
             self.table.len()
         );
-        self.observer.resynced(&self.table, &mut self.buffer);
+        self.observer.resynced(&self.table, &mut self.output.buffer);
         Ok(())
     }
 
@@ -458,50 +520,20 @@ impl<O: Observer> Monitor<O> {
         now: LossCounters,
         last: bool,
     ) -> anyhow::Result<()> {
-        let settled = if last { now } else { self.counters };
-        self.counters = now;
-        // A skipped call whose recovery the full ring buffer refused is a
-        // ring buffer loss already: counting it here too would make
-        // delivered + lost exceed what the kernel fired.
-        let unrecovered = settled
-            .skipped
-            .saturating_sub(self.recovered)
-            .saturating_sub(settled.recoveries_refused);
-        let new_losses = [
-            (
-                now.ring_buffer_full
-                    .saturating_sub(self.lost.ring_buffer_full),
-                LossCause::RingBufferFull,
-            ),
-            (
-                unrecovered.saturating_sub(self.lost.skipped),
-                LossCause::Recursion,
-            ),
-            (
-                now.owner_events_dropped
-                    .saturating_sub(self.lost.owner_events_dropped),
-                LossCause::OwnerRingBufferFull,
-            ),
-        ];
-        self.lost.ring_buffer_full = self.lost.ring_buffer_full.max(now.ring_buffer_full);
-        self.lost.owner_events_dropped =
-            self.lost.owner_events_dropped.max(now.owner_events_dropped);
-        self.lost.skipped = self.lost.skipped.max(unrecovered);
-        self.metrics.set_losses(self.lost, &self.table);
-        for (count, cause) in new_losses.into_iter().filter(|(count, _)| *count > 0) {
-            self.stale = true;
+        let new_losses = self.ledger.check(now, last);
+        self.metrics.set_losses(self.ledger.lost(), &self.table);
+        for (count, cause) in new_losses {
+            self.resync.stale = true;
             log::info!("lost {count} {}: {}", cause.lost_what(), cause.describe());
-            self.observer.lost(count, cause, &mut self.buffer);
+            self.observer.lost(count, cause, &mut self.output.buffer);
         }
-        let due = last || self.last_resync.elapsed() >= self.resync_wait;
-        if self.stale && due && !self.no_resync {
+        if self.resync.due(last) {
             if let Err(err) = self.resync(source) {
                 // Tried again later, while the table stays stale.
-                self.last_resync = Instant::now();
-                self.resync_wait = (self.resync_wait * 2).min(RESYNC_RETRY_MAX);
+                let wait = self.resync.failed();
                 let next = format!(
                     "the table stays as it is, and the resync is tried again in {} s",
-                    self.resync_wait.as_secs()
+                    wait.as_secs()
                 );
                 self.report_failure(Failure::Resync, &err, &next);
             }
@@ -509,30 +541,19 @@ impl<O: Observer> Monitor<O> {
         Ok(())
     }
 
-    /// Writes what is buffered.
-    fn flush(&mut self) -> io::Result<()> {
-        if let Some(err) = self.write_error.take() {
-            return Err(err);
-        }
-        if !self.buffer.is_empty() {
-            self.sink.write_all(&self.buffer)?;
-            self.buffer.clear();
-        }
-        Ok(())
-    }
-
     fn summary(&self, runtime: Duration) -> Summary {
+        let (lost, counters) = (self.ledger.lost(), self.ledger.counters());
         Summary {
             seconds: runtime.as_secs_f64(),
-            transitions: self.transitions,
-            fired: self.counters.fired,
-            lost: self.lost.ring_buffer_full + self.lost.skipped,
-            ring_buffer_full: self.lost.ring_buffer_full,
-            not_recovered: self.lost.skipped,
-            skipped: self.counters.skipped,
-            recovered: self.recovered,
-            duplicates: self.duplicates,
-            resyncs: self.resyncs,
+            transitions: self.ledger.transitions(),
+            fired: counters.fired,
+            lost: lost.ring_buffer_full + lost.skipped,
+            ring_buffer_full: lost.ring_buffer_full,
+            not_recovered: lost.skipped,
+            skipped: counters.skipped,
+            recovered: self.ledger.recovered(),
+            duplicates: self.ledger.duplicates(),
+            resyncs: self.resync.done,
             sockets: self.table.len(),
             vanished: self.table.vanished(),
         }
@@ -755,7 +776,7 @@ mod tests {
     fn check(monitor: &mut Monitor<Recorder>, source: &mut ScriptedSource, checks: usize) {
         for _ in 0..checks {
             source.drain_now(|record| monitor.on_record(record));
-            monitor.last_resync -= monitor.resync_wait;
+            monitor.resync.last -= monitor.resync.wait;
             let counters = source.losses().expect("scripted");
             monitor
                 .check_losses(source, counters, false)
@@ -851,7 +872,7 @@ mod tests {
         assert_eq!(monitor.observer.lost, [(4, LossCause::RingBufferFull)]);
         assert_eq!((source.baselines_read, monitor.observer.resyncs), (2, 1));
         assert_eq!(monitor.table.len(), 3, "the table is the new baseline");
-        assert!(!monitor.stale);
+        assert!(!monitor.resync.stale);
         check(&mut monitor, &mut source, 1);
         assert_eq!(source.baselines_read, 2, "no new loss, no new resync");
         assert_eq!(monitor.observer.lost.len(), 1);
@@ -899,8 +920,8 @@ mod tests {
         source.losses.ring_buffer_full = 1;
         check(&mut monitor, &mut source, 1);
         assert_eq!(monitor.observer.failures, [Failure::Resync]);
-        assert!(monitor.stale, "the table stays stale");
-        assert_eq!(monitor.resync_wait, RESYNC_INTERVAL * 2, "backs off");
+        assert!(monitor.resync.stale, "the table stays stale");
+        assert_eq!(monitor.resync.wait, RESYNC_INTERVAL * 2, "backs off");
         let counters = source.losses().expect("scripted");
         monitor
             .check_losses(&mut source, counters, false)
@@ -908,34 +929,11 @@ mod tests {
         assert_eq!(source.baselines_read, 2, "not before the backoff ends");
         check(&mut monitor, &mut source, 1);
         assert_eq!(source.baselines_read, 3);
-        assert!(!monitor.stale);
+        assert!(!monitor.resync.stale);
         assert_eq!(
-            (monitor.table.len(), monitor.resync_wait),
+            (monitor.table.len(), monitor.resync.wait),
             (2, RESYNC_INTERVAL)
         );
         assert_eq!(monitor.observer.lost.len(), 1, "the loss is reported once");
-    }
-
-    #[test]
-    fn a_skipped_call_refused_by_the_full_ring_is_lost_once() {
-        let (mut monitor, mut source) = (monitor(false), ScriptedSource::default());
-        monitor.recovered = 2;
-        // 5 calls skipped: 2 recovered, 3 refused by the full ring buffer,
-        // which also refused 7 of the tracepoint program's.
-        let now = LossCounters {
-            ring_buffer_full: 10,
-            recoveries_refused: 3,
-            owner_events_dropped: 0,
-            skipped: 5,
-            fired: Some(100),
-            recovery_skipped: 0,
-        };
-        monitor
-            .check_losses(&mut source, now, true)
-            .expect("no resync");
-        assert_eq!(
-            (monitor.lost.ring_buffer_full, monitor.lost.skipped),
-            (10, 0)
-        );
     }
 }

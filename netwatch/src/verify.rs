@@ -50,8 +50,11 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<bool> {
         .into());
     }
     let duration = args.duration.map(Duration::from_secs);
-    let config = Config::new(&args.probe, false, duration);
-    let verify = Verify::new(args.json, Duration::from_secs(args.interval));
+    let config = Config {
+        check_every: Some(Duration::from_secs(args.interval)),
+        ..Config::new(&args.probe, false, duration)
+    };
+    let verify = Verify::new(args.json, config.metrics.clone());
     let verify = monitor::run(config, verify, Sink::stdout())?;
     if verify.checks == 0 {
         return Err(NothingCompared(
@@ -112,7 +115,6 @@ pub struct Comparison {
 /// reports, and remembers the previous check's drift.
 struct Verify {
     json: bool,
-    interval: Duration,
     netns: Option<u32>,
     /// Sockets that changed since the current check began, by tuple.
     changed: FxHashSet<Tuple>,
@@ -121,7 +123,7 @@ struct Verify {
     checks: u64,
     drift_checks: u64,
     persisted_checks: u64,
-    metrics: Option<Arc<Metrics>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Verify {
@@ -133,10 +135,9 @@ impl Verify {
         }
     }
 
-    fn new(json: bool, interval: Duration) -> Verify {
+    fn new(json: bool, metrics: Arc<Metrics>) -> Verify {
         Verify {
             json,
-            interval,
             netns: snapshot::own_netns(),
             changed: FxHashSet::default(),
             check_began_ns: None,
@@ -144,7 +145,7 @@ impl Verify {
             checks: 0,
             drift_checks: 0,
             persisted_checks: 0,
-            metrics: None,
+            metrics,
         }
     }
 
@@ -224,10 +225,6 @@ struct DriftRecord<'a> {
 }
 
 impl Observer for Verify {
-    fn attach_metrics(&mut self, metrics: Arc<Metrics>) {
-        self.metrics = Some(metrics);
-    }
-
     fn transition(
         &mut self,
         t: &Transition,
@@ -265,10 +262,6 @@ impl Observer for Verify {
         self.changed.clear();
     }
 
-    fn check_interval(&self) -> Option<Duration> {
-        Some(self.interval)
-    }
-
     fn check(&mut self, snapshot: &Snapshot, table: &SocketTable, out: &mut Vec<u8>) {
         let mut comparison = compare(snapshot, table, self.netns, &self.changed);
         for drift in &mut comparison.drift {
@@ -278,9 +271,7 @@ impl Observer for Verify {
         self.checks += 1;
         self.drift_checks += u64::from(!comparison.drift.is_empty());
         self.persisted_checks += u64::from(comparison.drift.iter().any(|d| d.persisting));
-        if let Some(metrics) = &self.metrics {
-            metrics.drift.set(comparison.drift.len() as u64);
-        }
+        self.metrics.drift.set(comparison.drift.len() as u64);
         self.report(&comparison, out);
         self.check_began_ns = None;
         self.changed.clear();
