@@ -287,6 +287,17 @@ impl SmallFilesystem {
         assert!(status.success(), "tests run as root and can mount a tmpfs");
         SmallFilesystem(dir)
     }
+
+    /// Gives it room for what audit records of every test running beside
+    /// this one (a burst test alone makes megabytes of records).
+    fn grow(&self) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", "remount,size=256m"])
+            .arg(&self.0)
+            .status()
+            .expect("mount runs");
+        assert!(status.success(), "a tmpfs can be remounted larger");
+    }
 }
 
 impl Drop for SmallFilesystem {
@@ -331,6 +342,7 @@ fn a_full_disk_stops_audit_with_one_sentence_and_a_restart_keeps_lines_whole() {
     assert!(!cut.ends_with('\n'), "the disk filled mid-record");
     // Space again; audit starts on the same file.
     std::fs::remove_file(&filler).expect("frees the disk");
+    disk.grow();
     let audit = Watch::spawn(&["audit", "--output", log_arg]);
     peer.send("exchange 5 10");
     let stopped = audit.stop_with(libc::SIGTERM);
