@@ -29,7 +29,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use core::ffi::c_void;
-use core::intrinsics::{atomic_xadd, AtomicOrdering};
+use core::intrinsics::{atomic_xadd, atomic_xchg, AtomicOrdering};
 use netwatch_common::{
     event_kind, syscall_exit, tracepoint as field, ByteCounts, KernelEvent, SocketEntry, SocketFd,
     AF_INET, DROPPED_OWNER_EVENTS, DROPPED_RECOVERIES, DROPPED_TRANSITIONS, IPPROTO_TCP,
@@ -580,21 +580,32 @@ fn counts_bytes() -> bool {
 
 /// What a transition does to the socket's entry in the kernel map, and the
 /// bytes it carries. At a change to CLOSE (audit only), the socket's own
-/// counts, removing the entry; when a socket opens (audit only), those of
-/// its address's previous occupant, left when that one was freed without a
-/// traced CLOSE (the new socket starts from zero). At connect(), the
-/// connecting process becomes the owner, so that its own sends are no
-/// handoff. Elsewhere, and in watch and verify, the map is not touched: a
-/// stale entry only names an owner, which accept() and connect() replace.
+/// counts; when a socket opens (audit only), those its address's previous
+/// occupant left after its CLOSE was traced, or without a traced CLOSE (the
+/// new socket starts from zero). The counts are taken by atomic exchanges
+/// with zero, and the entry stays: a send or receive counted on another CPU
+/// at the same time lands in these counts or in the entry after them, never
+/// in between. At connect(), the connecting process becomes the owner, so
+/// that its own sends are no handoff. Elsewhere, and in watch and verify,
+/// the map is not touched: a stale entry only names an owner, which
+/// accept() and connect() replace.
 fn update_socket_entry(sk: u64, oldstate: i32, newstate: i32, owner: u32) -> ByteCounts {
     let opens = oldstate == TCP_CLOSE || (oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV);
     let mut counts = ByteCounts::default();
     if counts_bytes() && (newstate == TCP_CLOSE || opens) {
-        // SAFETY: the value is copied out before the entry is removed.
-        counts = unsafe { SOCKETS.get(sk) }
-            .map(|entry| entry.bytes)
-            .unwrap_or_default();
-        let _ = SOCKETS.remove(sk);
+        if let Some(entry) = SOCKETS.get_ptr_mut(sk) {
+            // SAFETY: the map value lives while the program runs; each exchange is one instruction.
+            unsafe {
+                counts.sent = atomic_xchg::<u64, { AtomicOrdering::Relaxed }>(
+                    &raw mut (*entry).bytes.sent,
+                    0,
+                );
+                counts.received = atomic_xchg::<u64, { AtomicOrdering::Relaxed }>(
+                    &raw mut (*entry).bytes.received,
+                    0,
+                );
+            }
+        }
     }
     if oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT {
         let entry = SocketEntry {
