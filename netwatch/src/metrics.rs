@@ -1,16 +1,22 @@
-//! `--metrics ADDR:PORT`: counters in Prometheus' text format, served over
-//! plain HTTP to whoever scrapes `/metrics`.
+//! `--metrics ADDR:PORT`: counters in the OpenMetrics text format (encoded
+//! by prometheus-client), served over plain HTTP to whoever scrapes `/metrics`.
 //!
 //! The counters are atomics bumped on the event path (one relaxed add per
 //! transition), read by the server task when scraped.
 
-use std::fmt::Write as _;
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -144,155 +150,180 @@ impl Metrics {
         }
     }
 
-    /// The text exposition format (version 0.0.4).
-    pub fn render(&self) -> String {
+    /// The OpenMetrics text exposition, encoded by prometheus-client from
+    /// the counters as they are now.
+    pub fn render(self: &Arc<Self>) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Exposition(self.clone())));
         let mut text = String::with_capacity(4096);
-        family(
-            &mut text,
-            "netwatch_transitions_total",
-            "counter",
-            "TCP state transitions applied, by old and new state.",
-        );
-        for (old, row) in TcpState::ALL.iter().zip(&self.transitions) {
-            for (new, counter) in TcpState::ALL.iter().zip(row) {
-                if counter.get() > 0 {
-                    let _ = writeln!(
-                        text,
-                        "netwatch_transitions_total{{old_state=\"{old}\",new_state=\"{new}\"}} {}",
-                        counter.get()
-                    );
-                }
-            }
-        }
-        family(&mut text, "netwatch_lost_events_total", "counter", "Events lost, by cause: transitions the ring buffer had no room for, transitions skipped by the kernel and not recovered, owner changes the ring buffer had no room for.");
-        let _ = writeln!(
-            text,
-            "netwatch_lost_events_total{{cause=\"ring_buffer_full\"}} {}",
-            self.lost_ring_buffer_full.get()
-        );
-        let _ = writeln!(
-            text,
-            "netwatch_lost_events_total{{cause=\"skipped\"}} {}",
-            self.lost_skipped.get()
-        );
-        let _ = writeln!(
-            text,
-            "netwatch_lost_events_total{{cause=\"owner_ring_buffer_full\"}} {}",
-            self.lost_owner_events.get()
-        );
-        family(
-            &mut text,
-            "netwatch_owner_changes_total",
-            "counter",
-            "Sockets whose owner became another process: by accept(), or by a send or receive (handoff).",
-        );
-        for (cause, counter) in [OwnerCause::Accept, OwnerCause::Handoff]
-            .iter()
-            .zip(&self.owner_changes)
-        {
-            let _ = writeln!(
-                text,
-                "netwatch_owner_changes_total{{cause=\"{}\"}} {}",
-                cause.name(),
-                counter.get()
-            );
-        }
-        single(
-            &mut text,
-            "netwatch_recovered_events_total",
-            "counter",
-            "Transitions the kernel skipped that the recovery program sent.",
-            self.recovered.get(),
-        );
-        single(
-            &mut text,
-            "netwatch_resyncs_total",
-            "counter",
-            "Times the table was rebuilt from /proc after losses.",
-            self.resyncs.get(),
-        );
-        family(
-            &mut text,
-            "netwatch_failures_total",
-            "counter",
-            "Routine failures netwatch went on after and retries: a resync, a verify snapshot, a reopen of --output.",
-        );
-        for (what, counter) in Failure::ALL.iter().zip(&self.failures) {
-            let _ = writeln!(
-                text,
-                "netwatch_failures_total{{what=\"{}\"}} {}",
-                what.name(),
-                counter.get()
-            );
-        }
-        single(
-            &mut text,
-            "netwatch_table_evictions_total",
-            "counter",
-            "Sockets evicted from the full table (least recently changed first).",
-            self.evicted.get(),
-        );
-        single(
-            &mut text,
-            "netwatch_vanished_sockets_total",
-            "counter",
-            "Sockets found freed without a traced change to CLOSE (their address reused).",
-            self.vanished.get(),
-        );
-        family(
-            &mut text,
-            "netwatch_sockets",
-            "gauge",
-            "Sockets in the live table, by state (recounted every second).",
-        );
-        for (state, gauge) in TcpState::ALL.iter().zip(&self.sockets) {
-            let _ = writeln!(
-                text,
-                "netwatch_sockets{{state=\"{state}\"}} {}",
-                gauge.get()
-            );
-        }
-        family(
-            &mut text,
-            "netwatch_audit_records_total",
-            "counter",
-            "Audit records written, by type.",
-        );
-        let _ = writeln!(
-            text,
-            "netwatch_audit_records_total{{type=\"conn\"}} {}",
-            self.conn_records.get()
-        );
-        let _ = writeln!(
-            text,
-            "netwatch_audit_records_total{{type=\"listen\"}} {}",
-            self.listen_records.get()
-        );
-        single(
-            &mut text,
-            "netwatch_drift_sockets",
-            "gauge",
-            "verify: sockets that differed from the last snapshot.",
-            self.drift.get(),
-        );
-        single(
-            &mut text,
-            "netwatch_ring_buffer_capacity_bytes",
-            "gauge",
-            "Size of the ring buffer carrying transitions.",
-            u64::from(self.ring_buffer_bytes),
-        );
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
         text
+    }
+
+    fn encode(&self, encoder: &mut DescriptorEncoder<'_>) -> fmt::Result {
+        let transitions = TcpState::ALL
+            .iter()
+            .zip(&self.transitions)
+            .flat_map(|(old, row)| {
+                TcpState::ALL
+                    .iter()
+                    .zip(row)
+                    .filter(|(_, counter)| counter.get() > 0)
+                    .map(move |(new, counter)| {
+                        (
+                            [("old_state", old.name()), ("new_state", new.name())],
+                            counter.get(),
+                        )
+                    })
+            });
+        family(
+            encoder,
+            "netwatch_transitions",
+            "TCP state transitions applied, by old and new state.",
+            MetricType::Counter,
+            transitions,
+        )?;
+        let lost = [
+            ("ring_buffer_full", &self.lost_ring_buffer_full),
+            ("skipped", &self.lost_skipped),
+            ("owner_ring_buffer_full", &self.lost_owner_events),
+        ];
+        family(encoder, "netwatch_lost_events", "Events lost, by cause: transitions the ring buffer had no room for, transitions skipped by the kernel and not recovered, owner changes the ring buffer had no room for.", MetricType::Counter, labelled("cause", lost))?;
+        let causes = [OwnerCause::Accept, OwnerCause::Handoff].map(OwnerCause::name);
+        family(encoder, "netwatch_owner_changes", "Sockets whose owner became another process: by accept(), or by a send or receive (handoff).", MetricType::Counter, labelled("cause", causes.into_iter().zip(&self.owner_changes)))?;
+        single(
+            encoder,
+            "netwatch_recovered_events",
+            "Transitions the kernel skipped that the recovery program sent.",
+            MetricType::Counter,
+            self.recovered.get(),
+        )?;
+        single(
+            encoder,
+            "netwatch_resyncs",
+            "Times the table was rebuilt from /proc after losses.",
+            MetricType::Counter,
+            self.resyncs.get(),
+        )?;
+        let failures = Failure::ALL
+            .map(Failure::name)
+            .into_iter()
+            .zip(&self.failures);
+        family(encoder, "netwatch_failures", "Routine failures netwatch went on after and retries: a resync, a verify snapshot, a reopen of --output.", MetricType::Counter, labelled("what", failures))?;
+        single(
+            encoder,
+            "netwatch_table_evictions",
+            "Sockets evicted from the full table (least recently changed first).",
+            MetricType::Counter,
+            self.evicted.get(),
+        )?;
+        single(
+            encoder,
+            "netwatch_vanished_sockets",
+            "Sockets found freed without a traced change to CLOSE (their address reused).",
+            MetricType::Counter,
+            self.vanished.get(),
+        )?;
+        let states = TcpState::ALL
+            .map(TcpState::name)
+            .into_iter()
+            .zip(&self.sockets);
+        family(
+            encoder,
+            "netwatch_sockets",
+            "Sockets in the live table, by state (recounted every second).",
+            MetricType::Gauge,
+            labelled("state", states),
+        )?;
+        let records = [
+            ("conn", &self.conn_records),
+            ("listen", &self.listen_records),
+        ];
+        family(
+            encoder,
+            "netwatch_audit_records",
+            "Audit records written, by type.",
+            MetricType::Counter,
+            labelled("type", records),
+        )?;
+        single(
+            encoder,
+            "netwatch_drift_sockets",
+            "verify: sockets that differed from the last snapshot.",
+            MetricType::Gauge,
+            self.drift.get(),
+        )?;
+        single(
+            encoder,
+            "netwatch_ring_buffer_capacity_bytes",
+            "Size of the ring buffer carrying transitions.",
+            MetricType::Gauge,
+            u64::from(self.ring_buffer_bytes),
+        )
     }
 }
 
-fn family(text: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} {kind}");
+/// The metrics as prometheus-client collects them at each scrape.
+#[derive(Debug)]
+struct Exposition(Arc<Metrics>);
+
+impl Collector for Exposition {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        self.0.encode(&mut encoder)
+    }
 }
 
-fn single(text: &mut String, name: &str, kind: &str, help: &str, value: u64) {
-    family(text, name, kind, help);
-    let _ = writeln!(text, "{name} {value}");
+/// Counters with one label each, as samples: ([(key, label value)], count).
+fn labelled<'a, C>(
+    key: &'static str,
+    counters: C,
+) -> impl Iterator<Item = ([(&'static str, &'static str); 1], u64)> + 'a
+where
+    C: IntoIterator<Item = (&'static str, &'a Counter)>,
+    C::IntoIter: 'a,
+{
+    counters
+        .into_iter()
+        .map(move |(value, counter)| ([(key, value)], counter.get()))
+}
+
+/// One metric family: its samples as (labels, value). Counters are named
+/// without `_total`, which the encoder adds.
+fn family<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: impl IntoIterator<Item = (L, u64)>,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in samples {
+        sample(family.encode_family(&labels)?, kind, value)?;
+    }
+    Ok(())
+}
+
+/// A metric with one sample and no labels.
+fn single(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    value: u64,
+) -> fmt::Result {
+    sample(
+        encoder.encode_descriptor(name, help, None, kind)?,
+        kind,
+        value,
+    )
+}
+
+fn sample(encoder: MetricEncoder<'_>, kind: MetricType, value: u64) -> fmt::Result {
+    match kind {
+        MetricType::Counter => ConstCounter::new(value).encode(encoder),
+        _ => ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(encoder),
+    }
 }
 
 /// Connections the server holds at most; a new one beyond closes the oldest.
@@ -388,7 +419,7 @@ fn parse_request(head: &[u8]) -> Request {
 /// Answers one HTTP request: the metrics for `GET /metrics`, their headers
 /// for `HEAD`, 404 otherwise. A client that sends no request within
 /// `REQUEST_TIMEOUT` is closed.
-async fn respond(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+async fn respond(mut stream: TcpStream, metrics: &Arc<Metrics>) -> std::io::Result<()> {
     let mut request = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     let read_head = async {
@@ -410,7 +441,7 @@ async fn respond(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()
         Request::Other => ("404 Not Found", "try GET /metrics\n".to_owned()),
     };
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;
@@ -423,6 +454,32 @@ async fn respond(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_exposition_carries_each_count_under_its_labels() {
+        let metrics = Arc::new(Metrics::new(4096));
+        metrics.transition(TcpState::Close, TcpState::SynSent);
+        metrics.transition(TcpState::Close, TcpState::SynSent);
+        metrics.failure(Failure::Reopen);
+        metrics.owner_change(OwnerCause::Handoff);
+        let text = metrics.render();
+        for line in [
+            "# TYPE netwatch_transitions counter",
+            r#"netwatch_transitions_total{old_state="CLOSE",new_state="SYN_SENT"} 2"#,
+            r#"netwatch_failures_total{what="reopen"} 1"#,
+            r#"netwatch_failures_total{what="resync"} 0"#,
+            r#"netwatch_owner_changes_total{cause="handoff"} 1"#,
+            r#"netwatch_sockets{state="LISTEN"} 0"#,
+            "netwatch_ring_buffer_capacity_bytes 4096",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        assert!(
+            !text.contains(r#"new_state="ESTABLISHED""#),
+            "only transitions seen"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
 
     #[test]
     fn requests_are_read_as_prometheus_sends_them() {

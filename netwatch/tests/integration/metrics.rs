@@ -22,7 +22,10 @@ fn scrape(port: u16) -> Scrape {
     stream.read_to_string(&mut response).unwrap();
     let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    assert!(
+        head.contains("application/openmetrics-text; version=1.0.0"),
+        "{head}"
+    );
     Scrape::parse(body.lines().map(|line| Ok(line.to_owned()))).expect("Prometheus text format")
 }
 
