@@ -1,20 +1,20 @@
 //! netwatch: a TCP connection monitor. A /proc snapshot (`snapshot`) is kept
-//! current by eBPF programs on TCP state changes (`kernel`, `source`,
-//! `table`, `monitor`), for a live stream (`watch`), connection records
+//! current by eBPF programs on TCP state changes (`kernel`) through the
+//! `engine`, for the `modes`: a live stream (`watch`), connection records
 //! (`audit`) and a check of the table against /proc (`verify`).
+//!
+//! Layers, each using only those listed before it: `model`; `snapshot`
+//! (/proc) and `kernel`; `cli`, `metrics` and `sink`; `engine`; `output`;
+//! `modes`.
 
-pub mod audit;
 pub mod cli;
+mod engine;
 mod kernel;
-mod ledger;
 mod metrics;
 pub mod model;
-mod monitor;
+mod modes;
 mod output;
 mod sink;
 mod snapshot;
-pub mod snapshot_command;
-mod source;
-mod table;
-pub mod verify;
-pub mod watch;
+
+pub use modes::{audit, snapshot_command, verify, watch};

@@ -21,7 +21,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::model::{LossCounters, OwnerCause, TcpState};
-use crate::table::SocketTable;
 
 /// A routine failure that a long-lived mode reports and goes on after.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,21 +128,21 @@ impl Metrics {
         self.owner_changes[cause as usize].inc();
     }
 
-    /// Records the losses reported so far, and from the table the sockets
-    /// it evicted and those found freed without a traced CLOSE.
-    pub fn set_losses(&self, lost: LossCounters, table: &SocketTable) {
+    /// Records the losses reported so far, the sockets the table evicted
+    /// and those it found freed without a traced CLOSE.
+    pub fn set_losses(&self, lost: LossCounters, evicted: u64, vanished: u64) {
         self.lost_ring_buffer_full.set(lost.ring_buffer_full);
         self.lost_skipped.set(lost.skipped);
         self.lost_owner_events.set(lost.owner_events_dropped);
-        self.evicted.set(table.evicted());
-        self.vanished.set(table.vanished());
+        self.evicted.set(evicted);
+        self.vanished.set(vanished);
     }
 
-    /// Recounts the table's sockets by state.
-    pub fn count_sockets(&self, table: &SocketTable) {
+    /// Sets the sockets gauge from the states of the table's sockets.
+    pub fn count_sockets(&self, states: impl Iterator<Item = TcpState>) {
         let mut counts = [0u64; STATES];
-        for (_, socket) in table.sockets() {
-            counts[socket.state as usize - 1] += 1;
+        for state in states {
+            counts[state as usize - 1] += 1;
         }
         for (gauge, count) in self.sockets.iter().zip(counts) {
             gauge.set(count);

@@ -7,10 +7,10 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
+use crate::engine::monitor::Summary;
 use crate::model::{
     format_endpoint, Endpoint, LossCause, Owner, OwnerChange, Proto, TcpState, Tuple,
 };
-use crate::monitor::Summary;
 use crate::snapshot::SnapshotEntry;
 
 /// Which optional columns the snapshot table has.

@@ -18,14 +18,14 @@ use netwatch_common::ByteCounts;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::ProbeArgs;
+use crate::engine::ledger::{Arrival, LossLedger};
+use crate::engine::source::{EventSource, KernelSource};
+use crate::engine::table::{Observed, SocketTable};
 use crate::kernel::{self, KernelLog, StateProbe};
-use crate::ledger::{Arrival, LossLedger};
 use crate::metrics::{Failure, Metrics};
 use crate::model::{LossCause, LossCounters, OwnerChange, OwnerEvent, Proto, Record, Transition};
 use crate::sink::Sink;
 use crate::snapshot::{self, Owners, Snapshot};
-use crate::source::{EventSource, KernelSource};
-use crate::table::{Observed, SocketTable};
 
 /// How often the ring buffer is drained without a wakeup: the eBPF side wakes
 /// netwatch only when much is waiting or 5 ms after its last wakeup.
@@ -193,7 +193,7 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
                 source.drain_now(|record| monitor.on_record(record));
                 monitor.check_losses(&mut source, counters, false)?;
             }
-            _ = gauge_timer.tick(), if config.metrics_addr.is_some() => monitor.metrics.count_sockets(&monitor.table),
+            _ = gauge_timer.tick(), if config.metrics_addr.is_some() => monitor.metrics.count_sockets(monitor.table.sockets().map(|(_, socket)| socket.state)),
             _ = check_timer.tick(), if check_every.is_some() && pending_check.is_none() => {
                 monitor.observer.check_starts(clock_ns(libc::CLOCK_MONOTONIC));
                 pending_check = Some(tokio::task::spawn_blocking(read_proc));
@@ -521,7 +521,9 @@ impl<O: Observer> Monitor<O> {
         last: bool,
     ) -> anyhow::Result<()> {
         let new_losses = self.ledger.check(now, last);
-        self.metrics.set_losses(self.ledger.lost(), &self.table);
+        let (evicted, vanished) = (self.table.evicted(), self.table.vanished());
+        self.metrics
+            .set_losses(self.ledger.lost(), evicted, vanished);
         for (count, cause) in new_losses {
             self.resync.stale = true;
             log::info!("lost {count} {}: {}", cause.lost_what(), cause.describe());

@@ -22,13 +22,13 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use serde::Serialize;
 
 use crate::cli::VerifyArgs;
+use crate::engine::monitor::{self, Config, Observer, WallClock};
+use crate::engine::table::{LiveSocket, Observed, SocketTable};
 use crate::metrics::{Failure, Metrics};
 use crate::model::{format_endpoint, OwnerChange, TcpState, Transition, Tuple};
-use crate::monitor::{self, Config, Observer, WallClock};
 use crate::output::{self, Timestamp};
 use crate::sink::Sink;
 use crate::snapshot::{self, Snapshot};
-use crate::table::{LiveSocket, Observed, SocketTable};
 
 /// Sockets listed at most in one report (the counts cover them all).
 const LISTED_AT_MOST: usize = 50;

@@ -4,13 +4,13 @@
 use std::time::SystemTime;
 
 use crate::cli::WatchArgs;
+use crate::engine::monitor::{self, Config, Observer, Summary, WallClock};
+use crate::engine::table::{Observed, SocketTable};
 use crate::metrics::Failure;
 use crate::model::{LossCause, OwnerChange, Transition};
-use crate::monitor::{self, Config, Observer, Summary, WallClock};
 use crate::output::{self, SocketRecord, StreamRecord, Timestamp, TupleFields};
 use crate::sink::Sink;
 use crate::snapshot::Snapshot;
-use crate::table::{Observed, SocketTable};
 
 /// Streams until SIGINT or SIGTERM, then prints a summary on stderr (and,
 /// in JSON, as the last record).

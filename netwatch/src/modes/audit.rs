@@ -11,13 +11,13 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::cli::AuditArgs;
+use crate::engine::monitor::{self, Config, Observer, Summary, WallClock};
+use crate::engine::table::{LiveSocket, Observed, SocketTable};
 use crate::metrics::{Failure, Metrics};
 use crate::model::{LossCause, Owner, Proto, TcpState, Transition, Tuple};
-use crate::monitor::{self, Config, Observer, Summary, WallClock};
 use crate::output::{self, Addr, Timestamp};
 use crate::sink::Sink;
 use crate::snapshot::{self, Owners, Snapshot};
-use crate::table::{LiveSocket, Observed, SocketTable};
 use netwatch_common::ByteCounts;
 use std::collections::HashSet;
 use std::sync::Arc;

@@ -1,0 +1,9 @@
+//! The engine under watch, audit and verify: the live table of sockets
+//! (`table`), kept from what an `EventSource` reports (`source`), with every
+//! loss accounted for (`ledger`), run by the `monitor`, which hands what it
+//! sees to the mode's observer.
+
+pub mod ledger;
+pub mod monitor;
+pub mod source;
+pub mod table;

@@ -1,0 +1,8 @@
+//! What a user runs: `snapshot`, and on the engine `watch` (the stream),
+//! `audit` (connection records) and `verify` (the table against /proc).
+//! Each mode declares its own records.
+
+pub mod audit;
+pub mod snapshot_command;
+pub mod verify;
+pub mod watch;
