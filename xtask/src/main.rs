@@ -40,6 +40,10 @@ enum Task {
     Test,
     /// Measure netwatch against ss/netstat (snapshot), tcpstates (stream), over time (soak), or its cost to TCP traffic (traffic).
     Bench {
+        /// Measure this netwatch binary (another commit's build, to compare)
+        /// instead of building this tree's.
+        #[arg(long, value_name = "PATH", global = true)]
+        netwatch: Option<PathBuf>,
         #[command(subcommand)]
         which: bench::Which,
     },
@@ -63,10 +67,16 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::ensure(&[setup::BUILD_PACKAGES]),
         Task::Run { args } => run_netwatch(&args),
         Task::Test => test(),
-        Task::Bench { which } => {
+        Task::Bench { netwatch, which } => {
             setup::ensure(&[setup::BUILD_PACKAGES, setup::BENCH_PACKAGES])?;
-            build_release()?;
-            bench::run(which, &netwatch_binary())
+            let netwatch = match netwatch {
+                Some(path) => std::path::absolute(path)?,
+                None => {
+                    build_release()?;
+                    netwatch_binary()
+                }
+            };
+            bench::run(which, &netwatch)
         }
         Task::Hold(args) => load::hold(&args),
         Task::Churn(args) => load::churn(&args).map(|report| println!("{report}")),

@@ -111,6 +111,8 @@ pub struct Config {
     pub duration: Option<Duration>,
     /// How often the observer's `check` runs, if at all.
     pub check_every: Option<Duration>,
+    /// netwatch's own network namespace, where /proc is read.
+    pub netns: Option<u32>,
 }
 
 impl Config {
@@ -125,6 +127,7 @@ impl Config {
             metrics_addr: probe.metrics,
             duration,
             check_every: None,
+            netns: snapshot::own_netns(),
         }
     }
 }
@@ -153,7 +156,7 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     let mut kernel_log = probe.take_kernel_log();
     let recovers_skipped_calls = probe.recovers_skipped_calls();
     let mut source = KernelSource(probe);
-    let mut monitor = Monitor::new(config.no_resync, observer, sink, metrics);
+    let mut monitor = Monitor::new(config.no_resync, config.netns, observer, sink, metrics);
     monitor.take_baseline(&mut source)?;
     log::info!(
         "watching TCP state transitions (loaded and attached in {} ms, baseline of {} sockets read in {} ms{})",
@@ -363,14 +366,20 @@ impl ResyncSchedule {
 }
 
 impl<O: Observer> Monitor<O> {
-    fn new(no_resync: bool, observer: O, sink: Sink, metrics: Arc<Metrics>) -> Self {
+    fn new(
+        no_resync: bool,
+        netns: Option<u32>,
+        observer: O,
+        sink: Sink,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Monitor {
             observer,
             output: Output::new(sink),
             table: SocketTable::new(snapshot::program_name, TABLE_CAPACITY),
             clock: WallClock::now(),
             metrics,
-            netns: snapshot::own_netns(),
+            netns,
             ledger: LossLedger::default(),
             resync: ResyncSchedule::new(no_resync),
         }
@@ -717,7 +726,7 @@ mod tests {
 
     fn monitor(resync: bool) -> Monitor<Recorder> {
         let metrics = Arc::new(Metrics::new(4096));
-        Monitor::new(!resync, Recorder::default(), Sink::stdout(), metrics)
+        Monitor::new(!resync, None, Recorder::default(), Sink::stdout(), metrics)
     }
 
     /// A transition of the socket at `skaddr`, from port 40000 + skaddr to port 80.

@@ -37,7 +37,7 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
     let config = Config::new(&args.probe, true, None);
     let audit = Audit {
         metrics: config.metrics.clone(),
-        netns: snapshot::own_netns(),
+        netns: config.netns,
     };
     monitor::run(config, audit, sink)?;
     Ok(())

@@ -26,9 +26,9 @@ use crate::engine::monitor::{self, Config, Observer, WallClock};
 use crate::engine::table::{LiveSocket, Observed, SocketTable};
 use crate::metrics::{Failure, Metrics};
 use crate::model::{format_endpoint, OwnerChange, TcpState, Transition, Tuple};
-use crate::output::{self, Timestamp};
+use crate::output::{self, StreamRecord, Timestamp};
 use crate::sink::Sink;
-use crate::snapshot::{self, Snapshot};
+use crate::snapshot::Snapshot;
 
 /// Sockets listed at most in one report (the counts cover them all).
 const LISTED_AT_MOST: usize = 50;
@@ -54,7 +54,7 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<bool> {
         check_every: Some(Duration::from_secs(args.interval)),
         ..Config::new(&args.probe, false, duration)
     };
-    let verify = Verify::new(args.json, config.metrics.clone());
+    let verify = Verify::new(args.json, config.netns, config.metrics.clone());
     let verify = monitor::run(config, verify, Sink::stdout())?;
     if verify.checks == 0 {
         return Err(NothingCompared(
@@ -135,10 +135,10 @@ impl Verify {
         }
     }
 
-    fn new(json: bool, metrics: Arc<Metrics>) -> Verify {
+    fn new(json: bool, netns: Option<u32>, metrics: Arc<Metrics>) -> Verify {
         Verify {
             json,
-            netns: snapshot::own_netns(),
+            netns,
             changed: FxHashSet::default(),
             check_began_ns: None,
             previous: HashSet::new(),
@@ -208,6 +208,16 @@ impl Verify {
     }
 }
 
+/// The JSON record verify ends with.
+#[derive(Serialize)]
+struct SummaryRecord {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    checks: u64,
+    drift_checks: u64,
+    persisting_checks: u64,
+}
+
 /// The JSON report of one check.
 #[derive(Serialize)]
 struct DriftRecord<'a> {
@@ -247,12 +257,11 @@ impl Observer for Verify {
 
     fn failed(&mut self, what: Failure, message: &str, out: &mut Vec<u8>) {
         if self.json {
-            let record = serde_json::json!({
-                "type": "failure",
-                "ts": Timestamp(SystemTime::now()),
-                "what": what.name(),
-                "message": message,
-            });
+            let record = StreamRecord::Failure {
+                ts: output::rfc3339(SystemTime::now()),
+                what: what.name(),
+                message,
+            };
             let _ = output::write_json_line(out, &record);
         }
     }
@@ -297,12 +306,12 @@ impl Observer for Verify {
         );
         log::info!("verify: {summary}");
         if self.json {
-            let record = serde_json::json!({
-                "type": "summary",
-                "checks": self.checks,
-                "drift_checks": self.drift_checks,
-                "persisting_checks": self.persisted_checks,
-            });
+            let record = SummaryRecord {
+                kind: "summary",
+                checks: self.checks,
+                drift_checks: self.drift_checks,
+                persisting_checks: self.persisted_checks,
+            };
             let _ = output::write_json_line(out, &record);
         }
     }
