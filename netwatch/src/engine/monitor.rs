@@ -71,31 +71,39 @@ pub trait Observer {
         _out: &mut Vec<u8>,
     ) {
     }
-    /// A routine failure that the monitor goes on after (reported on
-    /// stderr already): `message` says what failed and what happens next.
-    fn failed(&mut self, _what: Failure, _message: &str, _out: &mut Vec<u8>) {}
-    /// Transitions (or owner changes) were lost.
-    fn lost(&mut self, _count: u64, _cause: LossCause, _out: &mut Vec<u8>) {}
-    /// The table was rebuilt from /proc after losses.
-    fn resynced(&mut self, _table: &SocketTable, _out: &mut Vec<u8>) {}
+    /// Something happened to the monitor itself: losses, a routine
+    /// failure, a resync.
+    fn notice(&mut self, _notice: Notice<'_>, _out: &mut Vec<u8>) {}
     /// A periodic check begins: a snapshot is taken from monotonic time `at_ns`.
     fn check_starts(&mut self, _at_ns: u64) {}
     /// The periodic check: `snapshot` was just taken (while transitions
     /// were applied), and every transition stamped before it ended has been
     /// applied to `table`.
     fn check(&mut self, _snapshot: &Snapshot, _table: &SocketTable, _out: &mut Vec<u8>) {}
-    /// The monitor stopped and the table's last records are written: its summary.
-    fn summary(&mut self, _summary: &Summary, _out: &mut Vec<u8>) {}
-    /// The monitor stops; the table holds what is still open. `bytes` looks
-    /// up a socket's byte counts so far by its kernel address.
+    /// The monitor stops; the table holds what is still open, and
+    /// `summary` says what the run saw. `bytes` looks up a socket's byte
+    /// counts so far by its kernel address.
     fn stopped(
         &mut self,
         _table: &SocketTable,
         _bytes: &dyn Fn(u64) -> Option<ByteCounts>,
         _clock: &WallClock,
+        _summary: &Summary,
         _out: &mut Vec<u8>,
     ) {
     }
+}
+
+/// What happened to the monitor itself, for the mode to record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Notice<'a> {
+    /// Transitions (or owner changes) were lost.
+    Lost { count: u64, cause: LossCause },
+    /// A routine failure that the monitor goes on after (reported on
+    /// stderr already): `message` says what failed and what happens next.
+    Failed { what: Failure, message: &'a str },
+    /// The table was rebuilt from /proc after losses; it holds `sockets` now.
+    Resynced { sockets: usize },
 }
 
 /// How the monitor runs, whatever the mode.
@@ -221,17 +229,12 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     }
     // Even when the output failed, stop writes what it still can and the
     // summary goes to stderr; the first error is the one reported.
-    let stopped = monitor.stop(&mut source).await;
-    let summary = monitor.summary(started.elapsed());
-    log::info!("{summary}");
+    let stopped = monitor.stop(&mut source, started).await;
+    log::info!("{}", monitor.summary(started.elapsed()));
     if let Some(err) = write_failed {
         return Err(err.into());
     }
     stopped?;
-    monitor
-        .observer
-        .summary(&summary, &mut monitor.output.buffer);
-    monitor.output.flush()?;
     Ok(monitor.observer)
 }
 
@@ -409,8 +412,11 @@ impl<O: Observer> Monitor<O> {
         self.metrics.failure(what);
         let message = format!("{err:#}; {next}");
         log::warn!("{message}");
-        self.observer
-            .failed(what, &message, &mut self.output.buffer);
+        let notice = Notice::Failed {
+            what,
+            message: &message,
+        };
+        self.observer.notice(notice, &mut self.output.buffer);
     }
 
     fn on_record(&mut self, record: Record) {
@@ -476,7 +482,11 @@ impl<O: Observer> Monitor<O> {
 
     /// Drains what is left, counts the last losses and lets the observer
     /// write its last records.
-    async fn stop(&mut self, source: &mut impl EventSource) -> anyhow::Result<()> {
+    async fn stop(
+        &mut self,
+        source: &mut impl EventSource,
+        started: Instant,
+    ) -> anyhow::Result<()> {
         // The transition programs neither send nor count from here on:
         // once the calls under way on other CPUs have finished, the last
         // drain and the kernel's counters describe the same transitions,
@@ -498,10 +508,12 @@ impl<O: Observer> Monitor<O> {
         let skipped_since = counters.recovery_skipped - at_stop.recovery_skipped;
         counters.fired = counters.fired.map(|fired| fired - skipped_since);
         self.check_losses(source, counters, true)?;
+        let summary = self.summary(started.elapsed());
         self.observer.stopped(
             &self.table,
             &|skaddr| source.bytes(skaddr),
             &self.clock,
+            &summary,
             &mut self.output.buffer,
         );
         Ok(self.output.flush()?)
@@ -516,7 +528,9 @@ impl<O: Observer> Monitor<O> {
             "resynced the table from /proc: {} sockets",
             self.table.len()
         );
-        self.observer.resynced(&self.table, &mut self.output.buffer);
+        let sockets = self.table.len();
+        self.observer
+            .notice(Notice::Resynced { sockets }, &mut self.output.buffer);
         Ok(())
     }
 
@@ -536,7 +550,8 @@ impl<O: Observer> Monitor<O> {
         for (count, cause) in new_losses {
             self.resync.stale = true;
             log::info!("lost {count} {}: {}", cause.lost_what(), cause.describe());
-            self.observer.lost(count, cause, &mut self.output.buffer);
+            self.observer
+                .notice(Notice::Lost { count, cause }, &mut self.output.buffer);
         }
         if self.resync.due(last) {
             if let Err(err) = self.resync(source) {
@@ -672,14 +687,12 @@ mod tests {
         fn transition(&mut self, t: &Transition, _: Observed, _: &WallClock, _: &mut Vec<u8>) {
             self.transitions.push(t.clone());
         }
-        fn lost(&mut self, count: u64, cause: LossCause, _: &mut Vec<u8>) {
-            self.lost.push((count, cause));
-        }
-        fn failed(&mut self, what: Failure, _: &str, _: &mut Vec<u8>) {
-            self.failures.push(what);
-        }
-        fn resynced(&mut self, _: &SocketTable, _: &mut Vec<u8>) {
-            self.resyncs += 1;
+        fn notice(&mut self, notice: Notice<'_>, _: &mut Vec<u8>) {
+            match notice {
+                Notice::Lost { count, cause } => self.lost.push((count, cause)),
+                Notice::Failed { what, .. } => self.failures.push(what),
+                Notice::Resynced { .. } => self.resyncs += 1,
+            }
         }
     }
 
@@ -802,7 +815,7 @@ mod tests {
             .build()
             .expect("a runtime");
         runtime
-            .block_on(monitor.stop(source))
+            .block_on(monitor.stop(source, Instant::now()))
             .expect("scripted stop");
         assert!(source.stopped);
         monitor.summary(Duration::ZERO)

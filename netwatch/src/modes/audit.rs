@@ -11,9 +11,9 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::cli::AuditArgs;
-use crate::engine::monitor::{self, Config, Observer, Summary, WallClock};
+use crate::engine::monitor::{self, Config, Notice, Observer, Summary, WallClock};
 use crate::engine::table::{LiveSocket, Observed, SocketTable};
-use crate::metrics::{Failure, Metrics};
+use crate::metrics::Metrics;
 use crate::model::{LossCause, Owner, Proto, TcpState, Transition, Tuple};
 use crate::output::{self, Addr, Timestamp};
 use crate::sink::Sink;
@@ -274,31 +274,23 @@ impl Observer for Audit {
         }
     }
 
-    fn failed(&mut self, what: Failure, message: &str, out: &mut Vec<u8>) {
-        let record = AuditRecord::Failure {
-            schema: SCHEMA,
-            ts: Timestamp(SystemTime::now()),
-            what: what.name(),
-            message: message.to_owned(),
-        };
-        let _ = output::write_json_line(out, &record);
-    }
-
-    fn lost(&mut self, count: u64, cause: LossCause, out: &mut Vec<u8>) {
-        let record = AuditRecord::Lost {
-            schema: SCHEMA,
-            ts: Timestamp(SystemTime::now()),
-            count,
-            cause,
-        };
-        let _ = output::write_json_line(out, &record);
-    }
-
-    fn summary(&mut self, summary: &Summary, out: &mut Vec<u8>) {
-        let record = AuditRecord::Summary {
-            schema: SCHEMA,
-            ts: Timestamp(SystemTime::now()),
-            counts: *summary,
+    fn notice(&mut self, notice: Notice<'_>, out: &mut Vec<u8>) {
+        let ts = Timestamp(SystemTime::now());
+        let record = match notice {
+            Notice::Lost { count, cause } => AuditRecord::Lost {
+                schema: SCHEMA,
+                ts,
+                count,
+                cause,
+            },
+            Notice::Failed { what, message } => AuditRecord::Failure {
+                schema: SCHEMA,
+                ts,
+                what: what.name(),
+                message: message.to_owned(),
+            },
+            // The records that follow say what is open.
+            Notice::Resynced { .. } => return,
         };
         let _ = output::write_json_line(out, &record);
     }
@@ -308,6 +300,7 @@ impl Observer for Audit {
         table: &SocketTable,
         bytes: &dyn Fn(u64) -> Option<ByteCounts>,
         clock: &WallClock,
+        summary: &Summary,
         out: &mut Vec<u8>,
     ) {
         let in_proc = open_in_proc(self.netns);
@@ -323,5 +316,11 @@ impl Observer for Audit {
             };
             self.conn(socket, ending, counted, clock, out);
         }
+        let record = AuditRecord::Summary {
+            schema: SCHEMA,
+            ts: Timestamp(SystemTime::now()),
+            counts: *summary,
+        };
+        let _ = output::write_json_line(out, &record);
     }
 }

@@ -22,9 +22,9 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use serde::Serialize;
 
 use crate::cli::VerifyArgs;
-use crate::engine::monitor::{self, Config, Observer, WallClock};
+use crate::engine::monitor::{self, Config, Notice, Observer, Summary, WallClock};
 use crate::engine::table::{LiveSocket, Observed, SocketTable};
-use crate::metrics::{Failure, Metrics};
+use crate::metrics::Metrics;
 use crate::model::{format_endpoint, OwnerChange, TcpState, Transition, Tuple};
 use crate::output::{self, StreamRecord, Timestamp};
 use crate::sink::Sink;
@@ -255,8 +255,8 @@ impl Observer for Verify {
         self.note_change(ts_ns, change.tuple);
     }
 
-    fn failed(&mut self, what: Failure, message: &str, out: &mut Vec<u8>) {
-        if self.json {
+    fn notice(&mut self, notice: Notice<'_>, out: &mut Vec<u8>) {
+        if let (true, Notice::Failed { what, message }) = (self.json, notice) {
             let record = StreamRecord::Failure {
                 ts: output::rfc3339(SystemTime::now()),
                 what: what.name(),
@@ -291,6 +291,7 @@ impl Observer for Verify {
         _table: &SocketTable,
         _bytes: &dyn Fn(u64) -> Option<netwatch_common::ByteCounts>,
         _clock: &WallClock,
+        _summary: &Summary,
         out: &mut Vec<u8>,
     ) {
         let verdict = if self.checks == 0 {

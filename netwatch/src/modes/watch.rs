@@ -3,11 +3,12 @@
 
 use std::time::SystemTime;
 
+use netwatch_common::ByteCounts;
+
 use crate::cli::WatchArgs;
-use crate::engine::monitor::{self, Config, Observer, Summary, WallClock};
+use crate::engine::monitor::{self, Config, Notice, Observer, Summary, WallClock};
 use crate::engine::table::{Observed, SocketTable};
-use crate::metrics::Failure;
-use crate::model::{LossCause, OwnerChange, Transition};
+use crate::model::{OwnerChange, Transition};
 use crate::output::{self, SocketRecord, StreamRecord, Timestamp, TupleFields};
 use crate::sink::Sink;
 use crate::snapshot::Snapshot;
@@ -125,38 +126,36 @@ impl Observer for Stream {
         };
     }
 
-    fn failed(&mut self, what: Failure, message: &str, out: &mut Vec<u8>) {
-        if self.args.json {
-            let ts = output::rfc3339(SystemTime::now());
-            let what = what.name();
-            let _ = output::write_json_line(out, &StreamRecord::Failure { ts, what, message });
+    fn notice(&mut self, notice: Notice<'_>, out: &mut Vec<u8>) {
+        if !self.args.json {
+            return;
         }
+        let ts = output::rfc3339(SystemTime::now());
+        let record = match notice {
+            Notice::Lost { count, cause } => StreamRecord::Lost { ts, count, cause },
+            Notice::Failed { what, message } => StreamRecord::Failure {
+                ts,
+                what: what.name(),
+                message,
+            },
+            Notice::Resynced { sockets } => StreamRecord::Resync { ts, sockets },
+        };
+        let _ = output::write_json_line(out, &record);
     }
 
-    fn lost(&mut self, count: u64, cause: LossCause, out: &mut Vec<u8>) {
-        if self.args.json {
-            let ts = output::rfc3339(SystemTime::now());
-            let _ = output::write_json_line(out, &StreamRecord::Lost { ts, count, cause });
-        }
-    }
-
-    fn summary(&mut self, summary: &Summary, out: &mut Vec<u8>) {
+    fn stopped(
+        &mut self,
+        _table: &SocketTable,
+        _bytes: &dyn Fn(u64) -> Option<ByteCounts>,
+        _clock: &WallClock,
+        summary: &Summary,
+        out: &mut Vec<u8>,
+    ) {
         if self.args.json {
             let ts = output::rfc3339(SystemTime::now());
             let record = StreamRecord::Summary {
                 ts,
                 counts: summary,
-            };
-            let _ = output::write_json_line(out, &record);
-        }
-    }
-
-    fn resynced(&mut self, table: &SocketTable, out: &mut Vec<u8>) {
-        if self.args.json {
-            let ts = output::rfc3339(SystemTime::now());
-            let record = StreamRecord::Resync {
-                ts,
-                sockets: table.len(),
             };
             let _ = output::write_json_line(out, &record);
         }
