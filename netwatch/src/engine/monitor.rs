@@ -19,13 +19,13 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::ProbeArgs;
 use crate::engine::ledger::{Arrival, LossLedger};
-use crate::engine::source::{EventSource, KernelSource};
+use crate::engine::source::{EventSource, KernelSource, FIND_OWNERS};
 use crate::engine::table::{Observed, SocketTable};
-use crate::kernel::{self, KernelLog, StateProbe};
+use crate::kernel::{KernelLog, StateProbe};
 use crate::metrics::{Failure, Metrics};
 use crate::model::{LossCause, LossCounters, OwnerChange, OwnerEvent, Proto, Record, Transition};
 use crate::sink::Sink;
-use crate::snapshot::{self, Owners, Snapshot};
+use crate::snapshot::{self, Snapshot};
 
 /// How often the ring buffer is drained without a wakeup: the eBPF side wakes
 /// netwatch only when much is waiting or 5 ms after its last wakeup.
@@ -240,8 +240,7 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
 
 /// Reads netwatch's own namespace's TCP tables of /proc with their owners.
 fn read_proc() -> anyhow::Result<Snapshot> {
-    let owners = Owners::Find(Some(kernel::socket_fds_if_possible));
-    snapshot::take(&[Proto::Tcp, Proto::Tcp6], owners)
+    snapshot::take(&[Proto::Tcp, Proto::Tcp6], FIND_OWNERS)
         .context("reading the /proc TCP tables failed")
 }
 

@@ -13,6 +13,10 @@ use crate::kernel::{self, StateProbe};
 use crate::model::{LossCounters, Proto, Record};
 use crate::snapshot::{self, Owners, Snapshot};
 
+/// How netwatch finds sockets' owners in a snapshot: the kernel's fd
+/// iterator where it pays and works, else the /proc walk.
+pub const FIND_OWNERS: Owners = Owners::Find(Some(kernel::socket_fds_if_possible));
+
 /// Where the monitor's records come from.
 pub(crate) trait EventSource {
     /// Waits until records are waiting, then hands each to `handle`.
@@ -59,8 +63,7 @@ impl EventSource for KernelSource {
     }
 
     fn baseline(&mut self) -> anyhow::Result<Snapshot> {
-        let owners = Owners::Find(Some(kernel::socket_fds_if_possible));
-        snapshot::take_every_namespace(&[Proto::Tcp, Proto::Tcp6], owners)
+        snapshot::take_every_namespace(&[Proto::Tcp, Proto::Tcp6], FIND_OWNERS)
             .context("reading the /proc TCP tables failed")
     }
 }

@@ -5,7 +5,7 @@ use std::io::Write;
 use anyhow::Context as _;
 
 use crate::cli::SnapshotArgs;
-use crate::kernel;
+use crate::engine::source::FIND_OWNERS;
 use crate::model::{Proto, TcpState};
 use crate::output::{self, SnapshotColumns, SocketRecord};
 use crate::snapshot::{self, Owners, SnapshotEntry};
@@ -13,7 +13,7 @@ use crate::snapshot::{self, Owners, SnapshotEntry};
 /// Takes a snapshot and writes the sockets the flags select to `out`.
 pub fn run(args: &SnapshotArgs, out: &mut impl Write) -> anyhow::Result<()> {
     let owners = if args.program || args.json || args.filters.pid.is_some() {
-        Owners::Find(Some(kernel::socket_fds_if_possible))
+        FIND_OWNERS
     } else {
         Owners::Skip
     };
