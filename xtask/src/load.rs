@@ -1,19 +1,16 @@
-//! Loopback load for the benchmarks: processes that hold established
-//! connections, and a generator of connection churn. Both are bounded and
-//! touch only 127.0.0.0/8.
+//! The benchmarks' load around the shared generator (`xtask::loopback`):
+//! the `hold` and `churn` commands, the processes holding the snapshot
+//! benchmark's sockets, and waits on /proc. Bounded, and only on
+//! 127.0.0.0/8.
 
 use std::collections::HashSet;
-use std::fmt;
-use std::io::{BufRead as _, BufReader, Read as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::io::{BufRead as _, BufReader};
+use std::net::Ipv4Addr;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+use xtask::loopback::{self, ChurnReport, ChurnSpec, Connections};
 
 /// `xtask hold`: one process's share of the snapshot benchmark's sockets.
 #[derive(clap::Args, Debug)]
@@ -28,31 +25,12 @@ pub struct HoldArgs {
 
 /// Opens the connections, prints `ready`, and holds them until stdin closes.
 pub fn hold(args: &HoldArgs) -> anyhow::Result<()> {
-    if !args.addr.is_loopback() {
-        bail!("hold only uses loopback addresses, not {}", args.addr);
-    }
     raise_fd_limit(2 * args.connections as u64 + 64)?;
-    let listener = TcpListener::bind((args.addr, 0)).context("bind failed")?;
-    let target = listener.local_addr()?;
-    let wanted = args.connections;
-    let acceptor = thread::spawn(move || -> std::io::Result<Vec<TcpStream>> {
-        (0..wanted)
-            .map(|_| listener.accept().map(|(stream, _)| stream))
-            .collect()
-    });
-    let clients: Vec<TcpStream> = (0..wanted)
-        .map(|_| TcpStream::connect(target))
-        .collect::<Result<_, _>>()
-        .context("connect failed")?;
-    let servers = acceptor
-        .join()
-        .map_err(|_| anyhow::anyhow!("acceptor thread panicked"))??;
+    let connections = Connections::open(args.connections, args.addr)?;
     println!("ready");
     // Hold until the benchmark closes our stdin.
     let _ = std::io::stdin().lock().lines().count();
-    for stream in clients.iter().chain(&servers) {
-        reset_on_close(stream);
-    }
+    connections.reset_on_close();
     Ok(())
 }
 
@@ -73,73 +51,22 @@ pub struct ChurnArgs {
     pub rate: u64,
 }
 
-/// What a churn run did.
-#[derive(Debug)]
-pub struct ChurnReport {
-    /// Connections made (accepted and closed).
-    pub connections: u64,
-    pub seconds: f64,
-    /// Connections per second.
-    pub rate: f64,
-    /// connect() calls that failed.
-    pub failed: u64,
-    /// The listeners' ports.
-    pub ports: HashSet<u16>,
-}
-
-impl fmt::Display for ChurnReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut ports: Vec<String> = self.ports.iter().map(u16::to_string).collect();
-        ports.sort();
-        write!(
-            f,
-            "connections={} seconds={:.3} rate={:.0} failed={} ports={}",
-            self.connections,
-            self.seconds,
-            self.rate,
-            self.failed,
-            ports.join(",")
-        )
+impl ChurnArgs {
+    /// The run these flags ask for.
+    pub fn spec(&self) -> ChurnSpec {
+        ChurnSpec {
+            connections: self.connections,
+            seconds: self.seconds,
+            threads: self.threads,
+            rate: self.rate,
+        }
     }
 }
 
-/// Runs the churn.
+/// Runs the churn, and fails when the host's listeners overflowed meanwhile.
 pub fn churn(args: &ChurnArgs) -> anyhow::Result<ChurnReport> {
-    let deadline = Instant::now() + Duration::from_secs(args.seconds);
-    let started = Instant::now();
-    let counts = Arc::new(ChurnCounts::default());
-    let mut ports = Vec::new();
-    let mut workers = Vec::new();
     let overflows_before = ListenOverflows::now()?;
-    for _ in 0..args.threads.max(1) {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-        deepen_backlog(&listener)?;
-        let target = listener.local_addr()?;
-        ports.push(target.port());
-        let connected = Arc::new(AtomicU64::new(0));
-        let clients_done = Arc::new(AtomicBool::new(false));
-        let server = {
-            let (connected, clients_done) = (connected.clone(), clients_done.clone());
-            thread::spawn(move || serve(&listener, &connected, &clients_done))
-        };
-        let (counts, limit) = (counts.clone(), args.connections);
-        let pace = (args.rate > 0)
-            .then(|| Duration::from_secs_f64(args.threads.max(1) as f64 / args.rate as f64));
-        let client = thread::spawn(move || {
-            connect_loop(target, (deadline, pace), limit, &counts, &connected);
-            clients_done.store(true, Ordering::Release);
-        });
-        workers.push((client, server));
-    }
-    for (client, server) in workers {
-        client
-            .join()
-            .map_err(|_| anyhow::anyhow!("client thread panicked"))?;
-        server
-            .join()
-            .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
-    }
-    let seconds = started.elapsed().as_secs_f64();
+    let report = loopback::churn(&args.spec())?;
     let overflows = ListenOverflows::now()?.since(overflows_before);
     if overflows.listen_overflows > 0 {
         bail!(
@@ -150,94 +77,7 @@ pub fn churn(args: &ChurnArgs) -> anyhow::Result<ChurnReport> {
             overflows.syn_retransmits
         );
     }
-    let made = counts.made.load(Ordering::Relaxed);
-    Ok(ChurnReport {
-        connections: made,
-        seconds,
-        rate: made as f64 / seconds,
-        failed: counts.failed.load(Ordering::Relaxed),
-        ports: ports.into_iter().collect(),
-    })
-}
-
-/// Connects and closes at once (the client closes first) until `limit`
-/// connections are claimed across threads or the deadline passes; with a
-/// `pace`, one connection per pace at most.
-fn connect_loop(
-    target: SocketAddr,
-    (deadline, pace): (Instant, Option<Duration>),
-    limit: u64,
-    counts: &ChurnCounts,
-    connected: &AtomicU64,
-) {
-    let mut next = Instant::now();
-    while Instant::now() < deadline {
-        if let Some(pace) = pace {
-            next += pace;
-            thread::sleep(next.saturating_duration_since(Instant::now()));
-        }
-        if limit > 0 && counts.claimed.fetch_add(1, Ordering::Relaxed) >= limit {
-            return;
-        }
-        match TcpStream::connect(target) {
-            Ok(stream) => {
-                counts.made.fetch_add(1, Ordering::Relaxed);
-                connected.fetch_add(1, Ordering::Release);
-                drop(stream);
-            }
-            Err(_) => {
-                // Retried: the claim goes back. A failed connect still has its
-                // CLOSE -> SYN_SENT -> CLOSE transitions, so it is reported.
-                counts.claimed.fetch_sub(1, Ordering::Relaxed);
-                counts.failed.fetch_add(1, Ordering::Relaxed);
-                thread::sleep(Duration::from_millis(1));
-            }
-        }
-    }
-}
-
-/// Shared by the client threads of one churn run.
-#[derive(Default)]
-struct ChurnCounts {
-    claimed: AtomicU64,
-    made: AtomicU64,
-    failed: AtomicU64,
-}
-
-/// Accepts each connection, reads to the client's FIN, closes; stops once the
-/// client thread is done and every connection it made was accepted.
-fn serve(
-    listener: &TcpListener,
-    connected: &AtomicU64,
-    clients_done: &AtomicBool,
-) -> std::io::Result<()> {
-    let mut accepted = 0u64;
-    let mut sink = [0u8; 64];
-    loop {
-        if clients_done.load(Ordering::Acquire) && accepted >= connected.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        if !readable(listener, 50) {
-            continue;
-        }
-        let (mut stream, _) = listener.accept()?;
-        accepted += 1;
-        while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
-    }
-}
-
-/// The accept queue std leaves at 128 overflows under churn on a busy host
-/// (a SYN is then dropped and retried 1 s later): make it the most the
-/// host allows (net.core.somaxconn caps it).
-fn deepen_backlog(listener: &TcpListener) -> anyhow::Result<()> {
-    // SAFETY: listen() again on a listening socket only changes its backlog.
-    if unsafe { libc::listen(listener.as_raw_fd(), 65_535) } != 0 {
-        bail!(
-            "raising the churn listener's backlog failed: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
+    Ok(report)
 }
 
 /// The host's counters of accept queue overflows and of retransmitted SYNs
@@ -277,35 +117,6 @@ impl ListenOverflows {
             syn_retransmits: self.syn_retransmits.saturating_sub(before.syn_retransmits),
         }
     }
-}
-
-/// Waits up to `ms` for a connection to accept.
-fn readable(listener: &TcpListener, ms: i32) -> bool {
-    let mut pollfd = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut pollfd, 1, ms) > 0 }
-}
-
-/// Closing with SO_LINGER 0 sends RST: no TIME_WAIT left for the next measurement.
-fn reset_on_close(stream: &TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: valid socket fd and option of the stated size.
-    unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
 }
 
 /// Raises RLIMIT_NOFILE to at least `wanted` (root may raise the hard limit).

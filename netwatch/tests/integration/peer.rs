@@ -5,15 +5,18 @@
 //! `listen ADDR` -> `ok ID PORT`, `connect ADDR` -> `ok ID LOCAL_PORT`,
 //! `accept ID` -> `ok ID PEER_PORT`, `close ID` -> `ok`,
 //! `bulk N` (N connections to a new listener, both ends kept) -> `ok PORT`,
-//! `burst N` (N connections opened and closed at once) -> `ok PORT`,
+//! `burst N` (N connections opened and closed at once) -> `ok PORT`: both
+//! by the load generator the benchmarks use, `xtask::loopback`,
 //! `exchange N BYTES` (N connections: the client sends BYTES, the server
 //! answers BYTES / 2, both close) -> `ok PORT`,
 //! `unshare-net` (later sockets live in a new network namespace, its
 //! loopback up) -> `ok NETNS_INODE`.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+use xtask::loopback::{self, Connections};
 
 const PEER_ENV: &str = "NETWATCH_TEST_PEER";
 /// Marks replies: libtest prints `test peer_process ... ` on the same line.
@@ -48,7 +51,7 @@ pub fn serve_commands() {
 fn run_command(
     line: &str,
     sockets: &mut Vec<Option<Socket>>,
-    held: &mut Vec<TcpStream>,
+    held: &mut Vec<Connections>,
 ) -> std::io::Result<String> {
     let (verb, arg) = line.split_once(' ').unwrap_or((line, ""));
     let addr = || arg.parse::<SocketAddr>().map_err(std::io::Error::other);
@@ -90,21 +93,18 @@ fn run_command(
                 .ok_or_else(|| std::io::Error::other("no such socket"))?;
             "ok".to_owned()
         }
-        "bulk" | "burst" => {
+        "bulk" => {
             let count: usize = arg.parse().map_err(std::io::Error::other)?;
-            let listener = TcpListener::bind("127.0.0.1:0")?;
-            let target = listener.local_addr()?;
-            for _ in 0..count {
-                let client = TcpStream::connect(target)?;
-                let (mut server, _) = listener.accept()?;
-                if verb == "bulk" {
-                    held.extend([client, server]);
-                } else {
-                    drop(client);
-                    let _ = server.read(&mut [0u8; 1]);
-                }
-            }
-            let port = target.port();
+            let connections =
+                Connections::open(count, Ipv4Addr::LOCALHOST).map_err(std::io::Error::other)?;
+            let port = connections.listener.local_addr()?.port();
+            held.push(connections);
+            format!("ok {port}")
+        }
+        "burst" => {
+            let count: usize = arg.parse().map_err(std::io::Error::other)?;
+            let listener = loopback::burst(count)?;
+            let port = listener.local_addr()?.port();
             keep(sockets, Socket::Listener(listener));
             format!("ok {port}")
         }
