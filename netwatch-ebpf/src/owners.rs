@@ -1,0 +1,256 @@
+//! The owner programs: accept() names the accepting process, a send or a
+//! receive by another process hands the socket over (and, for audit, counts
+//! its bytes), exec() renames a process.
+
+// What the programs share: maps, kernel offsets, reading and sending.
+use crate::*;
+
+#[raw_tracepoint(tracepoint = "sock_send_length")]
+pub fn socket_sent(ctx: RawTracePointContext) -> i32 {
+    socket_used(&ctx, Counted::Sent);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn socket_received(ctx: RawTracePointContext) -> i32 {
+    let flags: i32 = ctx.arg(2);
+    // Data peeked at is not consumed: not counted, but the peeker uses the socket.
+    let counted = if flags & MSG_PEEK == 0 {
+        Counted::Received
+    } else {
+        Counted::Nothing
+    };
+    socket_used(&ctx, counted);
+    0
+}
+
+/// Which byte count a send or receive adds to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Counted {
+    Sent,
+    Received,
+    Nothing,
+}
+
+/// A process sent or received on a socket (arguments: sk, ret, flags), in
+/// its own context. When it is not the owner the kernel map names, it
+/// becomes the owner and user space hears of it: fork after accept, an fd
+/// passed over a unix socket, a pre-fork pool. With bytes counted (audit),
+/// a positive result is added to the `counted` count.
+///
+/// This runs on every sendmsg and recvmsg of the host, so the common case,
+/// the owner again, must be cheap. Without byte counts it is a hit in a
+/// small per-CPU cache of confirmed (socket, thread) pairs, about a sixth
+/// of a hash lookup's cost here; with them, one hash lookup does both.
+fn socket_used(ctx: &RawTracePointContext, counted: Counted) {
+    let (sk, ret): (u64, i32) = (ctx.arg(0), ctx.arg(1));
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let counting = counts_bytes();
+    let confirmed = ConfirmedOwner {
+        sk,
+        pid_tgid,
+        epoch: owner_epoch(),
+    };
+    let cached = if counting {
+        None
+    } else {
+        OWNER_CACHE.get_ptr_mut(cache_slot(sk))
+    };
+    if let Some(slot) = cached {
+        // SAFETY: per-CPU slot; only this CPU touches it (raw_tp programs do not nest on a CPU).
+        if unsafe { *slot } == confirmed {
+            return;
+        }
+    }
+    let tgid = (pid_tgid >> 32) as u32;
+    // The map holds TCP sockets only: a socket found there needs no
+    // protocol check.
+    let entry = match SOCKETS.get_ptr_mut(sk) {
+        Some(entry) => entry,
+        None => {
+            if read_kernel::<u16>(sk, &SK_PROTOCOL) != Ok(IPPROTO_TCP) || in_kernel_thread() {
+                return;
+            }
+            // Another CPU may insert first: BPF_NOEXIST then leaves its entry.
+            let _ = SOCKETS.insert(sk, SocketEntry::default(), 1);
+            match SOCKETS.get_ptr_mut(sk) {
+                Some(entry) => entry,
+                None => return,
+            }
+        }
+    };
+    // SAFETY: the map value lives while the program runs.
+    unsafe {
+        if (*entry).owner != tgid {
+            if in_kernel_thread() {
+                return;
+            }
+            (*entry).owner = tgid;
+            owners_changed();
+            send_owner(sk, event_kind::HANDOFF);
+        } else if let Some(slot) = cached {
+            // Confirmed under the epoch read before the lookup: any owner
+            // written since has moved the epoch on, and the slot no longer matches.
+            *slot = confirmed;
+        }
+        if ret > 0 && counting {
+            let count = match counted {
+                Counted::Sent => &raw mut (*entry).bytes.sent,
+                Counted::Received => &raw mut (*entry).bytes.received,
+                Counted::Nothing => return,
+            };
+            // Atomic: threads may send (or receive) on one socket on two CPUs at once.
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, ret as u64);
+        }
+    }
+}
+
+/// A (socket, thread) pair found to be the socket's owner's while no owner
+/// was written anywhere (`epoch`). It stays true until an owner is written
+/// (accept, connect, a handoff), which moves the epoch on, because only
+/// those change what the map says. A thread id reused by another process
+/// holding the same socket, on the same CPU, with no connect or accept on
+/// the whole host meanwhile (a full pid wrap), is the one case it misses.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+struct ConfirmedOwner {
+    sk: u64,
+    pid_tgid: u64,
+    epoch: u64,
+}
+
+/// Slots of the per-CPU cache of confirmed owners.
+const OWNER_CACHE_SLOTS: u32 = 64;
+
+/// Per CPU: recently confirmed owners, by a hash of the socket's address.
+#[map(name = "OWNER_CACHE")]
+static OWNER_CACHE: PerCpuArray<ConfirmedOwner> =
+    PerCpuArray::with_max_entries(OWNER_CACHE_SLOTS, 0);
+
+/// Slot 0: how many times an owner was written into `SOCKETS`.
+#[map(name = "OWNER_EPOCH")]
+static OWNER_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
+
+fn cache_slot(sk: u64) -> u32 {
+    // Fibonacci hashing: socket addresses differ in their middle bits.
+    (sk.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58) as u32 % OWNER_CACHE_SLOTS
+}
+
+fn owner_epoch() -> u64 {
+    // SAFETY: slot 0 of an array always exists; a plain load.
+    OWNER_EPOCH
+        .get_ptr(0)
+        .map_or(0, |epoch| unsafe { core::ptr::read_volatile(epoch) })
+}
+
+/// Called after an owner is written into `SOCKETS`: every cached confirmation is stale.
+pub(crate) fn owners_changed() {
+    if let Some(epoch) = OWNER_EPOCH.get_ptr_mut(0) {
+        // SAFETY: the slot lives while the program runs; the add is atomic across CPUs.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(epoch, 1) };
+    }
+}
+
+/// On the way out of accept()/accept4(), in the accepting process: it owns
+/// the socket from now on.
+///
+/// The socket is found from the returned fd through the task's file table
+/// (task->files->fdt->fd[ret]->private_data->sk), at offsets from the
+/// kernel's BTF. That is the one way open here: a program on the accept
+/// path itself (kprobe or fexit on inet_accept, which would get the socket
+/// directly) does not attach on this kernel, `bpf_sock_from_file` is for
+/// tracing programs only, and raw_syscalls:sys_exit would run on every
+/// system call. The fd is fresh and the syscall has not returned yet, so no
+/// other thread of the process can have closed it in between (a racing
+/// close of a guessed fd number would at worst make the lookup fail, which
+/// the S_ISSOCK and protocol checks catch).
+#[tracepoint]
+pub fn accept_exit(ctx: TracePointContext) -> u32 {
+    // SAFETY: the offset of `ret` in the syscall exit record (checked by the loader).
+    let fd: i64 = unsafe { ctx.read_at(syscall_exit::RET) }.unwrap_or(-1);
+    if fd < 0 {
+        return 0;
+    }
+    let Ok(sk) = socket_of_fd(fd as u64) else {
+        return 0;
+    };
+    if read_kernel::<u16>(sk, &SK_PROTOCOL) != Ok(IPPROTO_TCP) {
+        return 0;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    match SOCKETS.get_ptr_mut(sk) {
+        // SAFETY: the map value lives while the program runs.
+        Some(entry) => unsafe { (*entry).owner = tgid },
+        None => {
+            let entry = SocketEntry {
+                owner: tgid,
+                ..SocketEntry::default()
+            };
+            let _ = SOCKETS.insert(sk, entry, 0);
+        }
+    }
+    owners_changed();
+    send_owner(sk, event_kind::ACCEPT);
+    0
+}
+
+/// The `struct sock` behind file descriptor `fd` of the current task.
+fn socket_of_fd(fd: u64) -> Result<u64, i64> {
+    // SAFETY: bpf_get_current_task has no preconditions.
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = read_kernel(task, &TASK_FILES)?;
+    let fdt: u64 = read_kernel(files, &FILES_FDT)?;
+    let max_fds: u32 = read_kernel(fdt, &FDTABLE_MAX_FDS)?;
+    if fd >= u64::from(max_fds) {
+        return Err(0);
+    }
+    let fds: u64 = read_kernel(fdt, &FDTABLE_FD)?;
+    // SAFETY: bpf_probe_read_kernel checks the address.
+    let file: u64 = unsafe { bpf_probe_read_kernel((fds + fd * 8) as *const u64) }?;
+    if file == 0 {
+        return Err(0);
+    }
+    let inode: u64 = read_kernel(file, &FILE_F_INODE)?;
+    if inode == 0 || read_kernel::<u16>(inode, &INODE_I_MODE)? & S_IFMT != S_IFSOCK {
+        return Err(0);
+    }
+    let socket: u64 = read_kernel(file, &FILE_PRIVATE_DATA)?;
+    read_kernel(socket, &SOCKET_SK)
+}
+
+/// A process called exec(): its sockets' owner has a new name.
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn process_exec(_ctx: RawTracePointContext) -> i32 {
+    let process = current_process();
+    let event = KernelEvent {
+        kind: event_kind::EXEC,
+        ..blank_event(0, process)
+    };
+    send_to(event, DROPPED_OWNER_EVENTS);
+    0
+}
+
+/// Tells user space that the current process owns socket `sk` now (`kind`:
+/// accept or handoff), with the socket's endpoints and state.
+fn send_owner(sk: u64, kind: u8) {
+    let Ok((family, (saddr, sport), (daddr, dport))) = read_tuple(sk) else {
+        count_drop(DROPPED_OWNER_EVENTS);
+        return;
+    };
+    let state = read_kernel::<u8>(sk, &SKC_STATE).unwrap_or(0);
+    let (netns, uid) = socket_identity(sk);
+    let event = KernelEvent {
+        saddr,
+        daddr,
+        sport,
+        dport,
+        family,
+        netns,
+        uid,
+        oldstate: state,
+        newstate: state,
+        kind,
+        ..blank_event(sk, current_process())
+    };
+    send_to(event, DROPPED_OWNER_EVENTS);
+}

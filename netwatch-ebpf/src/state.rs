@@ -1,0 +1,226 @@
+//! The transition programs: the tracepoint program sends every TCP state
+//! transition, and the recovery program those the kernel skipped it for.
+
+use crate::owners::owners_changed;
+// What the programs share: maps, kernel offsets, reading and sending.
+use crate::*;
+
+/// Calls of the recovery program per CPU (slot 0): with its recursion_misses,
+/// every firing of the tracepoint, for user space to check completeness.
+#[map(name = "FIRED")]
+static FIRED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Slot 0 is set to 1 by user space when it stops (see `STOPPING_MAP`).
+#[map(name = "STOPPING")]
+static STOPPING: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Whether user space is stopping: the transition programs then return at once.
+fn stopping() -> bool {
+    STOPPING.get(0).is_some_and(|&stopping| stopping != 0)
+}
+
+/// The transition the tracepoint program last handled on this CPU.
+#[map(name = "HANDLED")]
+static HANDLED: PerCpuArray<Handled> = PerCpuArray::with_max_entries(1, 0);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+struct Handled {
+    skaddr: u64,
+    states: u64,
+}
+
+impl Handled {
+    fn new(skaddr: u64, oldstate: i32, newstate: i32) -> Handled {
+        // Bit 16 marks a used slot: a zeroed slot matches nothing.
+        let states = (1 << 16) | ((oldstate as u64 & 0xff) << 8) | (newstate as u64 & 0xff);
+        Handled { skaddr, states }
+    }
+}
+
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    if stopping() {
+        return 0;
+    }
+    if let Err(err) = try_inet_sock_set_state(&ctx) {
+        // A failed read of the tracepoint record: it should not happen. The
+        // transition is counted as dropped, so that user space resyncs.
+        count_drop(DROPPED_TRANSITIONS);
+        error!(
+            &ctx,
+            "reading the inet_sock_set_state record failed: {}", err
+        );
+    }
+    0
+}
+
+fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
+    // SAFETY: offsets come from the tracepoint's stable format (checked by the loader).
+    let protocol: u16 = unsafe { ctx.read_at(field::PROTOCOL)? };
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    // SAFETY: as above.
+    let (skaddr, oldstate, newstate): (u64, i32, i32) = unsafe {
+        (
+            ctx.read_at(field::SKADDR)?,
+            ctx.read_at(field::OLDSTATE)?,
+            ctx.read_at(field::NEWSTATE)?,
+        )
+    };
+    if let Some(slot) = HANDLED.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot; only code on this CPU touches it.
+        unsafe { *slot = Handled::new(skaddr, oldstate, newstate) };
+    }
+    // SAFETY: as above.
+    let (family, sport, dport): (u16, u16, u16) = unsafe {
+        (
+            ctx.read_at(field::FAMILY)?,
+            ctx.read_at(field::SPORT)?,
+            ctx.read_at(field::DPORT)?,
+        )
+    };
+    let mut saddr = [0u8; 16];
+    let mut daddr = [0u8; 16];
+    // SAFETY: as above.
+    unsafe {
+        if family == AF_INET {
+            saddr[..4].copy_from_slice(&ctx.read_at::<[u8; 4]>(field::SADDR)?);
+            daddr[..4].copy_from_slice(&ctx.read_at::<[u8; 4]>(field::DADDR)?);
+        } else {
+            saddr = ctx.read_at(field::SADDR_V6)?;
+            daddr = ctx.read_at(field::DADDR_V6)?;
+        }
+    }
+    send(event(
+        skaddr,
+        oldstate,
+        newstate,
+        family,
+        (saddr, sport),
+        (daddr, dport),
+        0,
+    ));
+    Ok(())
+}
+
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn recover_state(ctx: RawTracePointContext) -> i32 {
+    if stopping() {
+        return 0;
+    }
+    if try_recover_state(&ctx).is_err() {
+        count_drop(DROPPED_RECOVERIES);
+    }
+    0
+}
+
+fn try_recover_state(ctx: &RawTracePointContext) -> Result<(), i64> {
+    add_per_cpu(&FIRED, 0);
+    let sk: u64 = ctx.arg(0);
+    let (oldstate, newstate): (i32, i32) = (ctx.arg(1), ctx.arg(2));
+    // Checked first: the shorter the time before the check, the rarer the
+    // duplicate from a softirq that sneaks in before it (user space drops those).
+    let slot = HANDLED.get_ptr_mut(0).ok_or(0i64)?;
+    // SAFETY: per-CPU slot; only code on this CPU touches it.
+    unsafe {
+        if *slot == Handled::new(sk, oldstate, newstate) {
+            *slot = Handled {
+                skaddr: 0,
+                states: 0,
+            };
+            return Ok(());
+        }
+    }
+    if read_kernel::<u16>(sk, &SK_PROTOCOL)? != IPPROTO_TCP {
+        return Ok(());
+    }
+    let (family, local, remote) = read_tuple(sk)?;
+    send_to(
+        event(sk, oldstate, newstate, family, local, remote, 1),
+        DROPPED_RECOVERIES,
+    );
+    Ok(())
+}
+
+/// What a transition does to the socket's entry in the kernel map, and the
+/// bytes it carries. At a change to CLOSE (audit only), the socket's own
+/// counts; when a socket opens (audit only), those its address's previous
+/// occupant left after its CLOSE was traced, or without a traced CLOSE (the
+/// new socket starts from zero). The counts are taken by atomic exchanges
+/// with zero, and the entry stays: a send or receive counted on another CPU
+/// at the same time lands in these counts or in the entry after them, never
+/// in between. At connect(), the connecting process becomes the owner, so
+/// that its own sends are no handoff. Elsewhere, and in watch and verify,
+/// the map is not touched: a stale entry only names an owner, which
+/// accept() and connect() replace.
+fn update_socket_entry(sk: u64, oldstate: i32, newstate: i32, owner: u32) -> ByteCounts {
+    let opens = oldstate == TCP_CLOSE || (oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV);
+    let mut counts = ByteCounts::default();
+    if counts_bytes() && (newstate == TCP_CLOSE || opens) {
+        if let Some(entry) = SOCKETS.get_ptr_mut(sk) {
+            // SAFETY: the map value lives while the program runs; each exchange is one instruction.
+            unsafe {
+                counts.sent = atomic_xchg::<u64, { AtomicOrdering::Relaxed }>(
+                    &raw mut (*entry).bytes.sent,
+                    0,
+                );
+                counts.received = atomic_xchg::<u64, { AtomicOrdering::Relaxed }>(
+                    &raw mut (*entry).bytes.received,
+                    0,
+                );
+            }
+        }
+    }
+    if oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT {
+        let entry = SocketEntry {
+            owner,
+            ..SocketEntry::default()
+        };
+        let _ = SOCKETS.insert(sk, entry, 0);
+        owners_changed();
+    }
+    counts
+}
+
+// Inlined: BPF calls pass at most five arguments, in registers.
+#[inline(always)]
+fn event(
+    skaddr: u64,
+    oldstate: i32,
+    newstate: i32,
+    family: u16,
+    (saddr, sport): Endpoint,
+    (daddr, dport): Endpoint,
+    recovered: u8,
+) -> KernelEvent {
+    // Only connect() and listen() run in the owner's context: their
+    // transitions name the process; the rest need just the tgid.
+    let process = if oldstate == TCP_CLOSE {
+        current_process()
+    } else {
+        Process {
+            tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            comm: [0; 16],
+            start_ns: 0,
+        }
+    };
+    let bytes = update_socket_entry(skaddr, oldstate, newstate, process.tgid);
+    let (netns, uid) = socket_identity(skaddr);
+    KernelEvent {
+        bytes_sent: bytes.sent,
+        bytes_received: bytes.received,
+        netns,
+        uid,
+        saddr,
+        daddr,
+        sport,
+        dport,
+        family,
+        oldstate: oldstate as u8,
+        newstate: newstate as u8,
+        recovered,
+        ..blank_event(skaddr, process)
+    }
+}
