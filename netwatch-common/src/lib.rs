@@ -120,6 +120,66 @@ pub const SOCKET_FD_UNREADABLE: u32 = u32::MAX;
 // SAFETY: `SocketFd` is `repr(C)`, `Copy`, without padding; any bit pattern is valid.
 unsafe impl aya::Pod for SocketFd {}
 
+/// Name of the tcp iterator that lists every TCP socket of a network
+/// namespace (root's fast read of /proc/net/tcp and tcp6).
+pub const TCP_SOCKETS_PROGRAM: &str = "tcp_sockets";
+
+/// Global set to 1 by the loader when the tcp iterator is to leave out the
+/// sockets a live table does not keep: TIME_WAIT and request sockets.
+pub const SKIP_MINI_SOCKETS: &str = "SKIP_MINI_SOCKETS";
+
+/// Globals of the tcp iterator: the fields /proc/net/tcp prints, as
+/// (global, struct, member path). `SOCK_OFFSETS` give the addresses and
+/// the namespace, `FILE_OFFSETS` the inode number.
+pub const TCP_OFFSETS: [(&str, &str, &str); 9] = [
+    ("SKC_NUM", "sock_common", "skc_num"),
+    ("TW_SUBSTATE", "inet_timewait_sock", "tw_substate"),
+    ("TCP_RCV_NXT", "tcp_sock", "rcv_nxt"),
+    ("TCP_COPIED_SEQ", "tcp_sock", "copied_seq"),
+    ("TCP_WRITE_SEQ", "tcp_sock", "write_seq"),
+    ("TCP_SND_UNA", "tcp_sock", "snd_una"),
+    ("SK_ACK_BACKLOG", "sock", "sk_ack_backlog"),
+    ("SK_SOCKET", "sock", "sk_socket"),
+    ("SOCKET_ALLOC_VFS_INODE", "socket_alloc", "vfs_inode"),
+];
+
+/// What the tcp iterator writes for each socket: the fields of its
+/// /proc/net/tcp (or tcp6) line, and its kernel address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpSocketRecord {
+    /// Kernel address of the socket, as transitions carry it (`skaddr`).
+    pub skaddr: u64,
+    /// The socket's inode number (0: no file, as for orphaned sockets).
+    pub inode: u64,
+    /// `bpf_ktime_get_ns()` when the iterator read it, under the socket's
+    /// lock for a full socket: transitions stamped before are in what it read.
+    pub read_ns: u64,
+    /// Local address; an IPv4 address fills the first 4 bytes.
+    pub saddr: [u8; 16],
+    /// Remote address; an IPv4 address fills the first 4 bytes.
+    pub daddr: [u8; 16],
+    /// As /proc prints it (0 for TIME_WAIT, the listener's for a request).
+    pub uid: u32,
+    /// Inode number of its network namespace.
+    pub netns: u32,
+    pub tx_queue: u32,
+    pub rx_queue: u32,
+    /// Host byte order.
+    pub sport: u16,
+    pub dport: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// As /proc prints it: a TIME_WAIT socket's substate, SYN_RECV for a request.
+    pub state: u8,
+    /// 1 for a TIME_WAIT mini socket (/proc's timer 3).
+    pub timewait: u8,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `TcpSocketRecord` is `repr(C)`, `Copy`, without implicit padding; any bit pattern is valid.
+unsafe impl aya::Pod for TcpSocketRecord {}
+
 /// `IPPROTO_TCP`: the tracepoint also fires for SCTP and MPTCP sockets.
 pub const IPPROTO_TCP: u16 = 6;
 /// `AF_INET`.
@@ -281,6 +341,14 @@ mod tests {
         let fields = 8 * 5 + 16 * 3 + 4 * 3 + 2 * 3 + 4 + 2;
         assert_eq!(core::mem::size_of::<KernelEvent>(), fields);
         assert_eq!(core::mem::size_of::<KernelEvent>() % 8, 0);
+    }
+
+    #[test]
+    fn tcp_socket_record_has_no_implicit_padding() {
+        assert_eq!(
+            core::mem::size_of::<TcpSocketRecord>(),
+            8 * 3 + 16 * 2 + 4 * 4 + 2 * 3 + 2
+        );
     }
 
     #[test]

@@ -11,9 +11,10 @@
 //! slot not naming its transition and sends the transition itself.
 //!
 //! One module per program family: `state` (the transition and recovery
-//! programs), `owners` (accept, send and receive, exec) and `fd_iterator`
-//! (every process's socket fds); what they share (maps, kernel offsets,
-//! reading kernel memory, sending events) is here.
+//! programs), `owners` (accept, send and receive, exec), `fd_iterator`
+//! (every process's socket fds) and `tcp_iterator` (every TCP socket);
+//! what they share (maps, kernel offsets, reading kernel memory, sending
+//! events) is here.
 #![no_std]
 #![no_main]
 // core's AtomicU64 has no fetch_add on the BPF target; the intrinsic compiles
@@ -24,6 +25,7 @@
 mod fd_iterator;
 mod owners;
 mod state;
+mod tcp_iterator;
 
 use aya_ebpf::helpers::generated::bpf_seq_write;
 use aya_ebpf::{
@@ -41,8 +43,8 @@ use core::ffi::c_void;
 use core::intrinsics::{atomic_xadd, atomic_xchg, AtomicOrdering};
 use netwatch_common::{
     event_kind, syscall_exit, tracepoint as field, ByteCounts, KernelEvent, SocketEntry, SocketFd,
-    AF_INET, DROPPED_OWNER_EVENTS, DROPPED_RECOVERIES, DROPPED_TRANSITIONS, IPPROTO_TCP,
-    SOCKETS_MAP_ENTRIES, SOCKET_FD_UNREADABLE,
+    TcpSocketRecord, AF_INET, DROPPED_OWNER_EVENTS, DROPPED_RECOVERIES, DROPPED_TRANSITIONS,
+    IPPROTO_TCP, SOCKETS_MAP_ENTRIES, SOCKET_FD_UNREADABLE,
 };
 
 /// Default size; the loader overrides it from `--ring-buffer-kib`.
@@ -109,6 +111,15 @@ kernel_offsets!(
     SKC_NET,
     NET_NS_INUM,
     SKC_STATE,
+    SKC_NUM,
+    TW_SUBSTATE,
+    TCP_RCV_NXT,
+    TCP_COPIED_SEQ,
+    TCP_WRITE_SEQ,
+    TCP_SND_UNA,
+    SK_ACK_BACKLOG,
+    SK_SOCKET,
+    SOCKET_ALLOC_VFS_INODE,
     SOCK_LAYOUT_KNOWN,
     COUNTS_BYTES
 );
@@ -214,11 +225,16 @@ const S_IFMT: u16 = 0o170000;
 const S_IFSOCK: u16 = 0o140000;
 
 /// Reads the kernel object field at `base` plus the offset held by the global `offset`.
-fn read_kernel<T>(base: u64, offset: &'static u32) -> Result<T, i64> {
-    // SAFETY: the loader set the global; volatile keeps the compiler from folding its initial 0.
-    let offset = unsafe { core::ptr::read_volatile(offset) };
+fn read_kernel<T>(base: u64, field: &'static u32) -> Result<T, i64> {
     // SAFETY: bpf_probe_read_kernel checks the address.
-    unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const T) }.map_err(i64::from)
+    unsafe { bpf_probe_read_kernel((base + u64::from(offset(field))) as *const T) }
+        .map_err(i64::from)
+}
+
+/// The offset held by one of the globals the loader sets.
+fn offset(global: &'static u32) -> u32 {
+    // SAFETY: the loader set the global; volatile keeps the compiler from folding its initial 0.
+    unsafe { core::ptr::read_volatile(global) }
 }
 
 /// An event about `skaddr` and `process`, stamped now, its other fields zero.

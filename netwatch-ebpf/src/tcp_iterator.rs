@@ -1,0 +1,122 @@
+//! The tcp iterator: every TCP socket of a network namespace, as
+//! /proc/net/tcp and tcp6 list them, with each socket's kernel address.
+
+// What the programs share: maps, kernel offsets, reading and sending.
+use crate::*;
+
+/// `TCP_TIME_WAIT` and `TCP_NEW_SYN_RECV`: mini sockets, without a `struct sock` beyond the common part.
+const TCP_TIME_WAIT: u8 = 6;
+const TCP_NEW_SYN_RECV: u8 = 12;
+const TCP_SYN_RECV_STATE: u8 = 3;
+const TCP_LISTEN_STATE: u8 = 10;
+
+/// Set by the loader: leave out TIME_WAIT and request sockets (a baseline).
+#[no_mangle]
+static SKIP_MINI_SOCKETS: u32 = 0;
+
+/// Writes one `TcpSocketRecord` per socket to the iterator's seq file. The
+/// kernel walks the namespace's listening and established hashes (those of
+/// the task that opened the iterator) and shows each full socket under its
+/// lock, skipping the ones unhashed meanwhile.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn tcp_sockets(ctx: *mut c_void) -> i32 {
+    let ctx = ctx.cast::<u64>();
+    // SAFETY: the kernel passes a `struct bpf_iter__tcp`: meta, sk_common
+    // and uid, 8 bytes apart.
+    let (meta, sk, uid) = unsafe { (*ctx, *ctx.add(1), *ctx.add(2) as u32) };
+    if meta == 0 || sk == 0 {
+        return 0;
+    }
+    let Ok(Some(record)) = tcp_socket(sk, uid) else {
+        return 0;
+    };
+    // SAFETY: `meta` points at a `struct bpf_iter_meta`, whose first field is the seq file.
+    let seq = unsafe { *(meta as *const u64) };
+    // SAFETY: writes the record's bytes to the iterator's seq file. When the
+    // seq buffer is full, the kernel shows this socket again in the next read.
+    unsafe {
+        bpf_seq_write(
+            seq as *mut _,
+            (&raw const record).cast(),
+            size_of::<TcpSocketRecord>() as u32,
+        )
+    };
+    0
+}
+
+/// The record of socket `sk` (any of the three kinds), `None` when it is
+/// left out. `uid` is the one the kernel computed as /proc does.
+fn tcp_socket(sk: u64, uid: u32) -> Result<Option<TcpSocketRecord>, i64> {
+    let state: u8 = read_kernel(sk, &SKC_STATE)?;
+    let mini = state == TCP_TIME_WAIT || state == TCP_NEW_SYN_RECV;
+    // SAFETY: the loader set the global; volatile keeps its initial 0 from being folded.
+    if mini && unsafe { core::ptr::read_volatile(&SKIP_MINI_SOCKETS) } != 0 {
+        return Ok(None);
+    }
+    let family: u16 = read_kernel(sk, &SKC_FAMILY)?;
+    let mut saddr = [0u8; 16];
+    let mut daddr = [0u8; 16];
+    if family == AF_INET {
+        saddr[..4].copy_from_slice(&read_kernel::<[u8; 4]>(sk, &SKC_RCV_SADDR)?);
+        daddr[..4].copy_from_slice(&read_kernel::<[u8; 4]>(sk, &SKC_DADDR)?);
+    } else {
+        saddr = read_kernel(sk, &SKC_V6_RCV_SADDR)?;
+        daddr = read_kernel(sk, &SKC_V6_DADDR)?;
+    }
+    let (shown_state, tx_queue, rx_queue, inode) = match state {
+        TCP_TIME_WAIT => (read_kernel(sk, &TW_SUBSTATE)?, 0, 0, 0),
+        TCP_NEW_SYN_RECV => (TCP_SYN_RECV_STATE, 0, 0, 0),
+        _ => {
+            let (tx_queue, rx_queue) = queues(sk, state)?;
+            (state, tx_queue, rx_queue, socket_inode(sk)?)
+        }
+    };
+    let netns =
+        read_kernel::<u64>(sk, &SKC_NET).and_then(|net| read_kernel::<u32>(net, &NET_NS_INUM))?;
+    Ok(Some(TcpSocketRecord {
+        skaddr: sk,
+        inode,
+        // SAFETY: bpf_ktime_get_ns has no preconditions.
+        read_ns: unsafe { bpf_ktime_get_ns() },
+        saddr,
+        daddr,
+        uid,
+        netns,
+        tx_queue,
+        rx_queue,
+        sport: read_kernel(sk, &SKC_NUM)?,
+        dport: u16::from_be(read_kernel(sk, &SKC_DPORT)?),
+        family,
+        state: shown_state,
+        timewait: u8::from(state == TCP_TIME_WAIT),
+    }))
+}
+
+/// A full socket's send and receive queues as /proc prints them: unacked
+/// bytes, and unread bytes (a listener's accept backlog instead).
+fn queues(sk: u64, state: u8) -> Result<(u32, u32), i64> {
+    let tx_queue =
+        read_kernel::<u32>(sk, &TCP_WRITE_SEQ)?.wrapping_sub(read_kernel::<u32>(sk, &TCP_SND_UNA)?);
+    let rx_queue = if state == TCP_LISTEN_STATE {
+        read_kernel::<u32>(sk, &SK_ACK_BACKLOG)?
+    } else {
+        let unread = read_kernel::<u32>(sk, &TCP_RCV_NXT)?
+            .wrapping_sub(read_kernel::<u32>(sk, &TCP_COPIED_SEQ)?) as i32;
+        unread.max(0) as u32
+    };
+    Ok((tx_queue, rx_queue))
+}
+
+/// The inode number of the socket's file, as `sock_i_ino` gives it: 0 once
+/// the socket is orphaned (closed by its last process).
+fn socket_inode(sk: u64) -> Result<u64, i64> {
+    let socket: u64 = read_kernel(sk, &SK_SOCKET)?;
+    if socket == 0 {
+        return Ok(0);
+    }
+    // The socket and its inode are allocated together (`struct socket_alloc`,
+    // the socket first).
+    let inode = socket + u64::from(offset(&SOCKET_ALLOC_VFS_INODE));
+    read_kernel(inode, &INODE_I_INO)
+}
