@@ -275,6 +275,8 @@ pub struct OwnerEvent {
 /// A socket whose owner is now another process.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OwnerChange {
+    /// The socket's kernel address.
+    pub skaddr: u64,
     pub tuple: Tuple,
     pub state: TcpState,
     /// The previous owner, if the table knew one.

@@ -402,6 +402,7 @@ mod tests {
                 inode: 4242,
                 timewait: false,
                 netns: None,
+                kernel: None,
             },
             pids: owner.iter().map(|owner| owner.pid).collect(),
             owner,
@@ -553,6 +554,7 @@ udp        7      5 0.0.0.0:53              0.0.0.0:*                           
             })
         );
         let change = OwnerChange {
+            skaddr: 1,
             tuple,
             state: TcpState::Established,
             old: None,

@@ -19,13 +19,13 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::ProbeArgs;
 use crate::engine::ledger::{Arrival, LossLedger};
-use crate::engine::source::{EventSource, KernelSource, FIND_OWNERS};
+use crate::engine::source::{kernel_reader, EventSource, KernelSource};
 use crate::engine::table::{Observed, SocketTable};
-use crate::kernel::{KernelLog, StateProbe};
+use crate::kernel::{KernelLog, MiniSockets, StateProbe};
 use crate::metrics::{Failure, Metrics};
 use crate::model::{LossCause, LossCounters, OwnerChange, OwnerEvent, Proto, Record, Transition};
 use crate::sink::Sink;
-use crate::snapshot::{self, Snapshot};
+use crate::snapshot::{self, Owners, Snapshot};
 
 /// How often the ring buffer is drained without a wakeup: the eBPF side wakes
 /// netwatch only when much is waiting or 5 ms after its last wakeup.
@@ -163,7 +163,10 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     let mut hangup = signal(SignalKind::hangup())?;
     let mut kernel_log = probe.take_kernel_log();
     let recovers_skipped_calls = probe.recovers_skipped_calls();
-    let mut source = KernelSource(probe);
+    let mut source = KernelSource {
+        probe,
+        iterators: kernel_reader(MiniSockets::Skip),
+    };
     let mut monitor = Monitor::new(config.no_resync, config.netns, observer, sink, metrics);
     monitor.take_baseline(&mut source)?;
     log::info!(
@@ -207,7 +210,7 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
             _ = gauge_timer.tick(), if config.metrics_addr.is_some() => monitor.metrics.count_sockets(monitor.table.sockets().map(|(_, socket)| socket.state)),
             _ = check_timer.tick(), if check_every.is_some() && pending_check.is_none() => {
                 monitor.observer.check_starts(clock_ns(libc::CLOCK_MONOTONIC));
-                pending_check = Some(tokio::task::spawn_blocking(read_proc));
+                pending_check = Some(tokio::task::spawn_blocking(read_check_snapshot));
             }
             taken = async { pending_check.as_mut().expect("guarded").await }, if pending_check.is_some() => {
                 pending_check = None;
@@ -238,10 +241,18 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     Ok(monitor.observer)
 }
 
-/// Reads netwatch's own namespace's TCP tables of /proc with their owners.
-fn read_proc() -> anyhow::Result<Snapshot> {
-    snapshot::take(&[Proto::Tcp, Proto::Tcp6], FIND_OWNERS)
-        .context("reading the /proc TCP tables failed")
+/// Reads the TCP sockets with their owners, as a check compares them: in
+/// the kernel, every namespace, without TIME_WAIT and request sockets;
+/// else netwatch's namespace from /proc (which a check matches by tuple).
+fn read_check_snapshot() -> anyhow::Result<Snapshot> {
+    let protos = [Proto::Tcp, Proto::Tcp6];
+    let taken = match kernel_reader(MiniSockets::Skip) {
+        Some(mut iterators) => {
+            snapshot::take_every_namespace(&protos, Owners::Find, Some(&mut iterators))
+        }
+        None => snapshot::take(&protos, Owners::Find, None),
+    };
+    taken.context("reading the TCP tables failed")
 }
 
 /// Forwards the eBPF program's log, or waits forever when there is none.
@@ -783,6 +794,7 @@ mod tests {
                     inode: u64::from(index) + 1,
                     timewait: false,
                     netns: None,
+                    kernel: None,
                 },
                 owner: None,
                 pids: Vec::new(),

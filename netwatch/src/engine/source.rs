@@ -7,15 +7,31 @@
 use std::io;
 
 use anyhow::Context as _;
-use netwatch_common::ByteCounts;
+use netwatch_common::{ByteCounts, SocketFd, TcpSocketRecord};
 
-use crate::kernel::{self, StateProbe};
+use crate::kernel::{self, MiniSockets, SocketIterators, StateProbe};
 use crate::model::{LossCounters, Proto, Record};
-use crate::snapshot::{self, Owners, Snapshot};
+use crate::snapshot::{self, KernelReader, Owners, Snapshot};
 
-/// How netwatch finds sockets' owners in a snapshot: the kernel's fd
-/// iterator where it pays and works, else the /proc walk.
-pub const FIND_OWNERS: Owners = Owners::Find(Some(kernel::socket_fds_if_possible));
+impl KernelReader for SocketIterators {
+    fn tcp_sockets(&mut self, others: &[(u32, String)]) -> anyhow::Result<Vec<TcpSocketRecord>> {
+        Ok(SocketIterators::tcp_sockets(self, others)?)
+    }
+
+    fn socket_fds(&mut self) -> anyhow::Result<Vec<SocketFd>> {
+        Ok(SocketIterators::socket_fds(self)?)
+    }
+}
+
+/// The iterators that read sockets in the kernel, when they load (as
+/// root); `None` leaves snapshots to /proc, which gives the same records.
+pub fn kernel_reader(mini_sockets: MiniSockets) -> Option<SocketIterators> {
+    SocketIterators::load(mini_sockets)
+        .inspect_err(|err| {
+            log::debug!("the socket iterators do not load, /proc is read instead: {err:#}")
+        })
+        .ok()
+}
 
 /// Where the monitor's records come from.
 pub(crate) trait EventSource {
@@ -35,35 +51,181 @@ pub(crate) trait EventSource {
     fn baseline(&mut self) -> anyhow::Result<Snapshot>;
 }
 
-/// The attached eBPF programs, with /proc for the baseline.
-pub(crate) struct KernelSource(pub StateProbe);
+/// The attached eBPF programs, with the iterators (or /proc) for the baseline.
+pub(crate) struct KernelSource {
+    pub probe: StateProbe,
+    pub iterators: Option<SocketIterators>,
+}
 
 impl EventSource for KernelSource {
     async fn drain(&mut self, mut handle: impl FnMut(Record)) -> io::Result<()> {
-        self.0
+        self.probe
             .drain(|event| kernel::to_record(&event).into_iter().for_each(&mut handle))
             .await
     }
 
     fn drain_now(&mut self, mut handle: impl FnMut(Record)) {
-        self.0
+        self.probe
             .drain_now(|event| kernel::to_record(&event).into_iter().for_each(&mut handle));
     }
 
     fn losses(&self) -> io::Result<LossCounters> {
-        self.0.losses()
+        self.probe.losses()
     }
 
     fn stop_sending(&mut self) -> io::Result<()> {
-        self.0.stop_sending()
+        self.probe.stop_sending()
     }
 
     fn bytes(&self, skaddr: u64) -> Option<ByteCounts> {
-        self.0.bytes(skaddr)
+        self.probe.bytes(skaddr)
     }
 
     fn baseline(&mut self) -> anyhow::Result<Snapshot> {
-        snapshot::take_every_namespace(&[Proto::Tcp, Proto::Tcp6], FIND_OWNERS)
-            .context("reading the /proc TCP tables failed")
+        let kernel = self
+            .iterators
+            .as_mut()
+            .map(|iterators| iterators as &mut dyn KernelReader);
+        snapshot::take_every_namespace(&[Proto::Tcp, Proto::Tcp6], Owners::Find, kernel)
+            .context("reading the TCP tables failed")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::os::fd::AsFd as _;
+    use std::process::{Child, Command};
+
+    use super::*;
+    use crate::snapshot::{ProcSocket, SnapshotEntry};
+
+    /// Sockets in every state a quiet host shows, on the loopback of
+    /// whichever namespace the calling thread is in: a listener with a
+    /// connection waiting to be accepted, an accepted pair, a pair whose
+    /// client closed first (TIME_WAIT), and one whose client alone closed
+    /// (its orphan in FIN_WAIT2, the server in CLOSE_WAIT). Returns what
+    /// must stay open, and the listener's port.
+    fn sockets_in_every_state(loopback: &str) -> (Vec<Box<dyn Send>>, u16) {
+        let listener = TcpListener::bind(format!("{loopback}:0")).unwrap();
+        let target = listener.local_addr().unwrap();
+        let mut held: Vec<Box<dyn Send>> = Vec::new();
+        let client = TcpStream::connect(target).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        held.extend([Box::new(client) as Box<dyn Send>, Box::new(server)]);
+        let timewait = TcpStream::connect(target).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        drop(timewait);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        drop(accepted);
+        let half_closed = TcpStream::connect(target).unwrap();
+        let (close_wait, _) = listener.accept().unwrap();
+        drop(half_closed);
+        held.push(Box::new(close_wait));
+        held.push(Box::new(TcpStream::connect(target).unwrap()));
+        let port = target.port();
+        held.push(Box::new(listener));
+        (held, port)
+    }
+
+    /// A process in a new network namespace whose loopback is up.
+    fn namespace_holder() -> Child {
+        let child = Command::new("unshare")
+            .args(["--net", "sh", "-c", "ip link set lo up && exec sleep 60"])
+            .spawn()
+            .expect("unshare runs (tests run as root)");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        child
+    }
+
+    /// The snapshot's entries in `netns` (None: netwatch's) on `port`, or
+    /// all of them in another namespace, without the kernel's address.
+    fn entries_of(
+        snapshot: &Snapshot,
+        port: u16,
+        netns: Option<u32>,
+    ) -> BTreeMap<String, (ProcSocket, Option<u32>, Vec<u32>)> {
+        snapshot
+            .entries
+            .iter()
+            .filter(|entry| entry.socket.netns == netns)
+            .filter(|entry| {
+                netns.is_some()
+                    || entry.socket.local.port() == port
+                    || entry.socket.remote.port() == port
+            })
+            .map(
+                |SnapshotEntry {
+                     socket,
+                     owner,
+                     pids,
+                 }| {
+                    let key = format!("{:?} {} {}", socket.proto, socket.local, socket.remote);
+                    let socket = ProcSocket {
+                        kernel: None,
+                        ..socket.clone()
+                    };
+                    (
+                        key,
+                        (socket, owner.as_ref().map(|owner| owner.pid), pids.clone()),
+                    )
+                },
+            )
+            .collect()
+    }
+
+    #[test]
+    fn the_kernel_reads_the_records_proc_gives() {
+        let (_v4, v4_port) = sockets_in_every_state("127.0.0.1");
+        let (_v6, v6_port) = sockets_in_every_state("[::1]");
+        let mut holder = namespace_holder();
+        let namespace = std::fs::File::open(format!("/proc/{}/ns/net", holder.id())).unwrap();
+        let elsewhere = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    rustix::thread::move_into_link_name_space(
+                        namespace.as_fd(),
+                        Some(rustix::thread::LinkNameSpaceType::Network),
+                    )
+                    .unwrap();
+                    sockets_in_every_state("127.0.0.1")
+                })
+                .join()
+                .unwrap()
+        });
+        let netns = crate::snapshot::netns_of(&holder.id().to_string());
+        let mut iterators = kernel_reader(MiniSockets::Keep).expect("the iterators load as root");
+        let protos = [Proto::Tcp, Proto::Tcp6];
+        let kernel = snapshot::take_every_namespace(&protos, Owners::Find, Some(&mut iterators))
+            .expect("the kernel reads");
+        let proc =
+            snapshot::take_every_namespace(&protos, Owners::Find, None).expect("/proc reads");
+        let _ = holder.kill();
+        let _ = holder.wait();
+        assert!(kernel
+            .entries
+            .iter()
+            .all(|entry| entry.socket.kernel.is_some()));
+        assert!(proc
+            .entries
+            .iter()
+            .all(|entry| entry.socket.kernel.is_none()));
+        for (port, netns) in [(v4_port, None), (v6_port, None), (elsewhere.1, netns)] {
+            let from_kernel = entries_of(&kernel, port, netns);
+            let states: Vec<_> = from_kernel
+                .values()
+                .map(|(socket, ..)| socket.state)
+                .collect();
+            assert_eq!(
+                from_kernel.len(),
+                8,
+                "every socket on port {port}: {states:?}"
+            );
+            assert_eq!(from_kernel, entries_of(&proc, port, netns), "port {port}");
+        }
+        let pending = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), v4_port);
+        let listener = &entries_of(&kernel, v4_port, None)[&format!("Tcp {pending} 0.0.0.0:0")].0;
+        assert_eq!(listener.rx_queue, 1, "one connection waits to be accepted");
     }
 }

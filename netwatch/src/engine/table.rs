@@ -1,10 +1,14 @@
 //! The live socket table: kept current from state transitions alone.
 //!
 //! Sockets are keyed by the kernel's socket address (`skaddr`), which every
-//! transition carries. Baseline sockets from /proc cannot be keyed that way
-//! (the `pointer` column of /proc/net/tcp is hashed), so they wait in an
-//! `unbound` map keyed by their address/port tuple until their first
-//! transition names them. A socket leaves the table when it reaches CLOSE.
+//! transition carries. A baseline read in the kernel has it too, and joins
+//! exactly: each socket carries when it was read, so that the transitions
+//! queued up during the read and stamped before it (already in what was
+//! read) neither count a socket twice nor close the wrong one. Baseline
+//! sockets from /proc cannot be keyed that way (the `pointer` column of
+//! /proc/net/tcp is hashed), so they wait in an `unbound` map keyed by
+//! their address/port tuple until their first transition names them. A
+//! socket leaves the table when it reaches CLOSE.
 //!
 //! The table is bounded: past `capacity` sockets, the ones that changed
 //! least recently are evicted (a socket whose close was lost would
@@ -105,6 +109,9 @@ pub struct LiveSocket {
     pub since_ns: Option<u64>,
     /// The state before `state`, if the table saw the transition.
     pub previous: Option<TcpState>,
+    /// When a baseline read it in the kernel: its transitions stamped
+    /// before then are already in what was read.
+    pub read_ns: Option<u64>,
 }
 
 impl LiveSocket {
@@ -121,6 +128,7 @@ impl LiveSocket {
             opened_ns: None,
             since_ns: None,
             previous: None,
+            read_ns: None,
         }
     }
 
@@ -241,10 +249,14 @@ impl SocketTable {
             let mut live = LiveSocket::unknown(tuple, socket.state, process);
             live.uid = Some(socket.uid);
             live.netns = socket.netns.or(netns);
+            live.read_ns = socket.kernel.map(|kernel| kernel.read_ns);
             if socket.state == TcpState::Listen {
                 self.add_listener(&live);
             }
-            self.unbound.insert((live.netns, tuple), live);
+            match socket.kernel {
+                Some(kernel) => self.bound.insert(kernel.skaddr, live),
+                None => self.unbound.insert((live.netns, tuple), live),
+            };
         }
         self.evict_beyond_capacity();
     }
@@ -291,16 +303,44 @@ impl SocketTable {
 
     /// Applies one transition and says who owns the socket.
     pub fn apply(&mut self, t: &Transition) -> Observed {
+        let read_later = self
+            .bound
+            .get(&t.skaddr)
+            .and_then(|socket| socket.read_ns)
+            .is_some_and(|read_ns| t.ts_ns < read_ns);
+        if read_later && t.new == TcpState::Close {
+            // The baseline read a later socket at this address: this one
+            // closed before, unknown to the table.
+            return Observed {
+                owner: None,
+                ms_in_old_state: None,
+                closed: Some(LiveSocket::unknown(t.tuple, t.old, None)),
+                replaced: None,
+            };
+        }
         let mut replaced = None;
         let mut socket = if opens(t.old, t.new) {
             replaced = self.bound.remove(&t.skaddr);
-            if let Some(stale) = &replaced {
-                if stale.state == TcpState::Listen {
-                    self.remove_listener(stale);
+            let mut socket = self.new_socket(t);
+            match replaced.take() {
+                // The baseline read this very socket after it opened.
+                Some(read) if read_later => {
+                    if read.state == TcpState::Listen {
+                        self.remove_listener(&read);
+                    }
+                    socket.process = socket.process.or(read.process);
+                    socket.read_ns = read.read_ns;
                 }
-                self.vanished += 1;
+                Some(stale) => {
+                    if stale.state == TcpState::Listen {
+                        self.remove_listener(&stale);
+                    }
+                    self.vanished += 1;
+                    replaced = Some(stale);
+                }
+                None => {}
             }
-            self.new_socket(t)
+            socket
         } else {
             match self.bound.remove(&t.skaddr) {
                 Some(socket) => socket,
@@ -387,6 +427,7 @@ impl SocketTable {
             socket.owner_changed = true;
         }
         Some(OwnerChange {
+            skaddr: e.skaddr,
             tuple: socket.tuple,
             state: socket.state,
             old: old.map(|old| old.owner()),
@@ -1043,6 +1084,84 @@ mod tests {
         table.apply(&transition(2, 5, conn, SynSent, Established, 7));
         assert_eq!(table.len(), 1);
         assert_eq!(table.sockets().next().unwrap().1.state, Established);
+    }
+
+    /// A baseline read in the kernel: (skaddr, tuple, state, owner pid), each read at `read_ms`.
+    fn kernel_baseline(sockets: &[(u64, Tuple, TcpState, u32)], read_ms: u64) -> Snapshot {
+        let mut snapshot = baseline(
+            &sockets
+                .iter()
+                .map(|&(_, tuple, state, pid)| (tuple, state, pid))
+                .collect::<Vec<_>>(),
+        );
+        snapshot.entries = snapshot
+            .entries
+            .into_iter()
+            .zip(sockets)
+            .map(|(entry, &(skaddr, ..))| entry.read_in_kernel(skaddr, read_ms * 1_000_000))
+            .collect();
+        snapshot
+    }
+
+    #[test]
+    fn a_baseline_read_in_the_kernel_joins_by_address_not_tuple() {
+        let mut table = SocketTable::new(fake_names, 1000);
+        let conn = tuple("127.0.0.1:5000", "127.0.0.1:80");
+        table.reset_from(&kernel_baseline(&[(5, conn, Established, 42)], 10), Some(1));
+        assert_eq!(
+            table.sockets().next().map(|(skaddr, _)| skaddr),
+            Some(Some(5))
+        );
+        // The transition names another tuple (as one without its namespace
+        // or port would): the address alone finds the socket.
+        let other_view = tuple("127.0.0.1:0", "127.0.0.1:80");
+        let first = table.apply(&transition(11, 5, other_view, Established, FinWait1, 99));
+        assert_eq!(first.owner, owner(42));
+        assert_eq!(table.len(), 1);
+        let closed = table.apply(&transition(12, 5, conn, FinWait2, Close, 99));
+        assert_eq!(
+            closed.closed.map(|socket| socket.process.map(|p| p.pid)),
+            Some(Some(42))
+        );
+        assert!(table.is_empty());
+    }
+
+    #[test]
+    fn transitions_stamped_before_the_kernel_read_a_socket_count_it_once() {
+        let mut table = SocketTable::new(fake_names, 1000);
+        let conn = tuple("127.0.0.1:5000", "127.0.0.1:80");
+        // The iterator read the socket at 10 ms, after connect() at 1 ms and
+        // its establishment at 2 ms; those transitions are applied after the read.
+        table.reset_from(&kernel_baseline(&[(5, conn, Established, 42)], 10), Some(1));
+        let opened = table.apply(&transition(1, 5, conn, Close, SynSent, 42));
+        assert_eq!(
+            opened.replaced, None,
+            "the same socket, not one freed unseen"
+        );
+        table.apply(&transition(2, 5, conn, SynSent, Established, 7));
+        assert_eq!(table.len(), 1);
+        assert_eq!(table.vanished(), 0);
+        let (_, socket) = table.sockets().next().unwrap();
+        assert_eq!(
+            (socket.state, socket.direction),
+            (Established, Direction::Out)
+        );
+        assert_eq!(socket.owner(), owner(42));
+    }
+
+    #[test]
+    fn a_close_stamped_before_the_kernel_read_is_an_earlier_socket_at_that_address() {
+        let mut table = SocketTable::new(fake_names, 1000);
+        let earlier = tuple("127.0.0.1:5000", "127.0.0.1:80");
+        let read = tuple("127.0.0.1:6000", "127.0.0.1:80");
+        table.reset_from(&kernel_baseline(&[(5, read, Established, 42)], 10), Some(1));
+        let closed = table.apply(&transition(3, 5, earlier, FinWait2, Close, 0));
+        assert_eq!(closed.closed.map(|socket| socket.tuple), Some(earlier));
+        assert_eq!(closed.owner, None);
+        assert_eq!(table.len(), 1, "the socket the baseline read stays");
+        let after = table.apply(&transition(11, 5, read, Established, FinWait1, 0));
+        assert_eq!(after.owner, owner(42));
+        assert_eq!(table.vanished(), 0);
     }
 
     #[test]

@@ -1,20 +1,28 @@
-//! Just enough of the BPF Type Format to find where a struct member lives.
+//! Just enough of the BPF Type Format to find where a struct member lives
+//! and which type id a kernel function has.
 //!
 //! Rust eBPF has no CO-RE, so the programs read kernel struct fields at
 //! offsets taken from the running kernel's BTF (/sys/kernel/btf/vmlinux)
-//! and passed in as globals.
+//! and passed in as globals; an iterator program is loaded against the id
+//! of its `bpf_iter_*` function. The kernel's BTF (megabytes) is read once
+//! per process, only what netwatch needs is kept, and the blob is dropped.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use netwatch_common::{FILE_OFFSETS, SOCK_OFFSETS, TASK_OFFSETS};
+use aya_obj::btf::{BtfType, Func, FuncLinkage};
+use netwatch_common::{FILE_OFFSETS, SOCK_OFFSETS, TASK_OFFSETS, TCP_OFFSETS};
 
 /// Where the kernel exposes its own BTF.
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
+/// The iterator types netwatch loads programs for (`bpf_iter_<type>`).
+pub const ITERATOR_TYPES: [&str; 2] = ["tcp", "task_file"];
+
 const MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
+const KIND_FUNC: u32 = 12;
 /// Kinds that only qualify or rename another type.
 const KIND_TYPEDEF: u32 = 8;
 const KIND_VOLATILE: u32 = 9;
@@ -22,7 +30,7 @@ const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
 const KIND_TYPE_TAG: u32 = 18;
 
-/// Why a member offset could not be found.
+/// Why a member offset or a function's id could not be found.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BtfError {
     #[error("the BTF data is malformed ({0})")]
@@ -33,9 +41,11 @@ pub enum BtfError {
     NoMember(String, String),
     #[error("{0}.{1} is a bitfield")]
     Bitfield(String, String),
+    #[error("function {0} is not in the kernel's BTF")]
+    NoFunction(String),
 }
 
-/// Why the offsets a program needs are unknown.
+/// Why the offsets or attach point a program needs are unknown.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum OffsetsError {
     #[error("cannot read {VMLINUX}: {0}")]
@@ -46,21 +56,45 @@ pub enum OffsetsError {
     Undeclared(&'static str),
 }
 
-/// Every member offset a program reads, by the global the loader sets.
-type MemberOffsets = HashMap<&'static str, Result<u32, BtfError>>;
+/// What netwatch keeps of the kernel's BTF: every declared member offset,
+/// by the global the loader sets, and each iterator function's type id.
+struct KernelTypes {
+    offsets: HashMap<&'static str, Result<u32, BtfError>>,
+    iterators: HashMap<&'static str, Result<u32, BtfError>>,
+}
+
+fn kernel_types() -> Result<&'static KernelTypes, OffsetsError> {
+    static KNOWN: OnceLock<Result<KernelTypes, OffsetsError>> = OnceLock::new();
+    KNOWN
+        .get_or_init(read_kernel_types)
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+fn read_kernel_types() -> Result<KernelTypes, OffsetsError> {
+    let btf = Btf::from_kernel().map_err(|err| OffsetsError::Unreadable(err.to_string()))?;
+    let declared = SOCK_OFFSETS
+        .iter()
+        .chain(&FILE_OFFSETS)
+        .chain(&TASK_OFFSETS)
+        .chain(&TCP_OFFSETS);
+    Ok(KernelTypes {
+        offsets: declared
+            .map(|&(global, ty, member)| (global, btf.member_offset(ty, member)))
+            .collect(),
+        iterators: ITERATOR_TYPES
+            .iter()
+            .map(|&iter_type| (iter_type, btf.function_id(&format!("bpf_iter_{iter_type}"))))
+            .collect(),
+    })
+}
 
 /// The offsets of the kernel struct members named in `fields` (global,
-/// struct, member), for the loader to set. The kernel's BTF (megabytes) is
-/// parsed once per process, at the first call, and only the offsets of
-/// every field in `netwatch_common` are kept.
+/// struct, member), for the loader to set.
 pub fn kernel_offsets(
     fields: &[(&'static str, &str, &str)],
 ) -> Result<Vec<(&'static str, u32)>, OffsetsError> {
-    static KNOWN: OnceLock<Result<MemberOffsets, OffsetsError>> = OnceLock::new();
-    let known = KNOWN
-        .get_or_init(read_member_offsets)
-        .as_ref()
-        .map_err(Clone::clone)?;
+    let known = &kernel_types()?.offsets;
     fields
         .iter()
         .map(|&(global, _, _)| match known.get(global) {
@@ -70,132 +104,140 @@ pub fn kernel_offsets(
         .collect()
 }
 
-fn read_member_offsets() -> Result<MemberOffsets, OffsetsError> {
-    let btf = Btf::from_kernel().map_err(|err| OffsetsError::Unreadable(err.to_string()))?;
-    let declared = SOCK_OFFSETS
-        .iter()
-        .chain(&FILE_OFFSETS)
-        .chain(&TASK_OFFSETS);
-    Ok(declared
-        .map(|&(global, ty, member)| (global, btf.member_offset(ty, member)))
-        .collect())
+/// What aya's `Iter::load` needs to attach to `bpf_iter_<iter_type>`: a BTF
+/// in which that function has its kernel id. aya only looks the id up by
+/// name, so rather than aya's own parse of the whole kernel BTF (tens of
+/// MiB), every other id holds a placeholder.
+pub fn iterator_attach_point(iter_type: &'static str) -> Result<aya::Btf, OffsetsError> {
+    let id = match kernel_types()?.iterators.get(iter_type) {
+        Some(id) => id.clone()?,
+        None => return Err(BtfError::NoFunction(format!("bpf_iter_{iter_type}")).into()),
+    };
+    let mut btf = aya::Btf::new();
+    let name = btf.add_string(&format!("bpf_iter_{iter_type}"));
+    // Id 0 (void) is there already.
+    for _ in 1..id {
+        btf.add_type(BtfType::Unknown);
+    }
+    btf.add_type(BtfType::Func(Func::new(name, 0, FuncLinkage::Static)));
+    Ok(btf)
 }
 
+/// The common part of one type: where it is, its kind, name and target.
 #[derive(Clone, Copy, Debug)]
-struct Member {
+struct TypeHeader {
+    /// Byte offset of the type in the blob.
+    at: usize,
     name_off: u32,
-    type_id: u32,
-    bit_offset: u32,
-    bitfield: bool,
-}
-
-#[derive(Debug)]
-struct Type {
     kind: u32,
-    name_off: u32,
-    /// The referenced type, for typedefs and qualifiers.
+    vlen: usize,
+    kind_flag: bool,
+    /// The referenced type, for typedefs, qualifiers and functions.
     target: u32,
-    members: Vec<Member>,
 }
 
-/// Parsed types and strings of one BTF blob.
+/// One BTF blob, with the offset of each type: members are read from the
+/// blob when asked for, not kept.
 #[derive(Debug)]
 pub struct Btf {
-    types: Vec<Type>,
-    strings: Vec<u8>,
+    data: Vec<u8>,
+    /// Byte offset of each type, by id (id 0, void, has none: 0).
+    starts: Vec<u32>,
+    strings: std::ops::Range<usize>,
     structs: HashMap<String, u32>,
+}
+
+fn u16_at(data: &[u8], at: usize) -> Option<u16> {
+    data.get(at..at + 2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+}
+
+fn u32_at(data: &[u8], at: usize) -> Option<u32> {
+    data.get(at..at + 4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 impl Btf {
     /// Reads the running kernel's BTF.
     pub fn from_kernel() -> std::io::Result<Btf> {
         let data = std::fs::read(VMLINUX)?;
-        Btf::parse(&data).map_err(std::io::Error::other)
+        Btf::parse(data).map_err(std::io::Error::other)
     }
 
-    /// Parses a little-endian BTF blob.
-    pub fn parse(data: &[u8]) -> Result<Btf, BtfError> {
-        let u16_at = |at: usize| {
-            data.get(at..at + 2)
-                .map(|b| u16::from_le_bytes([b[0], b[1]]))
-        };
-        let u32_at = |at: usize| {
-            data.get(at..at + 4)
-                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        };
+    /// Indexes a little-endian BTF blob.
+    pub fn parse(data: Vec<u8>) -> Result<Btf, BtfError> {
         let header = |at: usize| {
-            u32_at(at)
+            u32_at(&data, at)
                 .map(|v| v as usize)
                 .ok_or(BtfError::Malformed("short header"))
         };
-        if u16_at(0) != Some(MAGIC) {
+        if u16_at(&data, 0) != Some(MAGIC) {
             return Err(BtfError::Malformed("bad magic"));
         }
         let hdr_len = header(4)?;
         let (type_off, type_len) = (hdr_len + header(8)?, header(12)?);
         let (str_off, str_len) = (hdr_len + header(16)?, header(20)?);
-        let strings = data
-            .get(str_off..str_off + str_len)
-            .ok_or(BtfError::Malformed("string section out of bounds"))?
-            .to_vec();
-        // Type ids start at 1; id 0 is void.
-        let mut types = vec![Type {
-            kind: 0,
-            name_off: 0,
-            target: 0,
-            members: Vec::new(),
-        }];
+        if data.get(str_off..str_off + str_len).is_none() {
+            return Err(BtfError::Malformed("string section out of bounds"));
+        }
         let end = type_off + type_len;
-        let mut at = type_off;
-        while at < end {
-            let word = |i: usize| u32_at(at + 4 * i).ok_or(BtfError::Malformed("truncated type"));
-            let (name_off, info, target) = (word(0)?, word(1)?, word(2)?);
-            let (kind, vlen, kind_flag) = (
-                (info >> 24) & 0x1f,
-                (info & 0xffff) as usize,
-                info >> 31 == 1,
-            );
-            at += 12;
-            let mut members = Vec::new();
-            if kind == KIND_STRUCT || kind == KIND_UNION {
-                for i in 0..vlen {
-                    let field = |j: usize| {
-                        u32_at(at + 12 * i + 4 * j).ok_or(BtfError::Malformed("truncated member"))
-                    };
-                    let offset = field(2)?;
-                    members.push(Member {
-                        name_off: field(0)?,
-                        type_id: field(1)?,
-                        bit_offset: if kind_flag {
-                            offset & 0xff_ffff
-                        } else {
-                            offset
-                        },
-                        bitfield: kind_flag && offset >> 24 != 0,
-                    });
-                }
-            }
-            at += extra_bytes(kind, vlen).ok_or(BtfError::Malformed("unknown type kind"))?;
-            types.push(Type {
-                kind,
-                name_off,
-                target,
-                members,
-            });
+        if data.get(type_off..end).is_none() {
+            return Err(BtfError::Malformed("type section out of bounds"));
         }
         let mut btf = Btf {
-            types,
-            strings,
+            data,
+            starts: vec![0],
+            strings: str_off..str_off + str_len,
             structs: HashMap::new(),
         };
-        btf.structs = btf
-            .types
-            .iter()
-            .enumerate()
-            .filter(|(_, ty)| ty.kind == KIND_STRUCT && ty.name_off != 0)
-            .map(|(id, ty)| (btf.name(ty.name_off).to_owned(), id as u32))
-            .collect();
+        let mut at = type_off;
+        while at < end {
+            let id = btf.starts.len() as u32;
+            btf.starts
+                .push(u32::try_from(at).map_err(|_| BtfError::Malformed("blob too large"))?);
+            let ty = btf
+                .header(id)
+                .ok_or(BtfError::Malformed("truncated type"))?;
+            if ty.kind == KIND_STRUCT && ty.name_off != 0 {
+                let name = btf.name(ty.name_off).to_owned();
+                btf.structs.insert(name, id);
+            }
+            at += 12
+                + extra_bytes(ty.kind, ty.vlen).ok_or(BtfError::Malformed("unknown type kind"))?;
+        }
+        if at != end {
+            return Err(BtfError::Malformed("truncated type"));
+        }
         Ok(btf)
+    }
+
+    fn header(&self, id: u32) -> Option<TypeHeader> {
+        let at = *self.starts.get(id as usize)? as usize;
+        if id == 0 {
+            return None;
+        }
+        let word = |i: usize| u32_at(&self.data, at + 4 * i);
+        let info = word(1)?;
+        Some(TypeHeader {
+            at,
+            name_off: word(0)?,
+            kind: (info >> 24) & 0x1f,
+            vlen: (info & 0xffff) as usize,
+            kind_flag: info >> 31 == 1,
+            target: word(2)?,
+        })
+    }
+
+    /// Member `i` of a struct or union: (name, type, bit offset, bitfield).
+    fn member(&self, ty: &TypeHeader, i: usize) -> Option<(u32, u32, u32, bool)> {
+        let field = |j: usize| u32_at(&self.data, ty.at + 12 + 12 * i + 4 * j);
+        let offset = field(2)?;
+        let (bit_offset, bitfield) = if ty.kind_flag {
+            (offset & 0xff_ffff, offset >> 24 != 0)
+        } else {
+            (offset, false)
+        };
+        Some((field(0)?, field(1)?, bit_offset, bitfield))
     }
 
     /// Byte offset of `member` in `struct name`, looking inside anonymous
@@ -209,7 +251,7 @@ impl Btf {
         let mut total_bits = 0;
         for part in member.split('.') {
             let (bits, bitfield, type_id) = self
-                .find_member(id, part, 0)
+                .find_member(id, part, 0, 0)
                 .ok_or_else(|| BtfError::NoMember(name.to_owned(), member.to_owned()))?;
             if bitfield || bits % 8 != 0 {
                 return Err(BtfError::Bitfield(name.to_owned(), member.to_owned()));
@@ -220,22 +262,38 @@ impl Btf {
         Ok(total_bits / 8)
     }
 
+    /// The type id of function `name`.
+    pub fn function_id(&self, name: &str) -> Result<u32, BtfError> {
+        (1..self.starts.len() as u32)
+            .find(|&id| {
+                self.header(id)
+                    .is_some_and(|ty| ty.kind == KIND_FUNC && self.name(ty.name_off) == name)
+            })
+            .ok_or_else(|| BtfError::NoFunction(name.to_owned()))
+    }
+
     /// The bit offset, bitfield flag and type of member `wanted`.
-    fn find_member(&self, id: u32, wanted: &str, base_bits: u32) -> Option<(u32, bool, u32)> {
-        let ty = self.types.get(id as usize)?;
-        for m in &ty.members {
-            let bits = base_bits + m.bit_offset;
-            if m.name_off != 0 && self.name(m.name_off) == wanted {
-                return Some((bits, m.bitfield, m.type_id));
+    fn find_member(
+        &self,
+        id: u32,
+        wanted: &str,
+        base_bits: u32,
+        depth: u32,
+    ) -> Option<(u32, bool, u32)> {
+        let ty = self.header(id)?;
+        if !matches!(ty.kind, KIND_STRUCT | KIND_UNION) || depth > 32 {
+            return None;
+        }
+        for i in 0..ty.vlen {
+            let (name_off, type_id, bit_offset, bitfield) = self.member(&ty, i)?;
+            let bits = base_bits + bit_offset;
+            if name_off != 0 && self.name(name_off) == wanted {
+                return Some((bits, bitfield, type_id));
             }
-            let inner = self.resolve(m.type_id);
-            if m.name_off == 0
-                && matches!(
-                    self.types.get(inner as usize)?.kind,
-                    KIND_STRUCT | KIND_UNION
-                )
-            {
-                if let Some(found) = self.find_member(inner, wanted, bits) {
+            if name_off == 0 {
+                if let Some(found) =
+                    self.find_member(self.resolve(type_id), wanted, bits, depth + 1)
+                {
                     return Some(found);
                 }
             }
@@ -246,7 +304,7 @@ impl Btf {
     /// Follows typedefs and qualifiers to the underlying type.
     fn resolve(&self, mut id: u32) -> u32 {
         for _ in 0..32 {
-            match self.types.get(id as usize) {
+            match self.header(id) {
                 Some(ty)
                     if matches!(
                         ty.kind,
@@ -262,7 +320,8 @@ impl Btf {
     }
 
     fn name(&self, offset: u32) -> &str {
-        let tail = self.strings.get(offset as usize..).unwrap_or_default();
+        let strings = &self.data[self.strings.clone()];
+        let tail = strings.get(offset as usize..).unwrap_or_default();
         let len = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
         std::str::from_utf8(&tail[..len]).unwrap_or_default()
     }
@@ -336,7 +395,7 @@ mod tests {
 
     #[test]
     fn finds_members_inside_anonymous_unions_and_structs() {
-        let btf = Btf::parse(&sample()).unwrap();
+        let btf = Btf::parse(sample()).unwrap();
         assert_eq!(btf.member_offset("outer", "a"), Ok(0));
         assert_eq!(btf.member_offset("outer", "b"), Ok(4));
         assert_eq!(btf.member_offset("outer", "c"), Ok(4));
@@ -357,11 +416,11 @@ mod tests {
 
     #[test]
     fn rejects_garbage_and_truncation_without_panicking() {
-        assert!(Btf::parse(b"").is_err());
-        assert!(Btf::parse(&[0x9f, 0xeb, 1, 0, 24, 0, 0, 0]).is_err());
+        assert!(Btf::parse(Vec::new()).is_err());
+        assert!(Btf::parse(vec![0x9f, 0xeb, 1, 0, 24, 0, 0, 0]).is_err());
         let sample = sample();
         for cut in 0..sample.len() {
-            let _ = Btf::parse(&sample[..cut]);
+            let _ = Btf::parse(sample[..cut].to_vec());
         }
     }
 
@@ -377,5 +436,25 @@ mod tests {
         let inum = btf.member_offset("ns_common", "inum").unwrap();
         assert_eq!(btf.member_offset("net", "ns.inum"), Ok(ns + inum));
         assert!(btf.member_offset("net", "ns.nope").is_err());
+        assert!(btf.function_id("bpf_iter_tcp").is_ok_and(|id| id > 0));
+        assert!(btf.function_id("bpf_iter_nope").is_err());
+    }
+
+    #[test]
+    fn attach_points_name_the_kernel_functions_at_their_ids() {
+        let offsets = kernel_offsets(&TCP_OFFSETS).expect("this kernel has BTF");
+        assert_eq!(offsets.len(), TCP_OFFSETS.len());
+        kernel_offsets(&FILE_OFFSETS).expect("offsets again");
+        for iter_type in ITERATOR_TYPES {
+            let btf = iterator_attach_point(iter_type).expect("an attach point");
+            let id = btf
+                .id_by_type_name_kind(
+                    &format!("bpf_iter_{iter_type}"),
+                    aya_obj::btf::BtfKind::Func,
+                )
+                .expect("the function is named");
+            let kernel = Btf::from_kernel().expect("this kernel has BTF");
+            assert_eq!(Ok(id), kernel.function_id(&format!("bpf_iter_{iter_type}")));
+        }
     }
 }

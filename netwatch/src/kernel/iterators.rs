@@ -1,99 +1,211 @@
-//! Every socket fd of every process, listed in the kernel by a
-//! `task_file` iterator program.
+//! Every TCP socket and every process's socket fds, read in the kernel by
+//! netwatch's two iterator programs: root's fast path for what /proc/net/tcp
+//! and /proc/[pid]/fd give.
 
+use std::fs::File;
 use std::io::Read as _;
+use std::os::fd::AsFd as _;
 
 use aya::programs::links::LinkError;
 use aya::programs::{Iter, ProgramError};
-use aya::EbpfLoader;
+use aya::Ebpf;
 use netwatch_common::{
-    SocketFd, EVENTS_MAP, FILE_OFFSETS, SOCKET_FDS_PROGRAM, SOCKET_FD_UNREADABLE,
+    SocketFd, TcpSocketRecord, EVENTS_MAP, FILE_OFFSETS, SKIP_MINI_SOCKETS, SOCKETS_MAP,
+    SOCKET_FDS_PROGRAM, SOCKET_FD_UNREADABLE, SOCK_OFFSETS, TCP_OFFSETS, TCP_SOCKETS_PROGRAM,
 };
 
-use super::btf::{kernel_offsets, OffsetsError};
+use super::btf::{iterator_attach_point, kernel_offsets, OffsetsError};
+use super::loader::ebpf_loader;
 use super::netwatch_object;
+use super::prerequisites::{check_root, raise_memlock_limit, PrerequisiteError};
 
-/// Why the kernel could not list the socket fds (the /proc walk does then).
+/// Why the kernel could not list sockets (the /proc path does then).
 #[derive(Debug, thiserror::Error)]
-pub enum FdIteratorError {
-    #[error("reading the kernel's BTF failed")]
-    Btf(#[from] aya::BtfError),
+pub enum IteratorError {
     #[error(transparent)]
-    Offsets(#[from] OffsetsError),
-    #[error("loading the iterator failed")]
+    Prerequisite(#[from] PrerequisiteError),
+    #[error(transparent)]
+    Btf(#[from] OffsetsError),
+    #[error("loading the iterators failed")]
     Load(#[from] aya::EbpfError),
-    #[error("the eBPF object has no program {SOCKET_FDS_PROGRAM}")]
-    Missing,
-    #[error("attaching the iterator failed")]
-    Attach(#[from] ProgramError),
-    #[error("opening the iterator failed")]
+    #[error("the eBPF object has no program {0}")]
+    Missing(&'static str),
+    #[error("loading or attaching an iterator failed")]
+    Program(#[from] ProgramError),
+    #[error("opening an iterator failed")]
     Open(#[from] LinkError),
-    #[error("reading the iterator's records failed")]
+    #[error("reading an iterator's records failed")]
     Read(#[from] std::io::Error),
     #[error("the iterator could not read an fd of process {0}")]
     Unreadable(u32),
 }
 
-/// Every socket fd of every process, from the kernel's task_file iterator:
-/// one pass over every process's fds in the kernel, about ten times cheaper
-/// than a readlinkat per fd under /proc. Needs root.
-pub fn socket_fds() -> Result<Vec<SocketFd>, FdIteratorError> {
-    // aya finds the iterator's attach point in its own parse of the BTF.
-    let kernel_btf = aya::Btf::from_sys_fs()?;
-    let offsets = kernel_offsets(&FILE_OFFSETS)?;
-    let mut loader = EbpfLoader::new();
-    // Only the iterator is loaded; keep the other maps of the object small.
-    loader
-        .btf(Some(&kernel_btf))
-        .map_max_entries(EVENTS_MAP, 4096);
-    for (global, offset) in &offsets {
-        loader.override_global(global, offset, true);
-    }
-    let mut ebpf = loader.load(netwatch_object())?;
-    let program: &mut Iter = ebpf
-        .program_mut(SOCKET_FDS_PROGRAM)
-        .ok_or(FdIteratorError::Missing)?
-        .try_into()?;
-    program.load("task_file", &kernel_btf)?;
-    let link = program.attach()?;
-    let link = program.take_link(link)?;
-    let mut records = Vec::new();
-    link.into_file()?.read_to_end(&mut records)?;
-    parse_socket_fds(&records)
+/// What a socket listing leaves out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MiniSockets {
+    /// Every socket, as /proc/net/tcp lists them.
+    Keep,
+    /// No TIME_WAIT or request sockets: what a live table keeps.
+    Skip,
 }
 
-/// The iterator's records; an error if one says an fd could not be read.
-fn parse_socket_fds(records: &[u8]) -> Result<Vec<SocketFd>, FdIteratorError> {
-    let fds: Vec<SocketFd> = records
-        .chunks_exact(size_of::<SocketFd>())
-        // SAFETY: the chunk holds a whole SocketFd; any bit pattern is valid.
-        .map(|chunk| unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<SocketFd>()) })
-        .collect();
+/// The two iterator programs, loaded once and attached for each reading.
+pub struct SocketIterators {
+    ebpf: Ebpf,
+}
+
+impl SocketIterators {
+    /// Loads both iterators (root only). The kernel's BTF is read once per
+    /// process for their offsets and attach points, never by aya.
+    pub fn load(mini_sockets: MiniSockets) -> Result<SocketIterators, IteratorError> {
+        check_root()?;
+        raise_memlock_limit();
+        let offsets = kernel_offsets(&[&SOCK_OFFSETS[..], &FILE_OFFSETS, &TCP_OFFSETS].concat())?;
+        let mut loader = ebpf_loader();
+        // Only the iterators run: keep the object's other maps small.
+        loader
+            .map_max_entries(EVENTS_MAP, 4096)
+            .map_max_entries(SOCKETS_MAP, 64)
+            .map_max_entries("AYA_LOGS", 4096);
+        for (global, offset) in &offsets {
+            loader.override_global(global, offset, true);
+        }
+        let skip = u32::from(mini_sockets == MiniSockets::Skip);
+        loader.override_global(SKIP_MINI_SOCKETS, &skip, true);
+        let mut ebpf = loader.load(netwatch_object())?;
+        for (program, iter_type) in [
+            (TCP_SOCKETS_PROGRAM, "tcp"),
+            (SOCKET_FDS_PROGRAM, "task_file"),
+        ] {
+            iterator(&mut ebpf, program)?.load(iter_type, &iterator_attach_point(iter_type)?)?;
+        }
+        Ok(SocketIterators { ebpf })
+    }
+
+    /// Every socket fd of every process: one pass over every process's fds
+    /// in the kernel, about ten times cheaper than a readlinkat per fd.
+    pub fn socket_fds(&mut self) -> Result<Vec<SocketFd>, IteratorError> {
+        let records = read_all(open(iterator(&mut self.ebpf, SOCKET_FDS_PROGRAM)?)?)?;
+        parse_socket_fds(&records)
+    }
+
+    /// Every TCP socket of netwatch's network namespace, then of each of
+    /// `others` (namespace inode, the /proc directory of a task in it). The
+    /// kernel walks the namespace of the task that opens the iterator, so a
+    /// thread enters each other namespace to open one there; a namespace
+    /// gone meanwhile has no sockets.
+    pub fn tcp_sockets(
+        &mut self,
+        others: &[(u32, String)],
+    ) -> Result<Vec<TcpSocketRecord>, IteratorError> {
+        let program = iterator(&mut self.ebpf, TCP_SOCKETS_PROGRAM)?;
+        let mut files = vec![open(program)?];
+        if !others.is_empty() {
+            let opened = std::thread::scope(|scope| {
+                scope
+                    .spawn(|| open_in_namespaces(program, others))
+                    .join()
+                    .unwrap_or_else(|_| {
+                        Err(std::io::Error::other("a namespace thread panicked").into())
+                    })
+            })?;
+            files.extend(opened);
+        }
+        let mut records = Vec::new();
+        for file in files {
+            records.extend(parse_records::<TcpSocketRecord>(&read_all(file)?));
+        }
+        Ok(records)
+    }
+}
+
+/// Opens the iterator in each namespace, on the calling thread, which it
+/// moves from namespace to namespace (call it on a thread of its own).
+fn open_in_namespaces(
+    program: &mut Iter,
+    others: &[(u32, String)],
+) -> Result<Vec<File>, IteratorError> {
+    let mut files = Vec::new();
+    for (_, task) in others {
+        let Ok(namespace) = File::open(format!("{task}/ns/net")) else {
+            continue;
+        };
+        rustix::thread::move_into_link_name_space(
+            namespace.as_fd(),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .map_err(std::io::Error::from)?;
+        files.push(open(program)?);
+    }
+    Ok(files)
+}
+
+fn iterator<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Iter, IteratorError> {
+    Ok(ebpf
+        .program_mut(name)
+        .ok_or(IteratorError::Missing(name))?
+        .try_into()?)
+}
+
+/// A new reading of the iterator: its own link and seq file, in the
+/// network namespace of the calling thread.
+fn open(program: &mut Iter) -> Result<File, IteratorError> {
+    let link = program.attach()?;
+    Ok(program.take_link(link)?.into_file()?)
+}
+
+fn read_all(mut file: File) -> Result<Vec<u8>, IteratorError> {
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// The records in an iterator's output (whole records only).
+fn parse_records<T: aya::Pod>(bytes: &[u8]) -> impl Iterator<Item = T> + '_ {
+    bytes
+        .chunks_exact(size_of::<T>())
+        // SAFETY: the chunk holds a whole T, which is plain old data.
+        .map(|chunk| unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<T>()) })
+}
+
+/// The fd iterator's records; an error if one says an fd could not be read.
+fn parse_socket_fds(records: &[u8]) -> Result<Vec<SocketFd>, IteratorError> {
+    let fds: Vec<SocketFd> = parse_records(records).collect();
     match fds.iter().find(|fd| fd.fd == SOCKET_FD_UNREADABLE) {
-        Some(unreadable) => Err(FdIteratorError::Unreadable(unreadable.tgid)),
+        Some(unreadable) => Err(IteratorError::Unreadable(unreadable.tgid)),
         None => Ok(fds),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::os::fd::AsRawFd as _;
-
     use super::*;
 
-    #[test]
-    fn the_task_file_iterator_finds_a_socket_this_process_holds() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let fd = listener.as_raw_fd();
-        let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
-        let inode: u64 = link
-            .to_str()
+    fn inode_of(fd: &impl std::os::fd::AsRawFd) -> u64 {
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+        link.to_str()
             .and_then(|l| l.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok())
-            .unwrap();
-        let records = socket_fds().expect("the iterator loads (tests run as root)");
-        assert!(records
+            .unwrap()
+    }
+
+    #[test]
+    fn the_iterators_find_a_socket_this_process_holds() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let inode = inode_of(&listener);
+        let mut iterators = SocketIterators::load(MiniSockets::Keep)
+            .expect("the iterators load (tests run as root)");
+        let fds = iterators.socket_fds().expect("the fd iterator runs");
+        assert!(fds
             .iter()
             .any(|record| record.inode == inode && record.tgid == std::process::id()));
+        let sockets = iterators.tcp_sockets(&[]).expect("the tcp iterator runs");
+        let found = sockets
+            .iter()
+            .find(|record| record.inode == inode)
+            .expect("the listener is listed");
+        assert_eq!(found.sport, listener.local_addr().unwrap().port());
+        assert_eq!(found.state, 10, "LISTEN");
+        assert_ne!(found.skaddr, 0);
     }
 
     #[test]
@@ -123,6 +235,6 @@ mod tests {
             vec![record(3), record(4)]
         );
         let incomplete = parse_socket_fds(&bytes(&[record(3), record(SOCKET_FD_UNREADABLE)]));
-        assert!(matches!(incomplete, Err(FdIteratorError::Unreadable(42))));
+        assert!(matches!(incomplete, Err(IteratorError::Unreadable(42))));
     }
 }

@@ -5,26 +5,22 @@
 //! - `probe`: the state, recovery and owner programs, their ring buffer and loss counters;
 //! - `events`: their events as netwatch's records;
 //! - `program_log`: their own log;
-//! - `fd_iterator`: every process's socket fds, listed in the kernel;
-//! - `btf`: struct offsets from the running kernel's BTF, for the programs.
+//! - `iterators`: every TCP socket and every process's socket fds, read in the kernel;
+//! - `loader`: aya's loader, without aya's own parse of the kernel's BTF;
+//! - `btf`: struct offsets and iterator attach points from the running kernel's BTF.
 
 mod btf;
 mod events;
-mod fd_iterator;
+mod iterators;
+mod loader;
 mod prerequisites;
 mod probe;
 mod program_log;
 
 pub use events::to_record;
-pub use fd_iterator::socket_fds;
+pub use iterators::{MiniSockets, SocketIterators};
 pub use probe::StateProbe;
 pub use program_log::KernelLog;
-
-/// `socket_fds` as the snapshot takes it: `None` when the iterator cannot
-/// run, and the snapshot walks /proc instead.
-pub fn socket_fds_if_possible() -> Option<Vec<netwatch_common::SocketFd>> {
-    socket_fds().ok()
-}
 
 /// The eBPF object built by build.rs, embedded once for both loaders.
 fn netwatch_object() -> &'static [u8] {

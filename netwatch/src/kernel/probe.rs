@@ -8,7 +8,7 @@ use std::path::Path;
 
 use aya::maps::{MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::{ProgramError, RawTracePoint, TracePoint};
-use aya::{Ebpf, EbpfLoader};
+use aya::Ebpf;
 use netwatch_common::{
     syscall_exit, ByteCounts, KernelEvent, SocketEntry, ACCEPT_PROGRAM, COUNTS_BYTES,
     DROPPED_OWNER_EVENTS, DROPPED_RECOVERIES, DROPPED_TRANSITIONS, DROPS_MAP, EVENTS_MAP,
@@ -19,6 +19,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 use super::btf::{kernel_offsets, OffsetsError};
+use super::loader::ebpf_loader;
 use super::netwatch_object;
 use super::prerequisites::{
     check_layout, check_root, ensure_tracefs, fields_mismatch, raise_memlock_limit,
@@ -82,9 +83,7 @@ impl StateProbe {
         check_layout(&Path::new(TRACEFS).join(FORMAT))?;
         raise_memlock_limit();
         let offsets = kernel_offsets(&[&SOCK_OFFSETS[..], &FILE_OFFSETS, &TASK_OFFSETS].concat());
-        let mut loader = EbpfLoader::new();
-        // No program here has a BTF attach point: spare aya's own parse of the kernel's BTF.
-        loader.btf(None);
+        let mut loader = ebpf_loader();
         let wakeup_bytes = u64::from(ring_bytes / 16);
         loader
             .map_max_entries(EVENTS_MAP, ring_bytes)

@@ -148,7 +148,8 @@ struct Audit {
 /// the table's sockets still open from those freed without a trace; `None`
 /// when /proc cannot be read.
 fn open_in_proc(own: Option<u32>) -> Option<HashSet<(Option<u32>, Tuple)>> {
-    let snapshot = snapshot::take_every_namespace(&[Proto::Tcp, Proto::Tcp6], Owners::Skip).ok()?;
+    let snapshot =
+        snapshot::take_every_namespace(&[Proto::Tcp, Proto::Tcp6], Owners::Skip, None).ok()?;
     let open = snapshot.entries.iter().map(|entry| &entry.socket);
     Some(
         open.filter(|socket| !socket.timewait && socket.state != TcpState::TimeWait)

@@ -1,24 +1,35 @@
-//! `netwatch snapshot`: the /proc baseline printed once, like `netstat -ntp`.
+//! `netwatch snapshot`: the sockets and their owners printed once, like `netstat -ntp`.
 
 use std::io::Write;
 
 use anyhow::Context as _;
 
 use crate::cli::SnapshotArgs;
-use crate::engine::source::FIND_OWNERS;
+use crate::engine::source::kernel_reader;
+use crate::kernel::MiniSockets;
 use crate::model::{Proto, TcpState};
 use crate::output::{self, SnapshotColumns, SocketRecord};
-use crate::snapshot::{self, Owners, SnapshotEntry};
+use crate::snapshot::{self, KernelReader, Owners, SnapshotEntry};
 
 /// Takes a snapshot and writes the sockets the flags select to `out`.
 pub fn run(args: &SnapshotArgs, out: &mut impl Write) -> anyhow::Result<()> {
     let owners = if args.program || args.json || args.filters.pid.is_some() {
-        FIND_OWNERS
+        Owners::Find
     } else {
         Owners::Skip
     };
-    let snapshot = snapshot::take(&selected_protos(args), owners)
-        .context("reading the socket tables in /proc/net failed")?;
+    let protos = selected_protos(args);
+    // As root, the kernel reads the TCP tables (and finds the owners).
+    let mut iterators = protos
+        .iter()
+        .any(|proto| proto.is_tcp())
+        .then(|| kernel_reader(MiniSockets::Keep))
+        .flatten();
+    let kernel = iterators
+        .as_mut()
+        .map(|iterators| iterators as &mut dyn KernelReader);
+    let snapshot =
+        snapshot::take(&protos, owners, kernel).context("reading the socket tables failed")?;
     if snapshot.malformed_lines > 0 {
         log::info!(
             "skipped {} malformed line(s) in /proc/net socket tables",
@@ -43,7 +54,7 @@ pub fn run(args: &SnapshotArgs, out: &mut impl Write) -> anyhow::Result<()> {
         output::write_snapshot_text(out, title, &shown, columns)?;
     }
     out.flush()?;
-    if snapshot.owners_incomplete && matches!(owners, Owners::Find(_)) {
+    if snapshot.owners_incomplete && owners == Owners::Find {
         log::info!("not all processes could be identified: sockets of other users' processes show '-'; run as root to see them all");
     }
     Ok(())

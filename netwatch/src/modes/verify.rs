@@ -1,16 +1,24 @@
 //! `netwatch verify`: the live table, kept by transitions alone, against a
-//! fresh /proc snapshot every interval.
+//! fresh snapshot every interval.
 //!
-//! A snapshot takes time, and sockets change while it is read: any socket
-//! with a transition stamped at or after the moment the snapshot began is
-//! left out of that comparison (every transition up to the snapshot's end is
-//! applied before comparing). Also left out: TIME_WAIT mini sockets (the
-//! table does not keep them; /proc may show one as FIN_WAIT2), SYN_RECV (/proc lists pending request sockets there, which no
-//! state change announces) and sockets of other network namespaces (/proc
-//! shows netwatch's own). An owner change counts as a change. A pid differs
-//! only when the table's owner holds no fd of the socket: several
-//! processes may hold one (after fork, a listener shared by workers), and
-//! the snapshot names the lowest.
+//! As root the snapshot is read in the kernel, in every network namespace,
+//! and each of its sockets is matched with the table's by kernel address:
+//! exactly. What is still left out, and why:
+//! - any socket with a transition or an owner change stamped at or after
+//!   the moment the snapshot began: the two views are of different moments
+//!   (every transition up to the snapshot's end is applied before comparing);
+//! - TIME_WAIT mini sockets and pending request sockets (SYN_RECV): the
+//!   table keeps neither (no state change announces a request socket, and
+//!   none ends a TIME_WAIT one); the kernel read leaves them out.
+//!
+//! Where the snapshot comes from /proc (the iterators cannot load), sockets
+//! are matched by tuple in netwatch's namespace only (/proc/net shows it),
+//! and a connect() in progress, known only without its local port, leaves
+//! out every socket to the same destination on both sides.
+//!
+//! A pid differs only when the table's owner holds no fd of the socket:
+//! several processes may hold one (after fork, a listener shared by
+//! workers), and the snapshot names the lowest.
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
@@ -28,7 +36,7 @@ use crate::metrics::Metrics;
 use crate::model::{format_endpoint, OwnerChange, TcpState, Transition, Tuple};
 use crate::output::{self, StreamRecord, Timestamp};
 use crate::sink::Sink;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{Snapshot, SnapshotEntry};
 
 /// Sockets listed at most in one report (the counts cover them all).
 const LISTED_AT_MOST: usize = 50;
@@ -116,8 +124,8 @@ pub struct Comparison {
 struct Verify {
     json: bool,
     netns: Option<u32>,
-    /// Sockets that changed since the current check began, by tuple.
-    changed: FxHashSet<Tuple>,
+    /// Sockets that changed since the current check began.
+    changed: Changed,
     check_began_ns: Option<u64>,
     previous: HashSet<(DriftKind, Tuple)>,
     checks: u64,
@@ -129,9 +137,10 @@ struct Verify {
 impl Verify {
     /// Leaves a socket that changed at `ts_ns` out of the current check if
     /// the check's snapshot had begun by then.
-    fn note_change(&mut self, ts_ns: u64, tuple: Tuple) {
+    fn note_change(&mut self, ts_ns: u64, skaddr: u64, tuple: Tuple) {
         if self.check_began_ns.is_some_and(|began| ts_ns >= began) {
-            self.changed.insert(tuple);
+            self.changed.sockets.insert(skaddr);
+            self.changed.tuples.insert(tuple);
         }
     }
 
@@ -139,7 +148,7 @@ impl Verify {
         Verify {
             json,
             netns,
-            changed: FxHashSet::default(),
+            changed: Changed::default(),
             check_began_ns: None,
             previous: HashSet::new(),
             checks: 0,
@@ -242,7 +251,7 @@ impl Observer for Verify {
         _clock: &WallClock,
         _out: &mut Vec<u8>,
     ) {
-        self.note_change(t.ts_ns, t.tuple);
+        self.note_change(t.ts_ns, t.skaddr, t.tuple);
     }
 
     fn owner_changed(
@@ -252,7 +261,7 @@ impl Observer for Verify {
         _clock: &WallClock,
         _out: &mut Vec<u8>,
     ) {
-        self.note_change(ts_ns, change.tuple);
+        self.note_change(ts_ns, change.skaddr, change.tuple);
     }
 
     fn notice(&mut self, notice: Notice<'_>, out: &mut Vec<u8>) {
@@ -268,7 +277,7 @@ impl Observer for Verify {
 
     fn check_starts(&mut self, at_ns: u64) {
         self.check_began_ns = Some(at_ns);
-        self.changed.clear();
+        self.changed = Changed::default();
     }
 
     fn check(&mut self, snapshot: &Snapshot, table: &SocketTable, out: &mut Vec<u8>) {
@@ -283,7 +292,7 @@ impl Observer for Verify {
         self.metrics.drift.set(comparison.drift.len() as u64);
         self.report(&comparison, out);
         self.check_began_ns = None;
-        self.changed.clear();
+        self.changed = Changed::default();
     }
 
     fn stopped(
@@ -326,13 +335,100 @@ fn compared_state(state: TcpState) -> bool {
     )
 }
 
-/// Compares the table's sockets in `netns` with the snapshot's, leaving out
-/// the sockets in `changed`.
+/// Sockets that changed since a check began, by kernel address and by
+/// tuple (as transitions name them).
+#[derive(Debug, Default)]
+pub struct Changed {
+    pub sockets: FxHashSet<u64>,
+    pub tuples: FxHashSet<Tuple>,
+}
+
+impl Changed {
+    /// Whether a socket with this tuple changed: itself, or (known only
+    /// without its local port then) a connect() in progress to the same destination.
+    fn tuple(&self, tuple: &Tuple) -> bool {
+        self.tuples.contains(tuple) || self.tuples.contains(&portless_form(tuple))
+    }
+}
+
+/// Compares the table's sockets with the snapshot's, leaving out the
+/// sockets in `changed`: by kernel address when the snapshot was read in
+/// the kernel, else by tuple in netwatch's namespace `netns`.
 pub fn compare(
     snapshot: &Snapshot,
     table: &SocketTable,
     netns: Option<u32>,
-    changed: &FxHashSet<Tuple>,
+    changed: &Changed,
+) -> Comparison {
+    if snapshot
+        .entries
+        .iter()
+        .any(|entry| entry.socket.kernel.is_some())
+    {
+        compare_by_address(snapshot, table, changed)
+    } else {
+        compare_by_tuple(snapshot, table, netns, changed)
+    }
+}
+
+/// Every compared socket of the snapshot, each once.
+fn compared_entries(snapshot: &Snapshot) -> impl Iterator<Item = &SnapshotEntry> {
+    snapshot.entries.iter().filter(|entry| {
+        let socket = &entry.socket;
+        socket.proto.is_tcp() && !socket.timewait && compared_state(socket.state)
+    })
+}
+
+/// Matches each socket by its kernel address, in every namespace.
+fn compare_by_address(snapshot: &Snapshot, table: &SocketTable, changed: &Changed) -> Comparison {
+    let mut comparison = Comparison::default();
+    let mut live: FxHashMap<u64, &LiveSocket> = FxHashMap::default();
+    // Sockets of a table built from /proc before (a resync without the
+    // kernel) are not named by address until their first transition.
+    let mut unnamed: FxHashMap<Tuple, &LiveSocket> = FxHashMap::default();
+    for (skaddr, socket) in table.sockets() {
+        if !compared_state(socket.state) {
+            continue;
+        }
+        match skaddr {
+            Some(skaddr) if changed.sockets.contains(&skaddr) => comparison.excluded += 1,
+            Some(skaddr) => {
+                live.insert(skaddr, socket);
+            }
+            None => {
+                unnamed.insert(socket.tuple, socket);
+            }
+        }
+    }
+    let mut listed = FxHashSet::default();
+    for entry in compared_entries(snapshot) {
+        let Some(kernel) = entry.socket.kernel else {
+            continue;
+        };
+        if !listed.insert(kernel.skaddr) {
+            continue;
+        }
+        if changed.sockets.contains(&kernel.skaddr) {
+            comparison.excluded += 1;
+            continue;
+        }
+        let tuple = entry.socket.tuple();
+        let found = live
+            .remove(&kernel.skaddr)
+            .or_else(|| unnamed.remove(&tuple));
+        comparison.add(entry, tuple, found);
+    }
+    comparison.missing_from_snapshot(live.into_values().chain(unnamed.into_values()));
+    comparison
+}
+
+/// Matches each socket of netwatch's namespace by tuple (a snapshot read
+/// from /proc, which lists netwatch's namespace and hashes addresses).
+fn compare_by_tuple(
+    snapshot: &Snapshot,
+    table: &SocketTable,
+    netns: Option<u32>,
+    changed: &Changed,
 ) -> Comparison {
     let mut comparison = Comparison::default();
     let mut live: FxHashMap<Tuple, &LiveSocket> = FxHashMap::default();
@@ -345,7 +441,7 @@ pub fn compare(
         }
         // Excluded as the snapshot's side is: a connect in progress to the
         // same destination leaves out every socket to it on both sides.
-        if changed.contains(&socket.tuple) || changed.contains(&portless_form(&socket.tuple)) {
+        if changed.tuple(&socket.tuple) {
             comparison.excluded += 1;
         } else if socket.tuple.local.port() == 0 {
             portless.push(socket);
@@ -355,36 +451,41 @@ pub fn compare(
     }
     // /proc lists a socket twice when the hash changes under the reader.
     let mut listed = FxHashSet::default();
-    for entry in &snapshot.entries {
-        let socket = &entry.socket;
-        let elsewhere = socket.netns.is_some();
-        if elsewhere || !socket.proto.is_tcp() || socket.timewait || !compared_state(socket.state) {
-            continue;
-        }
-        let tuple = socket.tuple();
+    for entry in compared_entries(snapshot).filter(|entry| entry.socket.netns.is_none()) {
+        let tuple = entry.socket.tuple();
         if !listed.insert(tuple) {
             continue;
         }
-        if changed.contains(&tuple) || changed.contains(&portless_form(&tuple)) {
+        if changed.tuple(&tuple) {
             comparison.excluded += 1;
             continue;
         }
-        comparison.compared += 1;
-        let snapshot_pid = entry.owner.as_ref().map(|owner| owner.pid);
         let found = live.remove(&tuple).or_else(|| {
             let at = portless
                 .iter()
-                .position(|s| same_connect(&s.tuple, &tuple) && s.state == socket.state)?;
+                .position(|s| same_connect(&s.tuple, &tuple) && s.state == entry.socket.state)?;
             Some(portless.swap_remove(at))
         });
+        comparison.add(entry, tuple, found);
+    }
+    comparison.missing_from_snapshot(live.into_values().chain(portless));
+    comparison
+}
+
+impl Comparison {
+    /// Compares one snapshot socket with the table's socket `found`, if any.
+    fn add(&mut self, entry: &SnapshotEntry, tuple: Tuple, found: Option<&LiveSocket>) {
+        self.compared += 1;
+        let socket = &entry.socket;
+        let snapshot_pid = entry.owner.as_ref().map(|owner| owner.pid);
         let Some(found) = found else {
-            comparison.drift.push(drift(
+            self.drift.push(drift(
                 DriftKind::MissingFromTable,
                 tuple,
                 None,
                 Some((socket.state, snapshot_pid)),
             ));
-            continue;
+            return;
         };
         let table_pid = found.process.as_ref().map(|process| process.pid);
         let kind = if found.state != socket.state {
@@ -396,7 +497,7 @@ pub fn compare(
             None
         };
         if let Some(kind) = kind {
-            comparison.drift.push(drift(
+            self.drift.push(drift(
                 kind,
                 tuple,
                 Some((found.state, table_pid)),
@@ -404,16 +505,19 @@ pub fn compare(
             ));
         }
     }
-    for socket in live.into_values().chain(portless) {
-        let pid = socket.process.as_ref().map(|process| process.pid);
-        comparison.drift.push(drift(
-            DriftKind::MissingFromSnapshot,
-            socket.tuple,
-            Some((socket.state, pid)),
-            None,
-        ));
+
+    /// The table's sockets the snapshot did not list.
+    fn missing_from_snapshot<'a>(&mut self, sockets: impl Iterator<Item = &'a LiveSocket>) {
+        for socket in sockets {
+            let pid = socket.process.as_ref().map(|process| process.pid);
+            self.drift.push(drift(
+                DriftKind::MissingFromSnapshot,
+                socket.tuple,
+                Some((socket.state, pid)),
+                None,
+            ));
+        }
     }
-    comparison
 }
 
 /// A connection as its CLOSE -> SYN_SENT transition names it: without a
@@ -528,12 +632,60 @@ mod tests {
         comparison.drift.iter().map(|d| d.kind).collect()
     }
 
+    /// A snapshot read in the kernel: (skaddr, tuple, namespace, pid).
+    fn kernel_snapshot(sockets: &[(u64, Tuple, Option<u32>, u32)]) -> Snapshot {
+        let mut snapshot = snapshot(
+            &sockets
+                .iter()
+                .map(|&(_, tuple, _, pid)| (tuple, Established, Some(pid), false))
+                .collect::<Vec<_>>(),
+        );
+        snapshot.entries = snapshot
+            .entries
+            .into_iter()
+            .zip(sockets)
+            .map(|(mut entry, &(skaddr, _, netns, _))| {
+                entry.socket.netns = netns;
+                entry.read_in_kernel(skaddr, 5)
+            })
+            .collect();
+        snapshot
+    }
+
+    #[test]
+    fn a_kernel_snapshot_is_matched_by_address_in_every_namespace() {
+        let a = tuple("127.0.0.1:5000", "127.0.0.1:80");
+        let b = tuple("10.0.0.2:5000", "10.0.0.1:80");
+        // The same tuple in two namespaces, and a third socket in the other one.
+        let table = table(&[(1, a, 10, NETNS), (2, a, 11, 8), (3, b, 12, 8)]);
+        let none = Changed::default();
+        let same = kernel_snapshot(&[(1, a, None, 10), (2, a, Some(8), 11), (3, b, Some(8), 12)]);
+        let comparison = compare(&same, &table, Some(NETNS), &none);
+        assert_eq!((comparison.compared, kinds(&comparison)), (3, vec![]));
+
+        let other_pid =
+            kernel_snapshot(&[(1, a, None, 10), (2, a, Some(8), 13), (3, b, Some(8), 12)]);
+        let comparison = compare(&other_pid, &table, Some(NETNS), &none);
+        assert_eq!(kinds(&comparison), vec![DriftKind::PidMismatch]);
+        assert_eq!(comparison.drift[0].table_pid, Some(11));
+
+        let changed = Changed {
+            sockets: [3].into_iter().collect(),
+            ..Changed::default()
+        };
+        let missing = kernel_snapshot(&[(1, a, None, 10), (3, b, Some(8), 12)]);
+        let comparison = compare(&missing, &table, Some(NETNS), &changed);
+        assert_eq!((comparison.compared, comparison.excluded), (1, 2));
+        assert_eq!(kinds(&comparison), vec![DriftKind::MissingFromSnapshot]);
+        assert_eq!(comparison.drift[0].table_pid, Some(11));
+    }
+
     #[test]
     fn the_same_sockets_are_no_drift_and_each_difference_is_named() {
         let a = tuple("127.0.0.1:5000", "127.0.0.1:80");
         let b = tuple("127.0.0.1:5001", "127.0.0.1:80");
         let table = table(&[(1, a, 10, NETNS), (2, b, 10, NETNS)]);
-        let none = FxHashSet::default();
+        let none = Changed::default();
         let same = snapshot(&[
             (a, Established, Some(10), false),
             (b, Established, None, false),
@@ -569,7 +721,10 @@ mod tests {
         let a = tuple("127.0.0.1:5000", "127.0.0.1:80");
         let b = tuple("127.0.0.1:5001", "127.0.0.1:80");
         let table = table(&[(1, a, 10, NETNS), (2, b, 10, NETNS)]);
-        let changed: FxHashSet<Tuple> = [portless_form(&a)].into_iter().collect();
+        let changed = Changed {
+            tuples: [portless_form(&a)].into_iter().collect(),
+            ..Changed::default()
+        };
         let proc = snapshot(&[
             (a, Established, Some(10), false),
             (b, Established, Some(10), false),
@@ -583,7 +738,7 @@ mod tests {
     fn a_pid_differs_only_when_the_table_owner_holds_no_fd_of_the_socket() {
         let a = tuple("127.0.0.1:80", "127.0.0.1:5000");
         let table = table(&[(1, a, 12, NETNS)]);
-        let none = FxHashSet::default();
+        let none = Changed::default();
         // Held by 10 (the lowest, which the snapshot names) and by 12, the table's owner.
         let mut shared = snapshot(&[(a, Established, Some(10), false)]);
         shared.entries[0].pids = vec![10, 12];
@@ -601,7 +756,10 @@ mod tests {
         let b = tuple("127.0.0.1:5001", "127.0.0.1:80");
         let elsewhere = tuple("127.0.0.1:5002", "127.0.0.1:80");
         let table = table(&[(1, a, 10, NETNS), (3, elsewhere, 10, NETNS + 1)]);
-        let changed: FxHashSet<Tuple> = [b].into_iter().collect();
+        let changed = Changed {
+            tuples: [b].into_iter().collect(),
+            ..Changed::default()
+        };
         let proc = snapshot(&[
             (a, Established, Some(10), false),
             (a, Established, Some(10), false),
@@ -646,10 +804,13 @@ mod tests {
         });
         let with_port = tuple("127.0.0.1:5000", "127.0.0.1:80");
         let proc = snapshot(&[(with_port, SynSent, Some(10), false)]);
-        let none = FxHashSet::default();
+        let none = Changed::default();
         assert_eq!(kinds(&compare(&proc, &table, Some(NETNS), &none)), vec![]);
         // Another connect to the same place began during the snapshot: both are left out.
-        let changed: FxHashSet<Tuple> = [connecting].into_iter().collect();
+        let changed = Changed {
+            tuples: [connecting].into_iter().collect(),
+            ..Changed::default()
+        };
         let comparison = compare(&proc, &table, Some(NETNS), &changed);
         assert_eq!((kinds(&comparison), comparison.excluded), (vec![], 2));
     }

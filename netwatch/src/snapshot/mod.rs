@@ -1,5 +1,9 @@
-//! The /proc baseline: every socket with its owning process, as `netstat -p` joins them.
+//! The baseline: every socket with its owning process, as `netstat -p`
+//! joins them. Read from /proc, or as root by netwatch's iterators in the
+//! kernel (same records, each with its kernel address); the /proc path
+//! stays for everything the kernel cannot read.
 
+mod kernel_table;
 mod proc_net;
 mod processes;
 
@@ -8,11 +12,10 @@ use std::io;
 use std::sync::Arc;
 use std::thread;
 
+pub use kernel_table::KernelReader;
 pub use proc_net::{ProcSocket, ProcTable};
 pub use processes::program_name;
 use processes::InodeOwners;
-
-use netwatch_common::SocketFd;
 
 use crate::model::{Owner, Proto};
 
@@ -36,59 +39,98 @@ pub struct Snapshot {
     pub owners_incomplete: bool,
 }
 
-/// Lists every process's socket fds in one pass in the kernel; `None` when
-/// it cannot (the /proc walk does it then).
-pub type ListSocketFds = fn() -> Option<Vec<SocketFd>>;
-
-/// Whether and how a snapshot finds the processes holding each socket.
-#[derive(Clone, Copy)]
+/// Whether a snapshot finds the processes holding each socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Owners {
-    /// Not looked up.
     Skip,
-    /// By walking /proc/[pid]/fd, or with many sockets in use and root, by
-    /// the lister in the kernel, if any and when it works.
-    Find(Option<ListSocketFds>),
+    Find,
 }
 
-/// Takes a snapshot of the given tables. Each table is read on a thread of
-/// its own (every one walks the kernel's whole hash of sockets), and the
-/// owners are found by two more meanwhile.
-pub fn take(protos: &[Proto], owners: Owners) -> io::Result<Snapshot> {
-    take_in(&[], protos, owners)
+/// Takes a snapshot of the given tables of netwatch's network namespace:
+/// in the kernel when `kernel` is given and can read them, else from /proc.
+pub fn take(
+    protos: &[Proto],
+    owners: Owners,
+    kernel: Option<&mut dyn KernelReader>,
+) -> io::Result<Snapshot> {
+    take_in(&[], protos, owners, kernel)
 }
 
 /// Takes a snapshot of every network namespace that has a process: netwatch's
-/// own, then each other one through one of its processes (/proc/PID/net),
-/// its sockets marked with the namespace's inode. Owners are found across
-/// all of them (socket inodes are unique host-wide).
-pub fn take_every_namespace(protos: &[Proto], owners: Owners) -> io::Result<Snapshot> {
-    take_in(&other_namespaces(), protos, owners)
+/// own, then each other one (through one of its processes), its sockets
+/// marked with the namespace's inode. Owners are found across all of them
+/// (socket inodes are unique host-wide).
+pub fn take_every_namespace(
+    protos: &[Proto],
+    owners: Owners,
+    kernel: Option<&mut dyn KernelReader>,
+) -> io::Result<Snapshot> {
+    take_in(&other_namespaces(), protos, owners, kernel)
 }
 
 /// Reads netwatch's own tables and those of `others` (namespace inode, a
-/// /proc task directory in it).
-fn take_in(others: &[(u32, String)], protos: &[Proto], owners: Owners) -> io::Result<Snapshot> {
+/// /proc task directory in it): in the kernel if it can, else from /proc,
+/// silently (the records are the same).
+fn take_in(
+    others: &[(u32, String)],
+    protos: &[Proto],
+    owners: Owners,
+    kernel: Option<&mut dyn KernelReader>,
+) -> io::Result<Snapshot> {
+    if let Some(kernel) = kernel.filter(|_| protos.iter().any(|proto| proto.is_tcp())) {
+        match take_in_kernel(kernel, others, protos, owners) {
+            Ok(snapshot) => return Ok(snapshot),
+            Err(err) => {
+                log::debug!("reading the sockets in the kernel failed, reading /proc: {err:#}")
+            }
+        }
+    }
+    take_from_proc(others, protos, owners)
+}
+
+/// The TCP tables from the kernel's tcp iterator, the owners from its fd
+/// iterator, and UDP tables (if asked for) from /proc.
+fn take_in_kernel(
+    kernel: &mut dyn KernelReader,
+    others: &[(u32, String)],
+    protos: &[Proto],
+    owners: Owners,
+) -> anyhow::Result<Snapshot> {
+    let own = own_netns();
+    let records = kernel.tcp_sockets(others)?;
+    let mut sockets: Vec<ProcSocket> = records
+        .iter()
+        .filter_map(|record| kernel_table::to_proc_socket(record, own))
+        .filter(|socket| protos.contains(&socket.proto))
+        .collect();
+    let mut malformed_lines = 0;
+    for &proto in protos.iter().filter(|proto| !proto.is_tcp()) {
+        let table = read_tables(proto, others)?;
+        sockets.extend(table.sockets);
+        malformed_lines += table.malformed_lines;
+    }
+    let owners = match owners {
+        Owners::Skip => None,
+        Owners::Find => Some(InodeOwners::from_records(kernel.socket_fds()?)),
+    };
+    Ok(join_owners(sockets, malformed_lines, owners))
+}
+
+/// Reads the /proc tables on a thread each (every one walks the kernel's
+/// whole hash of sockets), and finds the owners on two more meanwhile.
+fn take_from_proc(
+    others: &[(u32, String)],
+    protos: &[Proto],
+    owners: Owners,
+) -> io::Result<Snapshot> {
     let (tables, owners) = thread::scope(|scope| {
         let readers: Vec<_> = protos
             .iter()
-            .map(|&proto| {
-                scope.spawn(move || {
-                    let mut table = proc_net::read_table(proto)?;
-                    for (netns, task) in others {
-                        let other = proc_net::read_table_of(proto, task, *netns);
-                        table.sockets.extend(other.sockets);
-                        table.malformed_lines += other.malformed_lines;
-                    }
-                    Ok(table)
-                })
-            })
+            .map(|&proto| scope.spawn(move || read_tables(proto, others)))
             .collect();
         let owners = match owners {
             Owners::Skip => None,
-            Owners::Find(list_in_kernel) => Some(processes::scan_socket_inodes(
-                FD_SCAN_THREADS,
-                list_in_kernel,
-            )),
+            Owners::Find => Some(processes::walk_proc_fds(FD_SCAN_THREADS)),
         };
         let tables: Vec<io::Result<ProcTable>> = readers
             .into_iter()
@@ -108,6 +150,17 @@ fn take_in(others: &[(u32, String)], protos: &[Proto], owners: Owners) -> io::Re
         malformed_lines += table.malformed_lines;
     }
     Ok(join_owners(sockets, malformed_lines, owners))
+}
+
+/// One /proc table of netwatch's namespace and of each of `others`.
+fn read_tables(proto: Proto, others: &[(u32, String)]) -> io::Result<ProcTable> {
+    let mut table = proc_net::read_table(proto)?;
+    for (netns, task) in others {
+        let other = proc_net::read_table_of(proto, task, *netns);
+        table.sockets.extend(other.sockets);
+        table.malformed_lines += other.malformed_lines;
+    }
+    Ok(table)
 }
 
 #[cfg(test)]
@@ -130,10 +183,17 @@ impl SnapshotEntry {
                 inode: 1,
                 timewait: false,
                 netns: None,
+                kernel: None,
             },
             pids: owner.iter().map(|owner| owner.pid).collect(),
             owner,
         }
+    }
+
+    /// The same socket as the kernel's iterator read it, for tests.
+    pub fn read_in_kernel(mut self, skaddr: u64, read_ns: u64) -> SnapshotEntry {
+        self.socket.kernel = Some(proc_net::KernelSocket { skaddr, read_ns });
+        self
     }
 }
 

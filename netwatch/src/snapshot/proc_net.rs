@@ -25,6 +25,18 @@ pub struct ProcSocket {
     pub timewait: bool,
     /// The network namespace, when read from another than netwatch's own.
     pub netns: Option<u32>,
+    /// Where the kernel holds it, when read there (never from /proc).
+    pub kernel: Option<KernelSocket>,
+}
+
+/// A socket as the kernel's tcp iterator read it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelSocket {
+    /// Its kernel address: the key of its transitions.
+    pub skaddr: u64,
+    /// When it was read (`bpf_ktime_get_ns`): transitions stamped before
+    /// are in what was read.
+    pub read_ns: u64,
 }
 
 impl ProcSocket {
@@ -118,6 +130,7 @@ pub fn parse_line(proto: Proto, line: &[u8]) -> Option<ProcSocket> {
         inode,
         timewait: hex(timer)? == TIMER_TIMEWAIT,
         netns: None,
+        kernel: None,
     })
 }
 
@@ -205,6 +218,7 @@ mod tests {
                 inode: 23456,
                 timewait: false,
                 netns: None,
+                kernel: None,
             }
         );
         assert_eq!(table.sockets[1].remote, "127.0.0.1:3306".parse().unwrap());
@@ -309,6 +323,7 @@ mod tests {
                         inode,
                         timewait,
                         netns: None,
+                        kernel: None,
                     }
                 },
             )

@@ -13,7 +13,7 @@ use rustix::fd::OwnedFd;
 use rustix::fs::{openat, readlinkat_raw, Dir, Mode, OFlags, CWD};
 use rustix::io::Errno;
 
-use super::ListSocketFds;
+use netwatch_common::SocketFd;
 
 /// Socket inode -> pid, for every process whose fds could be read.
 #[derive(Debug, Default)]
@@ -61,6 +61,15 @@ impl InodeOwners {
         pids
     }
 
+    /// The holders the kernel's fd iterator listed.
+    pub fn from_records(records: Vec<SocketFd>) -> InodeOwners {
+        let mut owners = InodeOwners::default();
+        for record in records {
+            owners.add(record.inode, record.tgid);
+        }
+        owners
+    }
+
     fn merge(&mut self, part: InodeOwners) {
         self.incomplete |= part.incomplete;
         for (inode, pid) in part.pids {
@@ -74,44 +83,8 @@ impl InodeOwners {
     }
 }
 
-/// Sockets in use above which the task_file iterator beats the /proc walk:
-/// loading it (parsing the kernel's BTF) costs about 45 ms and 45 MiB; the
-/// walk costs about 5 us per fd (measured crossover: about 20k sockets).
-const ITERATOR_MIN_SOCKETS: u64 = 20_000;
-
-/// Maps socket inodes to processes: with many sockets, root and a lister
-/// in the kernel (the task_file iterator), with it; else (or if it cannot
-/// load) by walking /proc/[pid]/fd. Every process holding a socket is noted.
-pub fn scan_socket_inodes(threads: usize, list_in_kernel: Option<ListSocketFds>) -> InodeOwners {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let many = || sockets_in_use().is_some_and(|used| used >= ITERATOR_MIN_SOCKETS);
-    if let Some(list) = list_in_kernel.filter(|_| root && many()) {
-        if let Some(records) = list() {
-            let mut owners = InodeOwners::default();
-            for record in records {
-                owners.add(record.inode, record.tgid);
-            }
-            return owners;
-        }
-    }
-    walk_proc_fds(threads)
-}
-
-/// "sockets: used N" from /proc/net/sockstat: every socket of the namespace.
-fn sockets_in_use() -> Option<u64> {
-    let sockstat = std::fs::read_to_string("/proc/net/sockstat").ok()?;
-    sockstat
-        .lines()
-        .next()?
-        .strip_prefix("sockets: used ")?
-        .trim()
-        .parse()
-        .ok()
-}
-
 /// Walks /proc/[pid]/fd of every process on `threads` threads.
-fn walk_proc_fds(threads: usize) -> InodeOwners {
+pub fn walk_proc_fds(threads: usize) -> InodeOwners {
     let Ok(proc_dir) = open_dir(CWD, c"/proc") else {
         return InodeOwners {
             incomplete: true,
@@ -213,12 +186,6 @@ pub fn program_name(pid: u32) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sockstat_counts_this_process_sockets() {
-        let _listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        assert!(sockets_in_use().is_some_and(|used| used >= 1));
-    }
 
     #[test]
     fn a_socket_held_by_several_processes_lists_each_once_lowest_first() {
