@@ -82,8 +82,23 @@ pub struct SnapshotArgs {
     /// One JSON object per socket per line.
     #[arg(long)]
     pub json: bool,
+    /// Where the TCP sockets and their owners are read.
+    #[arg(long, value_enum, default_value_t = SnapshotSource::Auto)]
+    pub source: SnapshotSource,
     #[command(flatten)]
     pub filters: Filters,
+}
+
+/// Where `snapshot` reads the TCP sockets and their owners.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SnapshotSource {
+    /// In the kernel as root when many sockets are open, else /proc.
+    #[default]
+    Auto,
+    /// In the kernel, with netwatch's BPF iterators (root; /proc if they cannot load).
+    Kernel,
+    /// /proc/net/tcp{,6} and /proc/PID/fd, as netstat reads them.
+    Proc,
 }
 
 /// Flags of every mode that loads the eBPF programs.

@@ -17,10 +17,15 @@ use crate::tracer::{command, interrupt, programs_of, start_tracer, wait_usage};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Which {
-    /// `netwatch snapshot -tanp` vs `ss -tanp` and `netstat -tanp`, at several socket counts.
+    /// `netwatch snapshot -tanp` (as root and as nobody) vs reading
+    /// /proc/net/tcp{,6}, `ss -tanp` and `netstat -tanp`, at several socket counts.
     Snapshot {
         /// Established sockets to hold (both ends count), comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "10000,20000,40000,80000")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "100,1000,2000,5000,40000,80000"
+        )]
         sockets: Vec<usize>,
         /// Timed runs of each tool per size (the median is shown).
         #[arg(long, default_value_t = 5)]
@@ -88,67 +93,149 @@ fn median(values: &mut [f64]) -> f64 {
 
 // ---- snapshot -------------------------------------------------------------
 
+/// One command the snapshot benchmark times.
+struct Timed {
+    name: &'static str,
+    command: Command,
+}
+
+impl Timed {
+    fn new(name: &'static str, program: &Path, args: &[&str]) -> Timed {
+        Timed {
+            name,
+            command: command(program, args),
+        }
+    }
+
+    /// The same command run as the unprivileged user nobody.
+    fn run_as_nobody(mut self) -> Timed {
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut self.command, || {
+                if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        self
+    }
+
+    /// Wall time and peak RSS of one run, output to /dev/null.
+    fn run(&mut self) -> anyhow::Result<(f64, u64)> {
+        let started = Instant::now();
+        let child = self
+            .command
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("{} does not start", self.name))?;
+        let usage = wait_usage(&child, started)?;
+        Ok((usage.wall.as_secs_f64() * 1000.0, usage.max_rss_kib))
+    }
+
+    /// Lines of output.
+    fn lines(&mut self) -> anyhow::Result<usize> {
+        let out = self.command.stdout(Stdio::piped()).output()?;
+        Ok(out
+            .stdout
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count())
+    }
+}
+
+/// Median wall time (ms) and highest peak RSS (KiB) of each tool over alternating runs.
+fn time_alternating(tools: &mut [Timed], runs: usize) -> anyhow::Result<Vec<(f64, u64)>> {
+    let mut times = vec![Vec::new(); tools.len()];
+    let mut rss = vec![0; tools.len()];
+    for _ in 0..runs {
+        for (i, tool) in tools.iter_mut().enumerate() {
+            let (ms, kib) = tool.run()?;
+            times[i].push(ms);
+            rss[i] = rss[i].max(kib);
+        }
+    }
+    Ok(times.iter_mut().map(|t| median(t)).zip(rss).collect())
+}
+
 fn snapshot(netwatch: &Path, sizes: &[usize], runs: usize) -> anyhow::Result<()> {
     load::raise_fd_limit(4096)?;
-    let mut tools: Vec<(&str, Command)> = vec![
-        ("netwatch", command(netwatch, &["snapshot", "-tanp"])),
-        ("ss", command(Path::new("ss"), &["-tanp"])),
+    let mut tools = vec![
+        Timed::new("netwatch", netwatch, &["snapshot", "-tanp"]),
+        Timed::new(
+            "cat",
+            Path::new("cat"),
+            &["/proc/net/tcp", "/proc/net/tcp6"],
+        ),
+        Timed::new("ss", Path::new("ss"), &["-tanp"]),
+        Timed::new(
+            "kernel",
+            netwatch,
+            &["snapshot", "-tanp", "--source", "kernel"],
+        ),
+        Timed::new("proc", netwatch, &["snapshot", "-tanp", "--source", "proc"]),
+        Timed::new("netwatch as nobody", netwatch, &["snapshot", "-tanp"]).run_as_nobody(),
     ];
-    if Command::new("netstat").arg("--version").output().is_ok() {
-        tools.push(("netstat", command(Path::new("netstat"), &["-tanp"])));
+    let netstat = Command::new("netstat").arg("--version").output().is_ok();
+    if netstat {
+        tools.push(Timed::new("netstat", Path::new("netstat"), &["-tanp"]));
     }
-    println!("Snapshot benchmark: median of {runs} runs, output to /dev/null, {} processes holding the sockets", load::HOLDERS);
     println!(
-        "{:>8} {:>13} {:>13} {:>13} {:>11} {:>13} {:>14}",
+        "Snapshot benchmark: median of {runs} alternating runs, output to /dev/null, {} processes holding the sockets.",
+        load::HOLDERS
+    );
+    println!("netwatch: as root, by default (auto), with --source kernel (the kernel's iterators) and --source proc; and as nobody (/proc; other users' owners unknown).");
+    println!(
+        "cat: `cat /proc/net/tcp /proc/net/tcp6` (no pids). RSS: netwatch's peak, by default."
+    );
+    println!(
+        "{:>8} {:>10} {:>8} {:>7} {:>9} {:>7} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
         "sockets",
-        "netwatch ms",
-        "ss -tanp ms",
-        "netstat ms",
-        "ss/netwatch",
-        "netwatch RSS",
+        "netwatch",
+        "cat",
+        "nw/cat",
+        "ss -tanp",
+        "ss/nw",
+        "kernel",
+        "proc",
+        "nobody",
+        "netstat",
+        "RSS",
         "lines nw/ss"
     );
     let mut netwatch_ms = Vec::new();
     for &size in sizes {
         let holders = load::Holders::start(size)?;
         let sockets = load::tcp_socket_count();
-        let mut times = vec![Vec::new(); tools.len()];
-        let mut rss = 0;
-        for _ in 0..runs {
-            for (i, (_, cmd)) in tools.iter_mut().enumerate() {
-                let started = Instant::now();
-                let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
-                let usage = wait_usage(&child, started)?;
-                times[i].push(usage.wall.as_secs_f64() * 1000.0);
-                if i == 0 {
-                    rss = rss.max(usage.max_rss_kib);
-                }
-            }
-        }
-        let medians: Vec<f64> = times.iter_mut().map(|t| median(t)).collect();
-        let lines = |cmd: &mut Command| -> anyhow::Result<usize> {
-            let out = cmd.stdout(Stdio::piped()).output()?;
-            Ok(out
-                .stdout
-                .split(|&b| b == b'\n')
-                .filter(|l| !l.is_empty())
-                .count())
+        let measured = time_alternating(&mut tools, runs)?;
+        let ms = |name: &str| {
+            tools
+                .iter()
+                .position(|tool| tool.name == name)
+                .map(|i| measured[i].0)
         };
-        let netwatch_lines = lines(&mut tools[0].1)?.saturating_sub(2);
-        let ss_lines = lines(&mut tools[1].1)?.saturating_sub(1);
+        let (nw, cat, ss) = (measured[0].0, measured[1].0, measured[2].0);
+        let (kernel, proc) = (ms("kernel"), ms("proc"));
+        let (nobody, netstat) = (ms("netwatch as nobody"), ms("netstat"));
+        let netwatch_lines = tools[0].lines()?.saturating_sub(2);
+        let ss_lines = tools[2].lines()?.saturating_sub(1);
         println!(
-            "{:>8} {:>13.1} {:>13.1} {:>13} {:>10.1}x {:>9.1} MiB {:>14}",
+            "{:>8} {:>7.1} ms {:>5.1} ms {:>6.2}x {:>6.1} ms {:>6.1}x {:>7.1} ms {:>7.1} ms {:>7.1} ms {:>10} {:>6.1} MiB {:>10}",
             sockets,
-            medians[0],
-            medians[1],
-            medians
-                .get(2)
-                .map_or("-".to_owned(), |ms| format!("{ms:.1}")),
-            medians[1] / medians[0],
-            rss as f64 / 1024.0,
+            nw,
+            cat,
+            nw / cat,
+            ss,
+            ss / nw,
+            kernel.unwrap_or(f64::NAN),
+            proc.unwrap_or(f64::NAN),
+            nobody.unwrap_or(f64::NAN),
+            netstat.map_or("-".to_owned(), |ms| format!("{ms:.1} ms")),
+            measured[0].1 as f64 / 1024.0,
             format!("{netwatch_lines}/{ss_lines}")
         );
-        netwatch_ms.push((size, medians[0]));
+        netwatch_ms.push((size, nw));
         drop(holders);
     }
     let at = |size| {

@@ -14,12 +14,13 @@ use crate::model::{LossCounters, Proto, Record};
 use crate::snapshot::{self, KernelReader, Owners, Snapshot};
 
 impl KernelReader for SocketIterators {
-    fn tcp_sockets(&mut self, others: &[(u32, String)]) -> anyhow::Result<Vec<TcpSocketRecord>> {
-        Ok(SocketIterators::tcp_sockets(self, others)?)
-    }
-
-    fn socket_fds(&mut self) -> anyhow::Result<Vec<SocketFd>> {
-        Ok(SocketIterators::socket_fds(self)?)
+    fn read(
+        &mut self,
+        others: &[(u32, String)],
+        fds: bool,
+        each: &mut dyn FnMut(TcpSocketRecord),
+    ) -> anyhow::Result<Option<Vec<SocketFd>>> {
+        Ok(SocketIterators::read(self, others, fds, each)?)
     }
 }
 

@@ -72,15 +72,19 @@ fn kernel_types() -> Result<&'static KernelTypes, OffsetsError> {
 }
 
 fn read_kernel_types() -> Result<KernelTypes, OffsetsError> {
-    let btf = Btf::from_kernel().map_err(|err| OffsetsError::Unreadable(err.to_string()))?;
-    let declared = SOCK_OFFSETS
+    let declared: Vec<_> = SOCK_OFFSETS
         .iter()
         .chain(&FILE_OFFSETS)
         .chain(&TASK_OFFSETS)
-        .chain(&TCP_OFFSETS);
+        .chain(&TCP_OFFSETS)
+        .collect();
+    let structs: Vec<&str> = declared.iter().map(|&&(_, ty, _)| ty).collect();
+    let btf =
+        Btf::from_kernel(&structs).map_err(|err| OffsetsError::Unreadable(err.to_string()))?;
     Ok(KernelTypes {
         offsets: declared
-            .map(|&(global, ty, member)| (global, btf.member_offset(ty, member)))
+            .iter()
+            .map(|&&(global, ty, member)| (global, btf.member_offset(ty, member)))
             .collect(),
         iterators: ITERATOR_TYPES
             .iter()
@@ -136,11 +140,43 @@ struct TypeHeader {
     target: u32,
 }
 
-/// One BTF blob, with the offset of each type: members are read from the
-/// blob when asked for, not kept.
+/// The bytes of a BTF blob: mapped (the kernel's, since Linux 6.16:
+/// reading it costs a system call per 4 KiB page) or read.
+#[derive(Debug)]
+enum Blob {
+    Mapped(memmap2::Mmap),
+    Read(Vec<u8>),
+}
+
+impl std::ops::Deref for Blob {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Blob::Mapped(map) => map,
+            Blob::Read(bytes) => bytes,
+        }
+    }
+}
+
+impl Blob {
+    /// Maps the kernel's BTF read-only, or reads it where it cannot be mapped.
+    fn of_kernel() -> std::io::Result<Blob> {
+        let file = std::fs::File::open(VMLINUX)?;
+        // SAFETY: the kernel's BTF never changes while it runs; the private,
+        // read-only mapping is never written.
+        match unsafe { memmap2::MmapOptions::new().map_copy_read_only(&file) } {
+            Ok(map) => Ok(Blob::Mapped(map)),
+            Err(_) => std::fs::read(VMLINUX).map(Blob::Read),
+        }
+    }
+}
+
+/// One BTF blob, with the offset of each type and the ids of the structs
+/// asked for: members are read from the blob when asked for, not kept.
 #[derive(Debug)]
 pub struct Btf {
-    data: Vec<u8>,
+    data: Blob,
     /// Byte offset of each type, by id (id 0, void, has none: 0).
     starts: Vec<u32>,
     strings: std::ops::Range<usize>,
@@ -158,14 +194,20 @@ fn u32_at(data: &[u8], at: usize) -> Option<u32> {
 }
 
 impl Btf {
-    /// Reads the running kernel's BTF.
-    pub fn from_kernel() -> std::io::Result<Btf> {
-        let data = std::fs::read(VMLINUX)?;
-        Btf::parse(data).map_err(std::io::Error::other)
+    /// Reads the running kernel's BTF, to look up members of `structs`.
+    pub fn from_kernel(structs: &[&str]) -> std::io::Result<Btf> {
+        Btf::index(Blob::of_kernel()?, structs).map_err(std::io::Error::other)
     }
 
-    /// Indexes a little-endian BTF blob.
-    pub fn parse(data: Vec<u8>) -> Result<Btf, BtfError> {
+    /// Indexes a little-endian BTF blob, to look up members of `structs`.
+    #[cfg(test)]
+    pub fn parse(data: Vec<u8>, structs: &[&str]) -> Result<Btf, BtfError> {
+        Btf::index(Blob::Read(data), structs)
+    }
+
+    fn index(data: Blob, structs: &[&str]) -> Result<Btf, BtfError> {
+        let wanted: std::collections::HashSet<&[u8]> =
+            structs.iter().map(|name| name.as_bytes()).collect();
         let header = |at: usize| {
             u32_at(&data, at)
                 .map(|v| v as usize)
@@ -199,8 +241,11 @@ impl Btf {
                 .header(id)
                 .ok_or(BtfError::Malformed("truncated type"))?;
             if ty.kind == KIND_STRUCT && ty.name_off != 0 {
-                let name = btf.name(ty.name_off).to_owned();
-                btf.structs.insert(name, id);
+                let name = btf.name_bytes(ty.name_off);
+                if wanted.contains(name) {
+                    let name = String::from_utf8_lossy(name).into_owned();
+                    btf.structs.entry(name).or_insert(id);
+                }
             }
             at += 12
                 + extra_bytes(ty.kind, ty.vlen).ok_or(BtfError::Malformed("unknown type kind"))?;
@@ -320,10 +365,14 @@ impl Btf {
     }
 
     fn name(&self, offset: u32) -> &str {
+        std::str::from_utf8(self.name_bytes(offset)).unwrap_or_default()
+    }
+
+    fn name_bytes(&self, offset: u32) -> &[u8] {
         let strings = &self.data[self.strings.clone()];
         let tail = strings.get(offset as usize..).unwrap_or_default();
         let len = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
-        std::str::from_utf8(&tail[..len]).unwrap_or_default()
+        &tail[..len]
     }
 }
 
@@ -395,7 +444,7 @@ mod tests {
 
     #[test]
     fn finds_members_inside_anonymous_unions_and_structs() {
-        let btf = Btf::parse(sample()).unwrap();
+        let btf = Btf::parse(sample(), &["outer", "inner"]).unwrap();
         assert_eq!(btf.member_offset("outer", "a"), Ok(0));
         assert_eq!(btf.member_offset("outer", "b"), Ok(4));
         assert_eq!(btf.member_offset("outer", "c"), Ok(4));
@@ -416,17 +465,18 @@ mod tests {
 
     #[test]
     fn rejects_garbage_and_truncation_without_panicking() {
-        assert!(Btf::parse(Vec::new()).is_err());
-        assert!(Btf::parse(vec![0x9f, 0xeb, 1, 0, 24, 0, 0, 0]).is_err());
+        assert!(Btf::parse(Vec::new(), &[]).is_err());
+        assert!(Btf::parse(vec![0x9f, 0xeb, 1, 0, 24, 0, 0, 0], &[]).is_err());
         let sample = sample();
         for cut in 0..sample.len() {
-            let _ = Btf::parse(sample[..cut].to_vec());
+            let _ = Btf::parse(sample[..cut].to_vec(), &["outer"]);
         }
     }
 
     #[test]
     fn the_running_kernel_describes_struct_sock() {
-        let btf = Btf::from_kernel().expect("this kernel has BTF");
+        let btf = Btf::from_kernel(&["sock_common", "sock", "inet_sock", "net", "ns_common"])
+            .expect("this kernel has BTF");
         assert_eq!(btf.member_offset("sock_common", "skc_daddr"), Ok(0));
         assert_eq!(btf.member_offset("sock_common", "skc_rcv_saddr"), Ok(4));
         assert_eq!(btf.member_offset("sock_common", "skc_dport"), Ok(12));
@@ -453,7 +503,7 @@ mod tests {
                     aya_obj::btf::BtfKind::Func,
                 )
                 .expect("the function is named");
-            let kernel = Btf::from_kernel().expect("this kernel has BTF");
+            let kernel = Btf::from_kernel(&[]).expect("this kernel has BTF");
             assert_eq!(Ok(id), kernel.function_id(&format!("bpf_iter_{iter_type}")));
         }
     }

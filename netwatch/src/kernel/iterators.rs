@@ -82,40 +82,49 @@ impl SocketIterators {
         Ok(SocketIterators { ebpf })
     }
 
-    /// Every socket fd of every process: one pass over every process's fds
-    /// in the kernel, about ten times cheaper than a readlinkat per fd.
-    pub fn socket_fds(&mut self) -> Result<Vec<SocketFd>, IteratorError> {
-        let records = read_all(open(iterator(&mut self.ebpf, SOCKET_FDS_PROGRAM)?)?)?;
-        parse_socket_fds(&records)
-    }
-
-    /// Every TCP socket of netwatch's network namespace, then of each of
-    /// `others` (namespace inode, the /proc directory of a task in it). The
-    /// kernel walks the namespace of the task that opens the iterator, so a
-    /// thread enters each other namespace to open one there; a namespace
-    /// gone meanwhile has no sockets.
-    pub fn tcp_sockets(
+    /// Hands `each` every TCP socket of netwatch's network namespace, then
+    /// of each of `others` (namespace inode, the /proc directory of a task
+    /// in it), as they are read; with `fds`, returns every socket fd of
+    /// every process, read meanwhile on a thread of its own (one pass over
+    /// every process's fds in the kernel, about ten times cheaper than a
+    /// readlinkat per fd).
+    ///
+    /// The kernel walks the namespace of the task that opens the tcp
+    /// iterator, so a thread enters each other namespace to open one there;
+    /// a namespace gone meanwhile has no sockets.
+    pub fn read(
         &mut self,
         others: &[(u32, String)],
-    ) -> Result<Vec<TcpSocketRecord>, IteratorError> {
+        fds: bool,
+        mut each: impl FnMut(TcpSocketRecord),
+    ) -> Result<Option<Vec<SocketFd>>, IteratorError> {
+        let fd_listing = match fds {
+            true => Some(open(iterator(&mut self.ebpf, SOCKET_FDS_PROGRAM)?)?),
+            false => None,
+        };
         let program = iterator(&mut self.ebpf, TCP_SOCKETS_PROGRAM)?;
         let mut files = vec![open(program)?];
-        if !others.is_empty() {
-            let opened = std::thread::scope(|scope| {
-                scope
+        std::thread::scope(|scope| {
+            let fds = fd_listing.map(|file| scope.spawn(|| socket_fds(file)));
+            if !others.is_empty() {
+                let opened = scope
                     .spawn(|| open_in_namespaces(program, others))
                     .join()
                     .unwrap_or_else(|_| {
                         Err(std::io::Error::other("a namespace thread panicked").into())
-                    })
-            })?;
-            files.extend(opened);
-        }
-        let mut records = Vec::new();
-        for file in files {
-            records.extend(parse_records::<TcpSocketRecord>(&read_all(file)?));
-        }
-        Ok(records)
+                    })?;
+                files.extend(opened);
+            }
+            for file in files {
+                read_records(file, &mut each)?;
+            }
+            fds.map(|reader| {
+                reader
+                    .join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("the fd reader panicked").into()))
+            })
+            .transpose()
+        })
     }
 }
 
@@ -154,10 +163,22 @@ fn open(program: &mut Iter) -> Result<File, IteratorError> {
     Ok(program.take_link(link)?.into_file()?)
 }
 
-fn read_all(mut file: File) -> Result<Vec<u8>, IteratorError> {
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes)?;
-    Ok(bytes)
+/// Hands each record of an iterator's output to `each`, as it is read (the
+/// whole output is never held).
+fn read_records<T: aya::Pod>(mut file: File, mut each: impl FnMut(T)) -> std::io::Result<()> {
+    let mut buffer = vec![0u8; 64 * 1024];
+    let mut filled = 0;
+    loop {
+        let read = file.read(&mut buffer[filled..])?;
+        if read == 0 {
+            return Ok(());
+        }
+        filled += read;
+        let whole = filled - filled % size_of::<T>();
+        parse_records(&buffer[..whole]).for_each(&mut each);
+        buffer.copy_within(whole..filled, 0);
+        filled -= whole;
+    }
 }
 
 /// The records in an iterator's output (whole records only).
@@ -169,8 +190,14 @@ fn parse_records<T: aya::Pod>(bytes: &[u8]) -> impl Iterator<Item = T> + '_ {
 }
 
 /// The fd iterator's records; an error if one says an fd could not be read.
-fn parse_socket_fds(records: &[u8]) -> Result<Vec<SocketFd>, IteratorError> {
-    let fds: Vec<SocketFd> = parse_records(records).collect();
+fn socket_fds(file: File) -> Result<Vec<SocketFd>, IteratorError> {
+    let mut fds = Vec::new();
+    read_records(file, |fd: SocketFd| fds.push(fd))?;
+    complete(fds)
+}
+
+/// The listing, or an error if a record says an fd could not be read.
+fn complete(fds: Vec<SocketFd>) -> Result<Vec<SocketFd>, IteratorError> {
     match fds.iter().find(|fd| fd.fd == SOCKET_FD_UNREADABLE) {
         Some(unreadable) => Err(IteratorError::Unreadable(unreadable.tgid)),
         None => Ok(fds),
@@ -194,11 +221,14 @@ mod tests {
         let inode = inode_of(&listener);
         let mut iterators = SocketIterators::load(MiniSockets::Keep)
             .expect("the iterators load (tests run as root)");
-        let fds = iterators.socket_fds().expect("the fd iterator runs");
+        let mut sockets = Vec::new();
+        let fds = iterators
+            .read(&[], true, |record| sockets.push(record))
+            .expect("the iterators run");
         assert!(fds
+            .expect("the fds were asked for")
             .iter()
             .any(|record| record.inode == inode && record.tgid == std::process::id()));
-        let sockets = iterators.tcp_sockets(&[]).expect("the tcp iterator runs");
         let found = sockets
             .iter()
             .find(|record| record.inode == inode)
@@ -215,26 +245,47 @@ mod tests {
             tgid: 42,
             fd,
         };
-        let bytes = |records: &[SocketFd]| -> Vec<u8> {
-            records
-                .iter()
-                .flat_map(|record| {
-                    // SAFETY: SocketFd is plain old data without padding.
-                    unsafe {
-                        std::slice::from_raw_parts(
-                            (record as *const SocketFd).cast::<u8>(),
-                            size_of::<SocketFd>(),
-                        )
-                    }
-                    .to_vec()
-                })
-                .collect()
-        };
         assert_eq!(
-            parse_socket_fds(&bytes(&[record(3), record(4)])).expect("complete"),
+            complete(vec![record(3), record(4)]).expect("complete"),
             vec![record(3), record(4)]
         );
-        let incomplete = parse_socket_fds(&bytes(&[record(3), record(SOCKET_FD_UNREADABLE)]));
+        let incomplete = complete(vec![record(3), record(SOCKET_FD_UNREADABLE)]);
         assert!(matches!(incomplete, Err(IteratorError::Unreadable(42))));
+    }
+
+    #[test]
+    fn records_split_across_reads_are_read_whole() {
+        // 80-byte records: the 64 KiB reads end inside one.
+        let records: Vec<TcpSocketRecord> = (0..5_000)
+            .map(|i| TcpSocketRecord {
+                skaddr: i,
+                inode: i * 3,
+                read_ns: i * 5,
+                saddr: [7; 16],
+                daddr: [9; 16],
+                uid: 1,
+                netns: 2,
+                tx_queue: 3,
+                rx_queue: 4,
+                sport: 5,
+                dport: 6,
+                family: 2,
+                state: 1,
+                timewait: 0,
+            })
+            .collect();
+        // SAFETY: TcpSocketRecord is plain old data without padding.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                records.as_ptr().cast::<u8>(),
+                records.len() * size_of::<TcpSocketRecord>(),
+            )
+        };
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, bytes).unwrap();
+        std::io::Seek::rewind(&mut file).unwrap();
+        let mut read = Vec::new();
+        read_records(file, |record: TcpSocketRecord| read.push(record)).unwrap();
+        assert_eq!(read, records);
     }
 }

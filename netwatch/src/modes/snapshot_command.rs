@@ -4,12 +4,17 @@ use std::io::Write;
 
 use anyhow::Context as _;
 
-use crate::cli::SnapshotArgs;
+use crate::cli::{SnapshotArgs, SnapshotSource};
 use crate::engine::source::kernel_reader;
 use crate::kernel::MiniSockets;
 use crate::model::{Proto, TcpState};
 use crate::output::{self, SnapshotColumns, SocketRecord};
 use crate::snapshot::{self, KernelReader, Owners, SnapshotEntry};
+
+/// TCP sockets open (TIME_WAIT included) from which, by default, the
+/// kernel's iterators read them as root: below, loading the iterators costs
+/// more than /proc (measured by `cargo xtask bench snapshot`).
+const KERNEL_MIN_SOCKETS: u64 = 5_000;
 
 /// Takes a snapshot and writes the sockets the flags select to `out`.
 pub fn run(args: &SnapshotArgs, out: &mut impl Write) -> anyhow::Result<()> {
@@ -19,10 +24,13 @@ pub fn run(args: &SnapshotArgs, out: &mut impl Write) -> anyhow::Result<()> {
         Owners::Skip
     };
     let protos = selected_protos(args);
-    // As root, the kernel reads the TCP tables (and finds the owners).
-    let mut iterators = protos
-        .iter()
-        .any(|proto| proto.is_tcp())
+    let in_kernel = protos.iter().any(|proto| proto.is_tcp())
+        && match args.source {
+            SnapshotSource::Proc => false,
+            SnapshotSource::Kernel => true,
+            SnapshotSource::Auto => snapshot::tcp_sockets_in_use() >= KERNEL_MIN_SOCKETS,
+        };
+    let mut iterators = in_kernel
         .then(|| kernel_reader(MiniSockets::Keep))
         .flatten();
     let kernel = iterators

@@ -11,11 +11,15 @@ use crate::model::{Proto, TcpState};
 
 /// Reads in the kernel what /proc/net/tcp{,6} and /proc/[pid]/fd give.
 pub trait KernelReader {
-    /// Every TCP socket of netwatch's network namespace and of each of
-    /// `others` (namespace inode, the /proc directory of a task in it).
-    fn tcp_sockets(&mut self, others: &[(u32, String)]) -> anyhow::Result<Vec<TcpSocketRecord>>;
-    /// Every socket fd of every process.
-    fn socket_fds(&mut self) -> anyhow::Result<Vec<SocketFd>>;
+    /// Hands `each` every TCP socket of netwatch's network namespace and
+    /// of each of `others` (namespace inode, the /proc directory of a task
+    /// in it); with `fds`, returns every socket fd of every process.
+    fn read(
+        &mut self,
+        others: &[(u32, String)],
+        fds: bool,
+        each: &mut dyn FnMut(TcpSocketRecord),
+    ) -> anyhow::Result<Option<Vec<SocketFd>>>;
 }
 
 /// The socket as /proc prints it; `None` for a family /proc has no table

@@ -97,23 +97,25 @@ fn take_in_kernel(
     owners: Owners,
 ) -> anyhow::Result<Snapshot> {
     let own = own_netns();
-    let records = kernel.tcp_sockets(others)?;
-    let mut sockets: Vec<ProcSocket> = records
-        .iter()
-        .filter_map(|record| kernel_table::to_proc_socket(record, own))
-        .filter(|socket| protos.contains(&socket.proto))
-        .collect();
+    let mut sockets = Vec::new();
+    let fds = kernel.read(others, owners == Owners::Find, &mut |record| {
+        if let Some(socket) = kernel_table::to_proc_socket(&record, own) {
+            if protos.contains(&socket.proto) {
+                sockets.push(socket);
+            }
+        }
+    })?;
     let mut malformed_lines = 0;
     for &proto in protos.iter().filter(|proto| !proto.is_tcp()) {
         let table = read_tables(proto, others)?;
         sockets.extend(table.sockets);
         malformed_lines += table.malformed_lines;
     }
-    let owners = match owners {
-        Owners::Skip => None,
-        Owners::Find => Some(InodeOwners::from_records(kernel.socket_fds()?)),
-    };
-    Ok(join_owners(sockets, malformed_lines, owners))
+    Ok(join_owners(
+        sockets,
+        malformed_lines,
+        fds.map(InodeOwners::from_records),
+    ))
 }
 
 /// Reads the /proc tables on a thread each (every one walks the kernel's
@@ -239,6 +241,31 @@ pub fn netns_of(pid: &str) -> Option<u32> {
     link.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
 }
 
+/// TCP sockets open in netwatch's network namespace, TIME_WAIT included, as
+/// /proc/net/sockstat and sockstat6 count them (0 if unreadable).
+pub fn tcp_sockets_in_use() -> u64 {
+    let count = |path: &str, prefix: &str| -> u64 {
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return 0;
+        };
+        text.lines()
+            .find_map(|line| line.strip_prefix(prefix))
+            .map(|fields| sockstat_sum(fields, &["inuse", "tw"]))
+            .unwrap_or(0)
+    };
+    count("/proc/net/sockstat", "TCP: ") + count("/proc/net/sockstat6", "TCP6: ")
+}
+
+/// The sum of the named counts in a sockstat line's `name value` pairs.
+fn sockstat_sum(fields: &str, names: &[&str]) -> u64 {
+    let words: Vec<&str> = fields.split_whitespace().collect();
+    words
+        .chunks_exact(2)
+        .filter(|pair| names.contains(&pair[0]))
+        .filter_map(|pair| pair[1].parse::<u64>().ok())
+        .sum()
+}
+
 /// Threads that walk /proc/[pid]/fd, each over part of the pids.
 const FD_SCAN_THREADS: usize = 2;
 
@@ -280,6 +307,18 @@ fn join_owners(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sockstat_counts_open_and_time_wait_sockets() {
+        assert_eq!(
+            sockstat_sum("inuse 5 orphan 1 tw 20 alloc 9 mem 3", &["inuse", "tw"]),
+            25
+        );
+        assert_eq!(sockstat_sum("inuse x tw 2", &["inuse", "tw"]), 2);
+        assert_eq!(sockstat_sum("", &["inuse"]), 0);
+        let _listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(tcp_sockets_in_use() >= 1);
+    }
 
     #[test]
     fn the_own_network_namespace_is_an_inode_number() {
