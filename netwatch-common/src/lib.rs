@@ -124,9 +124,9 @@ unsafe impl aya::Pod for SocketFd {}
 /// namespace (root's fast read of /proc/net/tcp and tcp6).
 pub const TCP_SOCKETS_PROGRAM: &str = "tcp_sockets";
 
-/// Global set to 1 by the loader when the tcp iterator is to leave out the
-/// sockets a live table does not keep: TIME_WAIT and request sockets.
-pub const SKIP_MINI_SOCKETS: &str = "SKIP_MINI_SOCKETS";
+/// Global set to 1 by the loader when the tcp iterator is to list only what
+/// a live table keeps: no TIME_WAIT or request sockets, and no queue sizes.
+pub const TABLE_ONLY: &str = "TABLE_ONLY";
 
 /// Globals of the tcp iterator: the fields /proc/net/tcp prints, as
 /// (global, struct, member path). `SOCK_OFFSETS` give the addresses and

@@ -10,9 +10,10 @@ const TCP_NEW_SYN_RECV: u8 = 12;
 const TCP_SYN_RECV_STATE: u8 = 3;
 const TCP_LISTEN_STATE: u8 = 10;
 
-/// Set by the loader: leave out TIME_WAIT and request sockets (a baseline).
+/// Set by the loader for a baseline: only what a live table keeps (no
+/// TIME_WAIT or request sockets, no queue sizes).
 #[no_mangle]
-static SKIP_MINI_SOCKETS: u32 = 0;
+static TABLE_ONLY: u32 = 0;
 
 /// Writes one `TcpSocketRecord` per socket to the iterator's seq file. The
 /// kernel walks the namespace's listening and established hashes (those of
@@ -51,7 +52,8 @@ fn tcp_socket(sk: u64, uid: u32) -> Result<Option<TcpSocketRecord>, i64> {
     let state: u8 = read_kernel(sk, &SKC_STATE)?;
     let mini = state == TCP_TIME_WAIT || state == TCP_NEW_SYN_RECV;
     // SAFETY: the loader set the global; volatile keeps its initial 0 from being folded.
-    if mini && unsafe { core::ptr::read_volatile(&SKIP_MINI_SOCKETS) } != 0 {
+    let table_only = unsafe { core::ptr::read_volatile(&TABLE_ONLY) } != 0;
+    if mini && table_only {
         return Ok(None);
     }
     let family: u16 = read_kernel(sk, &SKC_FAMILY)?;
@@ -67,6 +69,7 @@ fn tcp_socket(sk: u64, uid: u32) -> Result<Option<TcpSocketRecord>, i64> {
     let (shown_state, tx_queue, rx_queue, inode) = match state {
         TCP_TIME_WAIT => (read_kernel(sk, &TW_SUBSTATE)?, 0, 0, 0),
         TCP_NEW_SYN_RECV => (TCP_SYN_RECV_STATE, 0, 0, 0),
+        _ if table_only => (state, 0, 0, socket_inode(sk)?),
         _ => {
             let (tx_queue, rx_queue) = queues(sk, state)?;
             (state, tx_queue, rx_queue, socket_inode(sk)?)

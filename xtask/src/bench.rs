@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 
 use crate::load::{self, ChurnArgs};
-use crate::tracer::{command, interrupt, programs_of, start_tracer, wait_usage};
+use crate::tracer::{command, interrupt, start_tracer, wait_usage};
+use xtask::bpf_programs::programs_of;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Which {
@@ -281,21 +282,7 @@ struct StreamRun {
 }
 
 fn stream(netwatch: &Path, burst: u64, seconds: u64, results: &Path) -> anyhow::Result<()> {
-    let first_event = time_to_first_event(netwatch, results)?;
-    let startup = std::fs::read_to_string(results.join("first-event.err")).unwrap_or_default();
-    println!(
-        "netwatch: {} (/proc/net/tcp holds {} sockets now, TIME_WAIT included)",
-        startup
-            .lines()
-            .next()
-            .unwrap_or("?")
-            .trim_start_matches("netwatch: "),
-        load::tcp_socket_count()
-    );
-    println!(
-        "netwatch: start to first event delivered: {:.0} ms",
-        first_event.as_secs_f64() * 1000.0
-    );
+    first_event_cases(netwatch, results)?;
     let runs = [
         (format!("burst of {burst} connections"), burst, 600),
         (format!("{seconds} s sustained"), 0, seconds),
@@ -484,6 +471,67 @@ fn traced_churn(
         Tracer::Tcpstates => count_tcpstates(&out_path, &err_path, ports, &mut run)?,
     }
     Ok(run)
+}
+
+/// Connections per second of the churn under which netwatch starts.
+const CHURN_RATE: u64 = 12_000;
+
+/// Start to first event on a quiet host, with 40k established and 60k
+/// TIME_WAIT sockets, and under churn.
+fn first_event_cases(netwatch: &Path, results: &Path) -> anyhow::Result<()> {
+    load::raise_fd_limit(4096)?;
+    println!("Start to first event (netwatch --json, until its first transition is written):");
+    first_event_case(netwatch, results, "quiet host")?;
+    {
+        let _held = load::Holders::start(40_000)?;
+        // Six listeners: connect() reuses the ports of a destination's
+        // TIME_WAIT sockets, of which there are about 28k.
+        crate::load::churn(&ChurnArgs {
+            connections: 66_000,
+            seconds: 120,
+            threads: 6,
+            rate: 0,
+        })?;
+        first_event_case(netwatch, results, "40k established, 60k TIME_WAIT")?;
+    }
+    let churn = std::thread::spawn(|| {
+        crate::load::churn(&ChurnArgs {
+            connections: 0,
+            seconds: 6,
+            threads: 2,
+            rate: CHURN_RATE,
+        })
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let label = format!("under churn of {CHURN_RATE} connections/s");
+    first_event_case(netwatch, results, &label)?;
+    let report = churn
+        .join()
+        .map_err(|_| anyhow::anyhow!("the churn thread panicked"))??;
+    println!("  (the churn ran at {:.0} connections/s)", report.rate);
+    Ok(())
+}
+
+/// Measures and prints one start to first event, with the host's TCP sockets then.
+fn first_event_case(netwatch: &Path, results: &Path, label: &str) -> anyhow::Result<()> {
+    let sockstat = std::fs::read_to_string("/proc/net/sockstat")?;
+    let tcp = sockstat
+        .lines()
+        .find(|line| line.starts_with("TCP:"))
+        .unwrap_or("TCP: ?")
+        .to_owned();
+    let first_event = time_to_first_event(netwatch, results)?;
+    let startup = std::fs::read_to_string(results.join("first-event.err")).unwrap_or_default();
+    println!(
+        "  {label}: {:.0} ms ({tcp}); {}",
+        first_event.as_secs_f64() * 1000.0,
+        startup
+            .lines()
+            .next()
+            .unwrap_or("?")
+            .trim_start_matches("netwatch: ")
+    );
+    Ok(())
 }
 
 /// Sum of `recursion_misses` of the BPF programs a process holds.

@@ -1,4 +1,5 @@
 //! What the xtask binary shares with netwatch's integration tests: the
-//! loopback load generator.
+//! loopback load generator, and the BPF programs of a process.
 
+pub mod bpf_programs;
 pub mod loopback;

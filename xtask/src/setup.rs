@@ -19,9 +19,10 @@ pub const BUILD_PACKAGES: &[&str] = &[
     "iproute2",
     "bpftool",
 ];
-/// The real servers the owner tests run (nginx, socat) and the
-/// interpreter of their server process models (tests/servers/models.py).
-pub const TEST_PACKAGES: &[&str] = &["nginx-light", "socat", "python3"];
+/// The real servers the owner tests run (nginx, socat), the interpreter of
+/// their server process models (tests/servers/models.py), and strace, which
+/// counts the BTF reads of a netwatch process.
+pub const TEST_PACKAGES: &[&str] = &["nginx-light", "socat", "python3", "strace"];
 /// What the benchmarks compare against or measure with.
 pub const BENCH_PACKAGES: &[&str] = &["libbpf-tools", "net-tools", "linux-perf", "gnuplot-nox"];
 

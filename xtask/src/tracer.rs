@@ -1,7 +1,6 @@
 //! The benchmarks' tracer processes: start one and wait until it is
 //! attached, stop it, and read what it cost (wall, CPU, peak RSS).
 
-use std::collections::HashSet;
 use std::fs::File;
 use std::path::Path;
 use std::process::{Child, Command};
@@ -117,38 +116,4 @@ fn has_bpf_link(pid: u32) -> bool {
             .filter_map(|entry| std::fs::read_to_string(entry.path()).ok())
             .any(|info| info.contains("link_type:"))
     })
-}
-
-/// What `bpftool prog show --json` says of each BPF program a process holds.
-pub(crate) fn programs_of(pid: u32) -> Vec<serde_json::Value> {
-    let Ok(output) = Command::new("bpftool")
-        .args(["prog", "show", "--json"])
-        .output()
-    else {
-        return Vec::new();
-    };
-    let Ok(serde_json::Value::Array(programs)) = serde_json::from_slice(&output.stdout) else {
-        return Vec::new();
-    };
-    let ids = bpf_prog_ids_of(pid);
-    programs
-        .into_iter()
-        .filter(|prog| prog["id"].as_u64().is_some_and(|id| ids.contains(&id)))
-        .collect()
-}
-
-/// Ids of the BPF programs among a process's fds (from /proc/PID/fdinfo).
-fn bpf_prog_ids_of(pid: u32) -> HashSet<u64> {
-    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
-        return HashSet::new();
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter_map(|entry| std::fs::read_to_string(entry.path()).ok())
-        .filter_map(|info| {
-            info.lines()
-                .find_map(|line| line.strip_prefix("prog_id:"))
-                .and_then(|id| id.trim().parse().ok())
-        })
-        .collect()
 }

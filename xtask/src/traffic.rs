@@ -29,7 +29,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 
 use crate::empty_programs::EmptyPrograms;
-use crate::tracer::{command, programs_of, start_tracer, RunningTracer};
+use crate::tracer::{command, start_tracer, RunningTracer};
+use xtask::bpf_programs::programs_of;
 
 /// Size of one request and of one response.
 const MESSAGE: usize = 64;

@@ -21,7 +21,7 @@ use crate::cli::ProbeArgs;
 use crate::engine::ledger::{Arrival, LossLedger};
 use crate::engine::source::{kernel_reader, EventSource, KernelSource};
 use crate::engine::table::{Observed, SocketTable};
-use crate::kernel::{KernelLog, MiniSockets, StateProbe};
+use crate::kernel::{Detail, KernelLog, StateProbe};
 use crate::metrics::{Failure, Metrics};
 use crate::model::{LossCause, LossCounters, OwnerChange, OwnerEvent, Proto, Record, Transition};
 use crate::sink::Sink;
@@ -156,6 +156,9 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     if let Some(addr) = config.metrics_addr {
         crate::metrics::serve(addr, metrics.clone())?;
     }
+    // The baseline's iterators load (the verifier's work) while the state
+    // programs load and attach; they are read only once those are attached.
+    let iterators = std::thread::spawn(|| kernel_reader(Detail::Table));
     let mut probe = StateProbe::attach(config.ring_bytes, config.count_bytes)?;
     let attached = started.elapsed();
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -165,7 +168,7 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     let recovers_skipped_calls = probe.recovers_skipped_calls();
     let mut source = KernelSource {
         probe,
-        iterators: kernel_reader(MiniSockets::Skip),
+        iterators: iterators.join().unwrap_or_default(),
     };
     let mut monitor = Monitor::new(config.no_resync, config.netns, observer, sink, metrics);
     monitor.take_baseline(&mut source)?;
@@ -246,7 +249,7 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
 /// else netwatch's namespace from /proc (which a check matches by tuple).
 fn read_check_snapshot() -> anyhow::Result<Snapshot> {
     let protos = [Proto::Tcp, Proto::Tcp6];
-    let taken = match kernel_reader(MiniSockets::Skip) {
+    let taken = match kernel_reader(Detail::Table) {
         Some(mut iterators) => {
             snapshot::take_every_namespace(&protos, Owners::Find, Some(&mut iterators))
         }

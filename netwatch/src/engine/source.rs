@@ -9,7 +9,7 @@ use std::io;
 use anyhow::Context as _;
 use netwatch_common::{ByteCounts, SocketFd, TcpSocketRecord};
 
-use crate::kernel::{self, MiniSockets, SocketIterators, StateProbe};
+use crate::kernel::{self, Detail, SocketIterators, StateProbe};
 use crate::model::{LossCounters, Proto, Record};
 use crate::snapshot::{self, KernelReader, Owners, Snapshot};
 
@@ -26,8 +26,8 @@ impl KernelReader for SocketIterators {
 
 /// The iterators that read sockets in the kernel, when they load (as
 /// root); `None` leaves snapshots to /proc, which gives the same records.
-pub fn kernel_reader(mini_sockets: MiniSockets) -> Option<SocketIterators> {
-    SocketIterators::load(mini_sockets)
+pub fn kernel_reader(detail: Detail) -> Option<SocketIterators> {
+    SocketIterators::load(detail)
         .inspect_err(|err| {
             log::debug!("the socket iterators do not load, /proc is read instead: {err:#}")
         })
@@ -196,7 +196,7 @@ mod tests {
                 .unwrap()
         });
         let netns = crate::snapshot::netns_of(&holder.id().to_string());
-        let mut iterators = kernel_reader(MiniSockets::Keep).expect("the iterators load as root");
+        let mut iterators = kernel_reader(Detail::Full).expect("the iterators load as root");
         let protos = [Proto::Tcp, Proto::Tcp6];
         let kernel = snapshot::take_every_namespace(&protos, Owners::Find, Some(&mut iterators))
             .expect("the kernel reads");

@@ -236,6 +236,7 @@ impl SocketTable {
         self.listeners.clear();
         self.processes.clear();
         self.baseline_netns = netns;
+        self.bound.reserve(snapshot.entries.len());
         for entry in &snapshot.entries {
             let socket = &entry.socket;
             if !socket.proto.is_tcp() || socket.state == TcpState::TimeWait || socket.timewait {

@@ -10,8 +10,8 @@ use aya::programs::links::LinkError;
 use aya::programs::{Iter, ProgramError};
 use aya::Ebpf;
 use netwatch_common::{
-    SocketFd, TcpSocketRecord, EVENTS_MAP, FILE_OFFSETS, SKIP_MINI_SOCKETS, SOCKETS_MAP,
-    SOCKET_FDS_PROGRAM, SOCKET_FD_UNREADABLE, SOCK_OFFSETS, TCP_OFFSETS, TCP_SOCKETS_PROGRAM,
+    SocketFd, TcpSocketRecord, EVENTS_MAP, FILE_OFFSETS, SOCKETS_MAP, SOCKET_FDS_PROGRAM,
+    SOCKET_FD_UNREADABLE, SOCK_OFFSETS, TABLE_ONLY, TCP_OFFSETS, TCP_SOCKETS_PROGRAM,
 };
 
 use super::btf::{iterator_attach_point, kernel_offsets, OffsetsError};
@@ -40,13 +40,14 @@ pub enum IteratorError {
     Unreadable(u32),
 }
 
-/// What a socket listing leaves out.
+/// What a socket listing holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MiniSockets {
-    /// Every socket, as /proc/net/tcp lists them.
-    Keep,
-    /// No TIME_WAIT or request sockets: what a live table keeps.
-    Skip,
+pub enum Detail {
+    /// Every socket with every field, as /proc/net/tcp lists them.
+    Full,
+    /// What a live table keeps: no TIME_WAIT or request sockets, and no
+    /// queue sizes (0), left out in the kernel.
+    Table,
 }
 
 /// The two iterator programs, loaded once and attached for each reading.
@@ -57,7 +58,7 @@ pub struct SocketIterators {
 impl SocketIterators {
     /// Loads both iterators (root only). The kernel's BTF is read once per
     /// process for their offsets and attach points, never by aya.
-    pub fn load(mini_sockets: MiniSockets) -> Result<SocketIterators, IteratorError> {
+    pub fn load(detail: Detail) -> Result<SocketIterators, IteratorError> {
         check_root()?;
         raise_memlock_limit();
         let offsets = kernel_offsets(&[&SOCK_OFFSETS[..], &FILE_OFFSETS, &TCP_OFFSETS].concat())?;
@@ -70,8 +71,8 @@ impl SocketIterators {
         for (global, offset) in &offsets {
             loader.override_global(global, offset, true);
         }
-        let skip = u32::from(mini_sockets == MiniSockets::Skip);
-        loader.override_global(SKIP_MINI_SOCKETS, &skip, true);
+        let table_only = u32::from(detail == Detail::Table);
+        loader.override_global(TABLE_ONLY, &table_only, true);
         let mut ebpf = loader.load(netwatch_object())?;
         for (program, iter_type) in [
             (TCP_SOCKETS_PROGRAM, "tcp"),
@@ -219,8 +220,8 @@ mod tests {
     fn the_iterators_find_a_socket_this_process_holds() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let inode = inode_of(&listener);
-        let mut iterators = SocketIterators::load(MiniSockets::Keep)
-            .expect("the iterators load (tests run as root)");
+        let mut iterators =
+            SocketIterators::load(Detail::Full).expect("the iterators load (tests run as root)");
         let mut sockets = Vec::new();
         let fds = iterators
             .read(&[], true, |record| sockets.push(record))

@@ -18,7 +18,7 @@ mod probe;
 mod program_log;
 
 pub use events::to_record;
-pub use iterators::{MiniSockets, SocketIterators};
+pub use iterators::{Detail, SocketIterators};
 pub use probe::StateProbe;
 pub use program_log::KernelLog;
 

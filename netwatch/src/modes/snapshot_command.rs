@@ -6,7 +6,7 @@ use anyhow::Context as _;
 
 use crate::cli::{SnapshotArgs, SnapshotSource};
 use crate::engine::source::kernel_reader;
-use crate::kernel::MiniSockets;
+use crate::kernel::Detail;
 use crate::model::{Proto, TcpState};
 use crate::output::{self, SnapshotColumns, SocketRecord};
 use crate::snapshot::{self, KernelReader, Owners, SnapshotEntry};
@@ -30,9 +30,7 @@ pub fn run(args: &SnapshotArgs, out: &mut impl Write) -> anyhow::Result<()> {
             SnapshotSource::Kernel => true,
             SnapshotSource::Auto => snapshot::tcp_sockets_in_use() >= KERNEL_MIN_SOCKETS,
         };
-    let mut iterators = in_kernel
-        .then(|| kernel_reader(MiniSockets::Keep))
-        .flatten();
+    let mut iterators = in_kernel.then(|| kernel_reader(Detail::Full)).flatten();
     let kernel = iterators
         .as_mut()
         .map(|iterators| iterators as &mut dyn KernelReader);

@@ -12,6 +12,8 @@ use std::io;
 use std::sync::Arc;
 use std::thread;
 
+use rustc_hash::FxHashMap;
+
 pub use kernel_table::KernelReader;
 pub use proc_net::{ProcSocket, ProcTable};
 pub use processes::program_name;
@@ -276,7 +278,7 @@ fn join_owners(
 ) -> Snapshot {
     let owners_incomplete = owners.as_ref().is_some_and(|owners| owners.incomplete);
     let owners = owners.unwrap_or_default();
-    let mut names: HashMap<u32, Option<Arc<str>>> = HashMap::new();
+    let mut names: FxHashMap<u32, Option<Arc<str>>> = FxHashMap::default();
     let entries = sockets
         .into_iter()
         .map(|socket| {

@@ -5,10 +5,10 @@
 //! times the system calls); names come from procfs for the few owning pids.
 
 use std::collections::hash_map::Entry;
-use std::collections::HashMap;
 use std::ffi::CStr;
 use std::mem::MaybeUninit;
 
+use rustc_hash::FxHashMap;
 use rustix::fd::OwnedFd;
 use rustix::fs::{openat, readlinkat_raw, Dir, Mode, OFlags, CWD};
 use rustix::io::Errno;
@@ -19,10 +19,10 @@ use netwatch_common::SocketFd;
 #[derive(Debug, Default)]
 pub struct InodeOwners {
     /// The lowest pid holding each socket, netstat's choice of one owner.
-    pub pids: HashMap<u64, u32>,
+    pub pids: FxHashMap<u64, u32>,
     /// The other pids holding a socket, for the few that more than one holds
     /// (after fork(), pre-fork workers' listener): unordered, each once.
-    pub shared: HashMap<u64, Vec<u32>>,
+    pub shared: FxHashMap<u64, Vec<u32>>,
     /// Some fd directories were not readable (not root): their sockets have no owner.
     pub incomplete: bool,
 }
@@ -64,6 +64,7 @@ impl InodeOwners {
     /// The holders the kernel's fd iterator listed.
     pub fn from_records(records: Vec<SocketFd>) -> InodeOwners {
         let mut owners = InodeOwners::default();
+        owners.pids.reserve(records.len());
         for record in records {
             owners.add(record.inode, record.tgid);
         }

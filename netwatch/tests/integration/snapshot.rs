@@ -232,8 +232,9 @@ fn ss_endpoint(text: &str) -> SocketAddr {
     )
 }
 
-fn netwatch_sockets() -> HashMap<SocketKey, Option<u64>> {
-    snapshot_json(&["snapshot", "-tanp", "--json"])
+/// `netwatch snapshot` read from `source` (kernel or proc).
+fn netwatch_sockets(source: &str) -> HashMap<SocketKey, Option<u64>> {
+    snapshot_json(&["snapshot", "-tanp", "--json", "--source", source])
         .iter()
         .map(|r| {
             let endpoint = |addr: &str, port: &str| {
@@ -254,18 +255,24 @@ fn netwatch_sockets() -> HashMap<SocketKey, Option<u64>> {
 }
 
 #[test]
-fn the_whole_table_matches_ss_on_thousands_of_sockets() {
+fn the_whole_table_matches_ss_on_thousands_of_sockets_read_in_the_kernel_and_from_proc() {
     let mut holders: Vec<Peer> = (0..4).map(|_| Peer::spawn()).collect();
     let ports: Vec<u16> = holders
         .iter_mut()
         .map(|peer| peer.send("bulk 500")[0] as u16)
         .collect();
+    for source in ["kernel", "proc"] {
+        matches_ss(source, &holders, &ports);
+    }
+}
 
+/// netwatch read from `source` agrees with ss, and finds every holder's sockets.
+fn matches_ss(source: &str, holders: &[Peer], ports: &[u16]) {
     // A socket may change between two reads: compare what netwatch saw twice
     // (before and after ss) with ss, and what ss saw with either netwatch read.
-    let before = netwatch_sockets();
+    let before = netwatch_sockets(source);
     let ss = ss_sockets();
-    let after = netwatch_sockets();
+    let after = netwatch_sockets(source);
     assert!(
         ss.len() >= 4 * 1001,
         "ss sees the 4004 test sockets, saw {}",
@@ -274,26 +281,26 @@ fn the_whole_table_matches_ss_on_thousands_of_sockets() {
     for (key, pid) in before.iter().filter(|(key, _)| after.contains_key(*key)) {
         let ss_pids = ss
             .get(key)
-            .unwrap_or_else(|| panic!("netwatch has {key:?}, ss has not"));
+            .unwrap_or_else(|| panic!("{source}: netwatch has {key:?}, ss has not"));
         match pid {
             Some(pid) => assert!(
                 ss_pids.contains(pid),
-                "{key:?}: netwatch pid {pid}, ss pids {ss_pids:?}"
+                "{source}: {key:?}: netwatch pid {pid}, ss pids {ss_pids:?}"
             ),
             None => assert!(
                 ss_pids.is_empty(),
-                "{key:?}: netwatch found no owner, ss found {ss_pids:?}"
+                "{source}: {key:?}: netwatch found no owner, ss found {ss_pids:?}"
             ),
         }
     }
     for key in ss.keys() {
         assert!(
             before.contains_key(key) || after.contains_key(key),
-            "ss has {key:?}, netwatch has not"
+            "{source}: ss has {key:?}, netwatch has not"
         );
     }
     // And every test socket is there with its holder's pid.
-    for (holder, port) in holders.iter().zip(ports) {
+    for (holder, &port) in holders.iter().zip(ports) {
         let owned = after
             .iter()
             .filter(|((local, remote, _), _)| local.port() == port || remote.port() == port)
@@ -301,7 +308,7 @@ fn the_whole_table_matches_ss_on_thousands_of_sockets() {
             .count();
         assert_eq!(
             owned, 1001,
-            "holder on port {port}: listener and 500 connections, both ends"
+            "{source}: holder on port {port}: listener and 500 connections, both ends"
         );
     }
 }

@@ -148,16 +148,13 @@ fn a_connection_from_before_the_start_keeps_its_owners() {
 }
 
 /// `recursion_misses` of netwatch's loaded program, read by bpftool.
-fn kernel_recursion_misses() -> u64 {
-    let output = Command::new("bpftool")
-        .args(["prog", "show", "name", "inet_sock_set_state", "--json"])
-        .output()
-        .expect("bpftool runs (cargo xtask test installs it)");
-    let programs: Value = serde_json::from_slice(&output.stdout).expect("bpftool prints JSON");
-    let program = match &programs {
-        Value::Array(list) => list.first().cloned().expect("netwatch's program is loaded"),
-        single => single.clone(),
-    };
+fn kernel_recursion_misses(pid: u32) -> u64 {
+    // Other tests' netwatch processes may have theirs loaded too.
+    let programs = xtask::bpf_programs::programs_of(pid);
+    let program = programs
+        .iter()
+        .find(|program| program["name"] == "inet_sock_set_state")
+        .expect("netwatch's program is loaded (bpftool runs: cargo xtask test installs it)");
     program["recursion_misses"].as_u64().unwrap_or(0)
 }
 
@@ -306,7 +303,7 @@ fn skipped_calls_are_recovered_or_reported_as_the_kernel_counts_them() {
         },
         std::time::Duration::from_secs(10),
     );
-    let kernel = kernel_recursion_misses();
+    let kernel = kernel_recursion_misses(watch.pid());
     let stopped = watch.stop();
     let (opens, closes, all) = churn_counts(&stopped.records, &ports);
     let skipped = summary_count(&stopped.records, "skipped");
