@@ -143,6 +143,22 @@ pub const TCP_OFFSETS: [(&str, &str, &str); 9] = [
     ("SOCKET_ALLOC_VFS_INODE", "socket_alloc", "vfs_inode"),
 ];
 
+/// Bytes at the start of `struct sock_common` that the tcp iterator reads at
+/// once: the fields it takes from there (`SOCK_COMMON_HEAD_FIELDS`) must
+/// lie within them, as they do in every kernel since 2.6 (the loader checks).
+pub const SOCK_COMMON_HEAD: usize = 24;
+
+/// The globals of the fields the tcp iterator takes from the head of
+/// `struct sock_common`, with their sizes.
+pub const SOCK_COMMON_HEAD_FIELDS: [(&str, usize); 6] = [
+    ("SKC_DADDR", 4),
+    ("SKC_RCV_SADDR", 4),
+    ("SKC_DPORT", 2),
+    ("SKC_NUM", 2),
+    ("SKC_FAMILY", 2),
+    ("SKC_STATE", 1),
+];
+
 /// What the tcp iterator writes for each socket: the fields of its
 /// /proc/net/tcp (or tcp6) line, and its kernel address.
 #[repr(C)]

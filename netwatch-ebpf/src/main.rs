@@ -44,7 +44,7 @@ use core::intrinsics::{atomic_xadd, atomic_xchg, AtomicOrdering};
 use netwatch_common::{
     event_kind, syscall_exit, tracepoint as field, ByteCounts, KernelEvent, SocketEntry, SocketFd,
     TcpSocketRecord, AF_INET, DROPPED_OWNER_EVENTS, DROPPED_RECOVERIES, DROPPED_TRANSITIONS,
-    IPPROTO_TCP, SOCKETS_MAP_ENTRIES, SOCKET_FD_UNREADABLE,
+    IPPROTO_TCP, SOCKETS_MAP_ENTRIES, SOCKET_FD_UNREADABLE, SOCK_COMMON_HEAD,
 };
 
 /// Default size; the loader overrides it from `--ring-buffer-kib`.

@@ -46,22 +46,40 @@ pub fn tcp_sockets(ctx: *mut c_void) -> i32 {
     0
 }
 
+/// The first bytes of `struct sock_common`, read at once: the loader
+/// checks that the IPv4 addresses, the ports, the family and the state are
+/// all there (`SOCK_COMMON_HEAD`).
+type Head = [u8; SOCK_COMMON_HEAD];
+
+/// Field `field` (its offset in `head`, set by the loader) of the head.
+#[inline(always)]
+fn in_head<const N: usize>(head: &Head, field: &'static u32) -> [u8; N] {
+    let at = offset(field) as usize;
+    let mut bytes = [0u8; N];
+    for (i, byte) in bytes.iter_mut().enumerate() {
+        *byte = head.get(at + i).copied().unwrap_or(0);
+    }
+    bytes
+}
+
 /// The record of socket `sk` (any of the three kinds), `None` when it is
 /// left out. `uid` is the one the kernel computed as /proc does.
 fn tcp_socket(sk: u64, uid: u32) -> Result<Option<TcpSocketRecord>, i64> {
-    let state: u8 = read_kernel(sk, &SKC_STATE)?;
+    // SAFETY: bpf_probe_read_kernel checks the address.
+    let head: Head = unsafe { bpf_probe_read_kernel(sk as *const Head) }.map_err(i64::from)?;
+    let [state] = in_head(&head, &SKC_STATE);
     let mini = state == TCP_TIME_WAIT || state == TCP_NEW_SYN_RECV;
     // SAFETY: the loader set the global; volatile keeps its initial 0 from being folded.
     let table_only = unsafe { core::ptr::read_volatile(&TABLE_ONLY) } != 0;
     if mini && table_only {
         return Ok(None);
     }
-    let family: u16 = read_kernel(sk, &SKC_FAMILY)?;
+    let family = u16::from_ne_bytes(in_head(&head, &SKC_FAMILY));
     let mut saddr = [0u8; 16];
     let mut daddr = [0u8; 16];
     if family == AF_INET {
-        saddr[..4].copy_from_slice(&read_kernel::<[u8; 4]>(sk, &SKC_RCV_SADDR)?);
-        daddr[..4].copy_from_slice(&read_kernel::<[u8; 4]>(sk, &SKC_DADDR)?);
+        saddr[..4].copy_from_slice(&in_head::<4>(&head, &SKC_RCV_SADDR));
+        daddr[..4].copy_from_slice(&in_head::<4>(&head, &SKC_DADDR));
     } else {
         saddr = read_kernel(sk, &SKC_V6_RCV_SADDR)?;
         daddr = read_kernel(sk, &SKC_V6_DADDR)?;
@@ -88,8 +106,8 @@ fn tcp_socket(sk: u64, uid: u32) -> Result<Option<TcpSocketRecord>, i64> {
         netns,
         tx_queue,
         rx_queue,
-        sport: read_kernel(sk, &SKC_NUM)?,
-        dport: u16::from_be(read_kernel(sk, &SKC_DPORT)?),
+        sport: u16::from_ne_bytes(in_head(&head, &SKC_NUM)),
+        dport: u16::from_be_bytes(in_head(&head, &SKC_DPORT)),
         family,
         state: shown_state,
         timewait: u8::from(state == TCP_TIME_WAIT),

@@ -108,22 +108,30 @@ pub fn kernel_offsets(
         .collect()
 }
 
-/// What aya's `Iter::load` needs to attach to `bpf_iter_<iter_type>`: a BTF
-/// in which that function has its kernel id. aya only looks the id up by
-/// name, so rather than aya's own parse of the whole kernel BTF (tens of
-/// MiB), every other id holds a placeholder.
-pub fn iterator_attach_point(iter_type: &'static str) -> Result<aya::Btf, OffsetsError> {
-    let id = match kernel_types()?.iterators.get(iter_type) {
-        Some(id) => id.clone()?,
-        None => return Err(BtfError::NoFunction(format!("bpf_iter_{iter_type}")).into()),
-    };
+/// What aya's `Iter::load` needs to attach to the `bpf_iter_<type>`
+/// functions of `ITERATOR_TYPES`: a BTF in which each has its kernel id.
+/// aya only looks the id up by name, so rather than aya's own parse of the
+/// whole kernel BTF (tens of MiB), every other id holds a placeholder.
+pub fn iterator_attach_points() -> Result<aya::Btf, OffsetsError> {
+    let known = &kernel_types()?.iterators;
+    let mut functions = ITERATOR_TYPES
+        .iter()
+        .map(|iter_type| match known.get(iter_type) {
+            Some(id) => Ok((id.clone()?, format!("bpf_iter_{iter_type}"))),
+            None => Err(BtfError::NoFunction(format!("bpf_iter_{iter_type}")).into()),
+        })
+        .collect::<Result<Vec<_>, OffsetsError>>()?;
+    functions.sort_unstable();
     let mut btf = aya::Btf::new();
-    let name = btf.add_string(&format!("bpf_iter_{iter_type}"));
     // Id 0 (void) is there already.
-    for _ in 1..id {
-        btf.add_type(BtfType::Unknown);
+    let mut next_id = 1;
+    for (id, name) in functions {
+        for _ in next_id..id {
+            btf.add_type(BtfType::Unknown);
+        }
+        let name = btf.add_string(&name);
+        next_id = btf.add_type(BtfType::Func(Func::new(name, 0, FuncLinkage::Static))) + 1;
     }
-    btf.add_type(BtfType::Func(Func::new(name, 0, FuncLinkage::Static)));
     Ok(btf)
 }
 
@@ -495,8 +503,8 @@ mod tests {
         let offsets = kernel_offsets(&TCP_OFFSETS).expect("this kernel has BTF");
         assert_eq!(offsets.len(), TCP_OFFSETS.len());
         kernel_offsets(&FILE_OFFSETS).expect("offsets again");
+        let btf = iterator_attach_points().expect("the attach points");
         for iter_type in ITERATOR_TYPES {
-            let btf = iterator_attach_point(iter_type).expect("an attach point");
             let id = btf
                 .id_by_type_name_kind(
                     &format!("bpf_iter_{iter_type}"),

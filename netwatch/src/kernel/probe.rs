@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 
 use aya::maps::{MapData, MapError, PerCpuArray, RingBuf};
-use aya::programs::{ProgramError, RawTracePoint, TracePoint};
+use aya::programs::{Program, ProgramError, RawTracePoint, TracePoint};
 use aya::Ebpf;
 use netwatch_common::{
     syscall_exit, ByteCounts, KernelEvent, SocketEntry, ACCEPT_PROGRAM, COUNTS_BYTES,
@@ -98,6 +98,7 @@ impl StateProbe {
             loader.override_global(COUNTS_BYTES, &1u32, true);
         }
         let mut ebpf = loader.load(netwatch_object())?;
+        verify_at_once(&mut ebpf, offsets.is_ok());
         let state_fd = attach_tracepoint(&mut ebpf)?;
         // Attached second, so it runs after the tracepoint program on each transition.
         let recovery_fd = match &offsets {
@@ -262,11 +263,51 @@ fn attach_accept(ebpf: &mut Ebpf, syscall: &str) -> Result<(), ProbeError> {
     attach(typed_program(ebpf, name)?).map_err(|source| ProbeError::Program { name, source })
 }
 
+/// Loads the programs to attach, half of them on another thread: the
+/// kernel's verifier is most of the time attaching takes. The programs
+/// that need the kernel's offsets are loaded only when they are known.
+/// What fails to load here is loaded again, and reported, when attached.
+fn verify_at_once(ebpf: &mut Ebpf, offsets_known: bool) {
+    let wanted: &[&str] = if offsets_known {
+        &[
+            STATE_PROGRAM,
+            RECOVERY_PROGRAM,
+            SENT_PROGRAM,
+            RECEIVED_PROGRAM,
+            ACCEPT_PROGRAM,
+            EXEC_PROGRAM,
+        ]
+    } else {
+        &[STATE_PROGRAM]
+    };
+    let mut programs: Vec<&mut Program> = ebpf
+        .programs_mut()
+        .filter(|(name, _)| wanted.contains(name))
+        .map(|(_, program)| program)
+        .collect();
+    let (these, those) = programs.split_at_mut(wanted.len() / 2);
+    std::thread::scope(|scope| {
+        scope.spawn(|| those.iter_mut().for_each(|program| load(program)));
+        these.iter_mut().for_each(|program| load(program));
+    });
+}
+
+/// Loads a tracepoint or raw tracepoint program; a failure is left for its attach to report.
+fn load(program: &mut Program) {
+    let _ = match program {
+        Program::TracePoint(program) => program.load(),
+        Program::RawTracePoint(program) => program.load(),
+        _ => Ok(()),
+    };
+}
+
 /// Attaches the tracepoint program and returns its fd.
 fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<i32, ProbeError> {
     let name = STATE_PROGRAM;
     let attach = |program: &mut TracePoint| {
-        program.load()?;
+        if program.fd().is_err() {
+            program.load()?;
+        }
         program.attach("sock", "inet_sock_set_state")?;
         Ok(program.fd()?.as_fd().as_raw_fd())
     };
@@ -276,7 +317,9 @@ fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<i32, ProbeError> {
 /// Attaches a raw tracepoint program and returns its fd.
 fn attach_raw(ebpf: &mut Ebpf, name: &'static str, tracepoint: &str) -> Result<i32, ProbeError> {
     let attach = |program: &mut RawTracePoint| {
-        program.load()?;
+        if program.fd().is_err() {
+            program.load()?;
+        }
         program.attach(tracepoint)?;
         Ok(program.fd()?.as_fd().as_raw_fd())
     };
