@@ -1,9 +1,10 @@
 //! The engine under `watch`, `audit` and `verify`: attach the eBPF
-//! programs, read the /proc baseline, keep the live table current from the
+//! programs, read the baseline (in the kernel as root, else /proc), keep
+//! the live table current from the
 //! transitions, account for every loss, and hand what it sees to an
 //! [`Observer`], the mode's own logic.
 //!
-//! Order matters: the programs are attached first, then /proc is read, then
+//! Order matters: the programs are attached first, then the baseline is read, then
 //! the events that queued up during the read are applied on top of it, so
 //! that no transition in between is missed (the table adopts a baseline
 //! socket on its first transition, see `table`).
@@ -38,8 +39,8 @@ const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 /// up to `REOPEN_RETRY_MAX`.
 const REOPEN_RETRY_FIRST: Duration = Duration::from_secs(1);
 const REOPEN_RETRY_MAX: Duration = Duration::from_secs(60);
-/// Resyncs at most this often: under a storm of losses, re-reading /proc
-/// (which slows as TIME_WAIT sockets pile up) would only cause more.
+/// Resyncs at most this often: under a storm of losses, re-reading the
+/// tables (which slows as TIME_WAIT sockets pile up) would only cause more.
 const RESYNC_INTERVAL: Duration = Duration::from_secs(2);
 /// After failed resyncs, the wait doubles up to this.
 const RESYNC_RETRY_MAX: Duration = Duration::from_secs(60);
@@ -102,7 +103,7 @@ pub enum Notice<'a> {
     /// A routine failure that the monitor goes on after (reported on
     /// stderr already): `message` says what failed and what happens next.
     Failed { what: Failure, message: &'a str },
-    /// The table was rebuilt from /proc after losses; it holds `sockets` now.
+    /// The table was rebuilt from a snapshot after losses; it holds `sockets` now.
     Resynced { sockets: usize },
 }
 
@@ -171,11 +172,12 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
         iterators: iterators.join().unwrap_or_default(),
     };
     let mut monitor = Monitor::new(config.no_resync, config.netns, observer, sink, metrics);
-    monitor.take_baseline(&mut source)?;
+    let in_kernel = monitor.take_baseline(&mut source)?;
     log::info!(
-        "watching TCP state transitions (loaded and attached in {} ms, baseline of {} sockets read in {} ms{})",
+        "watching TCP state transitions (loaded and attached in {} ms, baseline of {} sockets read {} in {} ms{})",
         attached.as_millis(),
         monitor.table.len(),
+        if in_kernel { "in the kernel" } else { "from /proc" },
         (started.elapsed() - attached).as_millis(),
         if recovers_skipped_calls {
             ", recovering skipped calls"
@@ -338,7 +340,7 @@ impl Output {
     }
 }
 
-/// When the table is read from /proc again after losses.
+/// When the table is read again after losses.
 struct ResyncSchedule {
     /// `--no-resync`: never.
     disabled: bool,
@@ -361,7 +363,7 @@ impl ResyncSchedule {
         }
     }
 
-    /// The table was just read from /proc.
+    /// The table was just read.
     fn table_read(&mut self) {
         self.stale = false;
         self.last = Instant::now();
@@ -468,7 +470,7 @@ impl<O: Observer> Monitor<O> {
         self.output.flush_when_full();
     }
 
-    /// Fills the table from /proc: the baseline at start, or a resync.
+    /// Fills the table from a snapshot: the baseline at start, or a resync.
     fn reload(&mut self, source: &mut impl EventSource) -> anyhow::Result<Snapshot> {
         let snapshot = source.baseline()?;
         self.table.reset_from(&snapshot, self.netns);
@@ -476,11 +478,12 @@ impl<O: Observer> Monitor<O> {
         Ok(snapshot)
     }
 
-    fn take_baseline(&mut self, source: &mut impl EventSource) -> anyhow::Result<()> {
+    /// Reads the baseline; whether it was read in the kernel.
+    fn take_baseline(&mut self, source: &mut impl EventSource) -> anyhow::Result<bool> {
         let snapshot = self.reload(source)?;
         self.observer
             .baseline(&snapshot, &self.table, &mut self.output.buffer);
-        Ok(())
+        Ok(snapshot.in_kernel)
     }
 
     /// Hands the observer a snapshot just read, once every transition
@@ -532,13 +535,18 @@ impl<O: Observer> Monitor<O> {
         Ok(self.output.flush()?)
     }
 
-    /// Rebuilds the table from a fresh /proc snapshot after losses.
+    /// Rebuilds the table from a fresh snapshot after losses.
     fn resync(&mut self, source: &mut impl EventSource) -> anyhow::Result<()> {
-        self.reload(source)?;
+        let snapshot = self.reload(source)?;
         self.resync.done += 1;
         self.metrics.resyncs.inc();
         log::info!(
-            "resynced the table from /proc: {} sockets",
+            "resynced the table from a snapshot read {}: {} sockets",
+            if snapshot.in_kernel {
+                "in the kernel"
+            } else {
+                "from /proc"
+            },
             self.table.len()
         );
         let sockets = self.table.len();

@@ -39,6 +39,8 @@ pub struct Snapshot {
     pub malformed_lines: usize,
     /// Some processes' fds were unreadable, so some owners are unknown.
     pub owners_incomplete: bool,
+    /// The TCP sockets were read in the kernel (each with its address), not from /proc.
+    pub in_kernel: bool,
 }
 
 /// Whether a snapshot finds the processes holding each socket.
@@ -113,11 +115,10 @@ fn take_in_kernel(
         sockets.extend(table.sockets);
         malformed_lines += table.malformed_lines;
     }
-    Ok(join_owners(
-        sockets,
-        malformed_lines,
-        fds.map(InodeOwners::from_records),
-    ))
+    Ok(Snapshot {
+        in_kernel: true,
+        ..join_owners(sockets, malformed_lines, fds.map(InodeOwners::from_records))
+    })
 }
 
 /// Reads the /proc tables on a thread each (every one walks the kernel's
@@ -303,6 +304,7 @@ fn join_owners(
         entries,
         malformed_lines,
         owners_incomplete,
+        in_kernel: false,
     }
 }
 

@@ -147,6 +147,65 @@ fn a_connection_from_before_the_start_keeps_its_owners() {
     );
 }
 
+#[test]
+fn a_baseline_read_under_churn_joins_every_socket_by_address() {
+    let _alone = churn_alone();
+    let mut holder = Peer::spawn();
+    let port = holder.send("bulk 300")[0] as u16;
+    // Two peers churn while netwatch starts and reads its baseline.
+    let churning = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let churners: Vec<_> = (0..2)
+        .map(|_| {
+            let churning = churning.clone();
+            std::thread::spawn(move || {
+                let mut peer = Peer::spawn();
+                while churning.load(std::sync::atomic::Ordering::Relaxed) {
+                    peer.send("burst 1000");
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut watch = Watch::start(&["--baseline", "--port", &port.to_string()]);
+    churning.store(false, std::sync::atomic::Ordering::Relaxed);
+    churners
+        .into_iter()
+        .for_each(|churner| churner.join().expect("churn finished"));
+    assert!(
+        watch.started.contains("read in the kernel"),
+        "{}",
+        watch.started
+    );
+    // Every held socket closes when its holder dies: 300 connections, both
+    // ends, and the listener.
+    let holder_pid = u64::from(holder.pid());
+    drop(holder);
+    let mut closed = 0;
+    watch.collect_until(
+        |record| {
+            closed += usize::from(record["type"] == "state" && record["new_state"] == "CLOSE");
+            closed >= 601
+        },
+        std::time::Duration::from_secs(20),
+    );
+    let records = watch.stop().records;
+    let baseline = records.iter().filter(|r| r["type"] == "baseline").count();
+    assert_eq!(
+        baseline, 601,
+        "the listener and both ends of 300 connections"
+    );
+    let mut first_seen = std::collections::HashMap::new();
+    for record in records.iter().filter(|r| r["type"] == "state") {
+        let socket = (record["local_port"].clone(), record["remote_port"].clone());
+        first_seen.entry(socket).or_insert(record);
+    }
+    assert_eq!(first_seen.len(), 601, "each socket changed state");
+    for first in first_seen.values() {
+        assert_eq!(first["pid"], holder_pid, "the baseline's owner: {first}");
+        assert_eq!(first["ms"], Value::Null, "a baseline socket: {first}");
+    }
+}
+
 /// `recursion_misses` of netwatch's loaded program, read by bpftool.
 fn kernel_recursion_misses(pid: u32) -> u64 {
     // Other tests' netwatch processes may have theirs loaded too.

@@ -103,6 +103,8 @@ pub struct Watch {
     stderr: Receiver<String>,
     /// Every record received so far.
     pub seen: Vec<Value>,
+    /// The line in which netwatch said it is watching.
+    pub started: String,
 }
 
 /// What a stopped stream left.
@@ -135,19 +137,20 @@ impl Watch {
         let stderr = lines_of(child.stderr.take().expect("piped stderr"));
         let (records, stderr) = (parse_json(records), stderr);
         let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
+        let started = loop {
             let line = stderr
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .expect("netwatch says it is watching within 20 s");
             if line.contains("watching") {
-                break;
+                break line;
             }
-        }
+        };
         Watch {
             child: Some(child),
             records,
             stderr,
             seen: Vec::new(),
+            started,
         }
     }
 
