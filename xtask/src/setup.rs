@@ -20,9 +20,10 @@ pub const BUILD_PACKAGES: &[&str] = &[
     "bpftool",
 ];
 /// The real servers the owner tests run (nginx, socat), the interpreter of
-/// their server process models (tests/servers/models.py), and strace, which
-/// counts the BTF reads of a netwatch process.
-pub const TEST_PACKAGES: &[&str] = &["nginx-light", "socat", "python3", "strace"];
+/// their server process models (tests/servers/models.py), strace, which
+/// counts the BTF reads of a netwatch process, and netstat, which the
+/// snapshot is compared with.
+pub const TEST_PACKAGES: &[&str] = &["nginx-light", "socat", "python3", "strace", "net-tools"];
 /// What the benchmarks compare against or measure with.
 pub const BENCH_PACKAGES: &[&str] = &["libbpf-tools", "net-tools", "linux-perf", "gnuplot-nox"];
 

@@ -263,7 +263,62 @@ fn the_whole_table_matches_ss_on_thousands_of_sockets_read_in_the_kernel_and_fro
         .collect();
     for source in ["kernel", "proc"] {
         matches_ss(source, &holders, &ports);
+        matches_netstat(source, &ports);
     }
+}
+
+/// `netstat -tanp`'s IPv4 sockets on `ports`, with the pid it names.
+fn netstat_sockets(ports: &[u16]) -> HashMap<SocketKey, Option<u64>> {
+    let output = std::process::Command::new("netstat")
+        .arg("-tanp")
+        .output()
+        .expect("netstat runs (cargo xtask test installs net-tools)");
+    assert!(output.status.success());
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| line.starts_with("tcp "))
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let endpoint = |text: &str| -> SocketAddr {
+                let (host, port) = text.rsplit_once(':').expect("netstat endpoint");
+                let port = if port == "*" {
+                    0
+                } else {
+                    port.parse().expect("numeric port")
+                };
+                SocketAddr::new(host.parse().expect("numeric address"), port)
+            };
+            let (local, remote) = (endpoint(fields[3]), endpoint(fields[4]));
+            if !ports.contains(&local.port()) && !ports.contains(&remote.port()) {
+                return None;
+            }
+            let state = TcpState::from_name(fields[5]).expect("netstat state");
+            let pid = fields
+                .get(6)
+                .and_then(|owner| owner.split('/').next()?.parse().ok());
+            Some(((local, remote, state), pid))
+        })
+        .collect()
+}
+
+/// netwatch read from `source` names the sockets on `ports` and their
+/// owners as `netstat -tanp` does (only a holder's sockets are there).
+fn matches_netstat(source: &str, ports: &[u16]) {
+    let on_ports = |sockets: HashMap<SocketKey, Option<u64>>| -> HashMap<SocketKey, Option<u64>> {
+        sockets
+            .into_iter()
+            .filter(|((local, remote, _), _)| {
+                ports.contains(&local.port()) || ports.contains(&remote.port())
+            })
+            .collect()
+    };
+    let netwatch = on_ports(netwatch_sockets(source));
+    assert_eq!(netwatch.len(), ports.len() * 1001, "{source}");
+    assert_eq!(
+        netwatch,
+        netstat_sockets(ports),
+        "{source}: netwatch and netstat differ"
+    );
 }
 
 /// netwatch read from `source` agrees with ss, and finds every holder's sockets.
