@@ -160,7 +160,8 @@ pub const SOCK_COMMON_HEAD_FIELDS: [(&str, usize); 6] = [
 ];
 
 /// What the tcp iterator writes for each socket: the fields of its
-/// /proc/net/tcp (or tcp6) line, and its kernel address.
+/// /proc/net/tcp (or tcp6) line, and its kernel address. Its network
+/// namespace is the one the iterator was opened in.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcpSocketRecord {
@@ -177,8 +178,6 @@ pub struct TcpSocketRecord {
     pub daddr: [u8; 16],
     /// As /proc prints it (0 for TIME_WAIT, the listener's for a request).
     pub uid: u32,
-    /// Inode number of its network namespace.
-    pub netns: u32,
     pub tx_queue: u32,
     pub rx_queue: u32,
     /// Host byte order.
@@ -190,6 +189,8 @@ pub struct TcpSocketRecord {
     pub state: u8,
     /// 1 for a TIME_WAIT mini socket (/proc's timer 3).
     pub timewait: u8,
+    /// Explicit padding to a multiple of 8 bytes.
+    pub _pad: [u8; 4],
 }
 
 #[cfg(feature = "user")]
@@ -363,7 +364,7 @@ mod tests {
     fn tcp_socket_record_has_no_implicit_padding() {
         assert_eq!(
             core::mem::size_of::<TcpSocketRecord>(),
-            8 * 3 + 16 * 2 + 4 * 4 + 2 * 3 + 2
+            8 * 3 + 16 * 2 + 4 * 3 + 2 * 3 + 2 + 4
         );
     }
 

@@ -28,17 +28,7 @@ pub fn socket_fds(ctx: *mut c_void) -> i32 {
     let Some(record) = record else {
         return 0;
     };
-    // SAFETY: `meta` points at a `struct bpf_iter_meta`, whose first field is the seq file.
-    let seq = unsafe { *(meta as *const u64) };
-    // SAFETY: writes the record's bytes to the iterator's seq file. When the
-    // seq buffer is full, the kernel shows this object again in the next read.
-    unsafe {
-        bpf_seq_write(
-            seq as *mut _,
-            (&raw const record).cast(),
-            size_of::<SocketFd>() as u32,
-        )
-    };
+    write_record(meta, &record);
     0
 }
 

@@ -316,6 +316,23 @@ fn add_per_cpu(counters: &PerCpuArray<u64>, slot: u32) {
     }
 }
 
+/// Writes an iterator's record to its seq file (`meta` is the
+/// `struct bpf_iter_meta` the kernel passed). When the seq buffer is full,
+/// the kernel shows the same object again at the next read.
+#[inline(always)]
+fn write_record<T>(meta: u64, record: &T) {
+    // SAFETY: `meta` points at a `struct bpf_iter_meta`, whose first field is the seq file.
+    let seq = unsafe { *(meta as *const u64) };
+    // SAFETY: writes the record's bytes, all of them initialised, to that seq file.
+    unsafe {
+        bpf_seq_write(
+            seq as *mut _,
+            (record as *const T).cast(),
+            size_of::<T>() as u32,
+        )
+    };
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -32,17 +32,7 @@ pub fn tcp_sockets(ctx: *mut c_void) -> i32 {
     let Ok(Some(record)) = tcp_socket(sk, uid) else {
         return 0;
     };
-    // SAFETY: `meta` points at a `struct bpf_iter_meta`, whose first field is the seq file.
-    let seq = unsafe { *(meta as *const u64) };
-    // SAFETY: writes the record's bytes to the iterator's seq file. When the
-    // seq buffer is full, the kernel shows this socket again in the next read.
-    unsafe {
-        bpf_seq_write(
-            seq as *mut _,
-            (&raw const record).cast(),
-            size_of::<TcpSocketRecord>() as u32,
-        )
-    };
+    write_record(meta, &record);
     0
 }
 
@@ -93,8 +83,6 @@ fn tcp_socket(sk: u64, uid: u32) -> Result<Option<TcpSocketRecord>, i64> {
             (state, tx_queue, rx_queue, socket_inode(sk)?)
         }
     };
-    let netns =
-        read_kernel::<u64>(sk, &SKC_NET).and_then(|net| read_kernel::<u32>(net, &NET_NS_INUM))?;
     Ok(Some(TcpSocketRecord {
         skaddr: sk,
         inode,
@@ -103,7 +91,6 @@ fn tcp_socket(sk: u64, uid: u32) -> Result<Option<TcpSocketRecord>, i64> {
         saddr,
         daddr,
         uid,
-        netns,
         tx_queue,
         rx_queue,
         sport: u16::from_ne_bytes(in_head(&head, &SKC_NUM)),
@@ -111,6 +98,7 @@ fn tcp_socket(sk: u64, uid: u32) -> Result<Option<TcpSocketRecord>, i64> {
         family,
         state: shown_state,
         timewait: u8::from(state == TCP_TIME_WAIT),
+        _pad: [0; 4],
     }))
 }
 

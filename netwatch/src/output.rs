@@ -64,17 +64,17 @@ pub fn write_snapshot_text(
     for entry in entries {
         line.clear();
         let socket = &entry.socket;
-        push_cell(&mut line, socket.proto.name(), 5, false);
-        push_cell(&mut line, socket.rx_queue, 7, true);
-        push_cell(&mut line, socket.tx_queue, 7, true);
+        push_cell(&mut line, socket.proto.name(), 5);
+        push_number(&mut line, socket.rx_queue, 7);
+        push_number(&mut line, socket.tx_queue, 7);
         line.push(' ');
-        push_cell(&mut line, Endpoint(socket.local), local_w + 1, false);
-        push_cell(&mut line, Endpoint(socket.remote), remote_w + 1, false);
-        push_cell(&mut line, text_state(socket.proto, socket.state), 11, false);
+        push_cell(&mut line, Endpoint(socket.local), local_w + 1);
+        push_cell(&mut line, Endpoint(socket.remote), remote_w + 1);
+        push_cell(&mut line, text_state(socket.proto, socket.state), 11);
         if columns.extend {
             line.push(' ');
-            push_cell(&mut line, socket.uid, 11, false);
-            push_cell(&mut line, socket.inode, 10, false);
+            push_cell(&mut line, socket.uid, 11);
+            push_cell(&mut line, socket.inode, 10);
         }
         if columns.program {
             match &entry.owner {
@@ -90,17 +90,20 @@ pub fn write_snapshot_text(
     Ok(())
 }
 
-/// Appends `value` padded with spaces to `width`, right- or left-aligned.
-fn push_cell(line: &mut String, value: impl std::fmt::Display, width: usize, right: bool) {
+/// Appends `value` padded with spaces to `width`, left-aligned (whether or
+/// not its `Display` honours a width).
+fn push_cell(line: &mut String, value: impl std::fmt::Display, width: usize) {
     let start = line.len();
     // Writing to a String cannot fail.
     let _ = write!(line, "{value}");
     let pad = width.saturating_sub(line.len() - start);
-    if right {
-        line.insert_str(start, &" ".repeat(pad));
-    } else {
-        line.extend(std::iter::repeat_n(' ', pad));
-    }
+    line.extend(std::iter::repeat_n(' ', pad));
+}
+
+/// Appends a number right-aligned in `width`.
+fn push_number(line: &mut String, value: u32, width: usize) {
+    // Writing to a String cannot fail.
+    let _ = write!(line, "{value:>width$}");
 }
 
 /// netstat leaves the state of an unconnected UDP socket blank.

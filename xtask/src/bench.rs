@@ -487,7 +487,7 @@ fn first_event_cases(netwatch: &Path, results: &Path) -> anyhow::Result<()> {
         // Six listeners: connect() reuses the ports of a destination's
         // TIME_WAIT sockets, of which there are about 28k.
         crate::load::churn(&ChurnArgs {
-            connections: 66_000,
+            connections: 72_000,
             seconds: 120,
             threads: 6,
             rate: 0,
@@ -497,7 +497,7 @@ fn first_event_cases(netwatch: &Path, results: &Path) -> anyhow::Result<()> {
     let churn = std::thread::spawn(|| {
         crate::load::churn(&ChurnArgs {
             connections: 0,
-            seconds: 6,
+            seconds: 8,
             threads: 2,
             rate: CHURN_RATE,
         })
@@ -512,7 +512,10 @@ fn first_event_cases(netwatch: &Path, results: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Measures and prints one start to first event, with the host's TCP sockets then.
+/// Starts measured per case (the median is shown).
+const FIRST_EVENT_RUNS: usize = 5;
+
+/// Measures and prints start to first event, with the host's TCP sockets then.
 fn first_event_case(netwatch: &Path, results: &Path, label: &str) -> anyhow::Result<()> {
     let sockstat = std::fs::read_to_string("/proc/net/sockstat")?;
     let tcp = sockstat
@@ -520,11 +523,16 @@ fn first_event_case(netwatch: &Path, results: &Path, label: &str) -> anyhow::Res
         .find(|line| line.starts_with("TCP:"))
         .unwrap_or("TCP: ?")
         .to_owned();
-    let first_event = time_to_first_event(netwatch, results)?;
+    let mut times = Vec::new();
+    for _ in 0..FIRST_EVENT_RUNS {
+        times.push(time_to_first_event(netwatch, results)?.as_secs_f64() * 1000.0);
+    }
+    let each: Vec<String> = times.iter().map(|ms| format!("{ms:.0}")).collect();
     let startup = std::fs::read_to_string(results.join("first-event.err")).unwrap_or_default();
     println!(
-        "  {label}: {:.0} ms ({tcp}); {}",
-        first_event.as_secs_f64() * 1000.0,
+        "  {label}: median {:.0} ms of {} ms ({tcp})\n    last start: {}",
+        median(&mut times),
+        each.join(", "),
         startup
             .lines()
             .next()

@@ -18,7 +18,7 @@ impl KernelReader for SocketIterators {
         &mut self,
         others: &[(u32, String)],
         fds: bool,
-        each: &mut dyn FnMut(TcpSocketRecord),
+        each: &mut dyn FnMut(TcpSocketRecord, Option<u32>),
     ) -> anyhow::Result<Option<Vec<SocketFd>>> {
         Ok(SocketIterators::read(self, others, fds, each)?)
     }

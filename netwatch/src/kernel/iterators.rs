@@ -90,12 +90,12 @@ impl SocketIterators {
         Ok(SocketIterators { ebpf })
     }
 
-    /// Hands `each` every TCP socket of netwatch's network namespace, then
-    /// of each of `others` (namespace inode, the /proc directory of a task
-    /// in it), as they are read; with `fds`, returns every socket fd of
-    /// every process, read meanwhile on a thread of its own (one pass over
-    /// every process's fds in the kernel, about ten times cheaper than a
-    /// readlinkat per fd).
+    /// Hands `each` every TCP socket of netwatch's network namespace (with
+    /// `None`), then of each of `others` (namespace inode, the /proc
+    /// directory of a task in it; with `Some(inode)`), as they are read;
+    /// with `fds`, returns every socket fd of every process, read meanwhile
+    /// on a thread of its own (one pass over every process's fds in the
+    /// kernel, about ten times cheaper than a readlinkat per fd).
     ///
     /// The kernel walks the namespace of the task that opens the tcp
     /// iterator, so a thread enters each other namespace to open one there;
@@ -104,14 +104,14 @@ impl SocketIterators {
         &mut self,
         others: &[(u32, String)],
         fds: bool,
-        mut each: impl FnMut(TcpSocketRecord),
+        mut each: impl FnMut(TcpSocketRecord, Option<u32>),
     ) -> Result<Option<Vec<SocketFd>>, IteratorError> {
         let fd_listing = match fds {
             true => Some(open(iterator(&mut self.ebpf, SOCKET_FDS_PROGRAM)?)?),
             false => None,
         };
         let program = iterator(&mut self.ebpf, TCP_SOCKETS_PROGRAM)?;
-        let mut files = vec![open(program)?];
+        let mut files = vec![(None, open(program)?)];
         std::thread::scope(|scope| {
             let fds = fd_listing.map(|file| scope.spawn(|| socket_fds(file)));
             if !others.is_empty() {
@@ -123,8 +123,8 @@ impl SocketIterators {
                     })?;
                 files.extend(opened);
             }
-            for file in files {
-                read_records(file, &mut each)?;
+            for (netns, file) in files {
+                read_records(file, |record| each(record, netns))?;
             }
             fds.map(|reader| {
                 reader
@@ -156,9 +156,9 @@ fn check_head(offsets: &[(&'static str, u32)]) -> Result<(), IteratorError> {
 fn open_in_namespaces(
     program: &mut Iter,
     others: &[(u32, String)],
-) -> Result<Vec<File>, IteratorError> {
+) -> Result<Vec<(Option<u32>, File)>, IteratorError> {
     let mut files = Vec::new();
-    for (_, task) in others {
+    for (netns, task) in others {
         let Ok(namespace) = File::open(format!("{task}/ns/net")) else {
             continue;
         };
@@ -167,7 +167,7 @@ fn open_in_namespaces(
             Some(rustix::thread::LinkNameSpaceType::Network),
         )
         .map_err(std::io::Error::from)?;
-        files.push(open(program)?);
+        files.push((Some(*netns), open(program)?));
     }
     Ok(files)
 }
@@ -246,7 +246,7 @@ mod tests {
             SocketIterators::load(Detail::Full).expect("the iterators load (tests run as root)");
         let mut sockets = Vec::new();
         let fds = iterators
-            .read(&[], true, |record| sockets.push(record))
+            .read(&[], true, |record, _| sockets.push(record))
             .expect("the iterators run");
         assert!(fds
             .expect("the fds were asked for")
@@ -305,7 +305,6 @@ mod tests {
                 saddr: [7; 16],
                 daddr: [9; 16],
                 uid: 1,
-                netns: 2,
                 tx_queue: 3,
                 rx_queue: 4,
                 sport: 5,
@@ -313,6 +312,7 @@ mod tests {
                 family: 2,
                 state: 1,
                 timewait: 0,
+                _pad: [0; 4],
             })
             .collect();
         // SAFETY: TcpSocketRecord is plain old data without padding.

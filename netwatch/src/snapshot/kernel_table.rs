@@ -11,21 +11,22 @@ use crate::model::{Proto, TcpState};
 
 /// Reads in the kernel what /proc/net/tcp{,6} and /proc/[pid]/fd give.
 pub trait KernelReader {
-    /// Hands `each` every TCP socket of netwatch's network namespace and
-    /// of each of `others` (namespace inode, the /proc directory of a task
-    /// in it); with `fds`, returns every socket fd of every process.
+    /// Hands `each` every TCP socket of netwatch's network namespace (with
+    /// `None`) and of each of `others` (namespace inode, the /proc
+    /// directory of a task in it; with that inode); with `fds`, returns
+    /// every socket fd of every process.
     fn read(
         &mut self,
         others: &[(u32, String)],
         fds: bool,
-        each: &mut dyn FnMut(TcpSocketRecord),
+        each: &mut dyn FnMut(TcpSocketRecord, Option<u32>),
     ) -> anyhow::Result<Option<Vec<SocketFd>>>;
 }
 
 /// The socket as /proc prints it; `None` for a family /proc has no table
-/// for. `own_netns` is netwatch's namespace, whose sockets /proc/net shows
-/// without one.
-pub fn to_proc_socket(record: &TcpSocketRecord, own_netns: Option<u32>) -> Option<ProcSocket> {
+/// for. `netns` is its namespace when another than netwatch's (whose
+/// sockets /proc/net shows without one).
+pub fn to_proc_socket(record: &TcpSocketRecord, netns: Option<u32>) -> Option<ProcSocket> {
     let (proto, local, remote) = match record.family {
         AF_INET => (
             Proto::Tcp,
@@ -49,7 +50,7 @@ pub fn to_proc_socket(record: &TcpSocketRecord, own_netns: Option<u32>) -> Optio
         uid: record.uid,
         inode: record.inode,
         timewait: record.timewait != 0,
-        netns: Some(record.netns).filter(|&netns| Some(netns) != own_netns),
+        netns,
         kernel: Some(KernelSocket {
             skaddr: record.skaddr,
             read_ns: record.read_ns,
@@ -75,7 +76,6 @@ mod tests {
             saddr,
             daddr: [0; 16],
             uid: 1000,
-            netns: 7,
             tx_queue: 3,
             rx_queue: 4,
             sport: 8080,
@@ -83,12 +83,13 @@ mod tests {
             family,
             state,
             timewait: 0,
+            _pad: [0; 4],
         }
     }
 
     #[test]
     fn a_record_reads_as_its_proc_line() {
-        let socket = to_proc_socket(&record(AF_INET, 10), Some(7)).expect("a TCP socket");
+        let socket = to_proc_socket(&record(AF_INET, 10), None).expect("a TCP socket");
         assert_eq!(socket.proto, Proto::Tcp);
         assert_eq!(socket.local, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(socket.remote, "0.0.0.0:0".parse().unwrap());
@@ -105,7 +106,7 @@ mod tests {
                 read_ns: 99
             })
         );
-        let elsewhere = to_proc_socket(&record(AF_INET, 10), Some(8)).expect("a TCP socket");
+        let elsewhere = to_proc_socket(&record(AF_INET, 10), Some(7)).expect("a TCP socket");
         assert_eq!(elsewhere.netns, Some(7));
         let v6 = to_proc_socket(&record(AF_INET6, 1), None).expect("a TCP socket");
         assert_eq!(v6.proto, Proto::Tcp6);

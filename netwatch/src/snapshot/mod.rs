@@ -100,10 +100,9 @@ fn take_in_kernel(
     protos: &[Proto],
     owners: Owners,
 ) -> anyhow::Result<Snapshot> {
-    let own = own_netns();
     let mut sockets = Vec::new();
-    let fds = kernel.read(others, owners == Owners::Find, &mut |record| {
-        if let Some(socket) = kernel_table::to_proc_socket(&record, own) {
+    let fds = kernel.read(others, owners == Owners::Find, &mut |record, netns| {
+        if let Some(socket) = kernel_table::to_proc_socket(&record, netns) {
             if protos.contains(&socket.proto) {
                 sockets.push(socket);
             }
