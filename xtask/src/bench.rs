@@ -162,6 +162,7 @@ fn time_alternating(tools: &mut [Timed], runs: usize) -> anyhow::Result<Vec<(f64
 
 fn snapshot(netwatch: &Path, sizes: &[usize], runs: usize) -> anyhow::Result<()> {
     load::raise_fd_limit(4096)?;
+    let time_wait = load::wait_for_time_wait_to_drain();
     let mut tools = vec![
         Timed::new("netwatch", netwatch, &["snapshot", "-tanp"]),
         Timed::new(
@@ -188,7 +189,7 @@ fn snapshot(netwatch: &Path, sizes: &[usize], runs: usize) -> anyhow::Result<()>
     );
     println!("netwatch: as root, by default (auto), with --source kernel (the kernel's iterators) and --source proc; and as nobody (/proc; other users' owners unknown).");
     println!(
-        "cat: `cat /proc/net/tcp /proc/net/tcp6` (no pids). RSS: netwatch's peak, by default."
+        "cat: `cat /proc/net/tcp /proc/net/tcp6` (no pids). RSS: netwatch's peak, by default. TIME_WAIT sockets left from before: {time_wait}."
     );
     println!(
         "{:>8} {:>10} {:>8} {:>7} {:>9} {:>7} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
@@ -480,6 +481,7 @@ const CHURN_RATE: u64 = 12_000;
 /// TIME_WAIT sockets, and under churn.
 fn first_event_cases(netwatch: &Path, results: &Path) -> anyhow::Result<()> {
     load::raise_fd_limit(4096)?;
+    load::wait_for_time_wait_to_drain();
     println!("Start to first event (netwatch --json, until its first transition is written):");
     first_event_case(netwatch, results, "quiet host")?;
     {

@@ -201,6 +201,28 @@ pub(crate) fn tcp_socket_count() -> usize {
     proc_tcp_lines().len()
 }
 
+/// Waits (70 s at most: TIME_WAIT lasts 60 s) until fewer than 1,000
+/// TIME_WAIT sockets are left from earlier loads, so that a benchmark's
+/// socket counts are its own. Returns how many are left.
+pub(crate) fn wait_for_time_wait_to_drain() -> u64 {
+    let time_wait = || {
+        std::fs::read_to_string("/proc/net/sockstat")
+            .ok()
+            .and_then(|sockstat| {
+                let tcp = sockstat.lines().find(|line| line.starts_with("TCP:"))?;
+                let fields: Vec<&str> = tcp.split_whitespace().collect();
+                let at = fields.iter().position(|field| *field == "tw")?;
+                fields.get(at + 1)?.parse().ok()
+            })
+            .unwrap_or(0)
+    };
+    let started = Instant::now();
+    while time_wait() >= 1000 && started.elapsed() < Duration::from_secs(70) {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    time_wait()
+}
+
 /// Waits (30 s at most) until no socket on the churn's ports is open, but for TIME_WAIT.
 pub(crate) fn wait_for_churn_to_settle(ports: &HashSet<u16>) {
     let started = Instant::now();
