@@ -15,6 +15,7 @@ use std::thread;
 use rustc_hash::FxHashMap;
 
 pub use kernel_table::KernelReader;
+use proc_net::SocketCounts;
 pub use proc_net::{ProcSocket, ProcTable};
 pub use processes::program_name;
 use processes::InodeOwners;
@@ -246,26 +247,7 @@ pub fn netns_of(pid: &str) -> Option<u32> {
 /// TCP sockets open in netwatch's network namespace, TIME_WAIT included, as
 /// /proc/net/sockstat and sockstat6 count them (0 if unreadable).
 pub fn tcp_sockets_in_use() -> u64 {
-    let count = |path: &str, prefix: &str| -> u64 {
-        let Ok(text) = std::fs::read_to_string(path) else {
-            return 0;
-        };
-        text.lines()
-            .find_map(|line| line.strip_prefix(prefix))
-            .map(|fields| sockstat_sum(fields, &["inuse", "tw"]))
-            .unwrap_or(0)
-    };
-    count("/proc/net/sockstat", "TCP: ") + count("/proc/net/sockstat6", "TCP6: ")
-}
-
-/// The sum of the named counts in a sockstat line's `name value` pairs.
-fn sockstat_sum(fields: &str, names: &[&str]) -> u64 {
-    let words: Vec<&str> = fields.split_whitespace().collect();
-    words
-        .chunks_exact(2)
-        .filter(|pair| names.contains(&pair[0]))
-        .filter_map(|pair| pair[1].parse::<u64>().ok())
-        .sum()
+    SocketCounts::read("/proc").map_or(0, |counts| counts.tcp_sockets())
 }
 
 /// Threads that walk /proc/[pid]/fd, each over part of the pids.
@@ -310,18 +292,6 @@ fn join_owners(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sockstat_counts_open_and_time_wait_sockets() {
-        assert_eq!(
-            sockstat_sum("inuse 5 orphan 1 tw 20 alloc 9 mem 3", &["inuse", "tw"]),
-            25
-        );
-        assert_eq!(sockstat_sum("inuse x tw 2", &["inuse", "tw"]), 2);
-        assert_eq!(sockstat_sum("", &["inuse"]), 0);
-        let _listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        assert!(tcp_sockets_in_use() >= 1);
-    }
 
     #[test]
     fn the_own_network_namespace_is_an_inode_number() {
