@@ -110,9 +110,20 @@ pub struct ProbeArgs {
     /// After lost events, keep going without re-reading /proc (the table may drift).
     #[arg(long)]
     pub no_resync: bool,
-    /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
-    #[arg(long, value_name = "ADDR:PORT")]
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics; a PORT alone
+    /// binds 127.0.0.1 (the endpoint has no authentication).
+    #[arg(long, value_name = "[ADDR:]PORT", value_parser = parse_metrics_addr)]
     pub metrics: Option<SocketAddr>,
+}
+
+/// `ADDR:PORT`, or a port alone on 127.0.0.1.
+fn parse_metrics_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)));
+    }
+    text.parse().map_err(|_| {
+        format!("'{text}' is neither a port nor an address and port (127.0.0.1:9090, [::1]:9090)")
+    })
 }
 
 /// `netwatch watch` flags.
@@ -223,5 +234,22 @@ mod tests {
         assert!(parse(&["snapshot", "-4", "-6"]).is_err());
         assert!(parse(&["verify", "--interval", "0"]).is_err());
         assert!(parse(&["audit", "--metrics", "localhost"]).is_err());
+        assert!(parse(&["audit", "--metrics", "70000"]).is_err());
+    }
+
+    #[test]
+    fn a_metrics_port_alone_binds_the_loopback_address() {
+        assert_eq!(
+            parse_metrics_addr("9090"),
+            Ok("127.0.0.1:9090".parse().unwrap())
+        );
+        assert_eq!(
+            parse_metrics_addr("[::1]:9090"),
+            Ok("[::1]:9090".parse().unwrap())
+        );
+        assert_eq!(
+            parse_metrics_addr("0.0.0.0:9090"),
+            Ok("0.0.0.0:9090".parse().unwrap())
+        );
     }
 }

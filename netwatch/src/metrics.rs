@@ -339,6 +339,9 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// oldest: an idle crowd cannot lock a scraper out), and backs off when
 /// accept fails instead of retrying at once.
 pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    if !addr.ip().is_loopback() {
+        log::warn!("the metrics endpoint on {addr} has no authentication: anyone who can reach it reads the host's connection counts; bind a loopback address (give --metrics a port alone) unless a firewall or proxy guards it");
+    }
     let listener = std::net::TcpListener::bind(addr).with_context(|| {
         format!("serving metrics on {addr} failed: is the address free and local?")
     })?;

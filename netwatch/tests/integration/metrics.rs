@@ -42,6 +42,26 @@ fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 }
 
 #[test]
+fn a_port_alone_is_served_on_loopback_and_another_address_is_warned_about() {
+    let port = free_port();
+    let watch = Watch::start(&["--metrics", &port.to_string()]);
+    assert!(
+        !watch.started.contains("no authentication"),
+        "{}",
+        watch.started
+    );
+    assert!(value(&scrape(port), "netwatch_resyncs_total", &[]).is_some());
+    drop(watch);
+    let open = format!("0.0.0.0:{}", free_port());
+    let watch = Watch::start(&["--metrics", &open]);
+    assert!(
+        watch.started.contains("has no authentication"),
+        "{}",
+        watch.started
+    );
+}
+
+#[test]
 fn watch_serves_transitions_losses_sockets_and_ring_size() {
     let port = free_port();
     let metrics = format!("127.0.0.1:{port}");

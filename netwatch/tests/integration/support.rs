@@ -103,7 +103,7 @@ pub struct Watch {
     stderr: Receiver<String>,
     /// Every record received so far.
     pub seen: Vec<Value>,
-    /// The line in which netwatch said it is watching.
+    /// What netwatch printed on stderr up to the line in which it said it is watching.
     pub started: String,
 }
 
@@ -137,14 +137,17 @@ impl Watch {
         let stderr = lines_of(child.stderr.take().expect("piped stderr"));
         let (records, stderr) = (parse_json(records), stderr);
         let deadline = Instant::now() + Duration::from_secs(20);
-        let started = loop {
+        let mut started = String::new();
+        loop {
             let line = stderr
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .expect("netwatch says it is watching within 20 s");
+            started.push_str(&line);
+            started.push('\n');
             if line.contains("watching") {
-                break line;
+                break;
             }
-        };
+        }
         Watch {
             child: Some(child),
             records,
