@@ -9,11 +9,19 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::model::{TcpState, Tuple};
 
+/// What `--version` prints after the name: the version and the git commit built.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("NETWATCH_GIT_COMMIT"),
+    ")"
+);
+
 /// Live TCP connection monitor: a /proc snapshot kept current by eBPF.
 ///
 /// With no subcommand, streams every TCP state transition (needs root).
 #[derive(Debug, Parser)]
-#[command(name = "netwatch", version, args_conflicts_with_subcommands = true)]
+#[command(name = "netwatch", version = VERSION, args_conflicts_with_subcommands = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,

@@ -399,3 +399,20 @@ fn a_process_named_with_control_characters_cannot_write_to_the_terminal() {
         .unwrap_or_else(|| panic!("the listener is listed: {text}"));
     assert!(line.ends_with("/ev\\u{1b}[2J\\nil"), "{line:?}");
 }
+
+#[test]
+fn the_version_names_the_git_commit_built() {
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("git runs");
+    let head = String::from_utf8_lossy(&head.stdout).trim().to_owned();
+    assert_eq!(head.len(), 12, "the tests run in a git checkout");
+    let output = run_netwatch(&["--version"]);
+    assert!(output.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        format!("netwatch {} (commit {head})", env!("CARGO_PKG_VERSION"))
+    );
+}
