@@ -64,19 +64,33 @@ impl Sink {
     }
 }
 
+/// Mode of an output file netwatch creates: it holds the host's
+/// connections, so only its owner reads it (a stricter umask still applies).
+const OUTPUT_MODE: u32 = 0o600;
+
 /// Opens `path` for appending without blocking (a FIFO without a reader
 /// would block open() forever), and refuses what is neither a regular file
-/// nor a FIFO.
+/// nor a FIFO. A file it creates is `OUTPUT_MODE`. As root it follows no
+/// symbolic link: in a directory others can write to, a link planted at
+/// `path` would have root append records to any file.
 fn open_for_append(path: &Path) -> anyhow::Result<File> {
+    // SAFETY: geteuid has no preconditions.
+    let as_root = unsafe { libc::geteuid() } == 0;
+    let no_follow = if as_root { libc::O_NOFOLLOW } else { 0 };
     let file = match OpenOptions::new()
         .create(true)
         .append(true)
-        .custom_flags(libc::O_NONBLOCK)
+        .mode(OUTPUT_MODE)
+        .custom_flags(libc::O_NONBLOCK | no_follow)
         .open(path)
     {
         Ok(file) => file,
         Err(err) if err.raw_os_error() == Some(libc::ENXIO) => bail!(
             "{} is a FIFO with no reader: start its reader first, or give --output a file",
+            path.display()
+        ),
+        Err(err) if as_root && err.raw_os_error() == Some(libc::ELOOP) => bail!(
+            "{} is a symbolic link, which netwatch does not follow as root (a link planted there could send the records to any file): give --output the path it points to",
             path.display()
         ),
         Err(err) => {
@@ -200,6 +214,23 @@ mod tests {
         // A file that ends well is left as it is.
         drop(Sink::append_to(&path).unwrap());
         assert!(std::fs::read_to_string(&path).unwrap().ends_with("2}\n"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_created_output_is_for_its_owner_only_and_root_follows_no_link() {
+        let dir = scratch("mode");
+        let path = dir.join("audit.log");
+        drop(Sink::append_to(&path).unwrap());
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o077, 0, "not readable by others: {mode:o}");
+        let link = dir.join("link.log");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        // The tests run as root.
+        let err = Sink::append_to(&link).err().expect("refused as root");
+        assert!(err.to_string().contains("is a symbolic link"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
