@@ -18,7 +18,7 @@ use netwatch_common::{
 use super::btf::{iterator_attach_points, kernel_offsets, OffsetsError};
 use super::loader::ebpf_loader;
 use super::netwatch_object;
-use super::prerequisites::{check_root, raise_memlock_limit, PrerequisiteError};
+use super::prerequisites::{check_capabilities, raise_memlock_limit, PrerequisiteError};
 
 /// Why the kernel could not list sockets (the /proc path does then).
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +64,7 @@ impl SocketIterators {
     /// Loads both iterators (root only). The kernel's BTF is read once per
     /// process for their offsets and attach points, never by aya.
     pub fn load(detail: Detail) -> Result<SocketIterators, IteratorError> {
-        check_root()?;
+        check_capabilities()?;
         raise_memlock_limit();
         let offsets = kernel_offsets(&[&SOCK_OFFSETS[..], &FILE_OFFSETS, &TCP_OFFSETS].concat())?;
         let mut loader = ebpf_loader();

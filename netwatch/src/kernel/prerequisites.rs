@@ -1,5 +1,5 @@
-//! What must hold before the programs load: root, tracefs, the
-//! tracepoint's record layout, the memlock limit.
+//! What must hold before the programs load: root or the capabilities,
+//! tracefs, the tracepoint's record layout, the memlock limit.
 
 use std::io;
 use std::path::Path;
@@ -16,8 +16,12 @@ pub const FORMAT: &str = "events/sock/inet_sock_set_state/format";
 pub enum PrerequisiteError {
     #[error("netwatch needs root (CAP_BPF and CAP_PERFMON) to load its eBPF programs: run it with sudo, or use `netwatch snapshot`, which needs no root")]
     NotRoot,
+    #[error("netwatch lacks {0} to load its eBPF programs (it needs CAP_BPF and CAP_PERFMON, or root): grant it, or use `netwatch snapshot`, which needs neither")]
+    MissingCapability(String),
     #[error("tracefs is not mounted at {TRACEFS} and mounting it failed ({0}): mount it with `mount -t tracefs tracefs {TRACEFS}`")]
     NoTracefs(io::Error),
+    #[error("tracefs at {TRACEFS} is not readable by this user, and netwatch reads the tracepoints' ids and layouts there: grant CAP_DAC_READ_SEARCH too, or run it as root")]
+    TracefsUnreadable,
     #[error(
         "this kernel has no sock:inet_sock_set_state tracepoint (it needs Linux 4.16 or later)"
     )]
@@ -26,20 +30,45 @@ pub enum PrerequisiteError {
     Layout(String),
 }
 
-/// Loading the programs needs root.
-pub(super) fn check_root() -> Result<(), PrerequisiteError> {
-    // SAFETY: geteuid has no preconditions.
-    match unsafe { libc::geteuid() } {
+/// The capabilities loading and attaching the programs needs, by bit number.
+const NEEDED_CAPABILITIES: [(u32, &str); 2] = [(39, "CAP_BPF"), (38, "CAP_PERFMON")];
+
+/// Loading the programs needs CAP_BPF and CAP_PERFMON: root's, or a
+/// service's. Without either, the error says root; with only one, it names
+/// the one missing.
+pub(super) fn check_capabilities() -> Result<(), PrerequisiteError> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = effective_capabilities(&status);
+    let missing: Vec<&str> = NEEDED_CAPABILITIES
+        .iter()
+        .filter(|(bit, _)| effective & (1 << bit) == 0)
+        .map(|(_, name)| *name)
+        .collect();
+    match missing.len() {
         0 => Ok(()),
-        _ => Err(PrerequisiteError::NotRoot),
+        n if n == NEEDED_CAPABILITIES.len() => Err(PrerequisiteError::NotRoot),
+        _ => Err(PrerequisiteError::MissingCapability(missing.join(" and "))),
     }
 }
 
-/// Mounts tracefs when it is missing (netwatch runs as root here).
+/// The effective capability set of a /proc/PID/status text (0 if absent).
+fn effective_capabilities(status: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0)
+}
+
+/// Mounts tracefs when it is missing (which needs root).
 pub(super) fn ensure_tracefs() -> Result<(), PrerequisiteError> {
     let events = Path::new(TRACEFS).join("events");
-    if events.is_dir() {
-        return tracepoint_present(&events);
+    match std::fs::metadata(&events) {
+        Ok(meta) if meta.is_dir() => return tracepoint_present(&events),
+        Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {
+            return Err(PrerequisiteError::TracefsUnreadable)
+        }
+        _ => {}
     }
     let target = c"/sys/kernel/tracing";
     // SAFETY: every pointer is a valid NUL-terminated string; data may be null.
@@ -132,6 +161,18 @@ format:
 \tfield:__u8 saddr_v6[16];\toffset:40;\tsize:16;\tsigned:0;
 \tfield:__u8 daddr_v6[16];\toffset:56;\tsize:16;\tsigned:0;
 ";
+
+    #[test]
+    fn the_effective_capabilities_are_read_from_the_status() {
+        let status = "Name:\tnetwatch\nCapInh:\t0000000000000000\nCapEff:\t000000c000000000\n";
+        let effective = effective_capabilities(status);
+        assert!(NEEDED_CAPABILITIES
+            .iter()
+            .all(|(bit, _)| effective & (1 << bit) != 0));
+        assert_eq!(effective_capabilities("Name:\tx\n"), 0);
+        // The tests run as root, which has every capability.
+        assert!(check_capabilities().is_ok());
+    }
 
     #[test]
     fn the_documented_layout_matches() {

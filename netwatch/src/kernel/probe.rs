@@ -22,7 +22,7 @@ use super::btf::{kernel_offsets, OffsetsError};
 use super::loader::ebpf_loader;
 use super::netwatch_object;
 use super::prerequisites::{
-    check_layout, check_root, ensure_tracefs, fields_mismatch, raise_memlock_limit,
+    check_capabilities, check_layout, ensure_tracefs, fields_mismatch, raise_memlock_limit,
     PrerequisiteError, FORMAT, TRACEFS,
 };
 use super::program_log::{start_kernel_log, KernelLog};
@@ -78,7 +78,7 @@ impl StateProbe {
     /// from here on. With `count_bytes`, each socket's bytes are counted too
     /// and arrive with its change to CLOSE.
     pub fn attach(ring_bytes: u32, count_bytes: bool) -> Result<StateProbe, ProbeError> {
-        check_root()?;
+        check_capabilities()?;
         ensure_tracefs()?;
         check_layout(&Path::new(TRACEFS).join(FORMAT))?;
         raise_memlock_limit();

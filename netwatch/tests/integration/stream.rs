@@ -467,6 +467,47 @@ fn without_root_one_clear_sentence() {
     );
 }
 
+/// `netwatch ARGS` run by `setpriv` as uid 65534 with exactly `caps`
+/// (setpriv's names, comma-separated), stopped after 3 s.
+fn run_with_capabilities(caps: &str, args: &[&str]) -> std::process::Output {
+    let caps: Vec<String> = caps.split(',').map(|cap| format!("+{cap}")).collect();
+    let caps = caps.join(",");
+    // netwatch's own exit status, not timeout's 124.
+    Command::new("timeout")
+        .args(["--preserve-status", "-s", "INT", "3", "setpriv"])
+        .args(["--reuid", "65534", "--regid", "65534"])
+        .args([
+            "--clear-groups",
+            "--inh-caps",
+            &caps,
+            "--ambient-caps",
+            &caps,
+        ])
+        .arg(env!("CARGO_BIN_EXE_netwatch"))
+        .args(args)
+        .output()
+        .expect("setpriv runs (util-linux)")
+}
+
+#[test]
+fn a_user_with_the_capabilities_streams_and_one_without_is_told_which_is_missing() {
+    let all = "bpf,perfmon,dac_read_search,sys_ptrace";
+    let output = run_with_capabilities(all, &["--json"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("watching TCP state transitions"),
+        "{stderr}"
+    );
+    assert!(output.status.success(), "{:?}: {stderr}", output.status);
+    let output = run_with_capabilities("bpf,dac_read_search,sys_ptrace", &["--json"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("lacks CAP_PERFMON"), "{stderr}");
+    let output = run_with_capabilities("bpf,perfmon", &["--json"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("CAP_DAC_READ_SEARCH"), "{stderr}");
+}
+
 #[test]
 fn a_stopped_reader_loses_each_transition_once() {
     let _alone = churn_alone();
