@@ -22,7 +22,7 @@ use crate::cli::ProbeArgs;
 use crate::engine::ledger::{Arrival, LossLedger};
 use crate::engine::source::{kernel_reader, EventSource, KernelSource};
 use crate::engine::table::{Observed, SocketTable};
-use crate::kernel::{Detail, KernelLog, StateProbe};
+use crate::kernel::{self, Detail, KernelLog, SocketIterators, StateProbe};
 use crate::metrics::{Failure, Metrics};
 use crate::model::{LossCause, LossCounters, OwnerChange, OwnerEvent, Proto, Record, Transition};
 use crate::sink::Sink;
@@ -189,6 +189,11 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     let mut drain_timer = tokio::time::interval(DRAIN_INTERVAL);
     let mut gauge_timer = tokio::time::interval(GAUGE_INTERVAL);
     let check_every = config.check_every;
+    // The checks' reader is loaded now, while netwatch may still load programs.
+    let check_reader = Arc::new(std::sync::Mutex::new(
+        check_every.and_then(|_| kernel_reader(Detail::Table)),
+    ));
+    drop_privileges();
     let mut check_timer = tokio::time::interval(check_every.unwrap_or(Duration::from_secs(3600)));
     check_timer.tick().await;
     // The check's snapshot is read on a thread while transitions keep flowing.
@@ -215,7 +220,8 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
             _ = gauge_timer.tick(), if config.metrics_addr.is_some() => monitor.metrics.count_sockets(monitor.table.sockets().map(|(_, socket)| socket.state)),
             _ = check_timer.tick(), if check_every.is_some() && pending_check.is_none() => {
                 monitor.observer.check_starts(clock_ns(libc::CLOCK_MONOTONIC));
-                pending_check = Some(tokio::task::spawn_blocking(read_check_snapshot));
+                let reader = check_reader.clone();
+                pending_check = Some(tokio::task::spawn_blocking(move || read_check_snapshot(&reader)));
             }
             taken = async { pending_check.as_mut().expect("guarded").await }, if pending_check.is_some() => {
                 pending_check = None;
@@ -246,18 +252,33 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     Ok(monitor.observer)
 }
 
-/// Reads the TCP sockets with their owners, as a check compares them: in
-/// the kernel, every namespace, without TIME_WAIT and request sockets;
-/// else netwatch's namespace from /proc (which a check matches by tuple).
-fn read_check_snapshot() -> anyhow::Result<Snapshot> {
+/// Reads the TCP sockets with their owners, as a check compares them: with
+/// `reader`'s iterators in every namespace, without TIME_WAIT and request
+/// sockets; without them, netwatch's namespace from /proc (which a check
+/// matches by tuple).
+fn read_check_snapshot(
+    reader: &std::sync::Mutex<Option<SocketIterators>>,
+) -> anyhow::Result<Snapshot> {
     let protos = [Proto::Tcp, Proto::Tcp6];
-    let taken = match kernel_reader(Detail::Table) {
-        Some(mut iterators) => {
-            snapshot::take_every_namespace(&protos, Owners::Find, Some(&mut iterators))
-        }
+    let mut reader = reader
+        .lock()
+        .map_err(|_| anyhow::anyhow!("a check's reader panicked"))?;
+    let taken = match reader.as_mut() {
+        Some(iterators) => snapshot::take_every_namespace(&protos, Owners::Find, Some(iterators)),
         None => snapshot::take(&protos, Owners::Find, None),
     };
     taken.context("reading the TCP tables failed")
+}
+
+/// Once attached, netwatch keeps only the capabilities it still uses (see
+/// `kernel::keep_only_what_is_still_used`) and sets no_new_privs.
+fn drop_privileges() {
+    match kernel::keep_only_what_is_still_used() {
+        Ok(kept) => log::debug!("capabilities kept: {}", kept.join(", ")),
+        Err(err) => log::warn!(
+            "dropping the capabilities netwatch no longer needs failed ({err}); it runs on with them"
+        ),
+    }
 }
 
 /// Forwards the eBPF program's log, or waits forever when there is none.

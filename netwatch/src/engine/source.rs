@@ -7,11 +7,11 @@
 use std::io;
 
 use anyhow::Context as _;
-use netwatch_common::{ByteCounts, SocketFd, TcpSocketRecord};
+use netwatch_common::{ByteCounts, TcpSocketRecord};
 
 use crate::kernel::{self, Detail, SocketIterators, StateProbe};
 use crate::model::{LossCounters, Proto, Record};
-use crate::snapshot::{self, KernelReader, Owners, Snapshot};
+use crate::snapshot::{self, KernelRead, KernelReader, Owners, Snapshot};
 
 impl KernelReader for SocketIterators {
     fn read(
@@ -19,7 +19,7 @@ impl KernelReader for SocketIterators {
         others: &[(u32, String)],
         fds: bool,
         each: &mut dyn FnMut(TcpSocketRecord, Option<u32>),
-    ) -> anyhow::Result<Option<Vec<SocketFd>>> {
+    ) -> anyhow::Result<KernelRead> {
         Ok(SocketIterators::read(self, others, fds, each)?)
     }
 }
@@ -202,8 +202,29 @@ mod tests {
             .expect("the kernel reads");
         let proc =
             snapshot::take_every_namespace(&protos, Owners::Find, None).expect("/proc reads");
+        // Without CAP_SYS_ADMIN (as once attached), the other namespace
+        // cannot be entered: its sockets come from /proc, the rest from the kernel.
+        let limited = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    kernel::keep_only_what_is_still_used().expect("this thread drops capabilities");
+                    snapshot::take_every_namespace(&protos, Owners::Find, Some(&mut iterators))
+                })
+                .join()
+                .expect("the limited read ran")
+        })
+        .expect("the kernel reads, and /proc the namespace it cannot enter");
         let _ = holder.kill();
         let _ = holder.wait();
+        let elsewhere_port = elsewhere.1;
+        assert_eq!(
+            entries_of(&limited, elsewhere_port, netns),
+            entries_of(&proc, elsewhere_port, netns)
+        );
+        assert!(limited
+            .entries
+            .iter()
+            .all(|entry| entry.socket.kernel.is_some() == entry.socket.netns.is_none()));
         assert!(kernel
             .entries
             .iter()

@@ -99,13 +99,15 @@ impl SocketIterators {
     ///
     /// The kernel walks the namespace of the task that opens the tcp
     /// iterator, so a thread enters each other namespace to open one there;
-    /// a namespace gone meanwhile has no sockets.
+    /// a namespace gone meanwhile has no sockets. Entering one needs
+    /// CAP_SYS_ADMIN: the namespaces it could not enter are returned, for
+    /// the caller to read otherwise.
     pub fn read(
         &mut self,
         others: &[(u32, String)],
         fds: bool,
         mut each: impl FnMut(TcpSocketRecord, Option<u32>),
-    ) -> Result<Option<Vec<SocketFd>>, IteratorError> {
+    ) -> Result<Reading, IteratorError> {
         let fd_listing = match fds {
             true => Some(open(iterator(&mut self.ebpf, SOCKET_FDS_PROGRAM)?)?),
             false => None,
@@ -114,24 +116,28 @@ impl SocketIterators {
         let mut files = vec![(None, open(program)?)];
         std::thread::scope(|scope| {
             let fds = fd_listing.map(|file| scope.spawn(|| socket_fds(file)));
+            let mut not_entered = Vec::new();
             if !others.is_empty() {
-                let opened = scope
+                let (opened, refused) = scope
                     .spawn(|| open_in_namespaces(program, others))
                     .join()
                     .unwrap_or_else(|_| {
                         Err(std::io::Error::other("a namespace thread panicked").into())
                     })?;
                 files.extend(opened);
+                not_entered = refused;
             }
             for (netns, file) in files {
                 read_records(file, |record| each(record, netns))?;
             }
-            fds.map(|reader| {
-                reader
-                    .join()
-                    .unwrap_or_else(|_| Err(std::io::Error::other("the fd reader panicked").into()))
-            })
-            .transpose()
+            let fds = fds
+                .map(|reader| {
+                    reader.join().unwrap_or_else(|_| {
+                        Err(std::io::Error::other("the fd reader panicked").into())
+                    })
+                })
+                .transpose()?;
+            Ok((fds, not_entered))
         })
     }
 }
@@ -153,23 +159,32 @@ fn check_head(offsets: &[(&'static str, u32)]) -> Result<(), IteratorError> {
 
 /// Opens the iterator in each namespace, on the calling thread, which it
 /// moves from namespace to namespace (call it on a thread of its own).
+/// Every socket fd (if asked for), and the namespaces not entered.
+pub type Reading = (Option<Vec<SocketFd>>, Vec<(u32, String)>);
+
+/// The files opened, with their namespace, and the namespaces this thread
+/// had no right to enter.
+type Opened = (Vec<(Option<u32>, File)>, Vec<(u32, String)>);
+
 fn open_in_namespaces(
     program: &mut Iter,
     others: &[(u32, String)],
-) -> Result<Vec<(Option<u32>, File)>, IteratorError> {
-    let mut files = Vec::new();
+) -> Result<Opened, IteratorError> {
+    let (mut files, mut refused) = (Vec::new(), Vec::new());
     for (netns, task) in others {
         let Ok(namespace) = File::open(format!("{task}/ns/net")) else {
             continue;
         };
-        rustix::thread::move_into_link_name_space(
+        match rustix::thread::move_into_link_name_space(
             namespace.as_fd(),
             Some(rustix::thread::LinkNameSpaceType::Network),
-        )
-        .map_err(std::io::Error::from)?;
-        files.push((Some(*netns), open(program)?));
+        ) {
+            Ok(()) => files.push((Some(*netns), open(program)?)),
+            Err(rustix::io::Errno::PERM) => refused.push((*netns, task.clone())),
+            Err(err) => return Err(std::io::Error::from(err).into()),
+        }
     }
-    Ok(files)
+    Ok((files, refused))
 }
 
 fn iterator<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Iter, IteratorError> {
@@ -245,7 +260,7 @@ mod tests {
         let mut iterators =
             SocketIterators::load(Detail::Full).expect("the iterators load (tests run as root)");
         let mut sockets = Vec::new();
-        let fds = iterators
+        let (fds, _) = iterators
             .read(&[], true, |record, _| sockets.push(record))
             .expect("the iterators run");
         assert!(fds

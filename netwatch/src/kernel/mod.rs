@@ -6,6 +6,7 @@
 //! - `events`: their events as netwatch's records;
 //! - `program_log`: their own log;
 //! - `iterators`: every TCP socket and every process's socket fds, read in the kernel;
+//! - `privileges`: the capabilities kept once attached;
 //! - `loader`: aya's loader, without aya's own parse of the kernel's BTF;
 //! - `btf`: struct offsets and iterator attach points from the running kernel's BTF.
 
@@ -14,11 +15,13 @@ mod events;
 mod iterators;
 mod loader;
 mod prerequisites;
+mod privileges;
 mod probe;
 mod program_log;
 
 pub use events::to_record;
 pub use iterators::{Detail, SocketIterators};
+pub use privileges::keep_only_what_is_still_used;
 pub use probe::StateProbe;
 pub use program_log::KernelLog;
 

@@ -9,18 +9,22 @@ use netwatch_common::{SocketFd, TcpSocketRecord, AF_INET, AF_INET6};
 use super::proc_net::{KernelSocket, ProcSocket};
 use crate::model::{Proto, TcpState};
 
+/// What a kernel read returns beside the sockets: every socket fd, if asked
+/// for, and the other namespaces it could not read (as given).
+pub type KernelRead = (Option<Vec<SocketFd>>, Vec<(u32, String)>);
+
 /// Reads in the kernel what /proc/net/tcp{,6} and /proc/[pid]/fd give.
 pub trait KernelReader {
     /// Hands `each` every TCP socket of netwatch's network namespace (with
     /// `None`) and of each of `others` (namespace inode, the /proc
-    /// directory of a task in it; with that inode); with `fds`, returns
-    /// every socket fd of every process.
+    /// directory of a task in it; with that inode) it can read; with
+    /// `fds`, returns every socket fd of every process.
     fn read(
         &mut self,
         others: &[(u32, String)],
         fds: bool,
         each: &mut dyn FnMut(TcpSocketRecord, Option<u32>),
-    ) -> anyhow::Result<Option<Vec<SocketFd>>>;
+    ) -> anyhow::Result<KernelRead>;
 }
 
 /// The socket as /proc prints it; `None` for a family /proc has no table

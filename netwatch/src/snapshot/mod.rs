@@ -14,7 +14,7 @@ use std::thread;
 
 use rustc_hash::FxHashMap;
 
-pub use kernel_table::KernelReader;
+pub use kernel_table::{KernelRead, KernelReader};
 use proc_net::SocketCounts;
 pub use proc_net::{ProcSocket, ProcTable};
 pub use processes::program_name;
@@ -94,7 +94,8 @@ fn take_in(
 }
 
 /// The TCP tables from the kernel's tcp iterator, the owners from its fd
-/// iterator, and UDP tables (if asked for) from /proc.
+/// iterator, and from /proc the UDP tables (if asked for) and the TCP tables
+/// of the namespaces the kernel read could not enter (without CAP_SYS_ADMIN).
 fn take_in_kernel(
     kernel: &mut dyn KernelReader,
     others: &[(u32, String)],
@@ -102,16 +103,20 @@ fn take_in_kernel(
     owners: Owners,
 ) -> anyhow::Result<Snapshot> {
     let mut sockets = Vec::new();
-    let fds = kernel.read(others, owners == Owners::Find, &mut |record, netns| {
-        if let Some(socket) = kernel_table::to_proc_socket(&record, netns) {
-            if protos.contains(&socket.proto) {
-                sockets.push(socket);
+    let (fds, not_entered) =
+        kernel.read(others, owners == Owners::Find, &mut |record, netns| {
+            if let Some(socket) = kernel_table::to_proc_socket(&record, netns) {
+                if protos.contains(&socket.proto) {
+                    sockets.push(socket);
+                }
             }
-        }
-    })?;
+        })?;
     let mut malformed_lines = 0;
-    for &proto in protos.iter().filter(|proto| !proto.is_tcp()) {
-        let table = read_tables(proto, others)?;
+    for &proto in protos {
+        let table = match proto.is_tcp() {
+            true => read_tables_of(proto, &not_entered),
+            false => read_tables(proto, others)?,
+        };
         sockets.extend(table.sockets);
         malformed_lines += table.malformed_lines;
     }
@@ -160,12 +165,21 @@ fn take_from_proc(
 /// One /proc table of netwatch's namespace and of each of `others`.
 fn read_tables(proto: Proto, others: &[(u32, String)]) -> io::Result<ProcTable> {
     let mut table = proc_net::read_table(proto)?;
+    let other = read_tables_of(proto, others);
+    table.sockets.extend(other.sockets);
+    table.malformed_lines += other.malformed_lines;
+    Ok(table)
+}
+
+/// One /proc table of each of `others` (namespace inode, a task in it).
+fn read_tables_of(proto: Proto, others: &[(u32, String)]) -> ProcTable {
+    let mut table = ProcTable::default();
     for (netns, task) in others {
         let other = proc_net::read_table_of(proto, task, *netns);
         table.sockets.extend(other.sockets);
         table.malformed_lines += other.malformed_lines;
     }
-    Ok(table)
+    table
 }
 
 #[cfg(test)]

@@ -408,3 +408,30 @@ fn the_baseline_covers_other_network_namespaces() {
         .iter()
         .all(|r| r["direction"] == "unknown" && r["uid"] == 0));
 }
+
+#[test]
+fn once_attached_audit_keeps_only_the_capabilities_it_still_uses() {
+    let audit = Watch::spawn(&["audit"]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", audit.pid()))
+        .expect("audit's status is readable");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("{name} in {status}"))
+            .to_owned()
+    };
+    // CAP_DAC_READ_SEARCH (2), CAP_SYS_PTRACE (19), CAP_PERFMON (38), CAP_BPF (39).
+    let kept = (1u64 << 2) | (1 << 19) | (1 << 38) | (1 << 39);
+    for set in ["CapEff:", "CapPrm:"] {
+        assert_eq!(
+            u64::from_str_radix(&field(set), 16),
+            Ok(kept),
+            "{set} {status}"
+        );
+    }
+    assert_eq!(field("CapInh:"), "0000000000000000");
+    assert_eq!(field("CapAmb:"), "0000000000000000");
+    assert_eq!(field("NoNewPrivs:"), "1");
+}
