@@ -5,13 +5,14 @@ mod bench;
 mod command;
 mod empty_programs;
 mod load;
+mod service;
 mod setup;
 mod soak;
 mod tracer;
 mod traffic;
 
 use std::os::unix::process::CommandExt as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::Context as _;
@@ -128,7 +129,13 @@ fn test() -> anyhow::Result<()> {
         tests.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
     }
     // Tests that load eBPF programs share kernel state: one at a time.
-    run(tests.args(["--", "--test-threads=1"]))
+    run(tests.args(["--", "--test-threads=1"]))?;
+    let debug_binary = netwatch_binary()
+        .parent()
+        .and_then(Path::parent)
+        .map_or_else(|| root.join("target"), Path::to_path_buf)
+        .join("debug/netwatch");
+    service::check(&root, &debug_binary)
 }
 
 fn build_release() -> anyhow::Result<()> {

@@ -21,9 +21,18 @@ pub const BUILD_PACKAGES: &[&str] = &[
 ];
 /// The real servers the owner tests run (nginx, socat), the interpreter of
 /// their server process models (tests/servers/models.py), strace, which
-/// counts the BTF reads of a netwatch process, and netstat, which the
-/// snapshot is compared with.
-pub const TEST_PACKAGES: &[&str] = &["nginx-light", "socat", "python3", "strace", "net-tools"];
+/// counts the BTF reads of a netwatch process, netstat, which the snapshot
+/// is compared with, and what checks the service files (systemd-analyze,
+/// logrotate).
+pub const TEST_PACKAGES: &[&str] = &[
+    "nginx-light",
+    "socat",
+    "python3",
+    "strace",
+    "net-tools",
+    "systemd",
+    "logrotate",
+];
 /// What the benchmarks compare against or measure with.
 pub const BENCH_PACKAGES: &[&str] = &["libbpf-tools", "net-tools", "linux-perf", "gnuplot-nox"];
 
