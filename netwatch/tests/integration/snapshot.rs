@@ -302,21 +302,24 @@ fn netstat_sockets(ports: &[u16]) -> HashMap<SocketKey, Option<u64>> {
 }
 
 /// netwatch read from `source` names the sockets on `ports` and their
-/// owners as `netstat -tanp` does (only a holder's sockets are there).
+/// owners as `netstat -tanp` does. The holders' sockets are the listening
+/// and established ones there: an earlier test's TIME_WAIT socket may have
+/// one of those port numbers too.
 fn matches_netstat(source: &str, ports: &[u16]) {
-    let on_ports = |sockets: HashMap<SocketKey, Option<u64>>| -> HashMap<SocketKey, Option<u64>> {
+    let held = |sockets: HashMap<SocketKey, Option<u64>>| -> HashMap<SocketKey, Option<u64>> {
         sockets
             .into_iter()
-            .filter(|((local, remote, _), _)| {
-                ports.contains(&local.port()) || ports.contains(&remote.port())
+            .filter(|((local, remote, state), _)| {
+                (ports.contains(&local.port()) || ports.contains(&remote.port()))
+                    && matches!(state, TcpState::Listen | TcpState::Established)
             })
             .collect()
     };
-    let netwatch = on_ports(netwatch_sockets(source));
+    let netwatch = held(netwatch_sockets(source));
     assert_eq!(netwatch.len(), ports.len() * 1001, "{source}");
     assert_eq!(
         netwatch,
-        netstat_sockets(ports),
+        held(netstat_sockets(ports)),
         "{source}: netwatch and netstat differ"
     );
 }
