@@ -41,6 +41,17 @@ pub enum Command {
     /// Keep the live table and compare it with a fresh /proc snapshot every
     /// interval; exit 1 if drift persists across two checks (needs root).
     Verify(VerifyArgs),
+    /// Write the man pages and the bash, zsh and fish completions into a
+    /// directory (for packagers).
+    #[command(hide = true)]
+    Generate(GenerateArgs),
+}
+
+/// `netwatch generate` arguments.
+#[derive(Debug, Args, Clone)]
+pub struct GenerateArgs {
+    /// Directory to write into (created if missing).
+    pub dir: std::path::PathBuf,
 }
 
 /// Filters shared by snapshot and watch.

@@ -17,4 +17,4 @@ mod output;
 mod sink;
 mod snapshot;
 
-pub use modes::{audit, snapshot_command, verify, watch};
+pub use modes::{audit, generate, snapshot_command, verify, watch};

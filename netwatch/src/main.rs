@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use netwatch::cli::{Cli, Command};
-use netwatch::{audit, snapshot_command, verify, watch};
+use netwatch::{audit, generate, snapshot_command, verify, watch};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -19,6 +19,7 @@ fn main() -> ExitCode {
         None => (watch::run(cli.watch), true),
         // An auditor's reader going away loses records: that is an error.
         Some(Command::Audit(args)) => (audit::run(args), false),
+        Some(Command::Generate(args)) => (generate::run(&args), false),
         Some(Command::Verify(args)) => match verify::run(args) {
             Ok(true) => (Ok(()), false),
             Ok(false) => return ExitCode::FAILURE,

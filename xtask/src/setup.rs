@@ -22,8 +22,8 @@ pub const BUILD_PACKAGES: &[&str] = &[
 /// The real servers the owner tests run (nginx, socat), the interpreter of
 /// their server process models (tests/servers/models.py), strace, which
 /// counts the BTF reads of a netwatch process, netstat, which the snapshot
-/// is compared with, and what checks the service files (systemd-analyze,
-/// logrotate).
+/// is compared with, what checks the service files (systemd-analyze,
+/// logrotate), and man, which renders the man pages.
 pub const TEST_PACKAGES: &[&str] = &[
     "nginx-light",
     "socat",
@@ -32,6 +32,7 @@ pub const TEST_PACKAGES: &[&str] = &[
     "net-tools",
     "systemd",
     "logrotate",
+    "man-db",
 ];
 /// What the benchmarks compare against or measure with.
 pub const BENCH_PACKAGES: &[&str] = &["libbpf-tools", "net-tools", "linux-perf", "gnuplot-nox"];

@@ -1,8 +1,10 @@
 //! What a user runs: `snapshot`, and on the engine `watch` (the stream),
 //! `audit` (connection records) and `verify` (the table against /proc).
-//! Each mode declares its own records.
+//! Each mode declares its own records. `generate` writes the man pages and
+//! completions, for packagers.
 
 pub mod audit;
+pub mod generate;
 pub mod snapshot_command;
 pub mod verify;
 pub mod watch;

@@ -3,6 +3,7 @@
 //! netwatch binary reports. The stream tests load eBPF and need root.
 
 mod audit;
+mod generate;
 mod kernel_btf;
 mod metrics;
 mod owners;
