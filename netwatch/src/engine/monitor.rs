@@ -173,12 +173,21 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     };
     let mut monitor = Monitor::new(config.no_resync, config.netns, observer, sink, metrics);
     let in_kernel = monitor.take_baseline(&mut source)?;
+    let baseline_read = started.elapsed() - attached;
+    // The checks' reader is loaded now, while netwatch may still load
+    // programs; from "watching" on, it keeps only what it still uses.
+    let check_reader = Arc::new(std::sync::Mutex::new(
+        config
+            .check_every
+            .and_then(|_| kernel_reader(Detail::Table)),
+    ));
+    drop_privileges();
     log::info!(
         "watching TCP state transitions (loaded and attached in {} ms, baseline of {} sockets read {} in {} ms{})",
         attached.as_millis(),
         monitor.table.len(),
         if in_kernel { "in the kernel" } else { "from /proc" },
-        (started.elapsed() - attached).as_millis(),
+        baseline_read.as_millis(),
         if recovers_skipped_calls {
             ", recovering skipped calls"
         } else {
@@ -189,11 +198,6 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     let mut drain_timer = tokio::time::interval(DRAIN_INTERVAL);
     let mut gauge_timer = tokio::time::interval(GAUGE_INTERVAL);
     let check_every = config.check_every;
-    // The checks' reader is loaded now, while netwatch may still load programs.
-    let check_reader = Arc::new(std::sync::Mutex::new(
-        check_every.and_then(|_| kernel_reader(Detail::Table)),
-    ));
-    drop_privileges();
     let mut check_timer = tokio::time::interval(check_every.unwrap_or(Duration::from_secs(3600)));
     check_timer.tick().await;
     // The check's snapshot is read on a thread while transitions keep flowing.
