@@ -65,11 +65,11 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
-        Task::Setup => setup::ensure(&[setup::BUILD_PACKAGES]),
+        Task::Setup => setup::ensure(&[&setup::BUILD]),
         Task::Run { args } => run_netwatch(&args),
         Task::Test => test(),
         Task::Bench { netwatch, which } => {
-            setup::ensure(&[setup::BUILD_PACKAGES, setup::BENCH_PACKAGES])?;
+            setup::ensure(&[&setup::BUILD, &setup::BENCH])?;
             let netwatch = match netwatch {
                 Some(path) => std::path::absolute(path)?,
                 None => {
@@ -86,7 +86,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn run_netwatch(args: &[String]) -> anyhow::Result<()> {
-    setup::ensure(&[setup::BUILD_PACKAGES])?;
+    setup::ensure(&[&setup::BUILD])?;
     build_release()?;
     let binary = netwatch_binary();
     let mut command = as_root(&binary.to_string_lossy())?;
@@ -95,7 +95,7 @@ fn run_netwatch(args: &[String]) -> anyhow::Result<()> {
 }
 
 fn test() -> anyhow::Result<()> {
-    setup::ensure(&[setup::BUILD_PACKAGES, setup::TEST_PACKAGES])?;
+    setup::ensure(&[&setup::BUILD, &setup::TEST])?;
     let root = workspace_root();
     run(cargo().current_dir(&root).args(["fmt", "--all", "--check"]))?;
     let host_crates = ["-p", "netwatch", "-p", "netwatch-common", "-p", "xtask"];

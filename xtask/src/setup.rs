@@ -10,45 +10,101 @@ use anyhow::{bail, Context as _};
 
 use crate::command::{as_root, cargo, cargo_bin_dir, run};
 
-/// Debian packages bpf-linker needs to build against LLVM 22; `ss` and
-/// `bpftool` for the tests, which compare netwatch with them.
-pub const BUILD_PACKAGES: &[&str] = &[
-    "llvm-22-dev",
-    "zlib1g-dev",
-    "libzstd-dev",
-    "iproute2",
-    "bpftool",
-];
-/// The real servers the owner tests run (nginx, socat), the interpreter of
-/// their server process models (tests/servers/models.py), strace, which
-/// counts the BTF reads of a netwatch process, netstat, which the snapshot
-/// is compared with, what checks the service files (systemd-analyze,
-/// logrotate), and man, which renders the man pages.
-pub const TEST_PACKAGES: &[&str] = &[
-    "nginx-light",
-    "socat",
-    "python3",
-    "strace",
-    "net-tools",
-    "systemd",
-    "logrotate",
-    "man-db",
-];
-/// What the benchmarks compare against or measure with.
-pub const BENCH_PACKAGES: &[&str] = &["libbpf-tools", "net-tools", "linux-perf", "gnuplot-nox"];
+/// What one task needs: Debian packages, and tools `cargo install` builds.
+pub struct Needs {
+    packages: &'static [&'static str],
+    tools: &'static [CargoTool],
+}
 
-const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Building and running netwatch: bpf-linker and the LLVM 22 it builds
+/// against; `ss` and `bpftool` for the tests, which compare netwatch with them.
+pub const BUILD: Needs = Needs {
+    packages: &[
+        "llvm-22-dev",
+        "zlib1g-dev",
+        "libzstd-dev",
+        "iproute2",
+        "bpftool",
+    ],
+    tools: &[CargoTool {
+        name: "bpf-linker",
+        version: "0.13.0",
+        options: &["--no-default-features", "--features", "llvm-22"],
+        env: &[
+            ("LLVM_SYS_221_PREFIX", LLVM_PREFIX),
+            ("LLVM_PREFIX", LLVM_PREFIX),
+        ],
+        takes: "about 2 minutes, against LLVM 22",
+    }],
+};
+/// The tests: the real servers the owner tests run (nginx, socat), the
+/// interpreter of their server process models (tests/servers/models.py),
+/// strace, which counts the BTF reads of a netwatch process, netstat, which
+/// the snapshot is compared with, what checks the service files
+/// (systemd-analyze, logrotate), and man, which renders the man
+/// pages.
+pub const TEST: Needs = Needs {
+    packages: &[
+        "nginx-light",
+        "socat",
+        "python3",
+        "strace",
+        "net-tools",
+        "systemd",
+        "logrotate",
+        "man-db",
+    ],
+    tools: &[],
+};
+/// What the benchmarks compare against or measure with.
+pub const BENCH: Needs = Needs {
+    packages: &["libbpf-tools", "net-tools", "linux-perf", "gnuplot-nox"],
+    tools: &[],
+};
+
+/// A tool `cargo install` builds from crates.io, at a pinned version.
+struct CargoTool {
+    name: &'static str,
+    version: &'static str,
+    /// `cargo install` options after the version.
+    options: &'static [&'static str],
+    env: &'static [(&'static str, &'static str)],
+    /// How long building it takes, said before it starts.
+    takes: &'static str,
+}
+
+impl CargoTool {
+    /// Whether `NAME --version` runs and names the pinned version.
+    fn installed(&self) -> bool {
+        Command::new(cargo_bin_dir().join(self.name))
+            .arg("--version")
+            .output()
+            .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(self.version))
+    }
+
+    fn install(&self) -> anyhow::Result<()> {
+        println!(
+            "xtask: building {} {} ({}, once)",
+            self.name, self.version, self.takes
+        );
+        run(cargo()
+            .envs(self.env.iter().copied())
+            .args(["install", self.name, "--version", self.version, "--locked"])
+            .args(self.options))
+    }
+}
+
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const TRACEFS: &str = "/sys/kernel/tracing";
 const BPFFS: &str = "/sys/fs/bpf";
 
 /// Makes sure every prerequisite is present, installing what is missing.
-pub fn ensure(packages: &[&[&str]]) -> anyhow::Result<()> {
+pub fn ensure(needs: &[&Needs]) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut installed = Vec::new();
-    let wanted: Vec<&str> = packages
+    let wanted: Vec<&str> = needs
         .iter()
-        .flat_map(|list| list.iter().copied())
+        .flat_map(|need| need.packages.iter().copied())
         .collect();
     let missing: Vec<&str> = wanted
         .iter()
@@ -69,9 +125,12 @@ pub fn ensure(packages: &[&[&str]]) -> anyhow::Result<()> {
         ]))?;
         installed.push("nightly rust-src".to_owned());
     }
-    if !bpf_linker_installed() {
-        install_bpf_linker()?;
-        installed.push(format!("bpf-linker {BPF_LINKER_VERSION}"));
+    let tools: Vec<&CargoTool> = needs.iter().flat_map(|need| need.tools).collect();
+    for tool in &tools {
+        if !tool.installed() {
+            tool.install()?;
+            installed.push(format!("{} {}", tool.name, tool.version));
+        }
     }
     for (fs_type, target) in [("tracefs", TRACEFS), ("bpf", BPFFS)] {
         if !mounted(fs_type, target)? {
@@ -81,7 +140,15 @@ pub fn ensure(packages: &[&[&str]]) -> anyhow::Result<()> {
     }
     let took = started.elapsed().as_secs_f64();
     if installed.is_empty() {
-        println!("xtask: prerequisites present (llvm-22, nightly rust-src, bpf-linker {BPF_LINKER_VERSION}, tracefs, bpffs) [{took:.2} s]");
+        let tools: Vec<String> = tools
+            .iter()
+            .map(|tool| format!("{} {}", tool.name, tool.version))
+            .collect();
+        println!(
+            "xtask: prerequisites present ({} packages, nightly rust-src, {}, tracefs, bpffs) [{took:.2} s]",
+            wanted.len(),
+            tools.join(", ")
+        );
     } else {
         println!("xtask: installed {} [{took:.1} s]", installed.join(", "));
     }
@@ -116,30 +183,6 @@ fn rust_src_installed() -> anyhow::Result<bool> {
     }
     let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
     Ok(sysroot.join("lib/rustlib/src/rust/library/core").is_dir())
-}
-
-fn bpf_linker_installed() -> bool {
-    Command::new(cargo_bin_dir().join("bpf-linker"))
-        .arg("--version")
-        .output()
-        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION))
-}
-
-fn install_bpf_linker() -> anyhow::Result<()> {
-    println!(
-        "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 2 minutes, once)"
-    );
-    run(cargo()
-        .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX)
-        .env("LLVM_PREFIX", LLVM_PREFIX)
-        .args([
-            "install",
-            "bpf-linker",
-            "--version",
-            BPF_LINKER_VERSION,
-            "--locked",
-        ])
-        .args(["--no-default-features", "--features", "llvm-22"]))
 }
 
 fn mounted(fs_type: &str, target: &str) -> anyhow::Result<bool> {
