@@ -5,6 +5,7 @@ mod bench;
 mod command;
 mod empty_programs;
 mod load;
+mod package;
 mod service;
 mod setup;
 mod soak;
@@ -37,8 +38,11 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Install, then fmt --check, clippy -D warnings and every test (root ones included).
+    /// Install, then fmt --check, clippy -D warnings and every test (root ones
+    /// included), and install, run and purge the Debian package.
     Test,
+    /// Build the Debian package (target/debian/netwatch_VERSION_ARCH.deb).
+    Dist,
     /// Measure netwatch against ss/netstat (snapshot), tcpstates (stream), over time (soak), or its cost to TCP traffic (traffic).
     Bench {
         /// Measure this netwatch binary (another commit's build, to compare)
@@ -68,6 +72,12 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::ensure(&[&setup::BUILD]),
         Task::Run { args } => run_netwatch(&args),
         Task::Test => test(),
+        Task::Dist => {
+            setup::ensure(&[&setup::BUILD, &setup::DIST])?;
+            let deb = dist()?;
+            println!("xtask: built {}", deb.display());
+            Ok(())
+        }
         Task::Bench { netwatch, which } => {
             setup::ensure(&[&setup::BUILD, &setup::BENCH])?;
             let netwatch = match netwatch {
@@ -95,7 +105,7 @@ fn run_netwatch(args: &[String]) -> anyhow::Result<()> {
 }
 
 fn test() -> anyhow::Result<()> {
-    setup::ensure(&[&setup::BUILD, &setup::TEST])?;
+    setup::ensure(&[&setup::BUILD, &setup::TEST, &setup::DIST])?;
     let root = workspace_root();
     run(cargo().current_dir(&root).args(["fmt", "--all", "--check"]))?;
     let host_crates = ["-p", "netwatch", "-p", "netwatch-common", "-p", "xtask"];
@@ -130,12 +140,21 @@ fn test() -> anyhow::Result<()> {
     }
     // Tests that load eBPF programs share kernel state: one at a time.
     run(tests.args(["--", "--test-threads=1"]))?;
+    // Before the service files' check, which makes the service's user: on a
+    // fresh machine the package's postinst must.
+    package::check(&dist()?)?;
     let debug_binary = netwatch_binary()
         .parent()
         .and_then(Path::parent)
         .map_or_else(|| root.join("target"), Path::to_path_buf)
         .join("debug/netwatch");
     service::check(&root, &debug_binary)
+}
+
+/// Builds release and the Debian package from it; returns the package's path.
+fn dist() -> anyhow::Result<PathBuf> {
+    build_release()?;
+    package::build(&workspace_root(), &netwatch_binary())
 }
 
 fn build_release() -> anyhow::Result<()> {

@@ -37,12 +37,23 @@ pub const BUILD: Needs = Needs {
         takes: "about 2 minutes, against LLVM 22",
     }],
 };
+/// Building the Debian package: cargo-deb.
+pub const DIST: Needs = Needs {
+    packages: &[],
+    tools: &[CargoTool {
+        name: "cargo-deb",
+        version: "3.8.0",
+        options: &[],
+        env: &[],
+        takes: "about a minute",
+    }],
+};
 /// The tests: the real servers the owner tests run (nginx, socat), the
 /// interpreter of their server process models (tests/servers/models.py),
 /// strace, which counts the BTF reads of a netwatch process, netstat, which
 /// the snapshot is compared with, what checks the service files
-/// (systemd-analyze, logrotate), and man, which renders the man
-/// pages.
+/// (systemd-analyze, logrotate), man, which renders the man pages, and
+/// lintian, which checks the package.
 pub const TEST: Needs = Needs {
     packages: &[
         "nginx-light",
@@ -53,6 +64,7 @@ pub const TEST: Needs = Needs {
         "systemd",
         "logrotate",
         "man-db",
+        "lintian",
     ],
     tools: &[],
 };
