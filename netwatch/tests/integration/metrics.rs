@@ -157,16 +157,7 @@ fn thread_cpu_seconds(pid: u32, name: &str) -> f64 {
 fn a_flood_of_idle_connections_neither_stops_nor_slows_netwatch() {
     let port = free_port();
     let metrics = format!("127.0.0.1:{port}");
-    let verify = Watch::spawn(&[
-        "verify",
-        "--json",
-        "--interval",
-        "1",
-        "--duration",
-        "6",
-        "--metrics",
-        &metrics,
-    ]);
+    let verify = Watch::spawn(&["verify", "--json", "--interval", "1", "--metrics", &metrics]);
     // systemd's default soft limit, set after netwatch raised its own.
     set_fd_limit(verify.pid(), Some(1024));
     set_fd_limit(0, None);
@@ -199,7 +190,9 @@ fn a_flood_of_idle_connections_neither_stops_nor_slows_netwatch() {
         "{response}"
     );
     drop(flood);
-    let stopped = verify.wait_exit(Duration::from_secs(30));
+    // Stopped, not timed: a flood that fills the backlog can take longer
+    // than any fixed --duration on a loaded machine.
+    let stopped = verify.stop();
     assert!(
         stopped.success,
         "verify kept running and passed: {}",
