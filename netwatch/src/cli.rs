@@ -101,6 +101,10 @@ pub struct SnapshotArgs {
     /// One JSON object per socket per line.
     #[arg(long)]
     pub json: bool,
+    /// With -p, the owner's full command line after PID/ (its name where
+    /// the command line cannot be read); with --json, `cmdline`.
+    #[arg(long)]
+    pub cmdline: bool,
     /// Where the TCP sockets and their owners are read.
     #[arg(long, value_enum, default_value_t = SnapshotSource::Auto)]
     pub source: SnapshotSource,
@@ -154,6 +158,10 @@ pub struct WatchArgs {
     /// Also print each socket of the starting /proc baseline once.
     #[arg(long)]
     pub baseline: bool,
+    /// The owner's full command line: at the end of each text line, and
+    /// as `cmdline` in JSON.
+    #[arg(long)]
+    pub cmdline: bool,
     #[command(flatten)]
     pub probe: ProbeArgs,
     #[command(flatten)]

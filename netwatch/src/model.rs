@@ -3,7 +3,7 @@
 
 use netwatch_common::ByteCounts;
 use serde::Serialize;
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -168,6 +168,94 @@ pub struct Owner {
     pub pid: u32,
     /// The process name (`/proc/PID/comm`, as ss and tcpstates show it).
     pub program: Arc<str>,
+    /// Its command line and executable, where they were asked for.
+    pub image: Option<Arc<ProcessImage>>,
+}
+
+impl Owner {
+    /// An owner known by pid and name only.
+    pub fn new(pid: u32, program: Arc<str>) -> Owner {
+        Owner {
+            pid,
+            program,
+            image: None,
+        }
+    }
+}
+
+/// What a process runs, as /proc shows it when netwatch reads it: its
+/// command line and its executable. Each is `None` where it could not be
+/// read (the process was gone, or was not the one meant).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProcessImage {
+    pub cmdline: Option<Arc<CommandLine>>,
+    /// The target of /proc/PID/exe (" (deleted)" appended when the file is gone).
+    pub exe: Option<Arc<str>>,
+}
+
+/// A command line as the kernel holds it (/proc/PID/cmdline): the
+/// arguments, each ended by a NUL, empty ones included. A process that
+/// rewrote its arguments (nginx, postgres) shows what it wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandLine(pub Vec<Vec<u8>>);
+
+impl CommandLine {
+    /// Splits the bytes of /proc/PID/cmdline: each NUL ends an argument.
+    /// Bytes after the last NUL (a process that overwrote it) are one more.
+    pub fn from_proc(bytes: &[u8]) -> CommandLine {
+        if bytes.is_empty() {
+            return CommandLine(Vec::new());
+        }
+        let body = bytes.strip_suffix(&[0]).unwrap_or(bytes);
+        CommandLine(body.split(|&b| b == 0).map(<[u8]>::to_vec).collect())
+    }
+
+    /// Each argument as text: UTF-8 as it is, any other byte as `\xNN`
+    /// (as Python's `backslashreplace` writes it).
+    pub fn texts(&self) -> impl Iterator<Item = std::borrow::Cow<'_, str>> {
+        self.0.iter().map(|arg| escape_non_utf8(arg))
+    }
+}
+
+/// Bytes as text: valid UTF-8 runs as they are, other bytes as `\xNN`.
+pub fn escape_non_utf8(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        return text.into();
+    }
+    let mut text = String::with_capacity(bytes.len() + 8);
+    for chunk in bytes.utf8_chunks() {
+        text.push_str(chunk.valid());
+        for byte in chunk.invalid() {
+            // Writing to a String cannot fail.
+            let _ = write!(text, "\\x{byte:02x}");
+        }
+    }
+    text.into()
+}
+
+impl Serialize for CommandLine {
+    /// A JSON array of strings, one per argument (see [`CommandLine::texts`]).
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.texts())
+    }
+}
+
+impl fmt::Display for CommandLine {
+    /// The arguments joined by spaces, each quoted as a POSIX shell would
+    /// need it (an empty one as `''`), so that the line reads back exactly.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, arg) in self.texts().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            match shlex::try_quote(&arg) {
+                Ok(quoted) => f.write_str(&quoted)?,
+                // A NUL cannot be in an argument; shown as it is otherwise.
+                Err(_) => f.write_str(&arg)?,
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `addr:port`, with IPv6 in brackets and port 0 as `*`, as ss prints it.
@@ -348,6 +436,29 @@ pub enum Record {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_command_line_splits_at_each_nul_keeping_empty_arguments() {
+        let split = |bytes: &[u8]| CommandLine::from_proc(bytes).0;
+        assert_eq!(split(b"ls\0-l\0\0x y\0"), [&b"ls"[..], b"-l", b"", b"x y"]);
+        assert_eq!(split(b"prog\0\0"), [&b"prog"[..], b""]);
+        assert_eq!(split(b""), Vec::<Vec<u8>>::new());
+        // A process that overwrote its last NUL (setproctitle).
+        assert_eq!(
+            split(b"nginx: worker process"),
+            [&b"nginx: worker process"[..]]
+        );
+    }
+
+    #[test]
+    fn a_command_line_serializes_each_argument_and_displays_as_a_shell_reads_it() {
+        let line = CommandLine::from_proc(b"sh\0-c\0echo 'hi'\0\0caf\xc3\xa9\xff\0");
+        assert_eq!(
+            serde_json::to_value(&line).unwrap(),
+            serde_json::json!(["sh", "-c", "echo 'hi'", "", "caf\u{e9}\\xff"])
+        );
+        assert_eq!(line.to_string(), r#"sh -c "echo 'hi'" '' "café\\xff""#);
+    }
 
     #[test]
     fn kernel_numbers_map_to_netstat_names() {

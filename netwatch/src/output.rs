@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::engine::monitor::Summary;
 use crate::model::{
-    format_endpoint, Endpoint, LossCause, Owner, OwnerChange, Proto, TcpState, Tuple,
+    format_endpoint, CommandLine, Endpoint, LossCause, Owner, OwnerChange, Proto, TcpState, Tuple,
 };
 use crate::snapshot::SnapshotEntry;
 
@@ -20,6 +20,8 @@ pub struct SnapshotColumns {
     pub program: bool,
     /// User and Inode (`-e`).
     pub extend: bool,
+    /// The command line after PID/ instead of the name (`--cmdline`).
+    pub cmdline: bool,
 }
 
 /// netstat's title line for the states shown.
@@ -79,7 +81,16 @@ pub fn write_snapshot_text(
         if columns.program {
             match &entry.owner {
                 Some(owner) => {
-                    let _ = write!(line, " {}/{}", owner.pid, Printable(&owner.program));
+                    let _ = match owner
+                        .image
+                        .as_ref()
+                        .and_then(|image| image.cmdline.as_ref())
+                    {
+                        Some(cmdline) if columns.cmdline => {
+                            write!(line, " {}/{}", owner.pid, Printable(&cmdline.to_string()))
+                        }
+                        _ => write!(line, " {}/{}", owner.pid, Printable(&owner.program)),
+                    };
                 }
                 None => line.push_str(" -"),
             }
@@ -130,11 +141,14 @@ pub struct SocketRecord<'a> {
     pub program: Option<&'a str>,
     /// Every process holding it, lowest first (`pid` is the first).
     pub pids: &'a [u32],
+    /// The owner's arguments, where asked for (null: not readable).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<Option<&'a CommandLine>>,
 }
 
 impl<'a> SocketRecord<'a> {
-    /// The record of a snapshot entry.
-    pub fn new(entry: &'a SnapshotEntry) -> SocketRecord<'a> {
+    /// The record of a snapshot entry, with `cmdline` when asked for.
+    pub fn new(entry: &'a SnapshotEntry, cmdline: bool) -> SocketRecord<'a> {
         let socket = &entry.socket;
         SocketRecord {
             proto: socket.proto.name(),
@@ -148,6 +162,7 @@ impl<'a> SocketRecord<'a> {
             pid: entry.owner.as_ref().map(|owner| owner.pid),
             program: entry.owner.as_ref().map(|owner| &*owner.program),
             pids: &entry.pids,
+            cmdline: cmdline_field(entry.owner.as_ref(), cmdline),
         }
     }
 }
@@ -266,6 +281,9 @@ pub enum StreamRecord<'a> {
         old_state: &'static str,
         new_state: &'static str,
         ms: Option<f64>,
+        /// The owner's arguments (`--cmdline`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cmdline: Option<Option<&'a CommandLine>>,
     },
     /// A socket that existed when netwatch started (`--baseline`).
     Baseline {
@@ -305,7 +323,31 @@ pub enum StreamRecord<'a> {
         old_program: Option<&'a str>,
         pid: u32,
         program: &'a str,
+        /// The new owner's arguments (`--cmdline`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cmdline: Option<Option<&'a CommandLine>>,
     },
+}
+
+/// The `cmdline` of a JSON record: absent unless `asked`, then the
+/// owner's arguments, or null where there is no owner or they were unreadable.
+pub fn cmdline_field(owner: Option<&Owner>, asked: bool) -> Option<Option<&CommandLine>> {
+    asked.then(|| owner?.image.as_deref()?.cmdline.as_deref())
+}
+
+/// Ends the text line just written to `out` with the owner's command line
+/// (`-` where unknown), for `--cmdline`.
+pub fn append_cmdline(out: &mut Vec<u8>, owner: Option<&Owner>) {
+    if out.last() == Some(&b'\n') {
+        out.pop();
+    }
+    match cmdline_field(owner, true).flatten() {
+        Some(cmdline) => {
+            let _ = write!(out, "  {}", Printable(&cmdline.to_string()));
+        }
+        None => out.extend_from_slice(b"  -"),
+    }
+    out.push(b'\n');
 }
 
 /// Header of the text stream, tcpstates' columns.
@@ -414,10 +456,7 @@ mod tests {
 
     #[test]
     fn text_table_matches_netstat_layout() {
-        let sshd = Some(Owner {
-            pid: 812,
-            program: "sshd".into(),
-        });
+        let sshd = Some(Owner::new(812, "sshd".into()));
         let entries = [
             entry(
                 Proto::Tcp,
@@ -434,6 +473,7 @@ mod tests {
         let columns = SnapshotColumns {
             program: true,
             extend: true,
+            cmdline: false,
         };
         write_snapshot_text(&mut out, snapshot_title(false, true), &refs, columns).unwrap();
         let expected = "\
@@ -455,7 +495,7 @@ udp        7      5 0.0.0.0:53              0.0.0.0:*                           
             TcpState::TimeWait,
             None,
         );
-        let value = serde_json::to_value(SocketRecord::new(&e)).unwrap();
+        let value = serde_json::to_value(SocketRecord::new(&e, false)).unwrap();
         let expected = serde_json::json!({
             "proto": "tcp6", "local_addr": "::ffff:127.0.0.1", "local_port": 80,
             "remote_addr": "::ffff:127.0.0.1", "remote_port": 4000, "state": "TIME_WAIT",
@@ -484,10 +524,7 @@ udp        7      5 0.0.0.0:53              0.0.0.0:*                           
             local: "127.0.0.1:48286".parse().unwrap(),
             remote: "127.0.0.1:8080".parse().unwrap(),
         };
-        let owner = Owner {
-            pid: 6860,
-            program: "python3".into(),
-        };
+        let owner = Owner::new(6860, "python3".into());
         let mut out = Vec::new();
         let ts = "2026-11-27T08:19:23.428319Z";
         write_state_text(
@@ -546,6 +583,7 @@ udp        7      5 0.0.0.0:53              0.0.0.0:*                           
             old_program: Some("nginx"),
             pid: 101,
             program: "nginx",
+            cmdline: None,
         };
         assert_eq!(
             serde_json::to_value(&record).unwrap(),
@@ -561,10 +599,7 @@ udp        7      5 0.0.0.0:53              0.0.0.0:*                           
             tuple,
             state: TcpState::Established,
             old: None,
-            new: Owner {
-                pid: 101,
-                program: "nginx".into(),
-            },
+            new: Owner::new(101, "nginx".into()),
             cause: OwnerCause::Accept,
         };
         let mut out = Vec::new();
@@ -582,10 +617,7 @@ udp        7      5 0.0.0.0:53              0.0.0.0:*                           
             "evil\\u{1b}[2J\\nfake line\\tx"
         );
         assert_eq!(Printable("nginx: wörker").to_string(), "nginx: wörker");
-        let owner = Owner {
-            pid: 7,
-            program: "a\u{1b}b".into(),
-        };
+        let owner = Owner::new(7, "a\u{1b}b".into());
         let entries = [entry(
             Proto::Tcp,
             "127.0.0.1:22",
@@ -598,6 +630,7 @@ udp        7      5 0.0.0.0:53              0.0.0.0:*                           
         let columns = SnapshotColumns {
             program: true,
             extend: false,
+            cmdline: false,
         };
         write_snapshot_text(&mut out, "title", &refs, columns).unwrap();
         let tuple = Tuple {

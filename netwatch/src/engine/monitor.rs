@@ -122,6 +122,8 @@ pub struct Config {
     pub check_every: Option<Duration>,
     /// netwatch's own network namespace, where /proc is read.
     pub netns: Option<u32>,
+    /// Give owners their command line and executable (audit, `--cmdline`).
+    pub process_images: bool,
 }
 
 impl Config {
@@ -137,6 +139,7 @@ impl Config {
             duration,
             check_every: None,
             netns: snapshot::own_netns(),
+            process_images: false,
         }
     }
 }
@@ -172,6 +175,9 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
         iterators: iterators.join().unwrap_or_default(),
     };
     let mut monitor = Monitor::new(config.no_resync, config.netns, observer, sink, metrics);
+    if config.process_images {
+        monitor.table.read_images(snapshot::process_image);
+    }
     let in_kernel = monitor.take_baseline(&mut source)?;
     let baseline_read = started.elapsed() - attached;
     // The checks' reader is loaded now, while netwatch may still load

@@ -29,33 +29,43 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::model::{
-    Direction, Owner, OwnerChange, OwnerEvent, Proto, Task, TcpState, Transition, Tuple,
+    Direction, Owner, OwnerChange, OwnerEvent, ProcessImage, Proto, Task, TcpState, Transition,
+    Tuple,
 };
 use crate::snapshot::Snapshot;
 
-/// A process that owns sockets in the table. Its name follows `exec()`.
+/// A process that owns sockets in the table. Its name (and what it runs,
+/// where the table reads that) follows `exec()`.
 #[derive(Debug)]
 pub struct Process {
     pub pid: u32,
     /// When it started, once the kernel said (a baseline owner's is unknown).
     start_ns: Cell<Option<u64>>,
     name: RefCell<Arc<str>>,
+    image: RefCell<Option<Arc<ProcessImage>>>,
 }
 
 impl Process {
-    fn new(pid: u32, start_ns: Option<u64>, name: Arc<str>) -> Rc<Process> {
+    fn new(
+        pid: u32,
+        start_ns: Option<u64>,
+        name: Arc<str>,
+        image: Option<Arc<ProcessImage>>,
+    ) -> Rc<Process> {
         Rc::new(Process {
             pid,
             start_ns: Cell::new(start_ns),
             name: RefCell::new(name),
+            image: RefCell::new(image),
         })
     }
 
-    /// The process as records name it: its pid and current name.
+    /// The process as records name it: its pid, current name and image.
     pub fn owner(&self) -> Owner {
         Owner {
             pid: self.pid,
             program: self.name.borrow().clone(),
+            image: self.image.borrow().clone(),
         }
     }
 
@@ -152,6 +162,10 @@ fn comm_name(comm: &[u8; 16]) -> Arc<str> {
 /// Looks up a process name by pid (`/proc/PID/comm` in production).
 pub type NameLookup = fn(u32) -> Option<String>;
 
+/// Reads what process `pid`, started at the given time if known, runs
+/// ([`crate::snapshot::process_image`] in production).
+pub type ImageLookup = fn(u32, Option<u64>) -> ProcessImage;
+
 /// A listening socket, to give accepted sockets their owner.
 #[derive(Debug)]
 struct Listener {
@@ -175,6 +189,8 @@ pub struct SocketTable {
     processes: FxHashMap<u32, Rc<Process>>,
     /// Names a process when the kernel could not (no BTF).
     lookup_name: NameLookup,
+    /// Reads each owner's command line and executable, where asked to.
+    lookup_image: Option<ImageLookup>,
     /// Sockets that reached CLOSE lately, with the state they left.
     closed: FxHashMap<u64, TcpState>,
     capacity: usize,
@@ -219,11 +235,18 @@ impl SocketTable {
             listeners: FxHashMap::default(),
             processes: FxHashMap::default(),
             lookup_name,
+            lookup_image: None,
             closed: FxHashMap::default(),
             capacity: capacity.max(1),
             evicted: 0,
             vanished: 0,
         }
+    }
+
+    /// From now on, reads each owner's command line and executable with
+    /// `lookup`, once per process (and again after it calls `exec()`).
+    pub fn read_images(&mut self, lookup: ImageLookup) {
+        self.lookup_image = Some(lookup);
     }
 
     /// Replaces the contents with the TCP sockets of a snapshot taken in
@@ -444,6 +467,7 @@ impl SocketTable {
             if process.start_ns.get().is_none() || process.start_ns.get() == task.start_ns {
                 process.start_ns.set(task.start_ns);
                 *process.name.borrow_mut() = name;
+                *process.image.borrow_mut() = self.read_image(task.pid, task.start_ns);
             }
         }
     }
@@ -541,7 +565,9 @@ impl SocketTable {
                 if start_ns.is_some() {
                     known.start_ns.set(start_ns);
                     if *known.name.borrow() != name {
+                        // Renamed by an exec whose own event is still to come.
                         *known.name.borrow_mut() = name;
+                        *known.image.borrow_mut() = self.read_image(pid, start_ns);
                     }
                 }
                 return known.clone();
@@ -552,9 +578,14 @@ impl SocketTable {
             self.processes
                 .retain(|_, process| Rc::strong_count(process) > 1);
         }
-        let process = Process::new(pid, start_ns, name);
+        let process = Process::new(pid, start_ns, name, self.read_image(pid, start_ns));
         self.processes.insert(pid, process.clone());
         process
+    }
+
+    fn read_image(&self, pid: u32, start_ns: Option<u64>) -> Option<Arc<ProcessImage>> {
+        self.lookup_image
+            .map(|lookup| Arc::new(lookup(pid, start_ns)))
     }
 
     fn listener_owner(&self, accepted: &Transition) -> Option<Rc<Process>> {
@@ -620,10 +651,7 @@ mod tests {
     }
 
     fn owner(pid: u32) -> Option<Owner> {
-        fake_names(pid).map(|program| Owner {
-            pid,
-            program: program.into(),
-        })
+        fake_names(pid).map(|program| Owner::new(pid, program.into()))
     }
 
     fn tuple(local: &str, remote: &str) -> Tuple {
@@ -677,10 +705,7 @@ mod tests {
     }
 
     fn named(pid: u32, program: &str) -> Option<Owner> {
-        Some(Owner {
-            pid,
-            program: program.into(),
-        })
+        Some(Owner::new(pid, program.into()))
     }
 
     /// `transition` by a task the kernel named.
@@ -742,13 +767,7 @@ mod tests {
             ))
             .expect("the owner changes");
         assert_eq!(change.old, named(100, "nginx"));
-        assert_eq!(
-            change.new,
-            Owner {
-                pid: 101,
-                program: "nginx".into()
-            }
-        );
+        assert_eq!(change.new, Owner::new(101, "nginx".into()));
         assert_eq!(
             (change.tuple, change.state, change.cause),
             (child, Established, OwnerCause::Accept)
@@ -829,6 +848,53 @@ mod tests {
         table.exec(&task(300, 6, "wget"));
         let seen = table.apply(&transition(3, 7, conn, Established, FinWait1, 0));
         assert_eq!(seen.owner, named(300, "curl"));
+    }
+
+    /// Reads a fake image: the exe names the pid, the start time and the
+    /// number of reads so far.
+    fn counted_image(pid: u32, start_ns: Option<u64>) -> ProcessImage {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static READS: AtomicU32 = AtomicU32::new(0);
+        let read = READS.fetch_add(1, Ordering::Relaxed) + 1;
+        ProcessImage {
+            cmdline: None,
+            exe: Some(format!("{pid}@{start_ns:?}#{read}").into()),
+        }
+    }
+
+    #[test]
+    fn what_a_process_runs_is_read_once_and_again_after_exec() {
+        let mut table = SocketTable::new(fake_names, 1000);
+        table.read_images(counted_image);
+        let exe = |seen: &Observed| {
+            let owner = seen.owner.as_ref().expect("an owner");
+            let image = owner.image.as_ref().expect("an image");
+            image.exe.as_deref().map(str::to_owned).expect("an exe")
+        };
+        let conn = |port: u16| tuple(&format!("127.0.0.1:{port}"), "127.0.0.1:80");
+        let connect = |table: &mut SocketTable, skaddr: u64, start_ns: u64, name: &str| {
+            let opening = (Close, SynSent);
+            table.apply(&transition_by(
+                1,
+                skaddr,
+                conn(skaddr as u16),
+                opening,
+                task(300, start_ns, name),
+            ))
+        };
+        let first = exe(&connect(&mut table, 7, 5, "sh"));
+        assert!(first.starts_with("300@Some(5)#"), "{first}");
+        // The same process again: no new read.
+        assert_eq!(exe(&connect(&mut table, 8, 5, "sh")), first);
+        // exec(): read again, for every socket it owns.
+        table.exec(&task(300, 5, "curl"));
+        let seen = table.apply(&transition(2, 7, conn(7), SynSent, Established, 0));
+        let after_exec = exe(&seen);
+        assert_ne!(after_exec, first);
+        assert!(after_exec.starts_with("300@Some(5)#"), "{after_exec}");
+        // A reused pid: a read of its own.
+        let reused = exe(&connect(&mut table, 9, 6, "wget"));
+        assert!(reused.starts_with("300@Some(6)#"), "{reused}");
     }
 
     #[test]
@@ -1213,13 +1279,7 @@ mod tests {
             SynSent,
             5000,
         ));
-        assert_eq!(
-            seen.owner,
-            Some(Owner {
-                pid: 5000,
-                program: "thread5000".into()
-            })
-        );
+        assert_eq!(seen.owner, Some(Owner::new(5000, "thread5000".into())));
     }
 
     #[test]

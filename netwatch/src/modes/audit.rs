@@ -14,7 +14,7 @@ use crate::cli::AuditArgs;
 use crate::engine::monitor::{self, Config, Notice, Observer, Summary, WallClock};
 use crate::engine::table::{LiveSocket, Observed, SocketTable};
 use crate::metrics::Metrics;
-use crate::model::{LossCause, Owner, Proto, TcpState, Transition, Tuple};
+use crate::model::{CommandLine, LossCause, Owner, Proto, TcpState, Transition, Tuple};
 use crate::output::{self, Addr, Timestamp};
 use crate::sink::Sink;
 use crate::snapshot::{self, Owners, Snapshot};
@@ -34,7 +34,10 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
         Some(path) => Sink::append_to(path)?,
         None => Sink::stdout(),
     };
-    let config = Config::new(&args.probe, true, None);
+    let config = Config {
+        process_images: true,
+        ..Config::new(&args.probe, true, None)
+    };
     let audit = Audit {
         metrics: config.metrics.clone(),
         netns: config.netns,
@@ -110,6 +113,10 @@ pub enum AuditRecord {
 pub struct SocketFields {
     pid: Option<u32>,
     program: Option<Arc<str>>,
+    /// The owner's arguments, as /proc/PID/cmdline held them when it became the owner.
+    cmdline: Option<Arc<CommandLine>>,
+    /// The owner's executable (/proc/PID/exe), read with its command line.
+    exe: Option<Arc<str>>,
     uid: Option<u32>,
     netns: Option<u32>,
     proto: &'static str,
@@ -119,10 +126,15 @@ pub struct SocketFields {
 
 impl SocketFields {
     fn new(owner: Option<Owner>, uid: Option<u32>, netns: Option<u32>, tuple: &Tuple) -> Self {
+        let image = owner.as_ref().and_then(|owner| owner.image.as_deref());
+        let cmdline = image.and_then(|image| image.cmdline.clone());
+        let exe = image.and_then(|image| image.exe.clone());
         let (pid, program) = owner.map(|owner| (owner.pid, owner.program)).unzip();
         SocketFields {
             pid,
             program,
+            cmdline,
+            exe,
             uid,
             netns,
             proto: tuple.proto.name(),

@@ -34,12 +34,20 @@ pub fn run(args: &SnapshotArgs, out: &mut impl Write) -> anyhow::Result<()> {
     let kernel = iterators
         .as_mut()
         .map(|iterators| iterators as &mut dyn KernelReader);
-    let snapshot =
+    let mut snapshot =
         snapshot::take(&protos, owners, kernel).context("reading the socket tables failed")?;
     if snapshot.malformed_lines > 0 {
         log::info!(
             "skipped {} malformed line(s) in /proc/net socket tables",
             snapshot.malformed_lines
+        );
+    }
+    if args.cmdline {
+        snapshot::add_images(
+            snapshot
+                .entries
+                .iter_mut()
+                .filter(|entry| is_shown(args, entry)),
         );
     }
     let shown: Vec<&SnapshotEntry> = snapshot
@@ -49,13 +57,14 @@ pub fn run(args: &SnapshotArgs, out: &mut impl Write) -> anyhow::Result<()> {
         .collect();
     if args.json {
         for entry in &shown {
-            output::write_json_line(out, &SocketRecord::new(entry))?;
+            output::write_json_line(out, &SocketRecord::new(entry, args.cmdline))?;
         }
     } else {
         let title = output::snapshot_title(args.listening, args.all);
         let columns = SnapshotColumns {
             program: args.program,
             extend: args.extend,
+            cmdline: args.cmdline,
         };
         output::write_snapshot_text(out, title, &shown, columns)?;
     }

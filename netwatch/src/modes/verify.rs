@@ -613,10 +613,7 @@ mod tests {
         let entries = sockets
             .iter()
             .map(|&(tuple, state, pid, timewait)| {
-                let owner = pid.map(|pid| Owner {
-                    pid,
-                    program: format!("p{pid}").into(),
-                });
+                let owner = pid.map(|pid| Owner::new(pid, format!("p{pid}").into()));
                 let mut entry = SnapshotEntry::of(&tuple, state, owner);
                 entry.socket.timewait = timewait;
                 entry

@@ -11,12 +11,15 @@ use crate::engine::table::{Observed, SocketTable};
 use crate::model::{OwnerChange, Transition};
 use crate::output::{self, SocketRecord, StreamRecord, Timestamp, TupleFields};
 use crate::sink::Sink;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{self, Snapshot, SnapshotEntry};
 
 /// Streams until SIGINT or SIGTERM, then prints a summary on stderr (and,
 /// in JSON, as the last record).
 pub fn run(args: WatchArgs) -> anyhow::Result<()> {
-    let config = Config::new(&args.probe, false, None);
+    let config = Config {
+        process_images: args.cmdline,
+        ..Config::new(&args.probe, false, None)
+    };
     monitor::run(config, Stream { args }, Sink::stdout())?;
     Ok(())
 }
@@ -30,6 +33,9 @@ impl Observer for Stream {
     fn baseline(&mut self, snapshot: &Snapshot, _table: &SocketTable, out: &mut Vec<u8>) {
         if !self.args.json {
             out.extend_from_slice(output::STREAM_HEADER.as_bytes());
+            if self.args.cmdline {
+                out.extend_from_slice(b"  CMDLINE");
+            }
             out.push(b'\n');
         }
         if !self.args.baseline {
@@ -37,23 +43,36 @@ impl Observer for Stream {
         }
         let ts = output::rfc3339(SystemTime::now());
         // netwatch's own namespace, as netstat shows it.
-        for entry in snapshot.entries.iter().filter(|e| e.socket.netns.is_none()) {
-            let socket = &entry.socket;
-            let tuple = socket.tuple();
-            let pid = entry.owner.as_ref().map(|owner| owner.pid);
-            if !self.args.filters.matches(&tuple, pid, &[socket.state]) {
-                continue;
-            }
+        let mut shown: Vec<SnapshotEntry> = snapshot
+            .entries
+            .iter()
+            .filter(|entry| entry.socket.netns.is_none())
+            .filter(|entry| {
+                let pid = entry.owner.as_ref().map(|owner| owner.pid);
+                let states = [entry.socket.state];
+                self.args
+                    .filters
+                    .matches(&entry.socket.tuple(), pid, &states)
+            })
+            .cloned()
+            .collect();
+        if self.args.cmdline {
+            snapshot::add_images(&mut shown);
+        }
+        for entry in &shown {
             // Writing to a Vec cannot fail.
             let _ = if self.args.json {
                 let record = StreamRecord::Baseline {
                     ts: ts.clone(),
-                    socket: SocketRecord::new(entry),
+                    socket: SocketRecord::new(entry, self.args.cmdline),
                 };
                 output::write_json_line(out, &record)
             } else {
                 output::write_baseline_text(out, &ts, entry)
             };
+            if self.args.cmdline && !self.args.json {
+                output::append_cmdline(out, entry.owner.as_ref());
+            }
         }
     }
 
@@ -82,11 +101,15 @@ impl Observer for Stream {
                     old_state: t.old.name(),
                     new_state: t.new.name(),
                     ms,
+                    cmdline: output::cmdline_field(owner, self.args.cmdline),
                 },
             )
         } else {
             output::write_state_text(out, &ts.to_string(), owner, &t.tuple, t.old, t.new, ms)
         };
+        if self.args.cmdline && !self.args.json {
+            output::append_cmdline(out, owner);
+        }
     }
 
     fn owner_changed(
@@ -119,11 +142,15 @@ impl Observer for Stream {
                     old_program: old.map(|old| &*old.program),
                     pid: change.new.pid,
                     program: &change.new.program,
+                    cmdline: output::cmdline_field(Some(&change.new), self.args.cmdline),
                 },
             )
         } else {
             output::write_owner_text(out, &ts.to_string(), change)
         };
+        if self.args.cmdline && !self.args.json {
+            output::append_cmdline(out, Some(&change.new));
+        }
     }
 
     fn notice(&mut self, notice: Notice<'_>, out: &mut Vec<u8>) {

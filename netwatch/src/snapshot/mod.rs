@@ -17,10 +17,10 @@ use rustc_hash::FxHashMap;
 pub use kernel_table::{KernelRead, KernelReader};
 use proc_net::SocketCounts;
 pub use proc_net::{ProcSocket, ProcTable};
-pub use processes::program_name;
 use processes::InodeOwners;
+pub use processes::{process_image, program_name};
 
-use crate::model::{Owner, Proto};
+use crate::model::{Owner, ProcessImage, Proto};
 
 /// A socket from /proc/net and, when it could be found, its owner.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -264,6 +264,17 @@ pub fn tcp_sockets_in_use() -> u64 {
     SocketCounts::read("/proc").map_or(0, |counts| counts.tcp_sockets())
 }
 
+/// Gives each entry's owner its command line and executable, read once per process.
+pub fn add_images<'a>(entries: impl IntoIterator<Item = &'a mut SnapshotEntry>) {
+    let mut images: FxHashMap<u32, Arc<ProcessImage>> = FxHashMap::default();
+    for owner in entries.into_iter().filter_map(|entry| entry.owner.as_mut()) {
+        let image = images
+            .entry(owner.pid)
+            .or_insert_with(|| Arc::new(process_image(owner.pid, None)));
+        owner.image = Some(image.clone());
+    }
+}
+
 /// Threads that walk /proc/[pid]/fd, each over part of the pids.
 const FD_SCAN_THREADS: usize = 2;
 
@@ -282,10 +293,7 @@ fn join_owners(
                 let program = names
                     .entry(pid)
                     .or_insert_with(|| program_name(pid).map(Arc::from));
-                Some(Owner {
-                    pid,
-                    program: program.clone()?,
-                })
+                Some(Owner::new(pid, program.clone()?))
             });
             let pids = owners.holders(socket.inode);
             SnapshotEntry {

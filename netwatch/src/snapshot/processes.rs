@@ -1,4 +1,5 @@
-//! Maps socket inodes to the processes that hold them, through /proc/[pid]/fd.
+//! Maps socket inodes to the processes that hold them, through /proc/[pid]/fd,
+//! and reads what those processes run (command line, executable).
 //!
 //! The walk costs one `readlinkat` per fd, relative to an open fd directory
 //! (procfs's `Process::fd` opens, stats and closes each fd as well, four
@@ -6,7 +7,9 @@
 
 use std::collections::hash_map::Entry;
 use std::ffi::CStr;
+use std::io::Read as _;
 use std::mem::MaybeUninit;
+use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 use rustix::fd::OwnedFd;
@@ -14,6 +17,8 @@ use rustix::fs::{openat, readlinkat_raw, Dir, Mode, OFlags, CWD};
 use rustix::io::Errno;
 
 use netwatch_common::SocketFd;
+
+use crate::model::{escape_non_utf8, CommandLine, ProcessImage};
 
 /// Socket inode -> pid, for every process whose fds could be read.
 #[derive(Debug, Default)]
@@ -177,6 +182,74 @@ fn read_dir_names(dir: &OwnedFd) -> Vec<std::ffi::CString> {
         .collect()
 }
 
+/// The command line and executable of process `pid`, read through one open
+/// /proc/PID directory, so that all of it is that one process's even if the
+/// pid is reused meanwhile. With `started_ns` (CLOCK_MONOTONIC, as the
+/// kernel stamps a task), a process that started at another time (the pid
+/// reused since) gives nothing. An empty command line (a process that has
+/// exited, a kernel thread) gives `None`, as does an exe link that cannot
+/// be read (another user's process, without CAP_SYS_PTRACE).
+pub fn process_image(pid: u32, started_ns: Option<u64>) -> ProcessImage {
+    let Ok(path) = std::ffi::CString::new(format!("/proc/{pid}")) else {
+        return ProcessImage::default();
+    };
+    let Ok(dir) = open_dir(CWD, &path) else {
+        return ProcessImage::default();
+    };
+    if started_ns.is_some_and(|started_ns| !started_at(&dir, started_ns)) {
+        return ProcessImage::default();
+    }
+    let cmdline = read_file(&dir, c"cmdline")
+        .filter(|bytes| !bytes.is_empty())
+        .map(|bytes| Arc::new(CommandLine::from_proc(&bytes)));
+    let exe = rustix::fs::readlinkat(&dir, c"exe", Vec::new())
+        .ok()
+        .map(|target| Arc::from(escape_non_utf8(target.as_bytes())));
+    ProcessImage { cmdline, exe }
+}
+
+/// Whether the process of /proc directory `dir` started at `started_ns`
+/// (CLOCK_MONOTONIC): /proc gives the start in clock ticks since boot
+/// (CLOCK_BOOTTIME), so one tick either way is the same start.
+fn started_at(dir: &OwnedFd, started_ns: u64) -> bool {
+    let Some(ticks) = read_file(dir, c"stat").and_then(|stat| start_ticks(&stat)) else {
+        return false;
+    };
+    let tick_ns = 1_000_000_000 / procfs::ticks_per_second().max(1);
+    let expected = (started_ns + boot_offset_ns()) / tick_ns;
+    ticks.abs_diff(expected) <= 1
+}
+
+/// How far CLOCK_BOOTTIME is ahead of CLOCK_MONOTONIC: the time suspended.
+fn boot_offset_ns() -> u64 {
+    use rustix::time::{clock_gettime, ClockId};
+    let ns = |clock| {
+        let t = clock_gettime(clock);
+        u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec).unwrap_or(0)
+    };
+    ns(ClockId::Boottime).saturating_sub(ns(ClockId::Monotonic))
+}
+
+/// Field 22 of /proc/PID/stat, the start time in clock ticks. The name
+/// (field 2, in parentheses) may hold spaces and parentheses: fields are
+/// counted from the last `)`.
+fn start_ticks(stat: &[u8]) -> Option<u64> {
+    let after_name = stat.rsplit(|&b| b == b')').next()?;
+    let field = std::str::from_utf8(after_name)
+        .ok()?
+        .split_ascii_whitespace()
+        .nth(22 - 3)?;
+    field.parse().ok()
+}
+
+/// The whole of a (small) /proc file under `dir`; `None` if it cannot be read.
+fn read_file(dir: &OwnedFd, name: &CStr) -> Option<Vec<u8>> {
+    let fd = openat(dir, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).ok()?;
+    let mut bytes = Vec::new();
+    std::fs::File::from(fd).read_to_end(&mut bytes).ok()?;
+    Some(bytes)
+}
+
 /// The process name, as /proc/[pid]/comm has it; `None` once the process is gone.
 pub fn program_name(pid: u32) -> Option<String> {
     let pid = i32::try_from(pid).ok()?;
@@ -202,6 +275,52 @@ mod tests {
         merged.add(7, 15);
         merged.merge(owners);
         assert_eq!(merged.holders(7), vec![10, 15, 20, 30]);
+    }
+
+    #[test]
+    fn the_start_time_is_counted_from_the_last_parenthesis() {
+        let stat = b"42 (a) b (c) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 12345 1000 200";
+        assert_eq!(start_ticks(stat), Some(12345));
+        assert_eq!(start_ticks(b"42 (short) S 1"), None);
+    }
+
+    #[test]
+    fn a_process_image_is_read_only_for_the_process_that_started_then() {
+        // Waits for a line that never comes, with an empty last argument.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "read line", "sh", ""])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let cmdline = format!("/proc/{pid}/cmdline");
+        // Until exec() has run, the child shows this test's command line.
+        for _ in 0..100 {
+            if std::fs::read(&cmdline).is_ok_and(|line| line.starts_with(b"sh\0")) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let image = process_image(pid, None);
+        let args = image.cmdline.as_ref().map(|cmdline| cmdline.0.clone());
+        let expected: Vec<&[u8]> = vec![b"sh", b"-c", b"read line", b"sh", b""];
+        assert_eq!(
+            args,
+            Some(expected.iter().map(|arg| arg.to_vec()).collect())
+        );
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+        assert_eq!(image.exe.as_deref(), exe.to_str());
+        // The kernel's start time of the child (ticks -> CLOCK_MONOTONIC ns).
+        let stat = std::fs::read(format!("/proc/{pid}/stat")).unwrap();
+        let tick_ns = 1_000_000_000 / procfs::ticks_per_second();
+        let started_ns = start_ticks(&stat).unwrap() * tick_ns - boot_offset_ns();
+        assert_eq!(process_image(pid, Some(started_ns)), image);
+        // Another start time: another process that had this pid.
+        let later = started_ns + 5 * tick_ns;
+        assert_eq!(process_image(pid, Some(later)), ProcessImage::default());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(process_image(pid, None), ProcessImage::default());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! netwatch binary reports. The stream tests load eBPF and need root.
 
 mod audit;
+mod cmdline;
 mod generate;
 mod kernel_btf;
 mod metrics;

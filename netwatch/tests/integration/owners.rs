@@ -456,6 +456,42 @@ fn nginx_workers_own_their_connections_as_ss_shows() {
 }
 
 #[test]
+fn audit_gives_the_command_line_nginx_workers_wrote_over_their_arguments() {
+    let dir = tempdir("nginx-cmdline");
+    let server = nginx(&dir);
+    let mut audit = Watch::spawn(&["audit"]);
+    let held = connect(server.port, CONNECTIONS, HTTP_REQUEST, b"ok\n");
+    let port = server.port;
+    let served = |records: &[Value]| -> Vec<Value> {
+        records
+            .iter()
+            .filter(|r| r["type"] == "conn" && r["local_port"] == port)
+            .cloned()
+            .collect()
+    };
+    // /proc while the workers run: what nginx wrote over its arguments.
+    let workers: HashMap<u32, Value> = support::children_of(server.pid())
+        .into_iter()
+        .map(|pid| (pid, support::proc_cmdline(pid)))
+        .collect();
+    drop(held);
+    audit.wait_until(|records| served(records).len() == CONNECTIONS);
+    drop(server);
+    let _ = std::fs::remove_dir_all(dir);
+    let records = served(&audit.stop().records);
+    for record in &records {
+        let pid = record["pid"]
+            .as_u64()
+            .and_then(|pid| u32::try_from(pid).ok());
+        let cmdline = pid.and_then(|pid| workers.get(&pid));
+        let cmdline = cmdline.unwrap_or_else(|| panic!("not a worker's: {record}"));
+        assert_eq!(&record["cmdline"], cmdline, "{record}");
+        let first = cmdline[0].as_str().unwrap_or_default();
+        assert!(first.starts_with("nginx: worker process"), "{cmdline}");
+    }
+}
+
+#[test]
 fn socat_fork_children_own_their_connections_as_ss_shows() {
     let port = free_port();
     let mut command = Command::new("socat");

@@ -359,3 +359,25 @@ pub fn set_fd_limit(pid: u32, soft: Option<u64>) {
 pub fn drift_reports(records: &[Value]) -> Vec<&Value> {
     records.iter().filter(|r| r["type"] == "drift").collect()
 }
+
+/// The pids whose parent is `pid` (from each /proc/PID/stat).
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let entries = std::fs::read_dir("/proc").expect("/proc is readable");
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            let after_name = stat.rsplit(')').next().unwrap_or_default();
+            after_name.split_whitespace().nth(1) == Some(pid.to_string().as_str())
+        })
+        .collect()
+}
+
+/// /proc/PID/cmdline as a JSON array: each NUL ends an argument.
+pub fn proc_cmdline(pid: u32) -> Value {
+    let bytes = std::fs::read(format!("/proc/{pid}/cmdline")).expect("a running process");
+    let body = bytes.strip_suffix(b"\0").unwrap_or(&bytes);
+    body.split(|&b| b == 0)
+        .map(|arg| Value::from(String::from_utf8_lossy(arg)))
+        .collect()
+}
