@@ -186,9 +186,10 @@ fn read_dir_names(dir: &OwnedFd) -> Vec<std::ffi::CString> {
 /// /proc/PID directory, so that all of it is that one process's even if the
 /// pid is reused meanwhile. With `started_ns` (CLOCK_MONOTONIC, as the
 /// kernel stamps a task), a process that started at another time (the pid
-/// reused since) gives nothing. An empty command line (a process that has
-/// exited, a kernel thread) gives `None`, as does an exe link that cannot
-/// be read (another user's process, without CAP_SYS_PTRACE).
+/// reused since) gives nothing; so does one that had begun to exit by the
+/// end of the read (its memory going away, it can give part of its line).
+/// An empty command line (a kernel thread) gives `None`, as does an exe
+/// link that cannot be read (another user's process, without CAP_SYS_PTRACE).
 pub fn process_image(pid: u32, started_ns: Option<u64>) -> ProcessImage {
     let Ok(path) = std::ffi::CString::new(format!("/proc/{pid}")) else {
         return ProcessImage::default();
@@ -196,28 +197,62 @@ pub fn process_image(pid: u32, started_ns: Option<u64>) -> ProcessImage {
     let Ok(dir) = open_dir(CWD, &path) else {
         return ProcessImage::default();
     };
-    if started_ns.is_some_and(|started_ns| !started_at(&dir, started_ns)) {
-        return ProcessImage::default();
-    }
     let cmdline = read_file(&dir, c"cmdline")
         .filter(|bytes| !bytes.is_empty())
         .map(|bytes| Arc::new(CommandLine::from_proc(&bytes)));
     let exe = rustix::fs::readlinkat(&dir, c"exe", Vec::new())
         .ok()
         .map(|target| Arc::from(escape_non_utf8(target.as_bytes())));
+    // Read last: a process exits once, and its start time never changes.
+    let Some(stat) = read_file(&dir, c"stat").and_then(|stat| ProcStat::parse(&stat)) else {
+        return ProcessImage::default();
+    };
+    if stat.exiting() || started_ns.is_some_and(|started_ns| !stat.started_at(started_ns)) {
+        return ProcessImage::default();
+    }
     ProcessImage { cmdline, exe }
 }
 
-/// Whether the process of /proc directory `dir` started at `started_ns`
-/// (CLOCK_MONOTONIC): /proc gives the start in clock ticks since boot
-/// (CLOCK_BOOTTIME), so one tick either way is the same start.
-fn started_at(dir: &OwnedFd, started_ns: u64) -> bool {
-    let Some(ticks) = read_file(dir, c"stat").and_then(|stat| start_ticks(&stat)) else {
-        return false;
-    };
-    let tick_ns = 1_000_000_000 / procfs::ticks_per_second().max(1);
-    let expected = (started_ns + boot_offset_ns()) / tick_ns;
-    ticks.abs_diff(expected) <= 1
+/// What netwatch reads from /proc/PID/stat.
+#[derive(Debug, PartialEq, Eq)]
+struct ProcStat {
+    /// Field 9: the kernel's PF_* flags of the task.
+    flags: u64,
+    /// Field 22: when the process started, in clock ticks since boot.
+    start_ticks: u64,
+}
+
+/// The task flag set when a task begins to exit (include/linux/sched.h).
+const PF_EXITING: u64 = 0x4;
+
+impl ProcStat {
+    /// The name (field 2, in parentheses) may hold spaces and parentheses:
+    /// fields are counted from the last `)`.
+    fn parse(stat: &[u8]) -> Option<ProcStat> {
+        let after_name = stat.rsplit(|&b| b == b')').next()?;
+        let fields: Vec<&str> = std::str::from_utf8(after_name)
+            .ok()?
+            .split_ascii_whitespace()
+            .collect();
+        let field = |number: usize| fields.get(number - 3)?.parse().ok();
+        Some(ProcStat {
+            flags: field(9)?,
+            start_ticks: field(22)?,
+        })
+    }
+
+    fn exiting(&self) -> bool {
+        self.flags & PF_EXITING != 0
+    }
+
+    /// Whether it started at `started_ns` (CLOCK_MONOTONIC): /proc gives
+    /// the start in ticks of CLOCK_BOOTTIME, so one tick either way is the
+    /// same start.
+    fn started_at(&self, started_ns: u64) -> bool {
+        let tick_ns = 1_000_000_000 / procfs::ticks_per_second().max(1);
+        let expected = (started_ns + boot_offset_ns()) / tick_ns;
+        self.start_ticks.abs_diff(expected) <= 1
+    }
 }
 
 /// How far CLOCK_BOOTTIME is ahead of CLOCK_MONOTONIC: the time suspended.
@@ -228,18 +263,6 @@ fn boot_offset_ns() -> u64 {
         u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec).unwrap_or(0)
     };
     ns(ClockId::Boottime).saturating_sub(ns(ClockId::Monotonic))
-}
-
-/// Field 22 of /proc/PID/stat, the start time in clock ticks. The name
-/// (field 2, in parentheses) may hold spaces and parentheses: fields are
-/// counted from the last `)`.
-fn start_ticks(stat: &[u8]) -> Option<u64> {
-    let after_name = stat.rsplit(|&b| b == b')').next()?;
-    let field = std::str::from_utf8(after_name)
-        .ok()?
-        .split_ascii_whitespace()
-        .nth(22 - 3)?;
-    field.parse().ok()
 }
 
 /// The whole of a (small) /proc file under `dir`; `None` if it cannot be read.
@@ -278,10 +301,12 @@ mod tests {
     }
 
     #[test]
-    fn the_start_time_is_counted_from_the_last_parenthesis() {
-        let stat = b"42 (a) b (c) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 12345 1000 200";
-        assert_eq!(start_ticks(stat), Some(12345));
-        assert_eq!(start_ticks(b"42 (short) S 1"), None);
+    fn stat_fields_are_counted_from_the_last_parenthesis() {
+        let stat = b"42 (a) b (c) S 1 42 42 0 -1 4194564 100 0 0 0 1 2 0 0 20 0 1 0 12345 1000 200";
+        let parsed = ProcStat::parse(stat).unwrap();
+        assert_eq!(parsed.start_ticks, 12345);
+        assert!(parsed.exiting(), "4194564 has PF_EXITING (0x4)");
+        assert_eq!(ProcStat::parse(b"42 (short) S 1"), None);
     }
 
     #[test]
@@ -313,7 +338,7 @@ mod tests {
         // The kernel's start time of the child (ticks -> CLOCK_MONOTONIC ns).
         let stat = std::fs::read(format!("/proc/{pid}/stat")).unwrap();
         let tick_ns = 1_000_000_000 / procfs::ticks_per_second();
-        let started_ns = start_ticks(&stat).unwrap() * tick_ns - boot_offset_ns();
+        let started_ns = ProcStat::parse(&stat).unwrap().start_ticks * tick_ns - boot_offset_ns();
         assert_eq!(process_image(pid, Some(started_ns)), image);
         // Another start time: another process that had this pid.
         let later = started_ns + 5 * tick_ns;
