@@ -58,7 +58,7 @@ pub const COUNTS_BYTES: &str = "COUNTS_BYTES";
 /// Globals of the socket programs: byte offsets of `struct sock` fields,
 /// taken from the running kernel's BTF at load time, as (global, struct,
 /// member path).
-pub const SOCK_OFFSETS: [(&str, &str, &str); 12] = [
+pub const SOCK_OFFSETS: [(&str, &str, &str); 13] = [
     ("SK_PROTOCOL", "sock", "sk_protocol"),
     ("SKC_FAMILY", "sock_common", "skc_family"),
     ("SKC_DADDR", "sock_common", "skc_daddr"),
@@ -71,6 +71,7 @@ pub const SOCK_OFFSETS: [(&str, &str, &str); 12] = [
     ("SKC_NET", "sock_common", "skc_net.net"),
     ("NET_NS_INUM", "net", "ns.inum"),
     ("SKC_STATE", "sock_common", "skc_state"),
+    ("SK_ERR", "sock", "sk_err"),
 ];
 
 /// Globals of the owner programs: where a task's process name and start
@@ -341,8 +342,11 @@ pub struct KernelEvent {
     pub recovered: u8,
     /// One of [`event_kind`].
     pub kind: u8,
-    /// Explicit padding to a multiple of 8 bytes.
-    pub _pad: [u8; 2],
+    /// At a change to CLOSE: the error the kernel left on the socket
+    /// (`sk_err`: ECONNREFUSED, ETIMEDOUT, ECONNRESET, EHOSTUNREACH, ...),
+    /// set before the change by whatever ended the connection; 0 for none,
+    /// or where the layout of `struct sock` is unknown.
+    pub sk_err: u16,
 }
 
 #[cfg(feature = "user")]

@@ -111,6 +111,7 @@ kernel_offsets!(
     SKC_NET,
     NET_NS_INUM,
     SKC_STATE,
+    SK_ERR,
     SKC_NUM,
     TW_SUBSTATE,
     TCP_RCV_NXT,
@@ -260,7 +261,7 @@ fn blank_event(skaddr: u64, process: Process) -> KernelEvent {
         newstate: 0,
         recovered: 0,
         kind: event_kind::TRANSITION,
-        _pad: [0; 2],
+        sk_err: 0,
     }
 }
 

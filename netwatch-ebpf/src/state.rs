@@ -209,6 +209,11 @@ fn event(
     let bytes = update_socket_entry(skaddr, oldstate, newstate, process.tgid);
     let (netns, uid) = socket_identity(skaddr);
     KernelEvent {
+        sk_err: if newstate == TCP_CLOSE {
+            close_error(skaddr)
+        } else {
+            0
+        },
         bytes_sent: bytes.sent,
         bytes_received: bytes.received,
         netns,
@@ -223,4 +228,19 @@ fn event(
         recovered,
         ..blank_event(skaddr, process)
     }
+}
+
+/// The error a socket was closed with: what the kernel stored in `sk_err`
+/// just before the change to CLOSE (tcp_done_with_error() for a refused,
+/// timed-out or reset connection, tcp_v4_err() and tcp_v6_err() for an
+/// unreachable one). The transition itself is the source, not
+/// `sock:inet_sk_error_report`, which fires just before it for the same
+/// error: one event, in order, and no program more to attach.
+#[inline(always)]
+fn close_error(sk: u64) -> u16 {
+    if !layout_known() {
+        return 0;
+    }
+    let err = read_kernel::<i32>(sk, &SK_ERR).unwrap_or(0);
+    u16::try_from(err).unwrap_or(0)
 }

@@ -20,7 +20,7 @@ use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::model::{LossCounters, OwnerCause, TcpState};
+use crate::model::{ConnResult, LossCounters, OwnerCause, TcpState};
 
 /// A routine failure that a long-lived mode reports and goes on after.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +86,8 @@ pub struct Metrics {
     failures: [Counter; 3],
     pub conn_records: Counter,
     pub listen_records: Counter,
+    /// Audit: connections closed without success, by `ConnResult::FAILURES`.
+    failed_connections: [Counter; 6],
     /// Verify: sockets found drifting at the last check.
     pub drift: Counter,
     ring_buffer_bytes: u32,
@@ -108,6 +110,7 @@ impl Metrics {
             failures: Default::default(),
             conn_records: Counter::default(),
             listen_records: Counter::default(),
+            failed_connections: Default::default(),
             drift: Counter::default(),
             ring_buffer_bytes,
         }
@@ -116,6 +119,13 @@ impl Metrics {
     /// Counts one transition.
     pub fn transition(&self, old: TcpState, new: TcpState) {
         self.transitions[old as usize - 1][new as usize - 1].inc();
+    }
+
+    /// Counts how a connection went, when it failed.
+    pub fn connection_result(&self, result: ConnResult) {
+        if let Some(index) = result.failure_index() {
+            self.failed_connections[index].inc();
+        }
     }
 
     /// Counts a routine failure.
@@ -245,6 +255,16 @@ impl Metrics {
             "Audit records written, by type.",
             MetricType::Counter,
             labelled("type", records),
+        )?;
+        let failed = ConnResult::FAILURES
+            .into_iter()
+            .zip(&self.failed_connections);
+        family(
+            encoder,
+            "netwatch_connections_failed",
+            "audit: connections closed without success, by result (other: another errno).",
+            MetricType::Counter,
+            labelled("result", failed),
         )?;
         single(
             encoder,

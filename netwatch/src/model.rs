@@ -322,6 +322,106 @@ pub struct Transition {
     pub bytes: ByteCounts,
     /// Sent by the recovery program: a skipped call, or a duplicate.
     pub recovered: bool,
+    /// At a change to CLOSE: the error (errno) the kernel closed the
+    /// socket with, if any, when the kernel's layout was known.
+    pub error: Option<u16>,
+}
+
+/// How a connection went, as audit's `result` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnResult {
+    /// It reached ESTABLISHED, and no error closed it.
+    Ok,
+    /// The peer answered the SYN with a reset (ECONNREFUSED).
+    Refused,
+    /// No answer came before the retries ran out (ETIMEDOUT).
+    Timeout,
+    /// A reset ended it after the handshake, or during it (ECONNRESET, EPIPE).
+    Reset,
+    /// An ICMP error said the peer cannot be reached (EHOSTUNREACH, ENETUNREACH).
+    Unreachable,
+    /// Closed by its process before the handshake completed, with no error.
+    Aborted,
+    /// Another error, by its errno.
+    Error(u16),
+}
+
+impl ConnResult {
+    /// The failure kinds the metrics count, each once, `Error` as "other".
+    pub const FAILURES: [&'static str; 6] = [
+        "refused",
+        "timeout",
+        "reset",
+        "unreachable",
+        "aborted",
+        "other",
+    ];
+
+    /// The result of a connection closed with `error` that did or did not
+    /// reach ESTABLISHED.
+    pub fn of(error: Option<u16>, established: bool) -> ConnResult {
+        let Some(errno) = error.filter(|&errno| errno != 0) else {
+            return if established {
+                ConnResult::Ok
+            } else {
+                ConnResult::Aborted
+            };
+        };
+        match i32::from(errno) {
+            libc::ECONNREFUSED => ConnResult::Refused,
+            libc::ETIMEDOUT => ConnResult::Timeout,
+            libc::ECONNRESET | libc::EPIPE => ConnResult::Reset,
+            libc::EHOSTUNREACH | libc::ENETUNREACH => ConnResult::Unreachable,
+            _ => ConnResult::Error(errno),
+        }
+    }
+
+    /// "ok", "refused", "timeout", "reset", "unreachable", "aborted", or
+    /// the errno's name ("EPROTO"; "errno 123" for one without a name here).
+    pub fn name(self) -> std::borrow::Cow<'static, str> {
+        let name = match self {
+            ConnResult::Ok => "ok",
+            ConnResult::Refused => "refused",
+            ConnResult::Timeout => "timeout",
+            ConnResult::Reset => "reset",
+            ConnResult::Unreachable => "unreachable",
+            ConnResult::Aborted => "aborted",
+            ConnResult::Error(errno) => return errno_name(errno),
+        };
+        name.into()
+    }
+
+    /// Its index in [`ConnResult::FAILURES`]; `None` for `Ok`.
+    pub fn failure_index(self) -> Option<usize> {
+        match self {
+            ConnResult::Ok => None,
+            ConnResult::Refused => Some(0),
+            ConnResult::Timeout => Some(1),
+            ConnResult::Reset => Some(2),
+            ConnResult::Unreachable => Some(3),
+            ConnResult::Aborted => Some(4),
+            ConnResult::Error(_) => Some(5),
+        }
+    }
+}
+
+/// The names of the other errors a TCP socket can be closed with.
+fn errno_name(errno: u16) -> std::borrow::Cow<'static, str> {
+    let name = match i32::from(errno) {
+        libc::EPERM => "EPERM",
+        libc::EACCES => "EACCES",
+        libc::EPROTO => "EPROTO",
+        libc::EMSGSIZE => "EMSGSIZE",
+        libc::ENOPROTOOPT => "ENOPROTOOPT",
+        libc::ENETDOWN => "ENETDOWN",
+        libc::ENETRESET => "ENETRESET",
+        libc::ECONNABORTED => "ECONNABORTED",
+        libc::ENOBUFS => "ENOBUFS",
+        libc::EHOSTDOWN => "EHOSTDOWN",
+        libc::EADDRNOTAVAIL => "EADDRNOTAVAIL",
+        _ => return format!("errno {errno}").into(),
+    };
+    name.into()
 }
 
 /// Why a socket has a new owner.
@@ -436,6 +536,32 @@ pub enum Record {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_result_comes_from_its_error_and_whether_it_got_through() {
+        let name = |error, established| ConnResult::of(error, established).name();
+        let errno = |e: i32| Some(u16::try_from(e).unwrap());
+        assert_eq!(name(None, true), "ok");
+        assert_eq!(name(None, false), "aborted");
+        assert_eq!(name(errno(libc::ECONNREFUSED), false), "refused");
+        assert_eq!(name(errno(libc::ETIMEDOUT), false), "timeout");
+        assert_eq!(name(errno(libc::ECONNRESET), true), "reset");
+        assert_eq!(name(errno(libc::EPIPE), true), "reset");
+        assert_eq!(name(errno(libc::EHOSTUNREACH), false), "unreachable");
+        assert_eq!(name(errno(libc::ENETUNREACH), false), "unreachable");
+        assert_eq!(name(errno(libc::EPROTO), true), "EPROTO");
+        assert_eq!(name(Some(999), true), "errno 999");
+        assert_eq!(ConnResult::Ok.failure_index(), None);
+        for result in [
+            ConnResult::Refused,
+            ConnResult::Aborted,
+            ConnResult::Error(71),
+        ] {
+            let index = result.failure_index().unwrap();
+            let label = ConnResult::FAILURES[index];
+            assert!(label == result.name() || label == "other", "{label}");
+        }
+    }
 
     #[test]
     fn a_command_line_splits_at_each_nul_keeping_empty_arguments() {

@@ -815,6 +815,7 @@ mod tests {
             netns: None,
             bytes: ByteCounts::default(),
             recovered,
+            error: None,
         })
     }
 

@@ -110,6 +110,9 @@ pub struct LiveSocket {
     pub process: Option<Rc<Process>>,
     /// Whether its owner changed from one process to another while the table held it.
     pub owner_changed: bool,
+    /// Whether it reached ESTABLISHED: seen doing so, or first seen in a
+    /// state past the handshake.
+    pub established: bool,
     pub uid: Option<u32>,
     pub netns: Option<u32>,
     pub direction: Direction,
@@ -132,6 +135,16 @@ impl LiveSocket {
             state,
             process,
             owner_changed: false,
+            established: matches!(
+                state,
+                TcpState::Established
+                    | TcpState::FinWait1
+                    | TcpState::FinWait2
+                    | TcpState::CloseWait
+                    | TcpState::LastAck
+                    | TcpState::Closing
+                    | TcpState::TimeWait
+            ),
             uid: None,
             netns: None,
             direction: Direction::Unknown,
@@ -382,6 +395,7 @@ impl SocketTable {
         socket.tuple = t.tuple;
         socket.previous = Some(t.old);
         socket.state = t.new;
+        socket.established |= t.new == TcpState::Established;
         socket.since_ns = Some(t.ts_ns);
         socket.uid = socket.uid.or(t.uid);
         socket.netns = socket.netns.or(t.netns);
@@ -686,6 +700,7 @@ mod tests {
             netns: Some(1),
             bytes: ByteCounts::default(),
             recovered: false,
+            error: None,
         }
     }
 

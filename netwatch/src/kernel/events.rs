@@ -48,6 +48,7 @@ fn to_transition(event: &KernelEvent, task: Task) -> Option<Transition> {
             received: event.bytes_received,
         },
         recovered: event.recovered != 0,
+        error: (event.sk_err != 0).then_some(event.sk_err),
     })
 }
 
@@ -92,7 +93,7 @@ mod tests {
             newstate: 3,
             recovered: 0,
             kind,
-            _pad: [0; 2],
+            sk_err: 0,
         };
         event.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
         event.daddr[..4].copy_from_slice(&[127, 0, 0, 2]);

@@ -14,7 +14,7 @@ use crate::cli::AuditArgs;
 use crate::engine::monitor::{self, Config, Notice, Observer, Summary, WallClock};
 use crate::engine::table::{LiveSocket, Observed, SocketTable};
 use crate::metrics::Metrics;
-use crate::model::{CommandLine, LossCause, Owner, Proto, TcpState, Transition, Tuple};
+use crate::model::{CommandLine, ConnResult, LossCause, Owner, Proto, TcpState, Transition, Tuple};
 use crate::output::{self, Addr, Timestamp};
 use crate::sink::Sink;
 use crate::snapshot::{self, Owners, Snapshot};
@@ -73,6 +73,10 @@ pub enum AuditRecord {
         /// Whether its owner changed from one process to another while
         /// audit watched it (`pid` is the last owner).
         owner_changed: bool,
+        /// "ok", or how it failed: "refused", "timeout", "reset",
+        /// "unreachable", "aborted" or an errno name; null when unknown (a
+        /// connection that vanished or was still open before ESTABLISHED).
+        result: Option<std::borrow::Cow<'static, str>>,
     },
     /// A listener that opened (`end` null) or closed.
     Listen {
@@ -176,8 +180,8 @@ fn open_in_proc(own: Option<u32>) -> Option<HashSet<(Option<u32>, Tuple)>> {
 /// How a connection's record ends.
 #[derive(Clone, Copy)]
 enum Ending {
-    /// Its change to CLOSE, at this time.
-    Closed(SystemTime),
+    /// Its change to CLOSE, at this time, with the error the kernel closed it with.
+    Closed(SystemTime, Option<u16>),
     /// Freed without a traced change to CLOSE, found by this time (its
     /// address reused, or absent from /proc when audit stopped).
     Vanished(SystemTime),
@@ -196,10 +200,18 @@ impl Audit {
     ) {
         let (end, last_state) = match ending {
             // The state it left for CLOSE.
-            Ending::Closed(end) => (Some(end), socket.previous.unwrap_or(socket.state)),
+            Ending::Closed(end, _) => (Some(end), socket.previous.unwrap_or(socket.state)),
             Ending::Vanished(end) => (Some(end), socket.state),
             Ending::Open => (None, socket.state),
         };
+        // Without a traced close, only a connection that got through is known.
+        let result = match ending {
+            Ending::Closed(_, error) => Some(ConnResult::of(error, socket.established)),
+            _ => socket.established.then_some(ConnResult::Ok),
+        };
+        if let (Ending::Closed(..), Some(result)) = (ending, result) {
+            self.metrics.connection_result(result);
+        }
         let start = socket.opened_ns.map(|ns| clock.at(ns));
         let duration_ms = start.zip(end).map(|(start, end)| {
             end.duration_since(start).unwrap_or_default().as_micros() as f64 / 1e3
@@ -216,8 +228,9 @@ impl Audit {
             bytes_sent: bytes.map(|bytes| bytes.sent),
             bytes_received: bytes.map(|bytes| bytes.received),
             last_state: last_state.name(),
-            close_seen: matches!(ending, Ending::Closed(_)),
+            close_seen: matches!(ending, Ending::Closed(..)),
             owner_changed: socket.owner_changed,
+            result: result.map(ConnResult::name),
         };
         // Writing to a Vec cannot fail.
         let _ = output::write_json_line(out, &record);
@@ -276,9 +289,13 @@ impl Observer for Audit {
                 let start = listener.opened_ns.map(|ns| clock.at(ns));
                 self.listen(SocketFields::of(&listener), start, Some(now), out)
             }
-            (_, TcpState::Close, Some(conn)) => {
-                self.conn(&conn, Ending::Closed(now), Some(t.bytes), clock, out)
-            }
+            (_, TcpState::Close, Some(conn)) => self.conn(
+                &conn,
+                Ending::Closed(now, t.error),
+                Some(t.bytes),
+                clock,
+                out,
+            ),
             (TcpState::Close, TcpState::Listen, _) => {
                 let listener = SocketFields::new(observed.owner, t.uid, t.netns, &t.tuple);
                 self.listen(listener, Some(now), None, out)

@@ -601,6 +601,7 @@ mod tests {
                 netns: Some(netns),
                 bytes: ByteCounts::default(),
                 recovered: false,
+                error: None,
             };
             table.apply(&t);
             (t.tuple, t.old, t.new, t.ts_ns) = (tuple, SynSent, Established, 2);
@@ -798,6 +799,7 @@ mod tests {
             netns: Some(NETNS),
             bytes: ByteCounts::default(),
             recovered: false,
+            error: None,
         });
         let with_port = tuple("127.0.0.1:5000", "127.0.0.1:80");
         let proc = snapshot(&[(with_port, SynSent, Some(10), false)]);

@@ -4,6 +4,7 @@
 
 mod audit;
 mod cmdline;
+mod failures;
 mod generate;
 mod kernel_btf;
 mod metrics;

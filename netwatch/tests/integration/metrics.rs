@@ -10,12 +10,13 @@ use crate::peer::Peer;
 use crate::support::{set_fd_limit, Watch};
 
 /// A loopback port free at the time of asking.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
     listener.local_addr().expect("bound").port()
 }
 
-fn scrape(port: u16) -> Scrape {
+/// Scrapes /metrics on the loopback port and parses what it serves.
+pub(crate) fn scrape(port: u16) -> Scrape {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("metrics are served");
     write!(stream, "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
     let mut response = String::new();
@@ -30,7 +31,7 @@ fn scrape(port: u16) -> Scrape {
 }
 
 /// The value of the sample `name` whose labels include `labels`.
-fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub(crate) fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     scrape
         .samples
         .iter()
