@@ -314,6 +314,9 @@ pub struct KernelEvent {
     /// and exec events and for connect and listen transitions; 0 otherwise
     /// or when unknown.
     pub start_ns: u64,
+    /// The cgroup (v2) id of the task on the CPU, set as `start_ns` is:
+    /// the inode number of its directory in the cgroup2 hierarchy.
+    pub cgroup_id: u64,
     /// Local address; an IPv4 address fills the first 4 bytes.
     pub saddr: [u8; 16],
     /// Remote address; an IPv4 address fills the first 4 bytes.
@@ -359,7 +362,7 @@ mod tests {
 
     #[test]
     fn kernel_event_has_no_implicit_padding() {
-        let fields = 8 * 5 + 16 * 3 + 4 * 3 + 2 * 3 + 4 + 2;
+        let fields = 8 * 6 + 16 * 3 + 4 * 3 + 2 * 3 + 4 + 2;
         assert_eq!(core::mem::size_of::<KernelEvent>(), fields);
         assert_eq!(core::mem::size_of::<KernelEvent>() % 8, 0);
     }

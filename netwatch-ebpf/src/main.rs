@@ -27,7 +27,7 @@ mod owners;
 mod state;
 mod tcp_iterator;
 
-use aya_ebpf::helpers::generated::bpf_seq_write;
+use aya_ebpf::helpers::generated::{bpf_get_current_cgroup_id, bpf_seq_write};
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
@@ -158,16 +158,19 @@ fn read_tuple(sk: u64) -> Result<(u16, Endpoint, Endpoint), i64> {
 }
 
 /// The process on the CPU: its tgid, name (the group leader's comm, as
-/// /proc/PID/comm shows it, not the thread's) and start time.
+/// /proc/PID/comm shows it, not the thread's), start time and cgroup (v2).
 struct Process {
     tgid: u32,
     comm: [u8; 16],
     start_ns: u64,
+    cgroup_id: u64,
 }
 
 #[inline(always)]
 fn current_process() -> Process {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: bpf_get_current_cgroup_id has no preconditions.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     if layout_known() {
         // SAFETY: bpf_get_current_task has no preconditions.
         let task = unsafe { bpf_get_current_task() };
@@ -180,6 +183,7 @@ fn current_process() -> Process {
                     tgid,
                     comm,
                     start_ns,
+                    cgroup_id,
                 };
             }
         }
@@ -188,6 +192,7 @@ fn current_process() -> Process {
         tgid,
         comm: bpf_get_current_comm().unwrap_or_default(),
         start_ns: 0,
+        cgroup_id,
     }
 }
 
@@ -248,6 +253,7 @@ fn blank_event(skaddr: u64, process: Process) -> KernelEvent {
         bytes_sent: 0,
         bytes_received: 0,
         start_ns: process.start_ns,
+        cgroup_id: process.cgroup_id,
         saddr: [0; 16],
         daddr: [0; 16],
         comm: process.comm,

@@ -204,6 +204,7 @@ fn event(
             tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
             comm: [0; 16],
             start_ns: 0,
+            cgroup_id: 0,
         }
     };
     let bytes = update_socket_entry(skaddr, oldstate, newstate, process.tgid);

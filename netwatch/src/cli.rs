@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::model::{TcpState, Tuple};
+use crate::model::{Owner, TcpState, Tuple};
 
 /// What `--version` prints after the name: the version and the git commit built.
 const VERSION: &str = concat!(
@@ -158,6 +158,8 @@ pub struct WatchArgs {
     /// Also print each socket of the starting /proc baseline once.
     #[arg(long)]
     pub baseline: bool,
+    #[command(flatten)]
+    pub cgroups: CgroupFilters,
     /// The owner's full command line: at the end of each text line, and
     /// as `cmdline` in JSON.
     #[arg(long)]
@@ -176,6 +178,46 @@ pub struct AuditArgs {
     pub output: Option<PathBuf>,
     #[command(flatten)]
     pub probe: ProbeArgs,
+    #[command(flatten)]
+    pub cgroups: CgroupFilters,
+}
+
+/// Filters by the owner's cgroup (watch and audit).
+#[derive(Debug, Args, Clone, Default)]
+pub struct CgroupFilters {
+    /// Only sockets whose owner runs in this systemd unit (nginx.service;
+    /// a unit inside a user's manager matches too).
+    #[arg(long, value_name = "NAME")]
+    pub unit: Option<String>,
+    /// Only sockets whose owner runs in this container (its id, or the
+    /// start of it, as `docker ps` shows 12 digits).
+    #[arg(long, value_name = "ID")]
+    pub container: Option<String>,
+}
+
+impl CgroupFilters {
+    /// Whether either filter is given.
+    pub fn any(&self) -> bool {
+        self.unit.is_some() || self.container.is_some()
+    }
+
+    /// Whether a socket owned by `owner` passes.
+    pub fn matches(&self, owner: Option<&Owner>) -> bool {
+        let cgroup = owner.and_then(Owner::cgroup);
+        let unit = cgroup.and_then(|cgroup| cgroup.unit.as_deref());
+        let container = cgroup.and_then(|cgroup| cgroup.container.as_deref());
+        self.matches_cgroup(unit, container)
+    }
+
+    /// Whether a socket whose owner runs in this unit and container passes.
+    pub fn matches_cgroup(&self, unit: Option<&str>, container: Option<&str>) -> bool {
+        self.unit
+            .as_deref()
+            .is_none_or(|wanted| unit.is_some_and(|unit| unit.split('/').any(|u| u == wanted)))
+            && self.container.as_deref().is_none_or(|wanted| {
+                !wanted.is_empty() && container.is_some_and(|id| id.starts_with(wanted))
+            })
+    }
 }
 
 /// `netwatch verify` flags.

@@ -181,6 +181,11 @@ impl Owner {
             image: None,
         }
     }
+
+    /// Its cgroup, where it was read.
+    pub fn cgroup(&self) -> Option<&Cgroup> {
+        self.image.as_ref()?.cgroup.as_deref()
+    }
 }
 
 /// What a process runs, as /proc shows it when netwatch reads it: its
@@ -189,8 +194,54 @@ impl Owner {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProcessImage {
     pub cmdline: Option<Arc<CommandLine>>,
+    /// Its cgroup (v2): from the kernel's id where the kernel gave one,
+    /// else from /proc/PID/cgroup.
+    pub cgroup: Option<Arc<Cgroup>>,
     /// The target of /proc/PID/exe (" (deleted)" appended when the file is gone).
     pub exe: Option<Arc<str>>,
+}
+
+/// A cgroup (v2) and what its path says: the systemd unit and the
+/// container it stands for, where it stands for one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cgroup {
+    /// Its path under the cgroup2 mount ("/system.slice/nginx.service").
+    pub path: Arc<str>,
+    /// The outermost systemd service or scope on the path, with what
+    /// follows it ("nginx.service", "user@1000.service/app.slice/x.service").
+    pub unit: Option<Arc<str>>,
+    /// A Docker, containerd, CRI-O or Podman container's 64-hex id.
+    pub container: Option<Arc<str>>,
+}
+
+impl Cgroup {
+    /// What `path` names.
+    pub fn from_path(path: &str) -> Cgroup {
+        let components: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+        let unit = components
+            .iter()
+            .position(|c| c.ends_with(".service") || c.ends_with(".scope"))
+            .map(|first| Arc::from(components[first..].join("/")));
+        let container = components.iter().rev().find_map(|c| container_id(c));
+        Cgroup {
+            path: Arc::from(path),
+            unit,
+            container: container.map(Arc::from),
+        }
+    }
+}
+
+/// The container id in one cgroup path component: 64 hex digits, alone
+/// (`/docker/ID`, cgroupfs drivers) or in a systemd scope named by the
+/// runtime (`docker-ID.scope`, `cri-containerd-ID.scope`,
+/// `crio-ID.scope`, `libpod-ID.scope`).
+fn container_id(component: &str) -> Option<&str> {
+    let name = component.strip_suffix(".scope").unwrap_or(component);
+    let id = ["docker-", "cri-containerd-", "crio-", "libpod-"]
+        .iter()
+        .find_map(|prefix| name.strip_prefix(prefix))
+        .unwrap_or(name);
+    (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
 }
 
 /// A command line as the kernel holds it (/proc/PID/cmdline): the
@@ -298,6 +349,8 @@ pub struct Task {
     /// When the process started (CLOCK_MONOTONIC), if the kernel could read
     /// it: with the pid, the process's identity across pid reuse.
     pub start_ns: Option<u64>,
+    /// Its cgroup (v2) id, where the kernel read its start time.
+    pub cgroup_id: Option<u64>,
 }
 
 /// One state change reported by the kernel.
@@ -536,6 +589,37 @@ pub enum Record {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cgroup_path_names_its_unit_and_container() {
+        let id = "0123456789abcdef".repeat(4);
+        let named = |path: &str| {
+            let cgroup = Cgroup::from_path(path);
+            (
+                cgroup.unit.map(|u| u.to_string()),
+                cgroup.container.map(|c| c.to_string()),
+            )
+        };
+        assert_eq!(
+            named("/system.slice/nginx.service"),
+            (Some("nginx.service".into()), None)
+        );
+        assert_eq!(
+            named("/user.slice/user-1000.slice/user@1000.service/app.slice/x.service"),
+            (Some("user@1000.service/app.slice/x.service".into()), None)
+        );
+        for path in [
+            format!("/system.slice/docker-{id}.scope"),
+            format!("/kubepods.slice/kubepods-pod1.slice/cri-containerd-{id}.scope"),
+            format!("/machine.slice/libpod-{id}.scope/container"),
+            format!("/system.slice/crio-{id}.scope"),
+            format!("/docker/{id}"),
+        ] {
+            assert_eq!(named(&path).1.as_deref(), Some(id.as_str()), "{path}");
+        }
+        assert_eq!(named("/"), (None, None));
+        assert_eq!(named("/docker/abc").1, None, "not 64 hex digits");
+    }
 
     #[test]
     fn a_connection_result_comes_from_its_error_and_whether_it_got_through() {

@@ -284,12 +284,16 @@ pub enum StreamRecord<'a> {
         /// The owner's arguments (`--cmdline`).
         #[serde(skip_serializing_if = "Option::is_none")]
         cmdline: Option<Option<&'a CommandLine>>,
+        #[serde(flatten)]
+        cgroup: CgroupFields<'a>,
     },
     /// A socket that existed when netwatch started (`--baseline`).
     Baseline {
         ts: String,
         #[serde(flatten)]
         socket: SocketRecord<'a>,
+        #[serde(flatten)]
+        cgroup: CgroupFields<'a>,
     },
     /// Transitions the kernel could not deliver.
     Lost {
@@ -326,7 +330,30 @@ pub enum StreamRecord<'a> {
         /// The new owner's arguments (`--cmdline`).
         #[serde(skip_serializing_if = "Option::is_none")]
         cmdline: Option<Option<&'a CommandLine>>,
+        /// The new owner's cgroup.
+        #[serde(flatten)]
+        cgroup: CgroupFields<'a>,
     },
+}
+
+/// The owner's cgroup in a JSON record: each field null where none applies.
+#[derive(Debug, Serialize)]
+pub struct CgroupFields<'a> {
+    pub cgroup: Option<&'a str>,
+    pub unit: Option<&'a str>,
+    pub container: Option<&'a str>,
+}
+
+impl<'a> CgroupFields<'a> {
+    /// The fields of `owner`'s cgroup.
+    pub fn of(owner: Option<&'a Owner>) -> CgroupFields<'a> {
+        let cgroup = owner.and_then(Owner::cgroup);
+        CgroupFields {
+            cgroup: cgroup.map(|cgroup| &*cgroup.path),
+            unit: cgroup.and_then(|cgroup| cgroup.unit.as_deref()),
+            container: cgroup.and_then(|cgroup| cgroup.container.as_deref()),
+        }
+    }
 }
 
 /// The `cmdline` of a JSON record: absent unless `asked`, then the
@@ -584,6 +611,7 @@ udp        7      5 0.0.0.0:53              0.0.0.0:*                           
             pid: 101,
             program: "nginx",
             cmdline: None,
+            cgroup: CgroupFields::of(None),
         };
         assert_eq!(
             serde_json::to_value(&record).unwrap(),
@@ -591,7 +619,8 @@ udp        7      5 0.0.0.0:53              0.0.0.0:*                           
                 "type": "owner", "ts": "1970-01-01T00:00:00.000000Z", "proto": "tcp",
                 "local_addr": "127.0.0.1", "local_port": 8080, "remote_addr": "127.0.0.1",
                 "remote_port": 48286, "state": "ESTABLISHED", "cause": "accept",
-                "old_pid": 100, "old_program": "nginx", "pid": 101, "program": "nginx"
+                "old_pid": 100, "old_program": "nginx", "pid": 101, "program": "nginx",
+                "cgroup": null, "unit": null, "container": null
             })
         );
         let change = OwnerChange {

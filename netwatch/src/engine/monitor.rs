@@ -810,6 +810,7 @@ mod tests {
                 pid: 1,
                 comm: [0; 16],
                 start_ns: None,
+                cgroup_id: None,
             },
             uid: None,
             netns: None,

@@ -175,9 +175,9 @@ fn comm_name(comm: &[u8; 16]) -> Arc<str> {
 /// Looks up a process name by pid (`/proc/PID/comm` in production).
 pub type NameLookup = fn(u32) -> Option<String>;
 
-/// Reads what process `pid`, started at the given time if known, runs
-/// ([`crate::snapshot::process_image`] in production).
-pub type ImageLookup = fn(u32, Option<u64>) -> ProcessImage;
+/// Reads what process `pid`, started at the given time and in the given
+/// cgroup if known, runs ([`crate::snapshot::process_image`] in production).
+pub type ImageLookup = fn(u32, Option<u64>, Option<u64>) -> ProcessImage;
 
 /// A listening socket, to give accepted sockets their owner.
 #[derive(Debug)]
@@ -282,7 +282,7 @@ impl SocketTable {
             let process = entry
                 .owner
                 .as_ref()
-                .map(|owner| self.process(owner.pid, None, owner.program.clone()));
+                .map(|owner| self.process(owner.pid, None, None, owner.program.clone()));
             let mut live = LiveSocket::unknown(tuple, socket.state, process);
             live.uid = Some(socket.uid);
             live.netns = socket.netns.or(netns);
@@ -481,7 +481,8 @@ impl SocketTable {
             if process.start_ns.get().is_none() || process.start_ns.get() == task.start_ns {
                 process.start_ns.set(task.start_ns);
                 *process.name.borrow_mut() = name;
-                *process.image.borrow_mut() = self.read_image(task.pid, task.start_ns);
+                *process.image.borrow_mut() =
+                    self.read_image(task.pid, task.start_ns, task.cgroup_id);
             }
         }
     }
@@ -557,7 +558,7 @@ impl SocketTable {
             let name = (self.lookup_name)(task.pid)
                 .map(Arc::from)
                 .unwrap_or_else(|| comm_name(&task.comm));
-            return self.process(task.pid, None, name);
+            return self.process(task.pid, None, task.cgroup_id, name);
         }
         // The common case, a process seen before under the same name, allocates nothing.
         if let Some(known) = self.processes.get(&task.pid) {
@@ -567,13 +568,24 @@ impl SocketTable {
                 return known.clone();
             }
         }
-        self.process(task.pid, task.start_ns, comm_name(&task.comm))
+        self.process(
+            task.pid,
+            task.start_ns,
+            task.cgroup_id,
+            comm_name(&task.comm),
+        )
     }
 
     /// The record of process `pid`: the one the table has if it is the same
     /// process (learning its start time, or a new name the kernel gave with
     /// the same start time), else a new one, which a reused pid gets.
-    fn process(&mut self, pid: u32, start_ns: Option<u64>, name: Arc<str>) -> Rc<Process> {
+    fn process(
+        &mut self,
+        pid: u32,
+        start_ns: Option<u64>,
+        cgroup_id: Option<u64>,
+        name: Arc<str>,
+    ) -> Rc<Process> {
         if let Some(known) = self.processes.get(&pid) {
             if known.is(start_ns, &name) {
                 if start_ns.is_some() {
@@ -581,7 +593,7 @@ impl SocketTable {
                     if *known.name.borrow() != name {
                         // Renamed by an exec whose own event is still to come.
                         *known.name.borrow_mut() = name;
-                        *known.image.borrow_mut() = self.read_image(pid, start_ns);
+                        *known.image.borrow_mut() = self.read_image(pid, start_ns, cgroup_id);
                     }
                 }
                 return known.clone();
@@ -592,14 +604,20 @@ impl SocketTable {
             self.processes
                 .retain(|_, process| Rc::strong_count(process) > 1);
         }
-        let process = Process::new(pid, start_ns, name, self.read_image(pid, start_ns));
+        let image = self.read_image(pid, start_ns, cgroup_id);
+        let process = Process::new(pid, start_ns, name, image);
         self.processes.insert(pid, process.clone());
         process
     }
 
-    fn read_image(&self, pid: u32, start_ns: Option<u64>) -> Option<Arc<ProcessImage>> {
+    fn read_image(
+        &self,
+        pid: u32,
+        start_ns: Option<u64>,
+        cgroup_id: Option<u64>,
+    ) -> Option<Arc<ProcessImage>> {
         self.lookup_image
-            .map(|lookup| Arc::new(lookup(pid, start_ns)))
+            .map(|lookup| Arc::new(lookup(pid, start_ns, cgroup_id)))
     }
 
     fn listener_owner(&self, accepted: &Transition) -> Option<Rc<Process>> {
@@ -695,6 +713,7 @@ mod tests {
                 pid: task,
                 comm: comm(&format!("thread{task}")),
                 start_ns: None,
+                cgroup_id: None,
             },
             uid: Some(1000),
             netns: Some(1),
@@ -716,6 +735,7 @@ mod tests {
             pid,
             comm: comm(name),
             start_ns: Some(start_ns),
+            cgroup_id: None,
         }
     }
 
@@ -867,13 +887,13 @@ mod tests {
 
     /// Reads a fake image: the exe names the pid, the start time and the
     /// number of reads so far.
-    fn counted_image(pid: u32, start_ns: Option<u64>) -> ProcessImage {
+    fn counted_image(pid: u32, start_ns: Option<u64>, _cgroup_id: Option<u64>) -> ProcessImage {
         use std::sync::atomic::{AtomicU32, Ordering};
         static READS: AtomicU32 = AtomicU32::new(0);
         let read = READS.fetch_add(1, Ordering::Relaxed) + 1;
         ProcessImage {
-            cmdline: None,
             exe: Some(format!("{pid}@{start_ns:?}#{read}").into()),
+            ..ProcessImage::default()
         }
     }
 

@@ -13,6 +13,7 @@ pub fn to_record(event: &KernelEvent) -> Option<Record> {
         pid: event.tgid,
         comm: event.comm,
         start_ns: (event.start_ns != 0).then_some(event.start_ns),
+        cgroup_id: (event.start_ns != 0).then_some(event.cgroup_id),
     };
     let cause = match event.kind {
         event_kind::TRANSITION => return to_transition(event, task).map(Record::Transition),
@@ -80,6 +81,7 @@ mod tests {
             bytes_sent: 10,
             bytes_received: 20,
             start_ns: 77,
+            cgroup_id: 1,
             saddr: [0; 16],
             daddr: [0; 16],
             comm: [0; 16],

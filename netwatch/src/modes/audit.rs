@@ -10,7 +10,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use crate::cli::AuditArgs;
+use crate::cli::{AuditArgs, CgroupFilters};
 use crate::engine::monitor::{self, Config, Notice, Observer, Summary, WallClock};
 use crate::engine::table::{LiveSocket, Observed, SocketTable};
 use crate::metrics::Metrics;
@@ -41,6 +41,7 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
     let audit = Audit {
         metrics: config.metrics.clone(),
         netns: config.netns,
+        cgroups: args.cgroups,
     };
     monitor::run(config, audit, sink)?;
     Ok(())
@@ -121,6 +122,10 @@ pub struct SocketFields {
     cmdline: Option<Arc<CommandLine>>,
     /// The owner's executable (/proc/PID/exe), read with its command line.
     exe: Option<Arc<str>>,
+    /// The owner's cgroup (v2) path, and the systemd unit and container it names.
+    cgroup: Option<Arc<str>>,
+    unit: Option<Arc<str>>,
+    container: Option<Arc<str>>,
     uid: Option<u32>,
     netns: Option<u32>,
     proto: &'static str,
@@ -133,12 +138,19 @@ impl SocketFields {
         let image = owner.as_ref().and_then(|owner| owner.image.as_deref());
         let cmdline = image.and_then(|image| image.cmdline.clone());
         let exe = image.and_then(|image| image.exe.clone());
+        let cgroup = image.and_then(|image| image.cgroup.as_deref());
+        let path = cgroup.map(|cgroup| cgroup.path.clone());
+        let unit = cgroup.and_then(|cgroup| cgroup.unit.clone());
+        let container = cgroup.and_then(|cgroup| cgroup.container.clone());
         let (pid, program) = owner.map(|owner| (owner.pid, owner.program)).unzip();
         SocketFields {
             pid,
             program,
             cmdline,
             exe,
+            cgroup: path,
+            unit,
+            container,
             uid,
             netns,
             proto: tuple.proto.name(),
@@ -157,6 +169,8 @@ struct Audit {
     metrics: Arc<Metrics>,
     /// netwatch's network namespace, whose sockets /proc lists.
     netns: Option<u32>,
+    /// `--unit` and `--container`: the records written are those they pass.
+    cgroups: CgroupFilters,
 }
 
 /// The TCP connections /proc lists in every namespace (TIME_WAIT mini
@@ -198,6 +212,10 @@ impl Audit {
         clock: &WallClock,
         out: &mut Vec<u8>,
     ) {
+        let fields = SocketFields::of(socket);
+        if !self.passes(&fields) {
+            return;
+        }
         let (end, last_state) = match ending {
             // The state it left for CLOSE.
             Ending::Closed(end, _) => (Some(end), socket.previous.unwrap_or(socket.state)),
@@ -221,7 +239,7 @@ impl Audit {
             start: start.map(Timestamp),
             end: end.map(Timestamp),
             duration_ms,
-            socket: SocketFields::of(socket),
+            socket: fields,
             direction: socket.direction.name(),
             remote_addr: Addr(socket.tuple.remote.ip()),
             remote_port: socket.tuple.remote.port(),
@@ -237,6 +255,12 @@ impl Audit {
         self.metrics.conn_records.inc();
     }
 
+    /// Whether a record of a socket with these fields passes `--unit` and `--container`.
+    fn passes(&self, fields: &SocketFields) -> bool {
+        self.cgroups
+            .matches_cgroup(fields.unit.as_deref(), fields.container.as_deref())
+    }
+
     /// A listener's record: `start` is None when it opened before audit started.
     fn listen(
         &self,
@@ -245,6 +269,9 @@ impl Audit {
         end: Option<SystemTime>,
         out: &mut Vec<u8>,
     ) {
+        if !self.passes(&socket) {
+            return;
+        }
         let record = AuditRecord::Listen {
             schema: SCHEMA,
             event: if end.is_some() { "close" } else { "open" },

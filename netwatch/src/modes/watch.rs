@@ -9,15 +9,16 @@ use crate::cli::WatchArgs;
 use crate::engine::monitor::{self, Config, Notice, Observer, Summary, WallClock};
 use crate::engine::table::{Observed, SocketTable};
 use crate::model::{OwnerChange, Transition};
-use crate::output::{self, SocketRecord, StreamRecord, Timestamp, TupleFields};
+use crate::output::{self, CgroupFields, SocketRecord, StreamRecord, Timestamp, TupleFields};
 use crate::sink::Sink;
 use crate::snapshot::{self, Snapshot, SnapshotEntry};
 
 /// Streams until SIGINT or SIGTERM, then prints a summary on stderr (and,
 /// in JSON, as the last record).
 pub fn run(args: WatchArgs) -> anyhow::Result<()> {
+    // JSON records carry the owner's cgroup; filters need it.
     let config = Config {
-        process_images: args.cmdline,
+        process_images: args.cmdline || args.json || args.cgroups.any(),
         ..Config::new(&args.probe, false, None)
     };
     monitor::run(config, Stream { args }, Sink::stdout())?;
@@ -56,15 +57,17 @@ impl Observer for Stream {
             })
             .cloned()
             .collect();
-        if self.args.cmdline {
+        if self.args.cmdline || self.args.json || self.args.cgroups.any() {
             snapshot::add_images(&mut shown);
         }
+        shown.retain(|entry| self.args.cgroups.matches(entry.owner.as_ref()));
         for entry in &shown {
             // Writing to a Vec cannot fail.
             let _ = if self.args.json {
                 let record = StreamRecord::Baseline {
                     ts: ts.clone(),
                     socket: SocketRecord::new(entry, self.args.cmdline),
+                    cgroup: CgroupFields::of(entry.owner.as_ref()),
                 };
                 output::write_json_line(out, &record)
             } else {
@@ -85,7 +88,9 @@ impl Observer for Stream {
     ) {
         let owner = observed.owner.as_ref();
         let pid = owner.map(|owner| owner.pid);
-        if !self.args.filters.matches(&t.tuple, pid, &[t.old, t.new]) {
+        if !self.args.filters.matches(&t.tuple, pid, &[t.old, t.new])
+            || !self.args.cgroups.matches(owner)
+        {
             return;
         }
         let ts = Timestamp(clock.at(t.ts_ns));
@@ -102,6 +107,7 @@ impl Observer for Stream {
                     new_state: t.new.name(),
                     ms,
                     cmdline: output::cmdline_field(owner, self.args.cmdline),
+                    cgroup: CgroupFields::of(owner),
                 },
             )
         } else {
@@ -122,9 +128,13 @@ impl Observer for Stream {
         // --pid matches the new owner or the old one.
         let pids = [Some(change.new.pid), change.old.as_ref().map(|old| old.pid)];
         let filters = &self.args.filters;
+        let owners = [Some(&change.new), change.old.as_ref()];
         if !pids
             .into_iter()
             .any(|pid| filters.matches(&change.tuple, pid, &[change.state]))
+            || !owners
+                .into_iter()
+                .any(|owner| self.args.cgroups.matches(owner))
         {
             return;
         }
@@ -143,6 +153,7 @@ impl Observer for Stream {
                     pid: change.new.pid,
                     program: &change.new.program,
                     cmdline: output::cmdline_field(Some(&change.new), self.args.cmdline),
+                    cgroup: CgroupFields::of(Some(&change.new)),
                 },
             )
         } else {

@@ -3,6 +3,7 @@
 //! kernel (same records, each with its kernel address); the /proc path
 //! stays for everything the kernel cannot read.
 
+mod cgroups;
 mod kernel_table;
 mod proc_net;
 mod processes;
@@ -270,7 +271,7 @@ pub fn add_images<'a>(entries: impl IntoIterator<Item = &'a mut SnapshotEntry>) 
     for owner in entries.into_iter().filter_map(|entry| entry.owner.as_mut()) {
         let image = images
             .entry(owner.pid)
-            .or_insert_with(|| Arc::new(process_image(owner.pid, None)));
+            .or_insert_with(|| Arc::new(process_image(owner.pid, None, None)));
         owner.image = Some(image.clone());
     }
 }

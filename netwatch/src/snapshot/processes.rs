@@ -18,6 +18,7 @@ use rustix::io::Errno;
 
 use netwatch_common::SocketFd;
 
+use super::cgroups::{cgroup_in_proc_file, cgroup_of_id};
 use crate::model::{escape_non_utf8, CommandLine, ProcessImage};
 
 /// Socket inode -> pid, for every process whose fds could be read.
@@ -190,12 +191,20 @@ fn read_dir_names(dir: &OwnedFd) -> Vec<std::ffi::CString> {
 /// end of the read (its memory going away, it can give part of its line).
 /// An empty command line (a kernel thread) gives `None`, as does an exe
 /// link that cannot be read (another user's process, without CAP_SYS_PTRACE).
-pub fn process_image(pid: u32, started_ns: Option<u64>) -> ProcessImage {
+/// Its cgroup comes from `cgroup_id` where the kernel gave it (a cgroup
+/// outlives a short process), else from /proc/PID/cgroup.
+pub fn process_image(pid: u32, started_ns: Option<u64>, cgroup_id: Option<u64>) -> ProcessImage {
+    let from_id = cgroup_id.and_then(cgroup_of_id);
+    // What is known of a process /proc no longer shows (or shows another).
+    let gone = |cgroup| ProcessImage {
+        cgroup,
+        ..ProcessImage::default()
+    };
     let Ok(path) = std::ffi::CString::new(format!("/proc/{pid}")) else {
-        return ProcessImage::default();
+        return gone(from_id);
     };
     let Ok(dir) = open_dir(CWD, &path) else {
-        return ProcessImage::default();
+        return gone(from_id);
     };
     let cmdline = read_file(&dir, c"cmdline")
         .filter(|bytes| !bytes.is_empty())
@@ -203,14 +212,21 @@ pub fn process_image(pid: u32, started_ns: Option<u64>) -> ProcessImage {
     let exe = rustix::fs::readlinkat(&dir, c"exe", Vec::new())
         .ok()
         .map(|target| Arc::from(escape_non_utf8(target.as_bytes())));
+    let from_proc = || read_file(&dir, c"cgroup").and_then(|file| cgroup_in_proc_file(&file));
+    let cgroup = from_id.clone().or_else(from_proc);
     // Read last: a process exits once, and its start time never changes.
-    let Some(stat) = read_file(&dir, c"stat").and_then(|stat| ProcStat::parse(&stat)) else {
-        return ProcessImage::default();
-    };
-    if stat.exiting() || started_ns.is_some_and(|started_ns| !stat.started_at(started_ns)) {
-        return ProcessImage::default();
+    let stat = read_file(&dir, c"stat").and_then(|stat| ProcStat::parse(&stat));
+    let same = stat.is_some_and(|stat| {
+        !stat.exiting() && started_ns.is_none_or(|started_ns| stat.started_at(started_ns))
+    });
+    if !same {
+        return gone(from_id);
     }
-    ProcessImage { cmdline, exe }
+    ProcessImage {
+        cmdline,
+        cgroup,
+        exe,
+    }
 }
 
 /// What netwatch reads from /proc/PID/stat.
@@ -326,7 +342,7 @@ mod tests {
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        let image = process_image(pid, None);
+        let image = process_image(pid, None, None);
         let args = image.cmdline.as_ref().map(|cmdline| cmdline.0.clone());
         let expected: Vec<&[u8]> = vec![b"sh", b"-c", b"read line", b"sh", b""];
         assert_eq!(
@@ -339,13 +355,16 @@ mod tests {
         let stat = std::fs::read(format!("/proc/{pid}/stat")).unwrap();
         let tick_ns = 1_000_000_000 / procfs::ticks_per_second();
         let started_ns = ProcStat::parse(&stat).unwrap().start_ticks * tick_ns - boot_offset_ns();
-        assert_eq!(process_image(pid, Some(started_ns)), image);
+        assert_eq!(process_image(pid, Some(started_ns), None), image);
         // Another start time: another process that had this pid.
         let later = started_ns + 5 * tick_ns;
-        assert_eq!(process_image(pid, Some(later)), ProcessImage::default());
+        assert_eq!(
+            process_image(pid, Some(later), None),
+            ProcessImage::default()
+        );
         child.kill().unwrap();
         child.wait().unwrap();
-        assert_eq!(process_image(pid, None), ProcessImage::default());
+        assert_eq!(process_image(pid, None, None), ProcessImage::default());
     }
 
     #[test]

@@ -32,19 +32,37 @@ for _ in sys.stdin:
 ";
 
 /// A Python process running [`CONNECTOR`] with extra arguments.
-struct Connector {
+pub(crate) struct Connector {
     child: Child,
     stdin: Option<ChildStdin>,
     lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl Connector {
     fn spawn(args: &[&OsStr]) -> Connector {
-        let mut child = Command::new(PYTHON)
-            .arg("-c")
-            .arg(CONNECTOR)
-            .args(args)
+        let mut command = Command::new(PYTHON);
+        command.arg("-c").arg(CONNECTOR).args(args);
+        Connector::start(command)
+    }
+
+    /// A connector that moves itself into the cgroup (v2) directory `dir`
+    /// before it starts, so that everything it does happens there.
+    pub(crate) fn spawn_in_cgroup(dir: &std::path::Path) -> Connector {
+        let mut command = Command::new("sh");
+        command
+            .args([
+                "-c",
+                r#"echo $$ > "$1/cgroup.procs" && exec "$0" -c "$2""#,
+                PYTHON,
+            ])
+            .arg(dir)
+            .arg(CONNECTOR);
+        Connector::start(command)
+    }
+
+    fn start(mut command: Command) -> Connector {
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -64,12 +82,12 @@ impl Connector {
         }
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// One connection to itself, opened and closed.
-    fn connect(&mut self) {
+    pub(crate) fn connect(&mut self) {
         let stdin = self.stdin.as_mut().expect("running");
         writeln!(stdin, "go").expect("the connector reads");
         let said = self.lines.next().and_then(Result::ok);
@@ -82,7 +100,7 @@ impl Connector {
         exe.to_string_lossy().into_owned()
     }
 
-    fn exit(mut self) {
+    pub(crate) fn exit(mut self) {
         drop(self.stdin.take());
         self.child.wait().expect("the connector exits");
     }
@@ -205,7 +223,7 @@ fn a_reused_pid_never_gives_the_line_of_the_process_before() {
 }
 
 /// The `conn` records of both ends of connections to `port`.
-fn conns_on(records: &[Value], port: u16) -> Vec<&Value> {
+pub(crate) fn conns_on(records: &[Value], port: u16) -> Vec<&Value> {
     records
         .iter()
         .filter(|r| r["type"] == "conn" && (r["local_port"] == port || r["remote_port"] == port))

@@ -3,6 +3,7 @@
 //! netwatch binary reports. The stream tests load eBPF and need root.
 
 mod audit;
+mod cgroups;
 mod cmdline;
 mod failures;
 mod generate;
