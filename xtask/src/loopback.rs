@@ -252,7 +252,7 @@ fn readable(listener: &TcpListener, ms: i32) -> bool {
 }
 
 /// Closing with SO_LINGER 0 sends RST: no TIME_WAIT left for the next measurement.
-fn reset_on_close(stream: &TcpStream) {
+pub fn reset_on_close(stream: &TcpStream) {
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,

@@ -47,25 +47,6 @@ fn connect_with_syn_retries(port: u16, retries: i32) -> std::io::Error {
     }
 }
 
-/// Closes `stream` with a reset (SO_LINGER 0), as a peer that aborts does.
-fn reset(stream: TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: sets an option on a socket `stream` owns.
-    let set = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(set, 0, "SO_LINGER");
-}
-
 /// In a network namespace of its own, connects to a neighbour that never
 /// answers ARP: the kernel gives up after 3 s and reports the host
 /// unreachable to the socket in SYN_SENT (an ICMP error, not a timeout).
@@ -111,7 +92,9 @@ fn audit_says_how_each_connection_went_and_counts_the_failures() {
     drop(served);
     let aborting = TcpStream::connect(("127.0.0.1", server_port)).expect("connects");
     let (mut reset_one, _) = server.accept().expect("accepts");
-    reset(aborting);
+    // Closed with a reset (SO_LINGER 0), as a peer that aborts does.
+    xtask::loopback::reset_on_close(&aborting);
+    drop(aborting);
     let read = reset_one.read(&mut two);
     assert_eq!(
         read.map_err(|e| e.raw_os_error()),
