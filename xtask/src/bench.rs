@@ -52,6 +52,20 @@ pub enum Which {
         #[arg(long, default_value_t = 1000)]
         long_lived: usize,
     },
+    /// `netwatch audit` beside a fork-per-connection server (socat): its
+    /// CPU per connection, each with an owner it reads /proc for, and how
+    /// many records name the child's command line.
+    Forking {
+        /// Connections per round.
+        #[arg(long, default_value_t = 3000)]
+        connections: usize,
+        /// Rounds (the median is shown).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Another netwatch build to measure in alternation (an earlier commit's).
+        #[arg(long, value_name = "PATH")]
+        against: Option<PathBuf>,
+    },
     /// Loopback TCP throughput with no tracer, with empty programs on the
     /// same hooks, under `netwatch` and under `netwatch audit`: what the
     /// programs on every send and receive cost.
@@ -84,10 +98,22 @@ pub fn run(which: Which, netwatch: &Path) -> anyhow::Result<()> {
             bulk_gib,
             rounds,
         } => crate::traffic::run(netwatch, round_trips, bulk_gib, rounds.max(1), &results),
+        Which::Forking {
+            connections,
+            rounds,
+            against,
+        } => crate::forking::run(
+            netwatch,
+            against.as_deref(),
+            connections.max(1),
+            rounds.max(1),
+            &results,
+        ),
     }
 }
 
-fn median(values: &mut [f64]) -> f64 {
+/// The middle value (sorts `values`).
+pub(crate) fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }

@@ -4,6 +4,7 @@
 mod bench;
 mod command;
 mod empty_programs;
+mod forking;
 mod load;
 mod package;
 mod service;
@@ -43,7 +44,7 @@ enum Task {
     Test,
     /// Build the Debian package (target/debian/netwatch_VERSION_ARCH.deb).
     Dist,
-    /// Measure netwatch against ss/netstat (snapshot), tcpstates (stream), over time (soak), or its cost to TCP traffic (traffic).
+    /// Measure netwatch against ss/netstat (snapshot), tcpstates (stream), over time (soak), its cost to TCP traffic (traffic), or beside a forking server (forking).
     Bench {
         /// Measure this netwatch binary (another commit's build, to compare)
         /// instead of building this tree's.

@@ -68,9 +68,16 @@ pub const TEST: Needs = Needs {
     ],
     tools: &[],
 };
-/// What the benchmarks compare against or measure with.
+/// What the benchmarks compare against or measure with (socat: the
+/// forking server).
 pub const BENCH: Needs = Needs {
-    packages: &["libbpf-tools", "net-tools", "linux-perf", "gnuplot-nox"],
+    packages: &[
+        "libbpf-tools",
+        "net-tools",
+        "linux-perf",
+        "gnuplot-nox",
+        "socat",
+    ],
     tools: &[],
 };
 
