@@ -282,11 +282,24 @@ fn boot_offset_ns() -> u64 {
 }
 
 /// The whole of a (small) /proc file under `dir`; `None` if it cannot be read.
+/// These files give all they have to one read that offers room for it, so
+/// a read that fills less than the room is the last (`read_to_end` would
+/// probe 32 bytes first and read once more for the end: three reads for
+/// one).
 fn read_file(dir: &OwnedFd, name: &CStr) -> Option<Vec<u8>> {
     let fd = openat(dir, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).ok()?;
-    let mut bytes = Vec::new();
-    std::fs::File::from(fd).read_to_end(&mut bytes).ok()?;
-    Some(bytes)
+    let mut file = std::fs::File::from(fd);
+    let mut bytes = vec![0; 4096];
+    let mut len = 0;
+    loop {
+        let read = file.read(&mut bytes[len..]).ok()?;
+        len += read;
+        if len < bytes.len() {
+            bytes.truncate(len);
+            return Some(bytes);
+        }
+        bytes.resize(len * 2, 0);
+    }
 }
 
 /// The process name, as /proc/[pid]/comm has it; `None` once the process is gone.
