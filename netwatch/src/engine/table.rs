@@ -42,13 +42,15 @@ pub struct Process {
     /// When it started, once the kernel said (a baseline owner's is unknown).
     start_ns: Cell<Option<u64>>,
     name: RefCell<Arc<str>>,
+    /// The cgroup (v2) id the kernel last gave for it.
+    cgroup_id: Cell<Option<u64>>,
     image: RefCell<Option<Arc<ProcessImage>>>,
 }
 
 impl Process {
     fn new(
         pid: u32,
-        start_ns: Option<u64>,
+        (start_ns, cgroup_id): (Option<u64>, Option<u64>),
         name: Arc<str>,
         image: Option<Arc<ProcessImage>>,
     ) -> Rc<Process> {
@@ -56,6 +58,7 @@ impl Process {
             pid,
             start_ns: Cell::new(start_ns),
             name: RefCell::new(name),
+            cgroup_id: Cell::new(cgroup_id),
             image: RefCell::new(image),
         })
     }
@@ -480,6 +483,9 @@ impl SocketTable {
             let name = comm_name(&task.comm);
             if process.start_ns.get().is_none() || process.start_ns.get() == task.start_ns {
                 process.start_ns.set(task.start_ns);
+                process
+                    .cgroup_id
+                    .set(task.cgroup_id.or(process.cgroup_id.get()));
                 *process.name.borrow_mut() = name;
                 *process.image.borrow_mut() =
                     self.read_image(task.pid, task.start_ns, task.cgroup_id);
@@ -564,6 +570,7 @@ impl SocketTable {
         if let Some(known) = self.processes.get(&task.pid) {
             if known.start_ns.get() == task.start_ns
                 && known.name.borrow().as_bytes() == comm_bytes(&task.comm)
+                && known.cgroup_id.get() == task.cgroup_id
             {
                 return known.clone();
             }
@@ -590,9 +597,12 @@ impl SocketTable {
             if known.is(start_ns, &name) {
                 if start_ns.is_some() {
                     known.start_ns.set(start_ns);
-                    if *known.name.borrow() != name {
-                        // Renamed by an exec whose own event is still to come.
+                    // Renamed by an exec whose own event is still to come,
+                    // or moved to another cgroup: what it runs is read again.
+                    let moved = cgroup_id.is_some() && known.cgroup_id.get() != cgroup_id;
+                    if *known.name.borrow() != name || moved {
                         *known.name.borrow_mut() = name;
+                        known.cgroup_id.set(cgroup_id.or(known.cgroup_id.get()));
                         *known.image.borrow_mut() = self.read_image(pid, start_ns, cgroup_id);
                     }
                 }
@@ -605,7 +615,7 @@ impl SocketTable {
                 .retain(|_, process| Rc::strong_count(process) > 1);
         }
         let image = self.read_image(pid, start_ns, cgroup_id);
-        let process = Process::new(pid, start_ns, name, image);
+        let process = Process::new(pid, (start_ns, cgroup_id), name, image);
         self.processes.insert(pid, process.clone());
         process
     }
@@ -887,12 +897,12 @@ mod tests {
 
     /// Reads a fake image: the exe names the pid, the start time and the
     /// number of reads so far.
-    fn counted_image(pid: u32, start_ns: Option<u64>, _cgroup_id: Option<u64>) -> ProcessImage {
+    fn counted_image(pid: u32, start_ns: Option<u64>, cgroup_id: Option<u64>) -> ProcessImage {
         use std::sync::atomic::{AtomicU32, Ordering};
         static READS: AtomicU32 = AtomicU32::new(0);
         let read = READS.fetch_add(1, Ordering::Relaxed) + 1;
         ProcessImage {
-            exe: Some(format!("{pid}@{start_ns:?}#{read}").into()),
+            exe: Some(format!("{pid}@{start_ns:?}/{cgroup_id:?}#{read}").into()),
             ..ProcessImage::default()
         }
     }
@@ -918,7 +928,7 @@ mod tests {
             ))
         };
         let first = exe(&connect(&mut table, 7, 5, "sh"));
-        assert!(first.starts_with("300@Some(5)#"), "{first}");
+        assert!(first.starts_with("300@Some(5)/None#"), "{first}");
         // The same process again: no new read.
         assert_eq!(exe(&connect(&mut table, 8, 5, "sh")), first);
         // exec(): read again, for every socket it owns.
@@ -926,10 +936,20 @@ mod tests {
         let seen = table.apply(&transition(2, 7, conn(7), SynSent, Established, 0));
         let after_exec = exe(&seen);
         assert_ne!(after_exec, first);
-        assert!(after_exec.starts_with("300@Some(5)#"), "{after_exec}");
+        assert!(after_exec.starts_with("300@Some(5)/None#"), "{after_exec}");
+        // Moved to another cgroup: read again, with the new id.
+        let mut moved = task(300, 5, "curl");
+        moved.cgroup_id = Some(42);
+        let opening = (Close, SynSent);
+        let seen = table.apply(&transition_by(3, 10, conn(10), opening, moved));
+        assert!(
+            exe(&seen).starts_with("300@Some(5)/Some(42)#"),
+            "{}",
+            exe(&seen)
+        );
         // A reused pid: a read of its own.
         let reused = exe(&connect(&mut table, 9, 6, "wget"));
-        assert!(reused.starts_with("300@Some(6)#"), "{reused}");
+        assert!(reused.starts_with("300@Some(6)/None#"), "{reused}");
     }
 
     #[test]
