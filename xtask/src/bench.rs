@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 
 use crate::load::{self, ChurnArgs};
+use crate::stats::median;
 use crate::tracer::{command, interrupt, start_tracer, wait_usage};
 use xtask::bpf_programs::programs_of;
 
@@ -112,12 +113,6 @@ pub fn run(which: Which, netwatch: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// The middle value (sorts `values`).
-pub(crate) fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
 // ---- snapshot -------------------------------------------------------------
 
 /// One command the snapshot benchmark times.
@@ -183,7 +178,7 @@ fn time_alternating(tools: &mut [Timed], runs: usize) -> anyhow::Result<Vec<(f64
             rss[i] = rss[i].max(kib);
         }
     }
-    Ok(times.iter_mut().map(|t| median(t)).zip(rss).collect())
+    Ok(times.iter().map(|t| median(t)).zip(rss).collect())
 }
 
 fn snapshot(netwatch: &Path, sizes: &[usize], runs: usize) -> anyhow::Result<()> {
@@ -559,7 +554,7 @@ fn first_event_case(netwatch: &Path, results: &Path, label: &str) -> anyhow::Res
     let startup = std::fs::read_to_string(results.join("first-event.err")).unwrap_or_default();
     println!(
         "  {label}: median {:.0} ms of {} ms ({tcp})\n    last start: {}",
-        median(&mut times),
+        median(&times),
         each.join(", "),
         startup
             .lines()

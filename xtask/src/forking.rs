@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 
+use crate::stats::median;
 use crate::tracer::{command, start_tracer};
 
 /// What one round measured for one build.
@@ -56,15 +57,15 @@ pub fn run(
     }
     println!("\n{connections} connections to `socat TCP-LISTEN,fork EXEC:cat`, median of {rounds} rounds:");
     for ((label, binary), rounds) in builds.iter().zip(&measured) {
-        let mut cpu: Vec<f64> = rounds.iter().map(|r| r.cpu.as_secs_f64() * 1e6).collect();
-        let mut named: Vec<f64> = rounds
+        let cpu: Vec<f64> = rounds.iter().map(|r| r.cpu.as_secs_f64() * 1e6).collect();
+        let named: Vec<f64> = rounds
             .iter()
             .map(|r| 100.0 * r.with_cmdline as f64 / r.records.max(1) as f64)
             .collect();
         println!(
             "  {label:<9} {:>5.1} us of audit CPU per connection, {:>5.1}% of the children's records with their command line ({})",
-            crate::bench::median(&mut cpu) / connections as f64,
-            crate::bench::median(&mut named),
+            median(&cpu) / connections as f64,
+            median(&named),
             binary.display()
         );
     }

@@ -10,6 +10,7 @@ mod package;
 mod service;
 mod setup;
 mod soak;
+mod stats;
 mod tracer;
 mod traffic;
 

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 
 use crate::empty_programs::EmptyPrograms;
+use crate::stats::median;
 use crate::tracer::{command, start_tracer, RunningTracer};
 use xtask::bpf_programs::programs_of;
 
@@ -430,12 +431,6 @@ fn print_table(figures: &[Figures], round_trips: u64, bulk_gib: u64, rounds: usi
             paired_change(&figures.bulk_gib_per_s, &none.bulk_gib_per_s),
         );
     }
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted[sorted.len() / 2]
 }
 
 /// How `traced` differs from `none` round by round, in percent: median [lowest, highest].
