@@ -311,6 +311,11 @@ impl SocketTable {
         self.len() == 0
     }
 
+    /// What the table read of process `pid` (where it reads images).
+    pub fn image_of(&self, pid: u32) -> Option<Arc<ProcessImage>> {
+        self.processes.get(&pid)?.image.borrow().clone()
+    }
+
     /// Sockets evicted so far because the table was full.
     pub fn evicted(&self) -> u64 {
         self.evicted

@@ -11,7 +11,7 @@ use crate::engine::table::{Observed, SocketTable};
 use crate::model::{OwnerChange, Transition};
 use crate::output::{self, CgroupFields, SocketRecord, StreamRecord, Timestamp, TupleFields};
 use crate::sink::Sink;
-use crate::snapshot::{self, Snapshot, SnapshotEntry};
+use crate::snapshot::{Snapshot, SnapshotEntry};
 
 /// Streams until SIGINT or SIGTERM, then prints a summary on stderr (and,
 /// in JSON, as the last record).
@@ -31,7 +31,7 @@ struct Stream {
 }
 
 impl Observer for Stream {
-    fn baseline(&mut self, snapshot: &Snapshot, _table: &SocketTable, out: &mut Vec<u8>) {
+    fn baseline(&mut self, snapshot: &Snapshot, table: &SocketTable, out: &mut Vec<u8>) {
         if !self.args.json {
             out.extend_from_slice(output::STREAM_HEADER.as_bytes());
             if self.args.cmdline {
@@ -57,8 +57,9 @@ impl Observer for Stream {
             })
             .cloned()
             .collect();
-        if self.args.cmdline || self.args.json || self.args.cgroups.any() {
-            snapshot::add_images(&mut shown);
+        // The table read them for its owners (see `run`).
+        for owner in shown.iter_mut().filter_map(|entry| entry.owner.as_mut()) {
+            owner.image = table.image_of(owner.pid);
         }
         shown.retain(|entry| self.args.cgroups.matches(entry.owner.as_ref()));
         for entry in &shown {
