@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -81,15 +82,11 @@ pub fn write_snapshot_text(
         if columns.program {
             match &entry.owner {
                 Some(owner) => {
-                    let _ = match owner
-                        .image
-                        .as_ref()
-                        .and_then(|image| image.cmdline.as_ref())
-                    {
-                        Some(cmdline) if columns.cmdline => {
+                    let _ = match cmdline_field(Some(owner), columns.cmdline).flatten() {
+                        Some(cmdline) => {
                             write!(line, " {}/{}", owner.pid, Printable(&cmdline.to_string()))
                         }
-                        _ => write!(line, " {}/{}", owner.pid, Printable(&owner.program)),
+                        None => write!(line, " {}/{}", owner.pid, Printable(&owner.program)),
                     };
                 }
                 None => line.push_str(" -"),
@@ -285,7 +282,7 @@ pub enum StreamRecord<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         cmdline: Option<Option<&'a CommandLine>>,
         #[serde(flatten)]
-        cgroup: CgroupFields<'a>,
+        cgroup: CgroupFields,
     },
     /// A socket that existed when netwatch started (`--baseline`).
     Baseline {
@@ -293,7 +290,7 @@ pub enum StreamRecord<'a> {
         #[serde(flatten)]
         socket: SocketRecord<'a>,
         #[serde(flatten)]
-        cgroup: CgroupFields<'a>,
+        cgroup: CgroupFields,
     },
     /// Transitions the kernel could not deliver.
     Lost {
@@ -332,26 +329,29 @@ pub enum StreamRecord<'a> {
         cmdline: Option<Option<&'a CommandLine>>,
         /// The new owner's cgroup.
         #[serde(flatten)]
-        cgroup: CgroupFields<'a>,
+        cgroup: CgroupFields,
     },
 }
 
-/// The owner's cgroup in a JSON record: each field null where none applies.
-#[derive(Debug, Serialize)]
-pub struct CgroupFields<'a> {
-    pub cgroup: Option<&'a str>,
-    pub unit: Option<&'a str>,
-    pub container: Option<&'a str>,
+/// The owner's cgroup in a JSON record (the stream's and audit's): each
+/// field null where none applies.
+#[derive(Debug, Default, Serialize)]
+pub struct CgroupFields {
+    pub cgroup: Option<Arc<str>>,
+    pub unit: Option<Arc<str>>,
+    pub container: Option<Arc<str>>,
 }
 
-impl<'a> CgroupFields<'a> {
+impl CgroupFields {
     /// The fields of `owner`'s cgroup.
-    pub fn of(owner: Option<&'a Owner>) -> CgroupFields<'a> {
-        let cgroup = owner.and_then(Owner::cgroup);
+    pub fn of(owner: Option<&Owner>) -> CgroupFields {
+        let Some(cgroup) = owner.and_then(Owner::cgroup) else {
+            return CgroupFields::default();
+        };
         CgroupFields {
-            cgroup: cgroup.map(|cgroup| &*cgroup.path),
-            unit: cgroup.and_then(|cgroup| cgroup.unit.as_deref()),
-            container: cgroup.and_then(|cgroup| cgroup.container.as_deref()),
+            cgroup: Some(cgroup.path.clone()),
+            unit: cgroup.unit.clone(),
+            container: cgroup.container.clone(),
         }
     }
 }

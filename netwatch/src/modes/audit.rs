@@ -15,7 +15,7 @@ use crate::engine::monitor::{self, Config, Notice, Observer, Summary, WallClock}
 use crate::engine::table::{LiveSocket, Observed, SocketTable};
 use crate::metrics::Metrics;
 use crate::model::{CommandLine, ConnResult, LossCause, Owner, Proto, TcpState, Transition, Tuple};
-use crate::output::{self, Addr, Timestamp};
+use crate::output::{self, Addr, CgroupFields, Timestamp};
 use crate::sink::Sink;
 use crate::snapshot::{self, Owners, Snapshot};
 use netwatch_common::ByteCounts;
@@ -123,9 +123,8 @@ pub struct SocketFields {
     /// The owner's executable (/proc/PID/exe), read with its command line.
     exe: Option<Arc<str>>,
     /// The owner's cgroup (v2) path, and the systemd unit and container it names.
-    cgroup: Option<Arc<str>>,
-    unit: Option<Arc<str>>,
-    container: Option<Arc<str>>,
+    #[serde(flatten)]
+    cgroup: CgroupFields,
     uid: Option<u32>,
     netns: Option<u32>,
     proto: &'static str,
@@ -138,19 +137,14 @@ impl SocketFields {
         let image = owner.as_ref().and_then(|owner| owner.image.as_deref());
         let cmdline = image.and_then(|image| image.cmdline.clone());
         let exe = image.and_then(|image| image.exe.clone());
-        let cgroup = image.and_then(|image| image.cgroup.as_deref());
-        let path = cgroup.map(|cgroup| cgroup.path.clone());
-        let unit = cgroup.and_then(|cgroup| cgroup.unit.clone());
-        let container = cgroup.and_then(|cgroup| cgroup.container.clone());
+        let cgroup = CgroupFields::of(owner.as_ref());
         let (pid, program) = owner.map(|owner| (owner.pid, owner.program)).unzip();
         SocketFields {
             pid,
             program,
             cmdline,
             exe,
-            cgroup: path,
-            unit,
-            container,
+            cgroup,
             uid,
             netns,
             proto: tuple.proto.name(),
@@ -257,8 +251,10 @@ impl Audit {
 
     /// Whether a record of a socket with these fields passes `--unit` and `--container`.
     fn passes(&self, fields: &SocketFields) -> bool {
-        self.cgroups
-            .matches_cgroup(fields.unit.as_deref(), fields.container.as_deref())
+        self.cgroups.matches_cgroup(
+            fields.cgroup.unit.as_deref(),
+            fields.cgroup.container.as_deref(),
+        )
     }
 
     /// A listener's record: `start` is None when it opened before audit started.
