@@ -50,7 +50,8 @@ pub struct Process {
 impl Process {
     fn new(
         pid: u32,
-        (start_ns, cgroup_id): (Option<u64>, Option<u64>),
+        start_ns: Option<u64>,
+        cgroup_id: Option<u64>,
         name: Arc<str>,
         image: Option<Arc<ProcessImage>>,
     ) -> Rc<Process> {
@@ -620,7 +621,7 @@ impl SocketTable {
                 .retain(|_, process| Rc::strong_count(process) > 1);
         }
         let image = self.read_image(pid, start_ns, cgroup_id);
-        let process = Process::new(pid, (start_ns, cgroup_id), name, image);
+        let process = Process::new(pid, start_ns, cgroup_id, name, image);
         self.processes.insert(pid, process.clone());
         process
     }
