@@ -102,7 +102,8 @@ fn installed_version() -> Option<String> {
     Some(version.to_owned())
 }
 
-fn user_exists() -> bool {
+/// Whether the service's user (named as the package) exists.
+pub(crate) fn user_exists() -> bool {
     Command::new("getent")
         .args(["passwd", PACKAGE])
         .output()

@@ -41,10 +41,7 @@ pub fn check(root: &Path, netwatch: &Path) -> anyhow::Result<()> {
 
 /// The service's user, created as the package does when it is missing.
 fn ensure_service_user() -> anyhow::Result<()> {
-    let known = Command::new("getent")
-        .args(["passwd", "netwatch"])
-        .output()?;
-    if known.status.success() {
+    if crate::package::user_exists() {
         return Ok(());
     }
     run(Command::new("useradd").args([
