@@ -10,7 +10,7 @@ pub const EVENTS_MAP: &str = "EVENTS";
 /// [`DROPPED_TRANSITIONS`] and [`DROPPED_RECOVERIES`] for transitions,
 /// [`DROPPED_OWNER_EVENTS`] for the rest.
 pub const DROPS_MAP: &str = "DROPS";
-/// Slot of `DROPS_MAP` counting transitions the ring buffer refused to the tracepoint program.
+/// Slot of `DROPS_MAP` counting transitions the ring buffer refused to the transition program.
 pub const DROPPED_TRANSITIONS: u32 = 0;
 /// Slot of `DROPS_MAP` counting owner and exec events the ring buffer refused.
 pub const DROPPED_OWNER_EVENTS: u32 = 1;
@@ -24,11 +24,16 @@ pub const FIRED_MAP: &str = "FIRED";
 /// stops: the transition programs then neither send nor count anything,
 /// so that its last drain and count describe the same transitions.
 pub const STOPPING_MAP: &str = "STOPPING";
-/// Name of the tracepoint program: it forwards every transition.
-pub const STATE_PROGRAM: &str = "inet_sock_set_state";
-/// Name of the raw tracepoint program on the same tracepoint. It has its own
-/// recursion guard, so it runs when the kernel skips the tracepoint program
-/// (nested call on one CPU), and then forwards the transition itself.
+/// Name of the raw tracepoint program on `inet_sock_set_state` that
+/// forwards every transition, reading the socket at offsets from the
+/// kernel's BTF.
+pub const TRANSITION_PROGRAM: &str = "transition";
+/// Name of the tracepoint program that takes its place on a kernel without
+/// BTF: it reads the tracepoint's record (and needs tracefs).
+pub const TRANSITION_TRACEPOINT_PROGRAM: &str = "inet_sock_set_state";
+/// Name of the second raw tracepoint program on the same tracepoint. It has
+/// its own recursion guard, so it runs when the kernel skips the transition
+/// program (nested call on one CPU), and then forwards the transition itself.
 pub const RECOVERY_PROGRAM: &str = "recover_state";
 /// Raw tracepoint programs on `sock_send_length` and `sock_recv_length`:
 /// they run in the caller's context, notice when a process other than the
@@ -39,6 +44,11 @@ pub const RECEIVED_PROGRAM: &str = "socket_received";
 /// Tracepoint program on `syscalls:sys_exit_accept4` and `sys_exit_accept`:
 /// the accepting process becomes the owner of the socket accept returns.
 pub const ACCEPT_PROGRAM: &str = "accept_exit";
+/// Raw tracepoint program on `sys_exit` (every system call) that does the
+/// same where tracefs, which gives the syscall tracepoints' ids, is closed.
+pub const SYSCALL_EXIT_PROGRAM: &str = "syscall_exit";
+/// Globals of `SYSCALL_EXIT_PROGRAM`: the syscall numbers of accept() and accept4().
+pub const ACCEPT_SYSCALL_NUMBERS: [&str; 2] = ["SYS_ACCEPT", "SYS_ACCEPT4"];
 /// Raw tracepoint program on `sched_process_exec`: a process's new name.
 pub const EXEC_PROGRAM: &str = "process_exec";
 /// Name of the LRU hash of [`SocketEntry`] per socket (by kernel address).
@@ -87,6 +97,17 @@ pub const TASK_OFFSETS: [(&str, &str, &str); 9] = [
     ("FDTABLE_FD", "fdtable", "fd"),
     ("SOCKET_SK", "socket", "sk"),
 ];
+
+/// Global of `SYSCALL_EXIT_PROGRAM`: where `struct pt_regs` holds the
+/// number of the system call (an architecture's own member; none declared
+/// elsewhere, and that program then stays out).
+#[cfg(target_arch = "x86_64")]
+pub const SYSCALL_OFFSETS: [(&str, &str, &str); 1] = [("PT_REGS_SYSCALL_NR", "pt_regs", "orig_ax")];
+#[cfg(target_arch = "aarch64")]
+pub const SYSCALL_OFFSETS: [(&str, &str, &str); 1] =
+    [("PT_REGS_SYSCALL_NR", "pt_regs", "syscallno")];
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+pub const SYSCALL_OFFSETS: [(&str, &str, &str); 0] = [];
 
 /// Name of the task_file iterator that lists socket fds (root's fast fd walk).
 pub const SOCKET_FDS_PROGRAM: &str = "socket_fds";

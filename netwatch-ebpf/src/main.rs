@@ -3,12 +3,15 @@
 //! `sock:inet_sock_set_state` tracepoint, and so does every change of a
 //! socket's owner (see `accept_exit` and `socket_used`).
 //!
-//! The tracepoint program sends each transition and first notes it in a
-//! per-CPU `HANDLED` slot. The kernel skips a tracepoint program that a
-//! softirq interrupts on its own CPU (a shared per-CPU guard), silently but
-//! for `recursion_misses`; a raw tracepoint program has a guard of its own,
-//! so the recovery program, attached second, still runs then. It finds the
-//! slot not naming its transition and sends the transition itself.
+//! The transition program sends each transition and first notes it in a
+//! per-CPU `HANDLED` slot. The kernel skips a program when a softirq
+//! interrupts it on its own CPU and calls it again, silently but for
+//! `recursion_misses`. Each raw tracepoint program has a guard of its own
+//! (a tracepoint program shares one with every other of its kind), so the
+//! recovery program, attached second, still runs then: it finds the slot
+//! not naming its transition and sends the transition itself. When the
+//! recovery program is the one interrupted, the transition program is not
+//! running, and handles the nested call.
 //!
 //! One module per program family: `state` (the transition and recovery
 //! programs), `owners` (accept, send and receive, exec), `fd_iterator`
@@ -37,6 +40,7 @@ use aya_ebpf::{
     macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::{RawTracePointContext, TracePointContext},
+    EbpfContext,
 };
 use aya_log_ebpf::error;
 use core::ffi::c_void;
@@ -52,7 +56,7 @@ use netwatch_common::{
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 
 /// Events the ring buffer had no room for, per CPU: transitions in slots
-/// `DROPPED_TRANSITIONS` (tracepoint program) and `DROPPED_RECOVERIES`
+/// `DROPPED_TRANSITIONS` (transition program) and `DROPPED_RECOVERIES`
 /// (recovery program), owner and exec events in `DROPPED_OWNER_EVENTS`.
 #[map(name = "DROPS")]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
@@ -121,6 +125,7 @@ kernel_offsets!(
     SK_ACK_BACKLOG,
     SK_SOCKET,
     SOCKET_ALLOC_VFS_INODE,
+    PT_REGS_SYSCALL_NR,
     SOCK_LAYOUT_KNOWN,
     COUNTS_BYTES
 );
@@ -230,15 +235,15 @@ fn socket_identity(sk: u64) -> (u32, u32) {
 const S_IFMT: u16 = 0o170000;
 const S_IFSOCK: u16 = 0o140000;
 
-/// Reads the kernel object field at `base` plus the offset held by the global `offset`.
+/// Reads the kernel object field at `base` plus the offset held by the global `field`.
 fn read_kernel<T>(base: u64, field: &'static u32) -> Result<T, i64> {
     // SAFETY: bpf_probe_read_kernel checks the address.
-    unsafe { bpf_probe_read_kernel((base + u64::from(offset(field))) as *const T) }
+    unsafe { bpf_probe_read_kernel((base + u64::from(loaded(field))) as *const T) }
         .map_err(i64::from)
 }
 
-/// The offset held by one of the globals the loader sets.
-fn offset(global: &'static u32) -> u32 {
+/// The value (an offset, a syscall number) the loader set in one of its globals.
+fn loaded(global: &'static u32) -> u32 {
     // SAFETY: the loader set the global; volatile keeps the compiler from folding its initial 0.
     unsafe { core::ptr::read_volatile(global) }
 }
@@ -314,7 +319,7 @@ fn count_drop(slot: u32) {
 }
 
 /// Adds one to a per-CPU counter. Atomically: the recovery program runs
-/// nested inside the tracepoint program on the same CPU, and a plain
+/// nested inside the transition program on the same CPU, and a plain
 /// read-modify-write interrupted there would lose the nested increment.
 fn add_per_cpu(counters: &PerCpuArray<u64>, slot: u32) {
     if let Some(counter) = counters.get_ptr_mut(slot) {

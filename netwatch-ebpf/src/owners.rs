@@ -151,31 +151,64 @@ pub(crate) fn owners_changed() {
     }
 }
 
-/// On the way out of accept()/accept4(), in the accepting process: it owns
-/// the socket from now on.
+/// The syscall numbers of accept() and accept4() (set by the loader, for
+/// `syscall_exit`; the initial values match no system call).
+#[no_mangle]
+static SYS_ACCEPT: u32 = u32::MAX;
+#[no_mangle]
+static SYS_ACCEPT4: u32 = u32::MAX;
+
+/// On the way out of accept()/accept4(), in the accepting process: the
+/// tracepoints `syscalls:sys_exit_accept4` and `sys_exit_accept`, which
+/// fire for these two system calls alone but are known by ids that only
+/// tracefs gives. `syscall_exit` does the same where tracefs is closed.
+#[tracepoint]
+pub fn accept_exit(ctx: TracePointContext) -> u32 {
+    // SAFETY: the offset of `ret` in the syscall exit record (checked by the loader).
+    let fd: i64 = unsafe { ctx.read_at(syscall_exit::RET) }.unwrap_or(-1);
+    accepted(fd);
+    0
+}
+
+/// On the way out of every system call (the raw tracepoint `sys_exit`,
+/// attached by name: arguments regs and ret): accept() and accept4() as
+/// `accept_exit` sees them, told by the syscall number in `regs`. Only where
+/// tracefs cannot be read: it runs on every system call of the host. A
+/// 32-bit process's syscall numbers differ; one of them that matches can
+/// only name the caller as the owner of a socket it holds.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn syscall_exit(ctx: RawTracePointContext) -> i32 {
+    let regs: u64 = ctx.arg(0);
+    let Ok(nr) = read_kernel::<u32>(regs, &PT_REGS_SYSCALL_NR) else {
+        return 0;
+    };
+    if nr == loaded(&SYS_ACCEPT4) || nr == loaded(&SYS_ACCEPT) {
+        accepted(ctx.arg(1));
+    }
+    0
+}
+
+/// accept() returned `fd` (or a negative errno) to the current process: it
+/// owns the socket from now on.
 ///
 /// The socket is found from the returned fd through the task's file table
 /// (task->files->fdt->fd[ret]->private_data->sk), at offsets from the
 /// kernel's BTF. That is the one way open here: a program on the accept
 /// path itself (kprobe or fexit on inet_accept, which would get the socket
-/// directly) does not attach on this kernel, `bpf_sock_from_file` is for
-/// tracing programs only, and raw_syscalls:sys_exit would run on every
-/// system call. The fd is fresh and the syscall has not returned yet, so no
-/// other thread of the process can have closed it in between (a racing
-/// close of a guessed fd number would at worst make the lookup fail, which
-/// the S_ISSOCK and protocol checks catch).
-#[tracepoint]
-pub fn accept_exit(ctx: TracePointContext) -> u32 {
-    // SAFETY: the offset of `ret` in the syscall exit record (checked by the loader).
-    let fd: i64 = unsafe { ctx.read_at(syscall_exit::RET) }.unwrap_or(-1);
+/// directly) does not attach on this kernel, and `bpf_sock_from_file` is
+/// for tracing programs only. The fd is fresh and the syscall has not
+/// returned yet, so no other thread of the process can have closed it in
+/// between (a racing close of a guessed fd number would at worst make the
+/// lookup fail, which the S_ISSOCK and protocol checks catch).
+fn accepted(fd: i64) {
     if fd < 0 {
-        return 0;
+        return;
     }
     let Ok(sk) = socket_of_fd(fd as u64) else {
-        return 0;
+        return;
     };
     if read_kernel::<u16>(sk, &SK_PROTOCOL) != Ok(IPPROTO_TCP) {
-        return 0;
+        return;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     match SOCKETS.get_ptr_mut(sk) {
@@ -191,7 +224,6 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
     }
     owners_changed();
     send_owner(sk, event_kind::ACCEPT);
-    0
 }
 
 /// The `struct sock` behind file descriptor `fd` of the current task.

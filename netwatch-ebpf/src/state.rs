@@ -1,5 +1,12 @@
-//! The transition programs: the tracepoint program sends every TCP state
-//! transition, and the recovery program those the kernel skipped it for.
+//! The transition programs: one program sends every TCP state transition,
+//! and the recovery program those the kernel skipped it for.
+//!
+//! The transition program is the raw tracepoint `transition`, attached by
+//! name: it needs no tracefs, and only its own guard (another call of it on
+//! the CPU) makes the kernel skip it. It reads the socket's endpoints from
+//! `struct sock` at offsets from the kernel's BTF. Without BTF, the
+//! tracepoint program `inet_sock_set_state` takes its place: it reads the
+//! tracepoint's record, whose layout and id only tracefs gives.
 
 use crate::owners::owners_changed;
 // What the programs share: maps, kernel offsets, reading and sending.
@@ -19,7 +26,7 @@ fn stopping() -> bool {
     STOPPING.get(0).is_some_and(|&stopping| stopping != 0)
 }
 
-/// The transition the tracepoint program last handled on this CPU.
+/// The transition the transition program last handled on this CPU.
 #[map(name = "HANDLED")]
 static HANDLED: PerCpuArray<Handled> = PerCpuArray::with_max_entries(1, 0);
 
@@ -38,19 +45,57 @@ impl Handled {
     }
 }
 
+/// Notes on this CPU that the transition program handles this transition,
+/// for the recovery program, which runs after it, to leave it out.
+fn note_handled(skaddr: u64, oldstate: i32, newstate: i32) {
+    if let Some(slot) = HANDLED.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot; only code on this CPU touches it.
+        unsafe { *slot = Handled::new(skaddr, oldstate, newstate) };
+    }
+}
+
+/// A transition the transition program could not read: it should not
+/// happen. It is counted as dropped, so that user space resyncs.
+fn transition_unread<C: EbpfContext>(ctx: &C, err: i64) {
+    count_drop(DROPPED_TRANSITIONS);
+    error!(
+        ctx,
+        "reading an inet_sock_set_state transition failed: {}", err
+    );
+}
+
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn transition(ctx: RawTracePointContext) -> i32 {
+    if stopping() {
+        return 0;
+    }
+    if let Err(err) = try_transition(&ctx) {
+        transition_unread(&ctx, err);
+    }
+    0
+}
+
+fn try_transition(ctx: &RawTracePointContext) -> Result<(), i64> {
+    let sk: u64 = ctx.arg(0);
+    let (oldstate, newstate): (i32, i32) = (ctx.arg(1), ctx.arg(2));
+    if read_kernel::<u16>(sk, &SK_PROTOCOL)? != IPPROTO_TCP {
+        return Ok(());
+    }
+    note_handled(sk, oldstate, newstate);
+    // The same fields the tracepoint's record takes (inet_sport, not the
+    // bound port, which a change to CLOSE may have cleared already).
+    let (family, local, remote) = read_tuple(sk)?;
+    send(event(sk, oldstate, newstate, family, local, remote, 0));
+    Ok(())
+}
+
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     if stopping() {
         return 0;
     }
     if let Err(err) = try_inet_sock_set_state(&ctx) {
-        // A failed read of the tracepoint record: it should not happen. The
-        // transition is counted as dropped, so that user space resyncs.
-        count_drop(DROPPED_TRANSITIONS);
-        error!(
-            &ctx,
-            "reading the inet_sock_set_state record failed: {}", err
-        );
+        transition_unread(&ctx, err);
     }
     0
 }
@@ -69,10 +114,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
             ctx.read_at(field::NEWSTATE)?,
         )
     };
-    if let Some(slot) = HANDLED.get_ptr_mut(0) {
-        // SAFETY: per-CPU slot; only code on this CPU touches it.
-        unsafe { *slot = Handled::new(skaddr, oldstate, newstate) };
-    }
+    note_handled(skaddr, oldstate, newstate);
     // SAFETY: as above.
     let (family, sport, dport): (u16, u16, u16) = unsafe {
         (

@@ -44,7 +44,7 @@ type Head = [u8; SOCK_COMMON_HEAD];
 /// Field `field` (its offset in `head`, set by the loader) of the head.
 #[inline(always)]
 fn in_head<const N: usize>(head: &Head, field: &'static u32) -> [u8; N] {
-    let at = offset(field) as usize;
+    let at = loaded(field) as usize;
     let mut bytes = [0u8; N];
     for (i, byte) in bytes.iter_mut().enumerate() {
         *byte = head.get(at + i).copied().unwrap_or(0);
@@ -126,6 +126,6 @@ fn socket_inode(sk: u64) -> Result<u64, i64> {
     }
     // The socket and its inode are allocated together (`struct socket_alloc`,
     // the socket first).
-    let inode = socket + u64::from(offset(&SOCKET_ALLOC_VFS_INODE));
+    let inode = socket + u64::from(loaded(&SOCKET_ALLOC_VFS_INODE));
     read_kernel(inode, &INODE_I_INO)
 }

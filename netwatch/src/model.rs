@@ -567,7 +567,7 @@ pub struct LossCounters {
     pub recoveries_refused: u64,
     /// Owner and exec events the ring buffer had no room for.
     pub owner_events_dropped: u64,
-    /// Calls of the tracepoint program the kernel skipped (nested on one CPU):
+    /// Calls of the transition program the kernel skipped (nested on one CPU):
     /// each is lost unless the recovery program sent it.
     pub skipped: u64,
     /// Every firing of the tracepoint (any protocol), when the recovery

@@ -22,7 +22,7 @@ pub struct LossLedger {
 /// What becomes of a transition that arrived.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arrival {
-    /// Sent by the tracepoint program.
+    /// Sent by the transition program.
     Sent,
     /// Sent by the recovery program for a call the kernel skipped.
     Recovered,
@@ -116,7 +116,7 @@ mod tests {
         ledger.arrived(Arrival::Recovered);
         ledger.arrived(Arrival::Recovered);
         // 5 calls skipped: 2 recovered, 3 refused by the full ring buffer,
-        // which also refused 7 of the tracepoint program's.
+        // which also refused 7 of the transition program's.
         let now = LossCounters {
             ring_buffer_full: 10,
             recoveries_refused: 3,

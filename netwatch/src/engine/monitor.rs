@@ -879,7 +879,7 @@ mod tests {
     #[test]
     fn a_skipped_call_and_its_recovery_count_once_and_nothing_is_lost() {
         let (mut monitor, mut source) = (monitor(false), ScriptedSource::default());
-        // The tracepoint program sent the connect; the kernel skipped its
+        // The transition program sent the connect; the kernel skipped its
         // call at the handshake (nested in a softirq), and the recovery
         // program sent that one.
         source.waiting = vec![
@@ -906,7 +906,7 @@ mod tests {
     fn a_recovered_twin_of_a_sent_transition_is_dropped() {
         let (mut monitor, mut source) = (monitor(false), ScriptedSource::default());
         // A softirq interrupted the recovery program before it saw that the
-        // tracepoint program had sent the handshake: it sent it again.
+        // transition program had sent the handshake: it sent it again.
         source.waiting = vec![
             transition(1, CONNECT, false),
             transition(1, ESTABLISH, false),

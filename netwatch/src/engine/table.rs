@@ -339,7 +339,7 @@ impl SocketTable {
     /// Whether a recovered transition repeats one already applied. A socket
     /// never makes the same change twice in a row, so this is exact: the
     /// recovery program sends a duplicate only when a softirq interrupts it
-    /// before it sees that the tracepoint program sent the transition.
+    /// before it sees that the transition program sent the transition.
     pub fn is_duplicate(&self, t: &Transition) -> bool {
         match self.bound.get(&t.skaddr) {
             Some(socket) => socket.state == t.new && socket.previous == Some(t.old),

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use aya_obj::btf::{BtfType, Func, FuncLinkage};
-use netwatch_common::{FILE_OFFSETS, SOCK_OFFSETS, TASK_OFFSETS, TCP_OFFSETS};
+use netwatch_common::{FILE_OFFSETS, SOCK_OFFSETS, SYSCALL_OFFSETS, TASK_OFFSETS, TCP_OFFSETS};
 
 /// Where the kernel exposes its own BTF.
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
@@ -77,6 +77,7 @@ fn read_kernel_types() -> Result<KernelTypes, OffsetsError> {
         .chain(&FILE_OFFSETS)
         .chain(&TASK_OFFSETS)
         .chain(&TCP_OFFSETS)
+        .chain(&SYSCALL_OFFSETS)
         .collect();
     let structs: Vec<&str> = declared.iter().map(|&&(_, ty, _)| ty).collect();
     let btf =

@@ -1,7 +1,7 @@
 //! The kernel side: netwatch's eBPF programs loaded and attached, and what
 //! they report.
 //!
-//! - `prerequisites`: root, tracefs, the tracepoint's record layout;
+//! - `prerequisites`: root or capabilities, tracefs and tracepoint record layouts where needed;
 //! - `probe`: the state, recovery and owner programs, their ring buffer and loss counters;
 //! - `events`: their events as netwatch's records;
 //! - `program_log`: their own log;
@@ -24,6 +24,12 @@ pub use iterators::{Detail, SocketIterators};
 pub use privileges::keep_only_what_is_still_used;
 pub use probe::StateProbe;
 pub use program_log::KernelLog;
+
+/// Whether this process has what loading eBPF programs needs (CAP_BPF and
+/// CAP_PERFMON, as root or as a service).
+pub fn may_load_programs() -> bool {
+    prerequisites::check_capabilities().is_ok()
+}
 
 /// The eBPF object built by build.rs, embedded once for both loaders.
 fn netwatch_object() -> &'static [u8] {

@@ -1,5 +1,6 @@
-//! What must hold before the programs load: root or the capabilities,
-//! tracefs, the tracepoint's record layout, the memlock limit.
+//! What must hold before the programs load: root or the capabilities, the
+//! memlock limit, and where tracepoints (not raw ones) are used, tracefs
+//! and their records' layout.
 
 use std::io;
 use std::path::Path;
@@ -20,7 +21,7 @@ pub enum PrerequisiteError {
     MissingCapability(String),
     #[error("tracefs is not mounted at {TRACEFS} and mounting it failed ({0}): mount it with `mount -t tracefs tracefs {TRACEFS}`")]
     NoTracefs(io::Error),
-    #[error("tracefs at {TRACEFS} is not readable by this user, and netwatch reads the tracepoints' ids and layouts there: grant CAP_DAC_READ_SEARCH too, or run it as root")]
+    #[error("tracefs at {TRACEFS}, which holds the tracepoints' ids and layouts, is not readable by this user: grant CAP_DAC_READ_SEARCH, or run netwatch as root")]
     TracefsUnreadable,
     #[error(
         "this kernel has no sock:inet_sock_set_state tracepoint (it needs Linux 4.16 or later)"

@@ -10,10 +10,11 @@ use aya::maps::{MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::{Program, ProgramError, RawTracePoint, TracePoint};
 use aya::Ebpf;
 use netwatch_common::{
-    syscall_exit, ByteCounts, KernelEvent, SocketEntry, ACCEPT_PROGRAM, COUNTS_BYTES,
-    DROPPED_OWNER_EVENTS, DROPPED_RECOVERIES, DROPPED_TRANSITIONS, DROPS_MAP, EVENTS_MAP,
-    EXEC_PROGRAM, FILE_OFFSETS, FIRED_MAP, RECEIVED_PROGRAM, RECOVERY_PROGRAM, SENT_PROGRAM,
-    SOCKETS_MAP, SOCK_LAYOUT_KNOWN, SOCK_OFFSETS, STATE_PROGRAM, STOPPING_MAP, TASK_OFFSETS,
+    syscall_exit, ByteCounts, KernelEvent, SocketEntry, ACCEPT_PROGRAM, ACCEPT_SYSCALL_NUMBERS,
+    COUNTS_BYTES, DROPPED_OWNER_EVENTS, DROPPED_RECOVERIES, DROPPED_TRANSITIONS, DROPS_MAP,
+    EVENTS_MAP, EXEC_PROGRAM, FILE_OFFSETS, FIRED_MAP, RECEIVED_PROGRAM, RECOVERY_PROGRAM,
+    SENT_PROGRAM, SOCKETS_MAP, SOCK_LAYOUT_KNOWN, SOCK_OFFSETS, STOPPING_MAP, SYSCALL_EXIT_PROGRAM,
+    SYSCALL_OFFSETS, TASK_OFFSETS, TRANSITION_PROGRAM, TRANSITION_TRACEPOINT_PROGRAM,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -77,12 +78,25 @@ impl StateProbe {
     /// `ring_bytes` and attaches them. Transitions and owner events flow
     /// from here on. With `count_bytes`, each socket's bytes are counted too
     /// and arrive with its change to CLOSE.
+    ///
+    /// With the kernel's BTF, every program attaches by name, so tracefs
+    /// is needed by none; only the accept hook prefers the syscall
+    /// tracepoints when tracefs can be read (see `AcceptHook`). Without
+    /// BTF, only the tracepoint program can run, and it needs tracefs.
     pub fn attach(ring_bytes: u32, count_bytes: bool) -> Result<StateProbe, ProbeError> {
         check_capabilities()?;
-        ensure_tracefs()?;
-        check_layout(&Path::new(TRACEFS).join(FORMAT))?;
         raise_memlock_limit();
         let offsets = kernel_offsets(&[&SOCK_OFFSETS[..], &FILE_OFFSETS, &TASK_OFFSETS].concat());
+        let accept_hook = match &offsets {
+            Ok(_) => AcceptHook::choose(),
+            Err(reason) if count_bytes => return Err(ProbeError::BytesNeedOffsets(reason.clone())),
+            Err(reason) => {
+                ensure_tracefs()?;
+                check_layout(&Path::new(TRACEFS).join(FORMAT))?;
+                log::warn!("calls the kernel skips cannot be recovered, sockets' uid and network namespace are unknown, and sockets keep the owner that connected or listened ({reason}); skipped calls are counted as lost");
+                AcceptHook::None
+            }
+        };
         let mut loader = ebpf_loader();
         let wakeup_bytes = u64::from(ring_bytes / 16);
         loader
@@ -94,29 +108,26 @@ impl StateProbe {
             }
             loader.override_global(SOCK_LAYOUT_KNOWN, &1u32, true);
         }
+        if let AcceptHook::SyscallExit(syscall_nr) = &accept_hook {
+            loader.override_global(syscall_nr.0, &syscall_nr.1, true);
+            for (global, number) in ACCEPT_SYSCALL_NUMBERS.into_iter().zip(&ACCEPT_SYSCALL_NRS) {
+                loader.override_global(global, number, true);
+            }
+        }
         if count_bytes {
             loader.override_global(COUNTS_BYTES, &1u32, true);
         }
         let mut ebpf = loader.load(netwatch_object())?;
-        verify_at_once(&mut ebpf, offsets.is_ok());
-        let state_fd = attach_tracepoint(&mut ebpf)?;
-        // Attached second, so it runs after the tracepoint program on each transition.
-        let recovery_fd = match &offsets {
-            Ok(_) => Some(attach_raw(
-                &mut ebpf,
-                RECOVERY_PROGRAM,
-                "inet_sock_set_state",
-            )?),
-            Err(reason) => {
-                log::warn!("calls the kernel skips cannot be recovered, sockets' uid and network namespace are unknown, and accepted sockets keep their listener's owner ({reason}); skipped calls are counted as lost");
-                None
-            }
+        let (state_fd, recovery_fd) = if offsets.is_ok() {
+            verify_at_once(&mut ebpf, &accept_hook.programs());
+            let state_fd = attach_raw(&mut ebpf, TRANSITION_PROGRAM, "inet_sock_set_state")?;
+            // Attached second, so it runs after the transition program on each transition.
+            let recovery_fd = attach_raw(&mut ebpf, RECOVERY_PROGRAM, "inet_sock_set_state")?;
+            attach_owner_programs(&mut ebpf, &accept_hook, count_bytes)?;
+            (state_fd, Some(recovery_fd))
+        } else {
+            (attach_tracepoint(&mut ebpf)?, None)
         };
-        match &offsets {
-            Ok(_) => attach_owner_programs(&mut ebpf, count_bytes)?,
-            Err(reason) if count_bytes => return Err(ProbeError::BytesNeedOffsets(reason.clone())),
-            Err(_) => {}
-        }
         let ring: RingBuf<MapData> = take_map(&mut ebpf, EVENTS_MAP)?;
         // SAFETY: the ring buffer owns its map fd, which stays open and the
         // same for as long as the AsyncFd (which owns the ring buffer) lives.
@@ -209,17 +220,90 @@ impl StateProbe {
     }
 }
 
+/// Where netwatch sees accept() and accept4() return, in the accepting process.
+enum AcceptHook {
+    /// `syscalls:sys_exit_accept4` and `sys_exit_accept`: they fire for
+    /// these calls alone, but only tracefs gives their ids.
+    SyscallTracepoints,
+    /// The raw tracepoint `sys_exit`, attached by name: it fires on every
+    /// system call, so each costs a program call more. With the global
+    /// that says where `pt_regs` holds the syscall number, and its offset.
+    SyscallExit((&'static str, u32)),
+    /// Neither: accepted sockets keep their listener's owner until their
+    /// first send or receive.
+    None,
+}
+
+impl AcceptHook {
+    /// The syscall tracepoints where tracefs can be read (or mounted) and
+    /// has them as expected, the exit of every system call elsewhere.
+    fn choose() -> AcceptHook {
+        let tracepoints = ensure_tracefs()
+            .map_err(|err| err.to_string())
+            .and_then(|()| {
+                ACCEPT_SYSCALLS.iter().try_for_each(|syscall| {
+                    check_syscall_exit_layout(syscall).map_err(|err| err.to_string())
+                })
+            });
+        let Err(why_not) = tracepoints else {
+            return AcceptHook::SyscallTracepoints;
+        };
+        match kernel_offsets(&SYSCALL_OFFSETS).map(|offsets| offsets.first().copied()) {
+            Ok(Some(syscall_nr)) => {
+                log::warn!("accept() is seen on the way out of every system call, which adds a program call to each on this host, since the syscall tracepoints cannot be used ({why_not})");
+                AcceptHook::SyscallExit(syscall_nr)
+            }
+            _ => {
+                log::warn!("accepted sockets keep their listener's owner until their first send or receive: the syscall tracepoints cannot be used ({why_not}), and this kernel's BTF does not say where it keeps a syscall's number");
+                AcceptHook::None
+            }
+        }
+    }
+
+    /// The programs to load besides the transition and recovery programs.
+    fn programs(&self) -> Vec<&'static str> {
+        let mut programs = vec![SENT_PROGRAM, RECEIVED_PROGRAM, EXEC_PROGRAM];
+        match self {
+            AcceptHook::SyscallTracepoints => programs.push(ACCEPT_PROGRAM),
+            AcceptHook::SyscallExit(_) => programs.push(SYSCALL_EXIT_PROGRAM),
+            AcceptHook::None => {}
+        }
+        programs
+    }
+
+    /// Attaches the hook's program.
+    fn attach(&self, ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+        match self {
+            AcceptHook::SyscallTracepoints => ACCEPT_SYSCALLS
+                .iter()
+                .try_for_each(|syscall| attach_accept(ebpf, syscall)),
+            AcceptHook::SyscallExit(_) => {
+                attach_raw(ebpf, SYSCALL_EXIT_PROGRAM, "sys_exit").map(drop)
+            }
+            AcceptHook::None => Ok(()),
+        }
+    }
+}
+
+/// The syscall tracepoints of accept() and accept4().
+const ACCEPT_SYSCALLS: [&str; 2] = ["sys_exit_accept", "sys_exit_accept4"];
+
+/// The numbers of accept() and accept4() on this architecture, in the
+/// order of `ACCEPT_SYSCALL_NUMBERS`.
+const ACCEPT_SYSCALL_NRS: [u32; 2] = [libc::SYS_accept as u32, libc::SYS_accept4 as u32];
+
 /// Attaches the programs that follow a socket's owner: accept() gives the
 /// accepting process the socket, a send or receive by another process hands
 /// it over, exec() renames a process. The send and receive programs also
 /// count bytes when `count_bytes`. Each program a kernel cannot attach is
 /// left out with a warning naming the rule it would apply; counting bytes
 /// needs the send and receive programs.
-fn attach_owner_programs(ebpf: &mut Ebpf, count_bytes: bool) -> Result<(), ProbeError> {
-    let accept = ["sys_exit_accept4", "sys_exit_accept"]
-        .into_iter()
-        .try_for_each(|syscall| attach_accept(ebpf, syscall));
-    if let Err(err) = accept {
+fn attach_owner_programs(
+    ebpf: &mut Ebpf,
+    accept_hook: &AcceptHook,
+    count_bytes: bool,
+) -> Result<(), ProbeError> {
+    if let Err(err) = accept_hook.attach(ebpf) {
         log::warn!("accepted sockets keep their listener's owner until their first send or receive ({err})");
     }
     for (name, tracepoint) in [
@@ -240,18 +324,20 @@ fn attach_owner_programs(ebpf: &mut Ebpf, count_bytes: bool) -> Result<(), Probe
     Ok(())
 }
 
-/// Attaches the accept program to `syscalls:<syscall>`, after checking
-/// where that tracepoint's record holds the returned fd.
-fn attach_accept(ebpf: &mut Ebpf, syscall: &str) -> Result<(), ProbeError> {
+/// Checks where `syscalls:<syscall>`'s record holds the returned fd.
+fn check_syscall_exit_layout(syscall: &str) -> Result<(), PrerequisiteError> {
     let format = Path::new(TRACEFS).join(format!("events/syscalls/{syscall}/format"));
-    let text = std::fs::read_to_string(&format)
-        .map_err(|err| {
-            PrerequisiteError::Layout(format!("cannot read {}: {err}", format.display()))
-        })
-        .map_err(ProbeError::from)?;
-    if let Some(mismatch) = fields_mismatch(&text, &syscall_exit::FIELDS) {
-        return Err(PrerequisiteError::Layout(mismatch).into());
+    let text = std::fs::read_to_string(&format).map_err(|err| {
+        PrerequisiteError::Layout(format!("cannot read {}: {err}", format.display()))
+    })?;
+    match fields_mismatch(&text, &syscall_exit::FIELDS) {
+        Some(mismatch) => Err(PrerequisiteError::Layout(mismatch)),
+        None => Ok(()),
     }
+}
+
+/// Attaches the accept program to `syscalls:<syscall>`.
+fn attach_accept(ebpf: &mut Ebpf, syscall: &str) -> Result<(), ProbeError> {
     let name = ACCEPT_PROGRAM;
     let attach = |program: &mut TracePoint| {
         // One program on both syscalls: loaded at the first.
@@ -263,29 +349,20 @@ fn attach_accept(ebpf: &mut Ebpf, syscall: &str) -> Result<(), ProbeError> {
     attach(typed_program(ebpf, name)?).map_err(|source| ProbeError::Program { name, source })
 }
 
-/// Loads the programs to attach, half of them on another thread: the
-/// kernel's verifier is most of the time attaching takes. The programs
-/// that need the kernel's offsets are loaded only when they are known.
-/// What fails to load here is loaded again, and reported, when attached.
-fn verify_at_once(ebpf: &mut Ebpf, offsets_known: bool) {
-    let wanted: &[&str] = if offsets_known {
-        &[
-            STATE_PROGRAM,
-            RECOVERY_PROGRAM,
-            SENT_PROGRAM,
-            RECEIVED_PROGRAM,
-            ACCEPT_PROGRAM,
-            EXEC_PROGRAM,
-        ]
-    } else {
-        &[STATE_PROGRAM]
-    };
+/// Loads the programs to attach (the transition and recovery programs and
+/// `others`), half of them on another thread: the kernel's verifier is
+/// most of the time attaching takes. What fails to load here is loaded
+/// again, and reported, when attached.
+fn verify_at_once(ebpf: &mut Ebpf, others: &[&str]) {
     let mut programs: Vec<&mut Program> = ebpf
         .programs_mut()
-        .filter(|(name, _)| wanted.contains(name))
+        .filter(|(name, _)| {
+            [TRANSITION_PROGRAM, RECOVERY_PROGRAM].contains(name) || others.contains(name)
+        })
         .map(|(_, program)| program)
         .collect();
-    let (these, those) = programs.split_at_mut(wanted.len() / 2);
+    let half = programs.len() / 2;
+    let (these, those) = programs.split_at_mut(half);
     std::thread::scope(|scope| {
         scope.spawn(|| those.iter_mut().for_each(|program| load(program)));
         these.iter_mut().for_each(|program| load(program));
@@ -301,9 +378,9 @@ fn load(program: &mut Program) {
     };
 }
 
-/// Attaches the tracepoint program and returns its fd.
+/// Attaches the tracepoint program (without BTF) and returns its fd.
 fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<i32, ProbeError> {
-    let name = STATE_PROGRAM;
+    let name = TRANSITION_TRACEPOINT_PROGRAM;
     let attach = |program: &mut TracePoint| {
         if program.fd().is_err() {
             program.load()?;

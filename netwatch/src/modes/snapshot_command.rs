@@ -6,7 +6,7 @@ use anyhow::Context as _;
 
 use crate::cli::{SnapshotArgs, SnapshotSource};
 use crate::engine::source::kernel_reader;
-use crate::kernel::Detail;
+use crate::kernel::{self, Detail};
 use crate::model::{Proto, TcpState};
 use crate::output::{self, SnapshotColumns, SocketRecord};
 use crate::snapshot::{self, KernelReader, Owners, SnapshotEntry};
@@ -28,7 +28,12 @@ pub fn run(args: &SnapshotArgs, out: &mut impl Write) -> anyhow::Result<()> {
         && match args.source {
             SnapshotSource::Proc => false,
             SnapshotSource::Kernel => true,
-            SnapshotSource::Auto => snapshot::tcp_sockets_in_use() >= KERNEL_MIN_SOCKETS,
+            SnapshotSource::Auto => {
+                snapshot::tcp_sockets_in_use() >= KERNEL_MIN_SOCKETS
+                    || (owners == Owners::Find
+                        && proc_hides_owners()
+                        && kernel::may_load_programs())
+            }
         };
     let mut iterators = in_kernel.then(|| kernel_reader(Detail::Full)).flatten();
     let kernel = iterators
@@ -73,6 +78,15 @@ pub fn run(args: &SnapshotArgs, out: &mut impl Write) -> anyhow::Result<()> {
         log::info!("not all processes could be identified: sockets of other users' processes show '-'; run as root to see them all");
     }
     Ok(())
+}
+
+/// Whether /proc may hide other users' processes' fds: short of root,
+/// listing them needs CAP_DAC_READ_SEARCH and reading them CAP_SYS_PTRACE,
+/// while the kernel's iterators see them all with the capabilities that
+/// load them (a service with CAP_BPF and CAP_PERFMON, say).
+fn proc_hides_owners() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() != 0 }
 }
 
 /// TCP unless only -u is given; both families unless -4 or -6 is.
