@@ -134,14 +134,15 @@ fn test() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
-    let mut tests = cargo();
-    tests.current_dir(&root).arg("test").args(host_crates);
-    if !is_root() {
-        // The eBPF tests load programs: run the test binaries through sudo.
-        tests.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
-    }
-    // Tests that load eBPF programs share kernel state: one at a time.
-    run(tests.args(["--", "--test-threads=1"]))?;
+    run(&mut cargo_test(&root, &host_crates))?;
+    // The owner tests again, each netwatch in them run as a service would
+    // be: as uid 65534 with only the capabilities it needs (tracefs,
+    // mode 0700, is closed to it).
+    run(cargo_test(
+        &root,
+        &["-p", "netwatch", "--test", "integration", "owners"],
+    )
+    .env("NETWATCH_TEST_CAPABILITIES", "bpf,perfmon,sys_ptrace"))?;
     // Before the service files' check, which makes the service's user: on a
     // fresh machine the package's postinst must.
     package::check(&dist()?)?;
@@ -151,6 +152,19 @@ fn test() -> anyhow::Result<()> {
         .map_or_else(|| root.join("target"), Path::to_path_buf)
         .join("debug/netwatch");
     service::check(&root, &debug_binary)
+}
+
+/// `cargo test ARGS`, one test at a time (tests that load eBPF programs
+/// share kernel state), as root.
+fn cargo_test(root: &Path, args: &[&str]) -> Command {
+    let mut tests = cargo();
+    tests.current_dir(root).arg("test").args(args);
+    if !is_root() {
+        // The eBPF tests load programs: run the test binaries through sudo.
+        tests.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
+    }
+    tests.args(["--", "--test-threads=1"]);
+    tests
 }
 
 /// Builds release and the Debian package from it; returns the package's path.

@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _};
 
+use xtask::least_privilege::setpriv;
+
 use crate::command::{cargo, run};
 
 const PACKAGE: &str = "netwatch";
@@ -227,28 +229,11 @@ impl ServiceLine {
     }
 
     /// `program args` through setpriv as the unit would start it: its user
-    /// and groups, its capabilities only, no_new_privs.
+    /// and group, its capabilities only, no_new_privs.
     fn command(&self, program: &str, args: &[&str]) -> Command {
-        let caps = self
-            .capabilities
-            .iter()
-            .map(|cap| format!("+{cap}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut command = Command::new("setpriv");
-        command
-            .args([
-                "--reuid",
-                &self.user,
-                "--regid",
-                &self.user,
-                "--init-groups",
-            ])
-            .args(["--inh-caps", &caps, "--ambient-caps", &caps])
-            .args(["--bounding-set", &format!("-all,{caps}"), "--no-new-privs"])
-            .arg(program)
-            .args(args)
-            .stdin(Stdio::null());
+        let capabilities: Vec<&str> = self.capabilities.iter().map(String::as_str).collect();
+        let mut command = setpriv(&self.user, &capabilities);
+        command.arg(program).args(args).stdin(Stdio::null());
         command
     }
 }

@@ -96,7 +96,10 @@ pub(crate) fn start_tracer(
     };
     while started.elapsed() < Duration::from_secs(20) {
         let watching = std::fs::read_to_string(err_path).is_ok_and(|err| err.contains("watching"));
-        let is_netwatch = cmd.get_program().to_string_lossy().ends_with("netwatch");
+        // netwatch itself, or run by setpriv.
+        let is_netwatch = std::iter::once(cmd.get_program())
+            .chain(cmd.get_args())
+            .any(|word| word.to_string_lossy().ends_with("netwatch"));
         if (is_netwatch && watching) || (!is_netwatch && has_bpf_link(tracer.child.id())) {
             // Give a tracer that attaches several programs the time to finish.
             std::thread::sleep(Duration::from_millis(200));

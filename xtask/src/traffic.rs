@@ -32,6 +32,7 @@ use crate::empty_programs::EmptyPrograms;
 use crate::stats::median;
 use crate::tracer::{command, start_tracer, RunningTracer};
 use xtask::bpf_programs::programs_of;
+use xtask::least_privilege::setpriv;
 
 /// Size of one request and of one response.
 const MESSAGE: usize = 64;
@@ -48,17 +49,24 @@ enum Tracer {
     EmptyPrograms,
     Watch,
     Audit,
+    /// `netwatch --json` as a service without CAP_DAC_READ_SEARCH runs it:
+    /// tracefs closed, so accept() is hooked on every system call's exit.
+    WatchWithoutTracefs,
 }
+
+/// What `Tracer::WatchWithoutTracefs` runs with: uid 65534 and these capabilities.
+const WITHOUT_TRACEFS: [&str; 3] = ["bpf", "perfmon", "sys_ptrace"];
 
 /// The tracepoints of netwatch's send and receive programs.
 const HANDOFF_TRACEPOINTS: [&str; 2] = ["sock_send_length", "sock_recv_length"];
 
 impl Tracer {
-    const ALL: [Tracer; 4] = [
+    const ALL: [Tracer; 5] = [
         Tracer::None,
         Tracer::EmptyPrograms,
         Tracer::Watch,
         Tracer::Audit,
+        Tracer::WatchWithoutTracefs,
     ];
 
     fn name(self) -> &'static str {
@@ -67,6 +75,7 @@ impl Tracer {
             Tracer::EmptyPrograms => "empty programs",
             Tracer::Watch => "netwatch",
             Tracer::Audit => "netwatch audit",
+            Tracer::WatchWithoutTracefs => "netwatch, tracefs closed",
         }
     }
 
@@ -84,6 +93,11 @@ impl Tracer {
             }
             Tracer::Watch => &["--json"],
             Tracer::Audit => &["audit"],
+            Tracer::WatchWithoutTracefs => {
+                let mut command = setpriv("65534", &WITHOUT_TRACEFS);
+                command.arg(netwatch).arg("--json");
+                return start_tracer(command, &out, &err).map(Running::Process);
+            }
         };
         start_tracer(command(netwatch, args), &out, &err).map(Running::Process)
     }
@@ -155,7 +169,7 @@ pub fn run(
     call_costs(netwatch, results, rounds, calls, unit_ns)
 }
 
-/// Calls and run time of a tracer's send and receive programs, as the
+/// Calls and run time of a tracer's send, receive and syscall exit programs, as the
 /// kernel counts them (kernel.bpf_stats_enabled).
 #[derive(Clone, Copy, Debug, Default)]
 struct ProgramTime {
@@ -164,14 +178,14 @@ struct ProgramTime {
 }
 
 impl ProgramTime {
-    /// The programs on the send and receive hooks that process `pid` holds.
+    /// The programs on the send, receive and syscall exit hooks that process `pid` holds.
     fn of(pid: u32) -> ProgramTime {
         programs_of(pid)
             .iter()
             .filter(|prog| {
                 matches!(
                     prog["name"].as_str(),
-                    Some("socket_sent" | "socket_received" | "empty")
+                    Some("socket_sent" | "socket_received" | "syscall_exit" | "empty")
                 )
             })
             .fold(ProgramTime::default(), |sum, prog| ProgramTime {
@@ -218,12 +232,12 @@ fn program_costs(
     let mut calls_per_unit = PerUnit::default();
     println!();
     println!(
-        "The send and receive programs, as the kernel counts them (kernel.bpf_stats_enabled):"
+        "The send and receive programs (and with tracefs closed the one on every system call's exit), as the kernel counts them (kernel.bpf_stats_enabled):"
     );
     println!();
     println!("| tracer | workload | calls | calls per unit | ns per call | share of the workload's time |");
     println!("|---|---|---:|---:|---:|---:|");
-    for tracer in [Tracer::EmptyPrograms, Tracer::Watch, Tracer::Audit] {
+    for tracer in Tracer::ALL.into_iter().skip(1) {
         let running = tracer.start(netwatch, results)?;
         let pid = match &running {
             Running::Process(process) => process.child.id(),

@@ -212,7 +212,7 @@ fn kernel_recursion_misses(pid: u32) -> u64 {
     let programs = xtask::bpf_programs::programs_of(pid);
     let program = programs
         .iter()
-        .find(|program| program["name"] == "inet_sock_set_state")
+        .find(|program| program["name"] == netwatch_common::TRANSITION_PROGRAM)
         .expect("netwatch's program is loaded (bpftool runs: cargo xtask test installs it)");
     program["recursion_misses"].as_u64().unwrap_or(0)
 }
@@ -467,45 +467,56 @@ fn without_root_one_clear_sentence() {
     );
 }
 
-/// `netwatch ARGS` run by `setpriv` as uid 65534 with exactly `caps`
-/// (setpriv's names, comma-separated), stopped after 3 s.
-fn run_with_capabilities(caps: &str, args: &[&str]) -> std::process::Output {
-    let caps: Vec<String> = caps.split(',').map(|cap| format!("+{cap}")).collect();
-    let caps = caps.join(",");
-    // netwatch's own exit status, not timeout's 124.
-    Command::new("timeout")
-        .args(["--preserve-status", "-s", "INT", "3", "setpriv"])
-        .args(["--reuid", "65534", "--regid", "65534"])
-        .args([
-            "--clear-groups",
-            "--inh-caps",
-            &caps,
-            "--ambient-caps",
-            &caps,
-        ])
-        .arg(env!("CARGO_BIN_EXE_netwatch"))
+/// `netwatch ARGS` run as uid 65534 with exactly `capabilities`
+/// (setpriv's names, comma-separated), interrupted after 3 s.
+fn run_with_capabilities(capabilities: &str, args: &[&str]) -> std::process::Output {
+    let child = crate::support::netwatch_with_capabilities(capabilities)
         .args(args)
-        .output()
-        .expect("setpriv runs (util-linux)")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("setpriv runs (util-linux)");
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    // SAFETY: signals the child this test started and has not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    child.wait_with_output().expect("netwatch exits")
 }
 
 #[test]
-fn a_user_with_the_capabilities_streams_and_one_without_is_told_which_is_missing() {
-    let all = "bpf,perfmon,dac_read_search,sys_ptrace";
-    let output = run_with_capabilities(all, &["--json"]);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("watching TCP state transitions"),
-        "{stderr}"
-    );
-    assert!(output.status.success(), "{:?}: {stderr}", output.status);
-    let output = run_with_capabilities("bpf,dac_read_search,sys_ptrace", &["--json"]);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("lacks CAP_PERFMON"), "{stderr}");
-    let output = run_with_capabilities("bpf,perfmon", &["--json"]);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("CAP_DAC_READ_SEARCH"), "{stderr}");
+fn a_user_with_the_capabilities_streams_without_tracefs_and_one_without_is_told_which_is_missing() {
+    // tracefs (0700 root here) is closed without CAP_DAC_READ_SEARCH, and
+    // the accept hook then moves to the exit of every system call.
+    for (capabilities, tracefs_open) in [
+        ("bpf,perfmon,sys_ptrace", false),
+        ("bpf,perfmon,dac_read_search", true),
+    ] {
+        let output = run_with_capabilities(capabilities, &["--json"]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("watching TCP state transitions"),
+            "{capabilities}: {stderr}"
+        );
+        assert!(
+            output.status.success(),
+            "{capabilities}: {:?}: {stderr}",
+            output.status
+        );
+        assert_eq!(
+            stderr.contains("on the way out of every system call"),
+            !tracefs_open,
+            "{capabilities}: {stderr}"
+        );
+    }
+    for (capabilities, missing) in [
+        ("bpf,sys_ptrace", "lacks CAP_PERFMON"),
+        ("perfmon,sys_ptrace", "lacks CAP_BPF"),
+        ("sys_ptrace", "needs root (CAP_BPF and CAP_PERFMON)"),
+    ] {
+        let output = run_with_capabilities(capabilities, &["--json"]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{capabilities}: {stderr}");
+        assert!(stderr.contains(missing), "{capabilities}: {stderr}");
+    }
 }
 
 #[test]

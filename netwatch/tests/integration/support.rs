@@ -9,9 +9,28 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// The netwatch binary cargo built for these tests.
+/// Names capabilities (setpriv's, comma-separated) that every netwatch the
+/// tests start runs with, as uid 65534 and without any other: the owner
+/// tests run so in `cargo xtask test`, as the service would run them.
+pub const CAPABILITIES_VARIABLE: &str = "NETWATCH_TEST_CAPABILITIES";
+
+/// The netwatch binary cargo built for these tests, as root or as
+/// `CAPABILITIES_VARIABLE` says.
 pub fn netwatch() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_netwatch"))
+    match std::env::var(CAPABILITIES_VARIABLE) {
+        Ok(capabilities) => netwatch_with_capabilities(&capabilities),
+        Err(_) => Command::new(env!("CARGO_BIN_EXE_netwatch")),
+    }
+}
+
+/// The netwatch binary run as uid 65534 with exactly `capabilities`
+/// (setpriv's names, comma-separated) and no other. setpriv execs it: the
+/// child's pid is netwatch's.
+pub fn netwatch_with_capabilities(capabilities: &str) -> Command {
+    let capabilities: Vec<&str> = capabilities.split(',').collect();
+    let mut command = xtask::least_privilege::setpriv("65534", &capabilities);
+    command.arg(env!("CARGO_BIN_EXE_netwatch"));
+    command
 }
 
 /// Runs `netwatch ARGS` to completion.
