@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::model::{Owner, TcpState, Tuple};
+use crate::syslog::SyslogTarget;
 
 /// What `--version` prints after the name: the version and the git commit built.
 const VERSION: &str = concat!(
@@ -176,6 +177,13 @@ pub struct AuditArgs {
     /// Append records to FILE instead of stdout; SIGHUP reopens it (logrotate).
     #[arg(long, short = 'o', value_name = "FILE")]
     pub output: Option<PathBuf>,
+    /// Also send each record as an RFC 5424 message (the JSON record as its
+    /// text) to the local syslog socket (local, or unix:PATH), or over
+    /// udp://HOST:PORT or tcp://HOST:PORT (octet-counted, RFC 6587). A
+    /// receiver that is gone or slow costs dropped messages, counted and
+    /// reported, never records in --output.
+    #[arg(long, value_name = "TARGET")]
+    pub syslog: Option<SyslogTarget>,
     #[command(flatten)]
     pub probe: ProbeArgs,
     #[command(flatten)]

@@ -4,8 +4,8 @@
 //! (`audit`) and a check of the table against /proc (`verify`).
 //!
 //! Layers, each using only those listed before it: `model`; `snapshot`
-//! (/proc) and `kernel`; `cli`, `metrics` and `sink`; `engine`; `output`;
-//! `modes`.
+//! (/proc) and `kernel`; `cli`, `metrics`, `syslog` and `sink`; `engine`;
+//! `output`; `modes`.
 
 pub mod cli;
 mod engine;
@@ -16,5 +16,6 @@ mod modes;
 mod output;
 mod sink;
 mod snapshot;
+mod syslog;
 
 pub use modes::{audit, generate, snapshot_command, verify, watch};

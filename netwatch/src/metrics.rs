@@ -62,6 +62,10 @@ impl Counter {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
+
+    pub fn add(&self, count: u64) {
+        self.0.fetch_add(count, Ordering::Relaxed);
+    }
 }
 
 const STATES: usize = TcpState::ALL.len();
@@ -90,6 +94,8 @@ pub struct Metrics {
     failed_connections: [Counter; 6],
     /// Verify: sockets found drifting at the last check.
     pub drift: Counter,
+    /// Audit's `--syslog`: records not delivered.
+    pub syslog_dropped: Counter,
     ring_buffer_bytes: u32,
 }
 
@@ -112,6 +118,7 @@ impl Metrics {
             listen_records: Counter::default(),
             failed_connections: Default::default(),
             drift: Counter::default(),
+            syslog_dropped: Counter::default(),
             ring_buffer_bytes,
         }
     }
@@ -272,6 +279,13 @@ impl Metrics {
             "verify: sockets that differed from the last snapshot.",
             MetricType::Gauge,
             self.drift.get(),
+        )?;
+        single(
+            encoder,
+            "netwatch_syslog_dropped",
+            "audit --syslog: records not delivered (the receiver gone, or reading slower than they came).",
+            MetricType::Counter,
+            self.syslog_dropped.get(),
         )?;
         single(
             encoder,

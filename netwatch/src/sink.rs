@@ -1,5 +1,6 @@
 //! Where records go: stdout, or a file opened for appending that SIGHUP
-//! reopens (logrotate moves the file, then signals).
+//! reopens (logrotate moves the file, then signals); and with `--syslog`,
+//! also to a syslog receiver.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -8,9 +9,17 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 
+use crate::syslog::Syslog;
+
 /// The output of a mode; netwatch buffers records itself and writes them
 /// here in batches.
-pub enum Sink {
+pub struct Sink {
+    destination: Destination,
+    syslog: Option<Syslog>,
+}
+
+/// Where a sink writes its records.
+enum Destination {
     Stdout(io::Stdout),
     File { path: PathBuf, file: File },
 }
@@ -18,7 +27,15 @@ pub enum Sink {
 impl Sink {
     /// Standard output.
     pub fn stdout() -> Sink {
-        Sink::Stdout(io::stdout())
+        Destination::Stdout(io::stdout()).into()
+    }
+
+    /// This sink, and each record also to `syslog`.
+    pub fn and_syslog(self, syslog: Syslog) -> Sink {
+        Sink {
+            syslog: Some(syslog),
+            ..self
+        }
     }
 
     /// `path`, created if missing and appended to: a regular file, or a
@@ -28,21 +45,26 @@ impl Sink {
     pub fn append_to(path: &Path) -> anyhow::Result<Sink> {
         let file = open_for_append(path)?;
         end_a_cut_line(path, &file)?;
-        Ok(Sink::File {
+        Ok(Destination::File {
             path: path.to_owned(),
             file,
-        })
+        }
+        .into())
     }
 
-    /// Writes a batch of records, all of it or an error.
+    /// Writes a batch of records (JSON lines), all of it or an error, and
+    /// queues each for syslog, which never waits.
     pub fn write_all(&mut self, records: &[u8]) -> io::Result<()> {
-        match self {
-            Sink::Stdout(stdout) => {
+        if let Some(syslog) = &mut self.syslog {
+            syslog.send_lines(records);
+        }
+        match &mut self.destination {
+            Destination::Stdout(stdout) => {
                 let mut stdout = stdout.lock();
                 stdout.write_all(records)?;
                 stdout.flush()
             }
-            Sink::File { file, path } => file.write_all(records).map_err(|err| {
+            Destination::File { file, path } => file.write_all(records).map_err(|err| {
                 io::Error::new(
                     err.kind(),
                     format!(
@@ -56,11 +78,20 @@ impl Sink {
 
     /// Reopens the file by its path; stdout stays as it is.
     pub fn reopen(&mut self) -> anyhow::Result<()> {
-        if let Sink::File { path, file } = self {
+        if let Destination::File { path, file } = &mut self.destination {
             *file = open_for_append(path)?;
             log::info!("reopened {}", path.display());
         }
         Ok(())
+    }
+}
+
+impl From<Destination> for Sink {
+    fn from(destination: Destination) -> Sink {
+        Sink {
+            destination,
+            syslog: None,
+        }
     }
 }
 
@@ -188,10 +219,10 @@ mod tests {
 
     #[test]
     fn a_write_error_names_the_file_and_keeps_its_kind() {
-        let mut sink = Sink::File {
+        let mut sink = Sink::from(Destination::File {
             path: "/dev/full".into(),
             file: OpenOptions::new().append(true).open("/dev/full").unwrap(),
-        };
+        });
         let err = sink.write_all(b"record\n").unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::StorageFull);
         assert!(

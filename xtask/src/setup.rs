@@ -52,8 +52,9 @@ pub const DIST: Needs = Needs {
 /// interpreter of their server process models (tests/servers/models.py),
 /// strace, which counts the BTF reads of a netwatch process, netstat, which
 /// the snapshot is compared with, what checks the service files
-/// (systemd-analyze, logrotate), man, which renders the man pages, and
-/// lintian, which checks the package.
+/// (systemd-analyze, logrotate), man, which renders the man pages,
+/// lintian, which checks the package, and rsyslog, which receives audit's
+/// --syslog messages.
 pub const TEST: Needs = Needs {
     packages: &[
         "nginx-light",
@@ -65,6 +66,7 @@ pub const TEST: Needs = Needs {
         "logrotate",
         "man-db",
         "lintian",
+        "rsyslog",
     ],
     tools: &[],
 };

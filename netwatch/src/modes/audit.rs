@@ -18,6 +18,8 @@ use crate::model::{CommandLine, ConnResult, LossCause, Owner, Proto, TcpState, T
 use crate::output::{self, Addr, CgroupFields, Timestamp};
 use crate::sink::Sink;
 use crate::snapshot::{self, Owners, Snapshot};
+use crate::syslog::Syslog;
+use anyhow::Context as _;
 use netwatch_common::ByteCounts;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -30,7 +32,7 @@ pub const SCHEMA: u32 = 2;
 
 /// Writes records until SIGINT or SIGTERM.
 pub fn run(args: AuditArgs) -> anyhow::Result<()> {
-    let sink = match &args.output {
+    let mut sink = match &args.output {
         Some(path) => Sink::append_to(path)?,
         None => Sink::stdout(),
     };
@@ -38,6 +40,11 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
         process_images: true,
         ..Config::new(&args.probe, true, None)
     };
+    if let Some(target) = args.syslog {
+        let syslog = Syslog::start(target, config.metrics.clone())
+            .context("starting the syslog sender failed")?;
+        sink = sink.and_syslog(syslog);
+    }
     let audit = Audit {
         metrics: config.metrics.clone(),
         netns: config.netns,

@@ -14,6 +14,7 @@ mod peer;
 mod snapshot;
 mod stream;
 mod support;
+mod syslog;
 mod verify;
 
 /// The body of every peer child process (see `peer`): not a test, so ignored
