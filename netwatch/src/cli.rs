@@ -178,11 +178,11 @@ pub struct AuditArgs {
     #[arg(long, short = 'o', value_name = "FILE")]
     pub output: Option<PathBuf>,
     /// Also send each record as an RFC 5424 message (the JSON record as its
-    /// text) to the local syslog socket (local, or unix:PATH), or over
-    /// udp://HOST:PORT or tcp://HOST:PORT (octet-counted, RFC 6587). A
-    /// receiver that is gone or slow costs dropped messages, counted and
+    /// text) to the local syslog socket (local, the default, or unix:PATH),
+    /// or over udp://HOST:PORT or tcp://HOST:PORT (octet-counted, RFC 6587).
+    /// A receiver that is gone or slow costs dropped messages, counted and
     /// reported, never records in --output.
-    #[arg(long, value_name = "TARGET")]
+    #[arg(long, value_name = "TARGET", num_args = 0..=1, default_missing_value = "local")]
     pub syslog: Option<SyslogTarget>,
     #[command(flatten)]
     pub probe: ProbeArgs,
@@ -312,6 +312,24 @@ mod tests {
         assert!(parse(&["verify", "--interval", "0"]).is_err());
         assert!(parse(&["audit", "--metrics", "localhost"]).is_err());
         assert!(parse(&["audit", "--metrics", "70000"]).is_err());
+    }
+
+    #[test]
+    fn syslog_alone_means_the_local_socket() {
+        let syslog_of = |args: &[&str]| match parse(args).unwrap().command {
+            Some(Command::Audit(audit)) => audit.syslog,
+            _ => panic!("expected the audit subcommand"),
+        };
+        assert_eq!(
+            syslog_of(&["audit", "--syslog"]),
+            Some(SyslogTarget::Unix("/dev/log".into()))
+        );
+        assert_eq!(
+            syslog_of(&["audit", "--syslog", "tcp://127.0.0.1:514", "--output", "x"]),
+            Some(SyslogTarget::Tcp("127.0.0.1:514".into()))
+        );
+        assert_eq!(syslog_of(&["audit"]), None);
+        assert!(parse(&["audit", "--syslog", "syslog.example"]).is_err());
     }
 
     #[test]

@@ -31,6 +31,12 @@ pub fn may_load_programs() -> bool {
     prerequisites::check_capabilities().is_ok()
 }
 
+/// Whether this process has CAP_SYS_PTRACE (root has it), which reading
+/// another user's /proc/PID/exe needs.
+pub fn reads_every_exe() -> bool {
+    prerequisites::reads_every_exe()
+}
+
 /// The eBPF object built by build.rs, embedded once for both loaders.
 fn netwatch_object() -> &'static [u8] {
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netwatch"))

@@ -52,6 +52,15 @@ pub(super) fn check_capabilities() -> Result<(), PrerequisiteError> {
     }
 }
 
+/// CAP_SYS_PTRACE: reading another user's /proc/PID/exe needs it.
+const CAP_SYS_PTRACE: u32 = 19;
+
+/// Whether this process may read every process's /proc/PID/exe.
+pub(super) fn reads_every_exe() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    effective_capabilities(&status) & (1 << CAP_SYS_PTRACE) != 0
+}
+
 /// The effective capability set of a /proc/PID/status text (0 if absent).
 fn effective_capabilities(status: &str) -> u64 {
     status

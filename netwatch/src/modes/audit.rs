@@ -13,6 +13,7 @@ use serde::Serialize;
 use crate::cli::{AuditArgs, CgroupFilters};
 use crate::engine::monitor::{self, Config, Notice, Observer, Summary, WallClock};
 use crate::engine::table::{LiveSocket, Observed, SocketTable};
+use crate::kernel;
 use crate::metrics::Metrics;
 use crate::model::{CommandLine, ConnResult, LossCause, Owner, Proto, TcpState, Transition, Tuple};
 use crate::output::{self, Addr, CgroupFields, Timestamp};
@@ -40,6 +41,9 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
         process_images: true,
         ..Config::new(&args.probe, true, None)
     };
+    if !kernel::reads_every_exe() {
+        log::warn!("netwatch lacks CAP_SYS_PTRACE: `exe` is null for other users' processes (their /proc/PID/exe needs it); grant it, or run audit as root");
+    }
     if let Some(target) = args.syslog {
         let syslog = Syslog::start(target, config.metrics.clone())
             .context("starting the syslog sender failed")?;

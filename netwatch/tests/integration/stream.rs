@@ -507,6 +507,11 @@ fn a_user_with_the_capabilities_streams_without_tracefs_and_one_without_is_told_
             "{capabilities}: {stderr}"
         );
     }
+    // Without CAP_SYS_PTRACE, audit runs and says what it cannot read.
+    let output = run_with_capabilities("bpf,perfmon", &["audit"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("lacks CAP_SYS_PTRACE"), "{stderr}");
     for (capabilities, missing) in [
         ("bpf,sys_ptrace", "lacks CAP_PERFMON"),
         ("perfmon,sys_ptrace", "lacks CAP_BPF"),

@@ -16,9 +16,28 @@ use crate::support::{json_lines, Watch};
 /// RFC 5424 fields as rsyslog parsed them, then the message.
 const RECEIVED_FORMAT: &str = "%app-name%|%msgid%|%structured-data%|%msg%\\n";
 
-/// The configuration the README shows (its `inputs`), with a file output
-/// for the test.
-fn rsyslog_conf(dir: &Path, inputs: &str) -> String {
+/// README's rsyslog configuration, which receives netwatch's records on
+/// TCP port 514 and writes their JSON to a file.
+const README: &str = include_str!("../../../README.md");
+/// The first line of that configuration (a comment), which the test leaves out.
+const README_CONF_START: &str = "# /etc/rsyslog.d/10-netwatch.conf";
+
+/// README's configuration, with TCP port `port` and the records written to
+/// `dir`/records.jsonl, after the test's own: `inputs`, and a file of what
+/// rsyslog received with the fields it parsed.
+fn rsyslog_conf(dir: &Path, port: u16, inputs: &str) -> String {
+    let readme_conf = README
+        .split_once(README_CONF_START)
+        .and_then(|(_, rest)| rest.split_once('\n'))
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .map(|(conf, _)| conf)
+        .expect("README shows the rsyslog configuration");
+    let readme_conf = readme_conf
+        .replace("port=\"514\"", &format!("port=\"{port}\""))
+        .replace(
+            "/var/log/netwatch/syslog.jsonl",
+            &dir.join("records.jsonl").display().to_string(),
+        );
     format!(
         r#"global(workDirectory="{dir}" maxMessageSize="64k")
 {inputs}
@@ -26,17 +45,14 @@ template(name="fields" type="string" string="{RECEIVED_FORMAT}")
 if $app-name == "netwatch" then {{
     action(type="omfile" file="{dir}/received.log" template="fields")
 }}
-"#,
+{readme_conf}"#,
         dir = dir.display()
     )
 }
 
-/// rsyslog's TCP input on a loopback port (octet-counted framing is on by default).
-fn tcp_input(port: u16) -> String {
-    format!(
-        r#"module(load="imtcp")
-input(type="imtcp" port="{port}" address="127.0.0.1")"#
-    )
+/// What README's configuration wrote: one JSON record per line.
+fn readme_records(dir: &Path) -> Vec<String> {
+    written(&dir.join("records.jsonl"))
 }
 
 /// A running rsyslogd, stopped (SIGTERM) when dropped.
@@ -45,11 +61,22 @@ struct Rsyslog {
 }
 
 impl Rsyslog {
-    /// Starts rsyslogd in the foreground with `inputs` and waits until
-    /// `ready` holds.
-    fn start(dir: &Path, inputs: &str, ready: impl Fn() -> bool) -> Rsyslog {
+    /// Starts rsyslogd in the foreground with README's configuration on TCP
+    /// port `port` and `inputs`, and waits until `ready` holds.
+    fn start(dir: &Path, port: u16, inputs: &str, ready: impl Fn() -> bool) -> Rsyslog {
         let conf = dir.join("rsyslog.conf");
-        std::fs::write(&conf, rsyslog_conf(dir, inputs)).expect("writes the configuration");
+        std::fs::write(&conf, rsyslog_conf(dir, port, inputs)).expect("writes the configuration");
+        // rsyslogd skips what it cannot parse and runs: check first.
+        let check = Command::new("rsyslogd")
+            .args(["-N1", "-f"])
+            .arg(&conf)
+            .output()
+            .expect("rsyslogd runs (cargo xtask test installs rsyslog)");
+        let said = String::from_utf8_lossy(&check.stderr);
+        assert!(
+            check.status.success() && !said.contains("error"),
+            "the rsyslog configuration is valid: {said}"
+        );
         let child = Command::new("rsyslogd")
             .arg("-n")
             .arg("-f")
@@ -64,9 +91,9 @@ impl Rsyslog {
         rsyslog
     }
 
-    /// rsyslogd with its TCP input on `port`, once it accepts there.
+    /// rsyslogd with README's configuration, once it accepts on `port`.
     fn start_tcp(dir: &Path, port: u16) -> Rsyslog {
-        Rsyslog::start(dir, &tcp_input(port), || {
+        Rsyslog::start(dir, port, "", || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
         })
     }
@@ -274,6 +301,9 @@ fn records_reach_rsyslog_once_in_order_and_drops_while_it_is_down_are_counted() 
             message.msg
         );
     }
+    // README's configuration wrote each record it received, as JSON.
+    let messages: Vec<&str> = received.iter().map(|m| m.msg.as_str()).collect();
+    assert_eq!(readme_records(&dir), messages);
     // Each record of the file was received or counted as dropped, but for
     // what netwatch sent while rsyslog was closing: it had stopped reading
     // and not yet closed the connection, and plain TCP syslog has no
@@ -382,7 +412,7 @@ module(load="imuxsock" SysSock.Use="off")
 input(type="imuxsock" Socket="{}" UseSpecialParser="off" ParseHostname="on")"#,
         socket.display()
     );
-    let rsyslog = Rsyslog::start(&dir, &inputs, || socket.exists());
+    let rsyslog = Rsyslog::start(&dir, free_port(), &inputs, || socket.exists());
     for target in [
         format!("udp://127.0.0.1:{udp_port}"),
         format!("unix:{}", socket.display()),
