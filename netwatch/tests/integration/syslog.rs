@@ -188,6 +188,20 @@ fn conn_records_to(lines: &[String], port: u16) -> usize {
         .count()
 }
 
+/// `netwatch audit` sending to syslog `target`, writing `file`, serving
+/// its metrics on `metrics_port`.
+fn audit_to_syslog(target: &str, file: &Path, metrics_port: u16) -> Watch {
+    Watch::spawn(&[
+        "audit",
+        "--syslog",
+        target,
+        "--output",
+        file.to_str().expect("a UTF-8 path"),
+        "--metrics",
+        &metrics_port.to_string(),
+    ])
+}
+
 fn scratch() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("netwatch-syslog-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -202,15 +216,7 @@ fn records_reach_rsyslog_once_in_order_and_drops_while_it_is_down_are_counted() 
     let audit_file = dir.join("audit.jsonl");
     let rsyslog = Rsyslog::start_tcp(&dir, syslog_port);
     let target = format!("tcp://127.0.0.1:{syslog_port}");
-    let mut audit = Watch::spawn(&[
-        "audit",
-        "--syslog",
-        &target,
-        "--output",
-        audit_file.to_str().expect("a UTF-8 path"),
-        "--metrics",
-        &metrics_port.to_string(),
-    ]);
+    let mut audit = audit_to_syslog(&target, &audit_file, metrics_port);
     // While rsyslog runs: every record arrives.
     let port = connections(20);
     wait_for("the first connections' records", || {
@@ -355,15 +361,7 @@ fn a_receiver_that_stops_reading_costs_counted_drops_never_records_or_transition
     );
     let metrics_port = free_port();
     let audit_file = dir.join("audit.jsonl");
-    let mut audit = Watch::spawn(&[
-        "audit",
-        "--syslog",
-        &target,
-        "--output",
-        audit_file.to_str().expect("a UTF-8 path"),
-        "--metrics",
-        &metrics_port.to_string(),
-    ]);
+    let mut audit = audit_to_syslog(&target, &audit_file, metrics_port);
     // About 10 MB of records: more than the sending socket and the
     // receiver's buffers hold, so that sending blocks.
     const CONNECTIONS: usize = 6000;
@@ -419,13 +417,7 @@ input(type="imuxsock" Socket="{}" UseSpecialParser="off" ParseHostname="on")"#,
     ] {
         let audit_file = dir.join("audit.jsonl");
         let _ = std::fs::remove_file(&audit_file);
-        let audit = Watch::spawn(&[
-            "audit",
-            "--syslog",
-            &target,
-            "--output",
-            audit_file.to_str().expect("a UTF-8 path"),
-        ]);
+        let audit = audit_to_syslog(&target, &audit_file, free_port());
         let port = connections(5);
         wait_for("the connections' records", || {
             conn_records_to(&written(&audit_file), port) == 10
