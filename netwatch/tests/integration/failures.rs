@@ -154,3 +154,49 @@ fn audit_says_how_each_connection_went_and_counts_the_failures() {
         assert!(counted >= Some(at_least), "{result}: {counted:?}");
     }
 }
+
+/// The port the reset comes from in `tests/servers/reset_mid_handshake.py`.
+const RESETTING_PORT: u16 = 40000;
+
+/// In a network namespace of its own with TCP Fast Open on, a listener
+/// gets a SYN with data from a port no socket has: it makes a child socket
+/// in SYN_RECV at once, and the kernel answers the child's SYN-ACK with a
+/// reset. Returns the listener's port.
+fn reset_mid_handshake() -> u16 {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/servers/reset_mid_handshake.py"
+    );
+    let output = Command::new("unshare")
+        .args(["--net", "sh", "-c"])
+        .arg(format!(
+            "ip link set lo up && sysctl -qw net.ipv4.tcp_fastopen=0x203 && exec python3 {script}"
+        ))
+        .output()
+        .expect("unshare runs (util-linux)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout.trim().parse().unwrap_or_else(|_| {
+        panic!(
+            "the script prints its port: {stdout} {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+#[test]
+fn a_reset_in_the_middle_of_a_handshake_is_the_accepted_sockets_result() {
+    let mut audit = Watch::spawn(&["audit"]);
+    let port = reset_mid_handshake();
+    let reset_child = move |r: &Value| {
+        r["type"] == "conn" && r["local_port"] == port && r["remote_port"] == RESETTING_PORT
+    };
+    audit.wait_until(|records| records.iter().any(reset_child));
+    let records = audit.stop().records;
+    let record = records
+        .iter()
+        .find(|r| reset_child(r))
+        .expect("the child's record");
+    assert_eq!(record["direction"], "in", "{record}");
+    assert_eq!(record["last_state"], "SYN_RECV", "{record}");
+    assert_eq!(record["result"], "reset", "{record}");
+}

@@ -81,10 +81,20 @@ fn lost_events_without_resync_are_reported_as_drift() {
         "4",
         "--no-resync",
     ]);
+    // Its reader stopped meanwhile, so that the 4 KiB ring overflows
+    // whatever the machine's speed.
+    // SAFETY: signals the netwatch child this test started.
+    unsafe { libc::kill(verify.pid() as i32, libc::SIGSTOP) };
     let mut holder = Peer::spawn();
     holder.send("bulk 2000");
+    // SAFETY: as above.
+    unsafe { libc::kill(verify.pid() as i32, libc::SIGCONT) };
     let stopped = verify.wait_exit(Duration::from_secs(30));
-    assert!(!stopped.success, "persistent drift is exit status 1");
+    assert!(
+        !stopped.success,
+        "persistent drift is exit status 1: {}",
+        stopped.stderr
+    );
     assert!(stopped.stderr.contains("lost"), "{}", stopped.stderr);
     let reports = drift_reports(&stopped.records);
     let last = reports.last().expect("a report");
