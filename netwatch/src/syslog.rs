@@ -14,6 +14,7 @@
 use std::fmt;
 use std::io::{self, Write as _};
 use std::net::{TcpStream, ToSocketAddrs, UdpSocket};
+use std::os::fd::AsRawFd as _;
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -98,7 +99,8 @@ pub struct Syslog {
     header: Header,
     metrics: Arc<Metrics>,
     stopping: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Delivered>>,
+    /// The sending thread; it returns how many messages it sent.
+    thread: Option<JoinHandle<u64>>,
     target: SyslogTarget,
 }
 
@@ -116,7 +118,7 @@ impl Syslog {
             connection: None,
             next_attempt: Instant::now(),
             outage: None,
-            delivered: Delivered::default(),
+            sent: 0,
             reported_drops: 0,
             last_report: Instant::now(),
         };
@@ -161,24 +163,17 @@ impl Drop for Syslog {
     fn drop(&mut self) {
         drop(self.queue.take());
         self.stopping.store(true, Ordering::Relaxed);
-        let delivered = self
+        let sent = self
             .thread
             .take()
             .and_then(|thread| thread.join().ok())
             .unwrap_or_default();
         log::info!(
-            "syslog: {} records sent to {}, {} dropped",
-            delivered.messages,
+            "syslog: {sent} records sent to {}, {} dropped",
             self.target,
             self.metrics.syslog_dropped.get()
         );
     }
-}
-
-/// What the thread sent.
-#[derive(Clone, Copy, Debug, Default)]
-struct Delivered {
-    messages: u64,
 }
 
 /// The parts of every message's header that do not change, and the sequence.
@@ -350,18 +345,26 @@ fn send_each(
 /// A syslog receiver sends nothing back: a TCP stream that reads as ready
 /// has been closed or reset by it, and a write would be lost.
 fn still_open(stream: &TcpStream) -> io::Result<()> {
-    stream.set_nonblocking(true)?;
-    let mut byte = [0u8; 1];
-    let peeked = stream.peek(&mut byte);
-    stream.set_nonblocking(false)?;
+    let mut byte = 0u8;
+    // SAFETY: recv() writes at most one byte into `byte`, which lives here.
+    let peeked = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
     match peeked {
-        Ok(0) => Err(io::Error::new(
+        0 => Err(io::Error::new(
             io::ErrorKind::ConnectionAborted,
             "the receiver closed the connection",
         )),
-        Ok(_) => Ok(()),
-        Err(err) if err.kind() == io::ErrorKind::WouldBlock => Ok(()),
-        Err(err) => Err(err),
+        1.. => Ok(()),
+        _ => match io::Error::last_os_error() {
+            err if err.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            err => Err(err),
+        },
     }
 }
 
@@ -385,14 +388,15 @@ struct Sender {
     next_attempt: Instant,
     /// While messages cannot be delivered: the drops counted when that began.
     outage: Option<u64>,
-    delivered: Delivered,
+    /// Messages sent.
+    sent: u64,
     /// Drops already reported, and when.
     reported_drops: u64,
     last_report: Instant,
 }
 
 impl Sender {
-    fn run(mut self) -> Delivered {
+    fn run(mut self) -> u64 {
         let mut stopped_at = None;
         while let Ok(first) = self.waiting.recv() {
             let mut batch = vec![first];
@@ -407,7 +411,7 @@ impl Sender {
             self.deliver(&batch);
             self.report_queue_drops();
         }
-        self.delivered
+        self.sent
     }
 
     /// Sends a batch, (re)connecting first where needed; what cannot be
@@ -424,7 +428,7 @@ impl Sender {
             return;
         };
         let (sent, error) = connection.send(batch);
-        self.delivered.messages += sent as u64;
+        self.sent += sent as u64;
         if sent > 0 {
             self.reachable();
         }
