@@ -119,7 +119,7 @@ impl StateProbe {
         }
         let mut ebpf = loader.load(netwatch_object())?;
         let (state_fd, recovery_fd) = if offsets.is_ok() {
-            verify_at_once(&mut ebpf, &accept_hook.programs());
+            verify_at_once(&mut ebpf, &accept_hook.owner_programs());
             let state_fd = attach_raw(&mut ebpf, TRANSITION_PROGRAM, "inet_sock_set_state")?;
             // Attached second, so it runs after the transition program on each transition.
             let recovery_fd = attach_raw(&mut ebpf, RECOVERY_PROGRAM, "inet_sock_set_state")?;
@@ -260,8 +260,9 @@ impl AcceptHook {
         }
     }
 
-    /// The programs to load besides the transition and recovery programs.
-    fn programs(&self) -> Vec<&'static str> {
+    /// The owner programs to load with this hook: send, receive, exec, and
+    /// the hook's own.
+    fn owner_programs(&self) -> Vec<&'static str> {
         let mut programs = vec![SENT_PROGRAM, RECEIVED_PROGRAM, EXEC_PROGRAM];
         match self {
             AcceptHook::SyscallTracepoints => programs.push(ACCEPT_PROGRAM),
