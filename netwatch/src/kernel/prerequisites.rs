@@ -38,8 +38,7 @@ const NEEDED_CAPABILITIES: [(u32, &str); 2] = [(39, "CAP_BPF"), (38, "CAP_PERFMO
 /// service's. Without either, the error says root; with only one, it names
 /// the one missing.
 pub(super) fn check_capabilities() -> Result<(), PrerequisiteError> {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let effective = effective_capabilities(&status);
+    let effective = own_effective_capabilities();
     let missing: Vec<&str> = NEEDED_CAPABILITIES
         .iter()
         .filter(|(bit, _)| effective & (1 << bit) == 0)
@@ -57,8 +56,13 @@ const CAP_SYS_PTRACE: u32 = 19;
 
 /// Whether this process may read every process's /proc/PID/exe.
 pub(super) fn reads_every_exe() -> bool {
+    own_effective_capabilities() & (1 << CAP_SYS_PTRACE) != 0
+}
+
+/// This process's effective capability set (0 if it cannot be read).
+fn own_effective_capabilities() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    effective_capabilities(&status) & (1 << CAP_SYS_PTRACE) != 0
+    effective_capabilities(&status)
 }
 
 /// The effective capability set of a /proc/PID/status text (0 if absent).
