@@ -32,6 +32,7 @@ use crate::empty_programs::EmptyPrograms;
 use crate::stats::median;
 use crate::tracer::{command, start_tracer, RunningTracer};
 use xtask::bpf_programs::programs_of;
+use xtask::cpus;
 use xtask::least_privilege::setpriv;
 
 /// Size of one request and of one response.
@@ -139,7 +140,7 @@ pub fn run(
     results: &Path,
 ) -> anyhow::Result<()> {
     let cpu = last_cpu();
-    pin_to_cpu(cpu)?;
+    cpus::run_on(&[cpu])?;
     let server = TrafficServer::start(cpu)?;
     let mut figures: Vec<Figures> = Tracer::ALL.iter().map(|_| Figures::default()).collect();
     for round in 1..=rounds {
@@ -534,7 +535,7 @@ impl Drop for TrafficServer {
 /// killed: echoes each message of a request/response connection, reads a
 /// bulk connection to its end and confirms with one byte.
 pub fn serve(cpu: usize) -> anyhow::Result<()> {
-    pin_to_cpu(cpu)?;
+    cpus::run_on(&[cpu])?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     println!("{}", listener.local_addr()?.port());
     std::io::stdout().flush()?;
@@ -572,20 +573,4 @@ fn drain(stream: &mut TcpStream) -> std::io::Result<()> {
 /// The highest-numbered CPU this process may run on.
 fn last_cpu() -> usize {
     std::thread::available_parallelism().map_or(0, |cpus| cpus.get() - 1)
-}
-
-/// Runs the calling thread (and the threads it starts) on `cpu` only.
-fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
-    // SAFETY: cpu_set_t is plain old data; CPU_SET writes within it.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: sets the calling thread's affinity from a valid cpu_set_t.
-    if unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) } != 0 {
-        bail!(
-            "pinning to CPU {cpu} failed: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
 }
