@@ -64,6 +64,14 @@ pub const SOCK_LAYOUT_KNOWN: &str = "SOCK_LAYOUT_KNOWN";
 /// Global set to 1 by the loader when the byte-counting programs are
 /// attached: only then do transitions take counts from `SOCKETS_MAP`.
 pub const COUNTS_BYTES: &str = "COUNTS_BYTES";
+/// Global set by the loader to the number of possible CPUs: a change to
+/// CLOSE looks for the socket's bytes in the `OWNER_CACHE_MAP` slots of
+/// the first [`BYTES_MAX_CPUS`] of them.
+pub const NR_CPUS: &str = "NR_CPUS";
+/// The most CPUs whose cached bytes a change to CLOSE collects (a bound the
+/// verifier needs). On a host with more, bytes counted on the others reach
+/// the record only if the slot is reused before the socket closes.
+pub const BYTES_MAX_CPUS: u32 = 1024;
 
 /// Globals of the socket programs: byte offsets of `struct sock` fields,
 /// taken from the running kernel's BTF at load time, as (global, struct,
@@ -283,8 +291,12 @@ pub struct ByteCounts {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketEntry {
-    /// Counted only while audit counts bytes.
+    /// Counted only while audit counts bytes; more may wait in the
+    /// [`CachedOwner`] slots of the CPUs in `cpus`.
     pub bytes: ByteCounts,
+    /// CPUs whose `OWNER_CACHE_MAP` slot may hold bytes of this socket: bit
+    /// `cpu % 64` (audit only).
+    pub cpus: u64,
     /// Thread group id of the process that last connected, accepted, sent or
     /// received on the socket (0: none seen yet).
     pub owner: u32,
@@ -294,6 +306,42 @@ pub struct SocketEntry {
 #[cfg(feature = "user")]
 // SAFETY: `SocketEntry` is `repr(C)`, `Copy`, without implicit padding; any bit pattern is valid.
 unsafe impl aya::Pod for SocketEntry {}
+
+/// Name of the per-CPU array of [`CachedOwner`] slots: the send and receive
+/// programs' cache of owners confirmed on that CPU, and (audit) the bytes
+/// counted there since.
+pub const OWNER_CACHE_MAP: &str = "OWNER_CACHE";
+/// Slots of `OWNER_CACHE_MAP` on each CPU.
+pub const OWNER_CACHE_SLOTS: u32 = 64;
+
+/// The slot of `OWNER_CACHE_MAP` a socket (its kernel address) takes.
+pub const fn owner_cache_slot(sk: u64) -> u32 {
+    // Fibonacci hashing: socket addresses differ in their middle bits.
+    (sk.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58) as u32 % OWNER_CACHE_SLOTS
+}
+
+/// Set in a [`CachedOwner`]'s `sk` once a change to CLOSE has taken the
+/// slot's bytes: socket addresses are aligned, so bit 0 is free.
+pub const OWNER_CACHE_TAKEN: u64 = 1;
+
+/// One slot of `OWNER_CACHE_MAP`: thread `pid_tgid` was found to be the
+/// owner of socket `sk` while no owner was written anywhere (`epoch`), and
+/// (audit) the bytes counted on this CPU since, not yet added to the
+/// socket's [`SocketEntry`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CachedOwner {
+    /// The socket, [`OWNER_CACHE_TAKEN`] set when its CLOSE took the bytes,
+    /// or 0 for none.
+    pub sk: u64,
+    pub pid_tgid: u64,
+    pub epoch: u64,
+    pub bytes: ByteCounts,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `CachedOwner` is `repr(C)`, `Copy`, without implicit padding; any bit pattern is valid.
+unsafe impl aya::Pod for CachedOwner {}
 
 /// What a [`KernelEvent`] reports (its `kind`).
 pub mod event_kind {
@@ -398,6 +446,23 @@ mod tests {
 
     #[test]
     fn socket_entry_has_no_implicit_padding() {
-        assert_eq!(core::mem::size_of::<SocketEntry>(), 8 * 2 + 4 * 2);
+        assert_eq!(core::mem::size_of::<SocketEntry>(), 8 * 3 + 4 * 2);
+        assert_eq!(core::mem::size_of::<CachedOwner>(), 8 * 5);
+    }
+
+    #[test]
+    fn owner_cache_slots_spread_sockets_allocated_side_by_side() {
+        // `struct tcp_sock` objects come from one slab, about 2.3 KiB apart.
+        let base = 0xffff_8880_1234_0000_u64;
+        let used: [bool; OWNER_CACHE_SLOTS as usize] = {
+            let mut used = [false; OWNER_CACHE_SLOTS as usize];
+            let mut i = 0;
+            while i < 32 {
+                used[owner_cache_slot(base + i * 2304) as usize] = true;
+                i += 1;
+            }
+            used
+        };
+        assert!(used.iter().filter(|&&u| u).count() >= 24);
     }
 }

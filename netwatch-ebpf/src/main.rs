@@ -30,7 +30,9 @@ mod owners;
 mod state;
 mod tcp_iterator;
 
-use aya_ebpf::helpers::generated::{bpf_get_current_cgroup_id, bpf_seq_write};
+use aya_ebpf::helpers::generated::{
+    bpf_get_current_cgroup_id, bpf_get_smp_processor_id, bpf_map_lookup_percpu_elem, bpf_seq_write,
+};
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
@@ -44,11 +46,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use core::ffi::c_void;
-use core::intrinsics::{atomic_xadd, atomic_xchg, AtomicOrdering};
+use core::intrinsics::{atomic_cxchg, atomic_or, atomic_xadd, atomic_xchg, AtomicOrdering};
 use netwatch_common::{
-    event_kind, syscall_exit, tracepoint as field, ByteCounts, KernelEvent, SocketEntry, SocketFd,
-    TcpSocketRecord, AF_INET, DROPPED_OWNER_EVENTS, DROPPED_RECOVERIES, DROPPED_TRANSITIONS,
-    IPPROTO_TCP, SOCKETS_MAP_ENTRIES, SOCKET_FD_UNREADABLE, SOCK_COMMON_HEAD,
+    event_kind, owner_cache_slot, syscall_exit, tracepoint as field, ByteCounts, CachedOwner,
+    KernelEvent, SocketEntry, SocketFd, TcpSocketRecord, AF_INET, BYTES_MAX_CPUS,
+    DROPPED_OWNER_EVENTS, DROPPED_RECOVERIES, DROPPED_TRANSITIONS, IPPROTO_TCP, OWNER_CACHE_SLOTS,
+    OWNER_CACHE_TAKEN, SOCKETS_MAP_ENTRIES, SOCKET_FD_UNREADABLE, SOCK_COMMON_HEAD,
 };
 
 /// Default size; the loader overrides it from `--ring-buffer-kib`.
@@ -127,7 +130,8 @@ kernel_offsets!(
     SOCKET_ALLOC_VFS_INODE,
     PT_REGS_SYSCALL_NR,
     SOCK_LAYOUT_KNOWN,
-    COUNTS_BYTES
+    COUNTS_BYTES,
+    NR_CPUS
 );
 
 /// TCP state numbers the programs act on (include/net/tcp_states.h).

@@ -32,35 +32,75 @@ enum Counted {
     Nothing,
 }
 
+impl Counted {
+    /// The count in `bytes` this call adds to.
+    #[inline(always)]
+    fn of(self, bytes: *mut ByteCounts) -> Option<*mut u64> {
+        match self {
+            // SAFETY: a field of the counts `bytes` points at.
+            Counted::Sent => Some(unsafe { &raw mut (*bytes).sent }),
+            Counted::Received => Some(unsafe { &raw mut (*bytes).received }),
+            Counted::Nothing => None,
+        }
+    }
+}
+
+/// Adds `ret` (when a send or receive moved bytes) to a count, atomically:
+/// another CPU may take it at the same time.
+#[inline(always)]
+fn add_bytes(bytes: *mut ByteCounts, counted: Counted, ret: i32) {
+    if ret <= 0 {
+        return;
+    }
+    if let Some(count) = counted.of(bytes) {
+        // SAFETY: the count lives while the program runs; the add is one instruction.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, ret as u64) };
+    }
+}
+
 /// A process sent or received on a socket (arguments: sk, ret, flags), in
 /// its own context. When it is not the owner the kernel map names, it
 /// becomes the owner and user space hears of it: fork after accept, an fd
 /// passed over a unix socket, a pre-fork pool. With bytes counted (audit),
-/// a positive result is added to the `counted` count.
+/// a positive result is counted too.
 ///
 /// This runs on every sendmsg and recvmsg of the host, so the common case,
-/// the owner again, must be cheap. Without byte counts it is a hit in a
-/// small per-CPU cache of confirmed (socket, thread) pairs, about a sixth
-/// of a hash lookup's cost here; with them, one hash lookup does both.
+/// the owner again, must be cheap: a hit in this CPU's cache of confirmed
+/// (socket, thread) pairs, with no hash lookup and no call. Audit adds the
+/// bytes to the slot, and a change to CLOSE collects them from the CPUs
+/// the socket's entry names (`take_cached_bytes`). Inlined into both
+/// programs, so that a hit makes no BPF-to-BPF call either.
+#[inline(always)]
 fn socket_used(ctx: &RawTracePointContext, counted: Counted) {
     let (sk, ret): (u64, i32) = (ctx.arg(0), ctx.arg(1));
     let pid_tgid = bpf_get_current_pid_tgid();
-    let counting = counts_bytes();
-    let confirmed = ConfirmedOwner {
-        sk,
-        pid_tgid,
-        epoch: owner_epoch(),
+    let epoch = owner_epoch();
+    let Some(slot) = OWNER_CACHE.get_ptr_mut(owner_cache_slot(sk)) else {
+        return;
     };
-    let cached = if counting {
-        None
-    } else {
-        OWNER_CACHE.get_ptr_mut(cache_slot(sk))
-    };
-    if let Some(slot) = cached {
-        // SAFETY: per-CPU slot; only this CPU touches it (raw_tp programs do not nest on a CPU).
-        if unsafe { *slot } == confirmed {
-            return;
+    // SAFETY: this CPU's slot: other CPUs only exchange its key and counts atomically.
+    let hit = unsafe { (*slot).sk == sk && (*slot).pid_tgid == pid_tgid && (*slot).epoch == epoch };
+    if hit {
+        if counts_bytes() {
+            // SAFETY: as above.
+            add_bytes(unsafe { &raw mut (*slot).bytes }, counted, ret);
         }
+        return;
+    }
+    socket_used_uncached(sk, pid_tgid, epoch, ret, counted);
+}
+
+/// `socket_used` when this CPU's slot does not confirm the caller: finds
+/// (or makes) the socket's entry, hands the socket over if the caller is
+/// not its owner, and otherwise confirms the caller in the slot. Audit
+/// first moves the slot's bytes to the entry of the socket they belong to.
+fn socket_used_uncached(sk: u64, pid_tgid: u64, epoch: u64, ret: i32, counted: Counted) {
+    let Some(slot) = OWNER_CACHE.get_ptr_mut(owner_cache_slot(sk)) else {
+        return;
+    };
+    let counting = counts_bytes();
+    if counting {
+        flush_cached_bytes(slot);
     }
     let tgid = (pid_tgid >> 32) as u32;
     // The map holds TCP sockets only: a socket found there needs no
@@ -88,53 +128,172 @@ fn socket_used(ctx: &RawTracePointContext, counted: Counted) {
             (*entry).owner = tgid;
             owners_changed();
             send_owner(sk, event_kind::HANDOFF);
-        } else if let Some(slot) = cached {
+        } else {
+            if counting {
+                note_cpu(entry);
+            }
             // Confirmed under the epoch read before the lookup: any owner
-            // written since has moved the epoch on, and the slot no longer matches.
-            *slot = confirmed;
+            // written since has moved the epoch on, and the slot no longer
+            // matches. The key goes last: a collector on another CPU looks
+            // at it alone (audit emptied the slot above, bytes included).
+            (*slot).pid_tgid = pid_tgid;
+            (*slot).epoch = epoch;
+            (*slot).sk = sk;
         }
-        if ret > 0 && counting {
-            let count = match counted {
-                Counted::Sent => &raw mut (*entry).bytes.sent,
-                Counted::Received => &raw mut (*entry).bytes.received,
-                Counted::Nothing => return,
-            };
-            // Atomic: threads may send (or receive) on one socket on two CPUs at once.
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, ret as u64);
+        if counting {
+            add_bytes(&raw mut (*entry).bytes, counted, ret);
         }
     }
 }
 
-/// A (socket, thread) pair found to be the socket's owner's while no owner
-/// was written anywhere (`epoch`). It stays true until an owner is written
+/// Marks this CPU in the entry's `cpus`: its slot may hold the socket's bytes.
+fn note_cpu(entry: *mut SocketEntry) {
+    // SAFETY: bpf_get_smp_processor_id has no preconditions.
+    let bit = 1u64 << (unsafe { bpf_get_smp_processor_id() } % 64);
+    // SAFETY: the map value lives while the program runs; the or is one instruction.
+    unsafe {
+        if (*entry).cpus & bit == 0 {
+            atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*entry).cpus, bit);
+        }
+    }
+}
+
+/// Empties this CPU's slot (before it is keyed anew): the bytes it counted
+/// go to the entry of the socket they belong to, taken or not by a CLOSE
+/// (bytes counted after a socket's CLOSE are handed over when its address
+/// is used again, as for a socket whose close was not traced).
+fn flush_cached_bytes(slot: *mut CachedOwner) {
+    // SAFETY: this CPU's slot; each exchange is one instruction, and a
+    // collector on another CPU exchanges the same fields.
+    let (sk, bytes) = unsafe {
+        let sk = atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(&raw mut (*slot).sk, 0);
+        (sk & !OWNER_CACHE_TAKEN, take_counts(&raw mut (*slot).bytes))
+    };
+    if bytes == ByteCounts::default() {
+        return;
+    }
+    if let Some(entry) = SOCKETS.get_ptr_mut(sk) {
+        // SAFETY: the map value lives while the program runs; the adds are atomic.
+        unsafe {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                &raw mut (*entry).bytes.sent,
+                bytes.sent,
+            );
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                &raw mut (*entry).bytes.received,
+                bytes.received,
+            );
+        }
+    }
+}
+
+/// Takes the counts, leaving zero: each by one atomic exchange.
+#[inline(always)]
+pub(crate) fn take_counts(bytes: *mut ByteCounts) -> ByteCounts {
+    // SAFETY: the counts live while the program runs; each exchange is one instruction.
+    unsafe {
+        ByteCounts {
+            sent: atomic_xchg::<u64, { AtomicOrdering::Relaxed }>(&raw mut (*bytes).sent, 0),
+            received: atomic_xchg::<u64, { AtomicOrdering::Relaxed }>(
+                &raw mut (*bytes).received,
+                0,
+            ),
+        }
+    }
+}
+
+/// The bytes of socket `sk` that wait in the cache slots of the CPUs its
+/// entry names, taken from them. At a change to CLOSE (`reopening` false)
+/// each slot of the socket is marked taken, so that bytes counted there
+/// later are flushed to the entry, not lost. When the address opens again
+/// (`reopening`), the slots and the CPU marks are cleared: the new socket
+/// starts from none.
+///
+/// Another CPU may be adding to its slot meanwhile: its add lands in what
+/// is taken here or stays in the slot, never in between (each take is an
+/// exchange). A slot its CPU is keying anew (key 0) is left to that CPU,
+/// which moves its bytes to the entry, where the caller looks next.
+pub(crate) fn take_cached_bytes(sk: u64, entry: *mut SocketEntry, reopening: bool) -> ByteCounts {
+    // SAFETY: the map value lives while the program runs; the exchange is one instruction.
+    let cpus = unsafe {
+        if reopening {
+            atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(&raw mut (*entry).cpus, 0)
+        } else {
+            core::ptr::read_volatile(&raw const (*entry).cpus)
+        }
+    };
+    let mut taken = ByteCounts::default();
+    if cpus == 0 {
+        return taken;
+    }
+    let nr_cpus = loaded(&NR_CPUS);
+    let index = owner_cache_slot(sk);
+    let owner_cache = (&raw const OWNER_CACHE).cast_mut().cast::<c_void>();
+    for cpu in 0..BYTES_MAX_CPUS {
+        if cpu >= nr_cpus {
+            break;
+        }
+        if cpus & (1 << (cpu % 64)) == 0 {
+            continue;
+        }
+        // SAFETY: the map and key are valid; the helper checks the CPU.
+        let slot =
+            unsafe { bpf_map_lookup_percpu_elem(owner_cache, (&raw const index).cast(), cpu) }
+                .cast::<CachedOwner>();
+        if slot.is_null() || !claim_slot(slot, sk, reopening) {
+            continue;
+        }
+        // SAFETY: the slot lives while the program runs.
+        let bytes = take_counts(unsafe { &raw mut (*slot).bytes });
+        taken.sent += bytes.sent;
+        taken.received += bytes.received;
+    }
+    taken
+}
+
+/// Whether `slot` (another CPU's, maybe) holds bytes of `sk`, and marks it
+/// taken (or empties it when `reopening`) if it does.
+fn claim_slot(slot: *mut CachedOwner, sk: u64, reopening: bool) -> bool {
+    let taken = sk | OWNER_CACHE_TAKEN;
+    // SAFETY: the slot lives while the program runs; the exchange is one instruction.
+    let (key, _) = unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+            &raw mut (*slot).sk,
+            sk,
+            if reopening { 0 } else { taken },
+        )
+    };
+    if key == sk {
+        return true;
+    }
+    if key != taken {
+        return false;
+    }
+    !reopening || {
+        // SAFETY: as above.
+        let (_, emptied) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                &raw mut (*slot).sk,
+                taken,
+                0,
+            )
+        };
+        emptied
+    }
+}
+
+/// Per CPU: recently confirmed owners (and audit's bytes counted since), by
+/// `owner_cache_slot`. A confirmation stays true until an owner is written
 /// (accept, connect, a handoff), which moves the epoch on, because only
 /// those change what the map says. A thread id reused by another process
 /// holding the same socket, on the same CPU, with no connect or accept on
 /// the whole host meanwhile (a full pid wrap), is the one case it misses.
-#[derive(Clone, Copy, PartialEq, Eq)]
-#[repr(C)]
-struct ConfirmedOwner {
-    sk: u64,
-    pid_tgid: u64,
-    epoch: u64,
-}
-
-/// Slots of the per-CPU cache of confirmed owners.
-const OWNER_CACHE_SLOTS: u32 = 64;
-
-/// Per CPU: recently confirmed owners, by a hash of the socket's address.
 #[map(name = "OWNER_CACHE")]
-static OWNER_CACHE: PerCpuArray<ConfirmedOwner> =
-    PerCpuArray::with_max_entries(OWNER_CACHE_SLOTS, 0);
+static OWNER_CACHE: PerCpuArray<CachedOwner> = PerCpuArray::with_max_entries(OWNER_CACHE_SLOTS, 0);
 
 /// Slot 0: how many times an owner was written into `SOCKETS`.
 #[map(name = "OWNER_EPOCH")]
 static OWNER_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
-
-fn cache_slot(sk: u64) -> u32 {
-    // Fibonacci hashing: socket addresses differ in their middle bits.
-    (sk.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58) as u32 % OWNER_CACHE_SLOTS
-}
 
 fn owner_epoch() -> u64 {
     // SAFETY: slot 0 of an array always exists; a plain load.

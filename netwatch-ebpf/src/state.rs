@@ -8,7 +8,7 @@
 //! tracepoint program `inet_sock_set_state` takes its place: it reads the
 //! tracepoint's record, whose layout and id only tracefs gives.
 
-use crate::owners::owners_changed;
+use crate::owners::{owners_changed, take_cached_bytes, take_counts};
 // What the programs share: maps, kernel offsets, reading and sending.
 use crate::*;
 
@@ -190,29 +190,24 @@ fn try_recover_state(ctx: &RawTracePointContext) -> Result<(), i64> {
 /// bytes it carries. At a change to CLOSE (audit only), the socket's own
 /// counts; when a socket opens (audit only), those its address's previous
 /// occupant left after its CLOSE was traced, or without a traced CLOSE (the
-/// new socket starts from zero). The counts are taken by atomic exchanges
-/// with zero, and the entry stays: a send or receive counted on another CPU
-/// at the same time lands in these counts or in the entry after them, never
-/// in between. At connect(), the connecting process becomes the owner, so
-/// that its own sends are no handoff. Elsewhere, and in watch and verify,
-/// the map is not touched: a stale entry only names an owner, which
-/// accept() and connect() replace.
+/// new socket starts from zero). The counts are taken from the CPUs' cache
+/// slots first, then from the entry, where a slot being reused moves its
+/// bytes; each by atomic exchanges with zero, and the entry stays: a send or
+/// receive counted on another CPU at the same time lands in these counts or
+/// in the entry after them, never in between. At connect(), the connecting
+/// process becomes the owner, so that its own sends are no handoff.
+/// Elsewhere, and in watch and verify, the map is not touched: a stale
+/// entry only names an owner, which accept() and connect() replace.
 fn update_socket_entry(sk: u64, oldstate: i32, newstate: i32, owner: u32) -> ByteCounts {
     let opens = oldstate == TCP_CLOSE || (oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV);
     let mut counts = ByteCounts::default();
     if counts_bytes() && (newstate == TCP_CLOSE || opens) {
         if let Some(entry) = SOCKETS.get_ptr_mut(sk) {
-            // SAFETY: the map value lives while the program runs; each exchange is one instruction.
-            unsafe {
-                counts.sent = atomic_xchg::<u64, { AtomicOrdering::Relaxed }>(
-                    &raw mut (*entry).bytes.sent,
-                    0,
-                );
-                counts.received = atomic_xchg::<u64, { AtomicOrdering::Relaxed }>(
-                    &raw mut (*entry).bytes.received,
-                    0,
-                );
-            }
+            let cached = take_cached_bytes(sk, entry, opens);
+            // SAFETY: the map value lives while the program runs.
+            let counted = take_counts(unsafe { &raw mut (*entry).bytes });
+            counts.sent = cached.sent + counted.sent;
+            counts.received = cached.received + counted.received;
         }
     }
     if oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT {

@@ -10,9 +10,10 @@ use aya::maps::{MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::{Program, ProgramError, RawTracePoint, TracePoint};
 use aya::Ebpf;
 use netwatch_common::{
-    syscall_exit, ByteCounts, KernelEvent, SocketEntry, ACCEPT_PROGRAM, ACCEPT_SYSCALL_NUMBERS,
-    COUNTS_BYTES, DROPPED_OWNER_EVENTS, DROPPED_RECOVERIES, DROPPED_TRANSITIONS, DROPS_MAP,
-    EVENTS_MAP, EXEC_PROGRAM, FILE_OFFSETS, FIRED_MAP, RECEIVED_PROGRAM, RECOVERY_PROGRAM,
+    owner_cache_slot, syscall_exit, ByteCounts, CachedOwner, KernelEvent, SocketEntry,
+    ACCEPT_PROGRAM, ACCEPT_SYSCALL_NUMBERS, BYTES_MAX_CPUS, COUNTS_BYTES, DROPPED_OWNER_EVENTS,
+    DROPPED_RECOVERIES, DROPPED_TRANSITIONS, DROPS_MAP, EVENTS_MAP, EXEC_PROGRAM, FILE_OFFSETS,
+    FIRED_MAP, NR_CPUS, OWNER_CACHE_MAP, OWNER_CACHE_TAKEN, RECEIVED_PROGRAM, RECOVERY_PROGRAM,
     SENT_PROGRAM, SOCKETS_MAP, SOCK_LAYOUT_KNOWN, SOCK_OFFSETS, STOPPING_MAP, SYSCALL_EXIT_PROGRAM,
     SYSCALL_OFFSETS, TASK_OFFSETS, TRANSITION_PROGRAM, TRANSITION_TRACEPOINT_PROGRAM,
 };
@@ -56,6 +57,12 @@ pub enum ProbeError {
     Counters(#[source] io::Error),
     #[error("counting bytes needs the kernel's struct offsets")]
     BytesNeedOffsets(#[source] OffsetsError),
+    #[error("reading the list of possible CPUs from {path} failed")]
+    PossibleCpus {
+        path: &'static str,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// The attached program, its ring buffer and its loss counters.
@@ -66,6 +73,7 @@ pub struct StateProbe {
     fired: PerCpuArray<MapData, u64>,
     stopping: aya::maps::Array<MapData, u32>,
     sockets: aya::maps::HashMap<MapData, u64, SocketEntry>,
+    owner_cache: PerCpuArray<MapData, CachedOwner>,
     /// Raw fds of the two programs, owned by `_ebpf`, for their kernel counters.
     state_fd: i32,
     recovery_fd: Option<i32>,
@@ -97,6 +105,7 @@ impl StateProbe {
                 AcceptHook::None
             }
         };
+        let cpus = if count_bytes { possible_cpus()? } else { 0 };
         let mut loader = ebpf_loader();
         let wakeup_bytes = u64::from(ring_bytes / 16);
         loader
@@ -116,6 +125,10 @@ impl StateProbe {
         }
         if count_bytes {
             loader.override_global(COUNTS_BYTES, &1u32, true);
+            if cpus > BYTES_MAX_CPUS {
+                log::warn!("this host has {cpus} CPUs: bytes that CPUs beyond the first {BYTES_MAX_CPUS} count reach a socket's record only when their cache slot is reused before it closes");
+            }
+            loader.override_global(NR_CPUS, &cpus, true);
         }
         let mut ebpf = loader.load(netwatch_object())?;
         let (state_fd, recovery_fd) = if offsets.is_ok() {
@@ -137,9 +150,11 @@ impl StateProbe {
         let fired = take_map(&mut ebpf, FIRED_MAP)?;
         let stopping = take_map(&mut ebpf, STOPPING_MAP)?;
         let sockets = take_map(&mut ebpf, SOCKETS_MAP)?;
+        let owner_cache = take_map(&mut ebpf, OWNER_CACHE_MAP)?;
         let kernel_log = start_kernel_log(&mut ebpf);
         let probe = StateProbe {
             sockets,
+            owner_cache,
             stopping,
             fired,
             ring,
@@ -200,9 +215,19 @@ impl StateProbe {
         })
     }
 
-    /// The bytes counted so far for an open socket, by its kernel address.
+    /// The bytes counted so far for an open socket, by its kernel address:
+    /// in its entry, and in the CPUs' cache slots that hold it.
     pub fn bytes(&self, skaddr: u64) -> Option<ByteCounts> {
-        self.sockets.get(&skaddr, 0).ok().map(|entry| entry.bytes)
+        let entry = self.sockets.get(&skaddr, 0).ok()?;
+        let slots = self.owner_cache.get(&owner_cache_slot(skaddr), 0).ok()?;
+        let cached = slots
+            .iter()
+            .filter(|slot| slot.sk & !OWNER_CACHE_TAKEN == skaddr)
+            .map(|slot| slot.bytes);
+        Some(cached.fold(entry.bytes, |total, bytes| ByteCounts {
+            sent: total.sent + bytes.sent,
+            received: total.received + bytes.received,
+        }))
     }
 
     /// Whether the recovery program is attached.
@@ -416,6 +441,13 @@ where
 }
 
 /// Takes map `name` out of the object, as the map type `M`.
+/// How many CPUs the host can have (the per-CPU maps' slot count).
+fn possible_cpus() -> Result<u32, ProbeError> {
+    aya::util::nr_cpus()
+        .map(|cpus| u32::try_from(cpus).unwrap_or(u32::MAX))
+        .map_err(|(path, source)| ProbeError::PossibleCpus { path, source })
+}
+
 fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, ProbeError>
 where
     M: TryFrom<aya::maps::Map, Error = MapError>,

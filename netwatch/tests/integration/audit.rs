@@ -72,6 +72,58 @@ fn each_connection_gives_an_out_and_an_in_record_with_its_bytes() {
     assert_eq!(listen[0]["pid"], pid);
 }
 
+/// Checks that each record of `records` (`count` of each direction, on
+/// connections to `port`) has the bytes of an `interleave` of `bytes`.
+fn assert_interleaved_bytes(records: &[Value], port: u16, count: usize, bytes: u64) {
+    let (outgoing, incoming) = conn_records(records, port);
+    assert_eq!((outgoing.len(), incoming.len()), (count, count));
+    for (records, sent, received) in [(&outgoing, bytes, bytes / 2), (&incoming, bytes / 2, bytes)]
+    {
+        for record in records {
+            assert_eq!(
+                (&record["bytes_sent"], &record["bytes_received"]),
+                (&Value::from(sent), &Value::from(received)),
+                "{record}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bytes_counted_on_every_cpu_across_more_sockets_than_cache_slots_stay_each_sockets_own() {
+    const CONNECTIONS: usize = 100;
+    let mut peer = Peer::spawn();
+    let mut audit = Watch::spawn(&["audit"]);
+    let port = peer.send(&format!("interleave {CONNECTIONS} 3000"))[0] as u16;
+    audit.wait_until(|records| {
+        let (outgoing, incoming) = conn_records(records, port);
+        outgoing.len() + incoming.len() >= 2 * CONNECTIONS
+    });
+    let stopped = audit.stop_with(libc::SIGTERM);
+    assert!(stopped.success, "{}", stopped.stderr);
+    assert_interleaved_bytes(&stopped.records, port, CONNECTIONS, 3000);
+}
+
+#[test]
+fn connections_open_at_exit_carry_the_bytes_counted_on_every_cpu() {
+    const CONNECTIONS: usize = 10;
+    let mut peer = Peer::spawn();
+    let mut audit = Watch::spawn(&["audit"]);
+    let port = peer.send(&format!("interleave-open {CONNECTIONS} 3000"))[0] as u16;
+    audit.wait_until(|records| {
+        records
+            .iter()
+            .any(|r| r["type"] == "listen" && r["local_port"] == port)
+    });
+    let stopped = audit.stop_with(libc::SIGTERM);
+    assert!(stopped.success, "{}", stopped.stderr);
+    assert!(conn_records(&stopped.records, port)
+        .0
+        .iter()
+        .all(|r| r["end"].is_null()));
+    assert_interleaved_bytes(&stopped.records, port, CONNECTIONS, 3000);
+}
+
 #[test]
 fn churn_gives_exactly_one_record_per_endpoint() {
     const PER_PEER: usize = 5000;

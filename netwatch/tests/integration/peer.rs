@@ -9,6 +9,9 @@
 //! by the load generator the benchmarks use, `xtask::loopback`,
 //! `exchange N BYTES` (N connections: the client sends BYTES, the server
 //! answers BYTES / 2, both close) -> `ok PORT`,
+//! `interleave N BYTES` (the same over N connections open at once, written
+//! in turn and from every CPU; see `interleave`) -> `ok PORT`, and
+//! `interleave-open N BYTES` (the same, the connections kept open) -> `ok PORT`,
 //! `unshare-net` (later sockets live in a new network namespace, its
 //! loopback up) -> `ok NETNS_INODE`.
 
@@ -16,6 +19,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
+use xtask::cpus;
 use xtask::loopback::{self, Connections};
 
 const PEER_ENV: &str = "NETWATCH_TEST_PEER";
@@ -120,6 +124,25 @@ fn run_command(
             keep(sockets, Socket::Listener(listener));
             format!("ok {port}")
         }
+        "interleave" | "interleave-open" => {
+            let (count, bytes) = arg.split_once(' ').unwrap_or((arg, "0"));
+            let count: usize = count.parse().map_err(std::io::Error::other)?;
+            let bytes: usize = bytes.parse().map_err(std::io::Error::other)?;
+            let listener = TcpListener::bind("127.0.0.1:0")?;
+            let port = listener.local_addr()?.port();
+            let pairs = interleave(&listener, count, bytes)?;
+            for (client, mut server) in pairs {
+                if verb == "interleave" {
+                    drop(client);
+                    server.read_to_end(&mut Vec::new())?;
+                } else {
+                    keep(sockets, Socket::Stream { _open: client });
+                    keep(sockets, Socket::Stream { _open: server });
+                }
+            }
+            keep(sockets, Socket::Listener(listener));
+            format!("ok {port}")
+        }
         "unshare-net" => format!("ok {}", enter_new_netns()?),
         _ => return Err(std::io::Error::other(format!("unknown command {line}"))),
     })
@@ -138,6 +161,45 @@ fn exchange(listener: &TcpListener, bytes: usize) -> std::io::Result<()> {
     // Reads the client's FIN, so that the server side closes second.
     server.read_to_end(&mut Vec::new())?;
     Ok(())
+}
+
+/// `count` connections to `listener`, open at once: each client sends
+/// `bytes` and each server answers `bytes / 2`, in 64-byte writes, one per
+/// connection in turn, this thread moving to the next CPU it may use after
+/// every turn. So each socket's bytes are counted on every CPU, and the
+/// sockets outnumber the kernel's per-CPU cache slots: slots are reused
+/// all the time. Returns the (client, server) pairs, still open.
+fn interleave(
+    listener: &TcpListener,
+    count: usize,
+    bytes: usize,
+) -> std::io::Result<Vec<(TcpStream, TcpStream)>> {
+    const CHUNK: usize = 64;
+    let mut pairs = Vec::with_capacity(count);
+    for _ in 0..count {
+        let client = TcpStream::connect(listener.local_addr()?)?;
+        let (server, _) = listener.accept()?;
+        pairs.push((client, server));
+    }
+    let allowed = cpus::allowed()?;
+    let mut buffer = [b'x'; CHUNK];
+    for (from_client, total) in [(true, bytes), (false, bytes / 2)] {
+        for (turn, start) in (0..total).step_by(CHUNK).enumerate() {
+            let chunk = CHUNK.min(total - start);
+            cpus::run_on(&[allowed[turn % allowed.len()]])?;
+            for (client, server) in &mut pairs {
+                let (writer, reader) = if from_client {
+                    (client, server)
+                } else {
+                    (server, client)
+                };
+                writer.write_all(&buffer[..chunk])?;
+                reader.read_exact(&mut buffer[..chunk])?;
+            }
+        }
+    }
+    cpus::run_on(&allowed)?;
+    Ok(pairs)
 }
 
 /// Moves this thread (the one serving commands) into a new network
