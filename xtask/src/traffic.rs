@@ -1,8 +1,10 @@
 //! `cargo xtask bench traffic`: what netwatch's programs on every sendmsg
 //! and recvmsg cost the host's TCP traffic. Loopback TCP between two
 //! processes (this one and an `xtask traffic-server` child), measured with
-//! no tracer, with an empty program on the same two hooks (the floor: the
-//! kernel's dispatch alone), under `netwatch` and under `netwatch audit`,
+//! no tracer, with an empty program on the same two hooks (the kernel's
+//! dispatch alone), with it also on accept()'s syscall exit tracepoints
+//! (netwatch's hooks doing nothing: the floor of its design), under
+//! `netwatch` and `netwatch audit`, and under `netwatch` without tracefs,
 //! in alternating rounds of the same run:
 //! (a) request/response, 64-byte messages each way, `--round-trips` of them;
 //! (b) bulk transfer of `--bulk-gib` GiB in 64 KiB writes.
@@ -48,6 +50,10 @@ const BULK: u8 = b'b';
 enum Tracer {
     None,
     EmptyPrograms,
+    /// The empty programs, and one on accept()'s syscall exit tracepoints
+    /// as netwatch's accept hook: what netwatch's hooks cost with programs
+    /// that do nothing, the floor under netwatch.
+    EmptyProgramsOnAccept,
     Watch,
     Audit,
     /// `netwatch --json` as a service without CAP_DAC_READ_SEARCH runs it:
@@ -60,11 +66,14 @@ const WITHOUT_TRACEFS: [&str; 3] = ["bpf", "perfmon", "sys_ptrace"];
 
 /// The tracepoints of netwatch's send and receive programs.
 const HANDOFF_TRACEPOINTS: [&str; 2] = ["sock_send_length", "sock_recv_length"];
+/// The tracepoints of netwatch's accept hook, where tracefs is readable.
+const ACCEPT_TRACEPOINTS: [&str; 2] = ["syscalls/sys_exit_accept4", "syscalls/sys_exit_accept"];
 
 impl Tracer {
-    const ALL: [Tracer; 5] = [
+    const ALL: [Tracer; 6] = [
         Tracer::None,
         Tracer::EmptyPrograms,
+        Tracer::EmptyProgramsOnAccept,
         Tracer::Watch,
         Tracer::Audit,
         Tracer::WatchWithoutTracefs,
@@ -74,6 +83,7 @@ impl Tracer {
         match self {
             Tracer::None => "none",
             Tracer::EmptyPrograms => "empty programs",
+            Tracer::EmptyProgramsOnAccept => "empty programs + accept hook",
             Tracer::Watch => "netwatch",
             Tracer::Audit => "netwatch audit",
             Tracer::WatchWithoutTracefs => "netwatch, tracefs closed",
@@ -85,13 +95,8 @@ impl Tracer {
         let err = results.join("traffic-tracer.err");
         let args: &[&str] = match self {
             Tracer::None => return Ok(Running::Nothing),
-            Tracer::EmptyPrograms => {
-                return EmptyPrograms::attach(&HANDOFF_TRACEPOINTS).map(|attached| {
-                    Running::Programs {
-                        _attached: attached,
-                    }
-                })
-            }
+            Tracer::EmptyPrograms => return Running::empty_programs(&[]),
+            Tracer::EmptyProgramsOnAccept => return Running::empty_programs(&ACCEPT_TRACEPOINTS),
             Tracer::Watch => &["--json"],
             Tracer::Audit => &["audit"],
             Tracer::WatchWithoutTracefs => {
@@ -115,6 +120,14 @@ enum Running {
 }
 
 impl Running {
+    /// The empty program on the send and receive hooks, and on `tracepoints`.
+    fn empty_programs(tracepoints: &[&str]) -> anyhow::Result<Running> {
+        let attached = EmptyPrograms::attach(&HANDOFF_TRACEPOINTS, tracepoints)?;
+        Ok(Running::Programs {
+            _attached: attached,
+        })
+    }
+
     /// Stops it; the CPU time a tracer process used.
     fn stop(self) -> anyhow::Result<Duration> {
         match self {
