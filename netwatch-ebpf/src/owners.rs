@@ -92,16 +92,13 @@ fn socket_used(ctx: &RawTracePointContext, counted: Counted) {
 
 /// `socket_used` when this CPU's slot does not confirm the caller: finds
 /// (or makes) the socket's entry, hands the socket over if the caller is
-/// not its owner, and otherwise confirms the caller in the slot. Audit
-/// first moves the slot's bytes to the entry of the socket they belong to.
+/// not its owner, and otherwise confirms the caller in the slot (audit
+/// first moves the slot's bytes to the entry of the socket they belong to).
 fn socket_used_uncached(sk: u64, pid_tgid: u64, epoch: u64, ret: i32, counted: Counted) {
     let Some(slot) = OWNER_CACHE.get_ptr_mut(owner_cache_slot(sk)) else {
         return;
     };
     let counting = counts_bytes();
-    if counting {
-        flush_cached_bytes(slot);
-    }
     let tgid = (pid_tgid >> 32) as u32;
     // The map holds TCP sockets only: a socket found there needs no
     // protocol check.
@@ -130,6 +127,7 @@ fn socket_used_uncached(sk: u64, pid_tgid: u64, epoch: u64, ret: i32, counted: C
             send_owner(sk, event_kind::HANDOFF);
         } else {
             if counting {
+                flush_cached_bytes(slot);
                 note_cpu(entry);
             }
             // Confirmed under the epoch read before the lookup: any owner
