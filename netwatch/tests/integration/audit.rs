@@ -89,39 +89,43 @@ fn assert_interleaved_bytes(records: &[Value], port: u16, count: usize, bytes: u
     }
 }
 
+/// Runs the peer's `command` of `connections` (an interleave of 3000
+/// bytes) under audit until `done` holds for its records and the
+/// listener's port, then stops audit; checks every record's bytes and
+/// returns the records and the port.
+fn interleave_under_audit(
+    command: &str,
+    connections: usize,
+    done: impl Fn(&[Value], u16) -> bool,
+) -> (Vec<Value>, u16) {
+    let mut peer = Peer::spawn();
+    let mut audit = Watch::spawn(&["audit"]);
+    let port = peer.send(&format!("{command} {connections} 3000"))[0] as u16;
+    audit.wait_until(|records| done(records, port));
+    let stopped = audit.stop_with(libc::SIGTERM);
+    assert!(stopped.success, "{}", stopped.stderr);
+    assert_interleaved_bytes(&stopped.records, port, connections, 3000);
+    (stopped.records, port)
+}
+
 #[test]
 fn bytes_counted_on_every_cpu_across_more_sockets_than_cache_slots_stay_each_sockets_own() {
     const CONNECTIONS: usize = 100;
-    let mut peer = Peer::spawn();
-    let mut audit = Watch::spawn(&["audit"]);
-    let port = peer.send(&format!("interleave {CONNECTIONS} 3000"))[0] as u16;
-    audit.wait_until(|records| {
+    interleave_under_audit("interleave", CONNECTIONS, |records, port| {
         let (outgoing, incoming) = conn_records(records, port);
         outgoing.len() + incoming.len() >= 2 * CONNECTIONS
     });
-    let stopped = audit.stop_with(libc::SIGTERM);
-    assert!(stopped.success, "{}", stopped.stderr);
-    assert_interleaved_bytes(&stopped.records, port, CONNECTIONS, 3000);
 }
 
 #[test]
 fn connections_open_at_exit_carry_the_bytes_counted_on_every_cpu() {
-    const CONNECTIONS: usize = 10;
-    let mut peer = Peer::spawn();
-    let mut audit = Watch::spawn(&["audit"]);
-    let port = peer.send(&format!("interleave-open {CONNECTIONS} 3000"))[0] as u16;
-    audit.wait_until(|records| {
+    let (records, port) = interleave_under_audit("interleave-open", 10, |records, port| {
         records
             .iter()
             .any(|r| r["type"] == "listen" && r["local_port"] == port)
     });
-    let stopped = audit.stop_with(libc::SIGTERM);
-    assert!(stopped.success, "{}", stopped.stderr);
-    assert!(conn_records(&stopped.records, port)
-        .0
-        .iter()
-        .all(|r| r["end"].is_null()));
-    assert_interleaved_bytes(&stopped.records, port, CONNECTIONS, 3000);
+    let (outgoing, incoming) = conn_records(&records, port);
+    assert!(outgoing.iter().chain(&incoming).all(|r| r["end"].is_null()));
 }
 
 #[test]
