@@ -287,6 +287,16 @@ pub struct ByteCounts {
     pub received: u64,
 }
 
+impl ByteCounts {
+    /// These counts and `other`'s together.
+    pub const fn plus(self, other: ByteCounts) -> ByteCounts {
+        ByteCounts {
+            sent: self.sent + other.sent,
+            received: self.received + other.received,
+        }
+    }
+}
+
 /// What the kernel keeps per socket (the value of `SOCKETS_MAP`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -454,15 +464,10 @@ mod tests {
     fn owner_cache_slots_spread_sockets_allocated_side_by_side() {
         // `struct tcp_sock` objects come from one slab, about 2.3 KiB apart.
         let base = 0xffff_8880_1234_0000_u64;
-        let used: [bool; OWNER_CACHE_SLOTS as usize] = {
-            let mut used = [false; OWNER_CACHE_SLOTS as usize];
-            let mut i = 0;
-            while i < 32 {
-                used[owner_cache_slot(base + i * 2304) as usize] = true;
-                i += 1;
-            }
-            used
-        };
+        let mut used = [false; OWNER_CACHE_SLOTS as usize];
+        for i in 0..32 {
+            used[owner_cache_slot(base + i * 2304) as usize] = true;
+        }
         assert!(used.iter().filter(|&&u| u).count() >= 24);
     }
 }

@@ -45,17 +45,23 @@ impl Counted {
     }
 }
 
-/// Adds `ret` (when a send or receive moved bytes) to a count, atomically:
-/// another CPU may take it at the same time.
+/// Adds `added` bytes to a count, atomically: another CPU may take it at
+/// the same time.
 #[inline(always)]
-fn add_bytes(bytes: *mut ByteCounts, counted: Counted, ret: i32) {
-    if ret <= 0 {
+fn add_bytes(bytes: *mut ByteCounts, counted: Counted, added: u64) {
+    if added == 0 {
         return;
     }
     if let Some(count) = counted.of(bytes) {
         // SAFETY: the count lives while the program runs; the add is one instruction.
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, ret as u64) };
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, added) };
     }
+}
+
+/// The bytes a send or receive moved: its result when positive.
+#[inline(always)]
+fn moved(ret: i32) -> u64 {
+    u64::try_from(ret).unwrap_or(0)
 }
 
 /// A process sent or received on a socket (arguments: sk, ret, flags), in
@@ -66,7 +72,7 @@ fn add_bytes(bytes: *mut ByteCounts, counted: Counted, ret: i32) {
 ///
 /// This runs on every sendmsg and recvmsg of the host, so the common case,
 /// the owner again, must be cheap: a hit in this CPU's cache of confirmed
-/// (socket, thread) pairs, with no hash lookup and no call. Audit adds the
+/// (socket, thread) pairs: one helper call, no hash lookup. Audit adds the
 /// bytes to the slot, and a change to CLOSE collects them from the CPUs
 /// the socket's entry names (`take_cached_bytes`). Inlined into both
 /// programs, so that a hit makes no BPF-to-BPF call either.
@@ -83,7 +89,7 @@ fn socket_used(ctx: &RawTracePointContext, counted: Counted) {
     if hit {
         if counts_bytes() {
             // SAFETY: as above.
-            add_bytes(unsafe { &raw mut (*slot).bytes }, counted, ret);
+            add_bytes(unsafe { &raw mut (*slot).bytes }, counted, moved(ret));
         }
         return;
     }
@@ -95,6 +101,7 @@ fn socket_used(ctx: &RawTracePointContext, counted: Counted) {
 /// not its owner, and otherwise confirms the caller in the slot (audit
 /// first moves the slot's bytes to the entry of the socket they belong to).
 fn socket_used_uncached(sk: u64, pid_tgid: u64, epoch: u64, ret: i32, counted: Counted) {
+    // Found again rather than passed: BPF calls pass at most five arguments.
     let Some(slot) = OWNER_CACHE.get_ptr_mut(owner_cache_slot(sk)) else {
         return;
     };
@@ -139,7 +146,7 @@ fn socket_used_uncached(sk: u64, pid_tgid: u64, epoch: u64, ret: i32, counted: C
             (*slot).sk = sk;
         }
         if counting {
-            add_bytes(&raw mut (*entry).bytes, counted, ret);
+            add_bytes(&raw mut (*entry).bytes, counted, moved(ret));
         }
     }
 }
@@ -171,17 +178,10 @@ fn flush_cached_bytes(slot: *mut CachedOwner) {
         return;
     }
     if let Some(entry) = SOCKETS.get_ptr_mut(sk) {
-        // SAFETY: the map value lives while the program runs; the adds are atomic.
-        unsafe {
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
-                &raw mut (*entry).bytes.sent,
-                bytes.sent,
-            );
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
-                &raw mut (*entry).bytes.received,
-                bytes.received,
-            );
-        }
+        // SAFETY: the map value lives while the program runs.
+        let counts = unsafe { &raw mut (*entry).bytes };
+        add_bytes(counts, Counted::Sent, bytes.sent);
+        add_bytes(counts, Counted::Received, bytes.received);
     }
 }
 
@@ -242,9 +242,7 @@ pub(crate) fn take_cached_bytes(sk: u64, entry: *mut SocketEntry, reopening: boo
             continue;
         }
         // SAFETY: the slot lives while the program runs.
-        let bytes = take_counts(unsafe { &raw mut (*slot).bytes });
-        taken.sent += bytes.sent;
-        taken.received += bytes.received;
+        taken = taken.plus(take_counts(unsafe { &raw mut (*slot).bytes }));
     }
     taken
 }

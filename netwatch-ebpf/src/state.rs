@@ -205,9 +205,7 @@ fn update_socket_entry(sk: u64, oldstate: i32, newstate: i32, owner: u32) -> Byt
         if let Some(entry) = SOCKETS.get_ptr_mut(sk) {
             let cached = take_cached_bytes(sk, entry, opens);
             // SAFETY: the map value lives while the program runs.
-            let counted = take_counts(unsafe { &raw mut (*entry).bytes });
-            counts.sent = cached.sent + counted.sent;
-            counts.received = cached.received + counted.received;
+            counts = cached.plus(take_counts(unsafe { &raw mut (*entry).bytes }));
         }
     }
     if oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT {

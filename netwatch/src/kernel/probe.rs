@@ -224,10 +224,7 @@ impl StateProbe {
             .iter()
             .filter(|slot| slot.sk & !OWNER_CACHE_TAKEN == skaddr)
             .map(|slot| slot.bytes);
-        Some(cached.fold(entry.bytes, |total, bytes| ByteCounts {
-            sent: total.sent + bytes.sent,
-            received: total.received + bytes.received,
-        }))
+        Some(cached.fold(entry.bytes, ByteCounts::plus))
     }
 
     /// Whether the recovery program is attached.
