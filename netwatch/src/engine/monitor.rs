@@ -630,6 +630,7 @@ impl<O: Observer> Monitor<O> {
             not_recovered: lost.skipped,
             skipped: counters.skipped,
             recovered: self.ledger.recovered(),
+            recoveries_refused: counters.recoveries_refused,
             duplicates: self.ledger.duplicates(),
             resyncs: self.resync.done,
             sockets: self.table.len(),
@@ -654,9 +655,12 @@ pub struct Summary {
     pub ring_buffer_full: u64,
     /// Calls the kernel skipped and the recovery program did not send.
     pub not_recovered: u64,
-    /// Calls the kernel skipped, and of them those recovered.
+    /// Calls the kernel skipped, of them those recovered, and those whose
+    /// recovery the full ring buffer refused (counted in `ring_buffer_full`):
+    /// `skipped = recovered + recoveries_refused + not_recovered`.
     pub skipped: u64,
     pub recovered: u64,
+    pub recoveries_refused: u64,
     /// Recovered transitions that repeated one already applied (dropped).
     pub duplicates: u64,
     pub resyncs: u64,
@@ -673,7 +677,7 @@ impl std::fmt::Display for Summary {
             .map_or_else(|| "?".to_owned(), |fired| fired.to_string());
         write!(
             f,
-            "ran {:.1} s: {} transitions ({fired} fired in the kernel), {} lost ({} ring buffer full, {} skipped by the kernel and not recovered); {} of {} skipped calls recovered, {} duplicates dropped; {} resyncs, {} sockets in the table, {} found freed without a traced CLOSE",
+            "ran {:.1} s: {} transitions ({fired} fired in the kernel), {} lost ({} ring buffer full, {} skipped by the kernel and not recovered); {} of {} skipped calls recovered ({} refused by the full ring buffer), {} duplicates dropped; {} resyncs, {} sockets in the table, {} found freed without a traced CLOSE",
             self.seconds,
             self.transitions,
             self.lost,
@@ -681,6 +685,7 @@ impl std::fmt::Display for Summary {
             self.not_recovered,
             self.recovered,
             self.skipped,
+            self.recoveries_refused,
             self.duplicates,
             self.resyncs,
             self.sockets,
@@ -938,6 +943,33 @@ mod tests {
         assert_eq!((summary.recovered, summary.not_recovered), (1, 2));
         assert_eq!(Some(summary.transitions + summary.lost), summary.fired);
         assert_eq!(monitor.observer.lost.len(), 1, "reported once");
+    }
+
+    #[test]
+    fn skips_whose_recovery_the_full_ring_refused_are_ring_buffer_losses() {
+        let (mut monitor, mut source) = (monitor(false), ScriptedSource::default());
+        source.waiting = vec![transition(1, CONNECT, true)];
+        // 4 calls skipped: 1 recovered, 2 recoveries refused, 1 not recovered.
+        source.losses = LossCounters {
+            skipped: 4,
+            recoveries_refused: 2,
+            ring_buffer_full: 2,
+            fired: Some(4),
+            ..LossCounters::default()
+        };
+        check(&mut monitor, &mut source, 2);
+        let summary = stop(&mut monitor, &mut source);
+        assert_eq!(
+            (
+                summary.recovered,
+                summary.recoveries_refused,
+                summary.not_recovered
+            ),
+            (1, 2, 1)
+        );
+        assert_eq!(summary.skipped, 4);
+        assert_eq!(summary.ring_buffer_full, 2);
+        assert_eq!(Some(summary.transitions + summary.lost), summary.fired);
     }
 
     #[test]

@@ -367,14 +367,17 @@ fn skipped_calls_are_recovered_or_reported_as_the_kernel_counts_them() {
     let (opens, closes, all) = churn_counts(&stopped.records, &ports);
     let skipped = summary_count(&stopped.records, "skipped");
     let recovered = summary_count(&stopped.records, "recovered");
+    let refused = summary_count(&stopped.records, "recoveries_refused");
     let unrecovered = summary_count(&stopped.records, "not_recovered");
     let ring_full = summary_count(&stopped.records, "ring_buffer_full");
-    eprintln!("skipped calls: kernel {kernel}, netwatch {skipped}, recovered {recovered}; transitions {all} of {expected}");
+    eprintln!("skipped calls: kernel {kernel}, netwatch {skipped}, recovered {recovered}, refused by the full ring {refused}; transitions {all} of {expected}");
     assert_eq!(
         skipped, kernel,
         "netwatch counts the calls the kernel skipped"
     );
-    assert_eq!(unrecovered, skipped - recovered);
+    // A recovery the full ring buffer refused is a ring buffer loss.
+    assert_eq!(unrecovered, skipped - recovered - refused);
+    assert!(refused <= ring_full);
     let streamed: u64 = stopped
         .records
         .iter()
