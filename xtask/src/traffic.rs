@@ -152,7 +152,9 @@ pub fn run(
     rounds: usize,
     results: &Path,
 ) -> anyhow::Result<()> {
-    let cpu = last_cpu();
+    let cpu = *cpus::allowed()?
+        .last()
+        .context("this process may run on no CPU")?;
     cpus::run_on(&[cpu])?;
     let server = TrafficServer::start(cpu)?;
     let mut figures: Vec<Figures> = Tracer::ALL.iter().map(|_| Figures::default()).collect();
@@ -581,9 +583,4 @@ fn drain(stream: &mut TcpStream) -> std::io::Result<()> {
     let mut buffer = vec![0u8; BULK_WRITE];
     while stream.read(&mut buffer)? > 0 {}
     stream.write_all(&[1])
-}
-
-/// The highest-numbered CPU this process may run on.
-fn last_cpu() -> usize {
-    std::thread::available_parallelism().map_or(0, |cpus| cpus.get() - 1)
 }
