@@ -308,7 +308,8 @@ pub struct SocketEntry {
     /// `cpu % 64` (audit only).
     pub cpus: u64,
     /// Thread group id of the process that last connected, accepted, sent or
-    /// received on the socket (0: none seen yet).
+    /// received on the socket (0: none seen yet, as for a socket just
+    /// accepted by the kernel).
     pub owner: u32,
     pub _pad: u32,
 }
@@ -364,6 +365,9 @@ pub mod event_kind {
     pub const HANDOFF: u8 = 2;
     /// Process `tgid` called exec(): `comm` is its new name.
     pub const EXEC: u8 = 3;
+    /// Process `tgid` was the first to send or receive on an accepted
+    /// socket (without the accept hook, the first owner it gets).
+    pub const FIRST_IO: u8 = 4;
 }
 
 /// Fields of `syscalls:sys_exit_accept4` and `sys_exit_accept`.

@@ -1,6 +1,8 @@
-//! The owner programs: accept() names the accepting process, a send or a
-//! receive by another process hands the socket over (and, for audit, counts
-//! its bytes), exec() renames a process.
+//! The owner programs: the first send or receive on an accepted socket
+//! names its first owner (or, with the opt-in accept hook, accept() names
+//! the accepting process), a send or a receive by another process hands
+//! the socket over (and, for audit, counts its bytes), exec() renames a
+//! process.
 
 // What the programs share: maps, kernel offsets, reading and sending.
 use crate::*;
@@ -109,8 +111,10 @@ fn socket_used_uncached(sk: u64, pid_tgid: u64, epoch: u64, ret: i32, counted: C
     let tgid = (pid_tgid >> 32) as u32;
     // The map holds TCP sockets only: a socket found there needs no
     // protocol check.
-    let entry = match SOCKETS.get_ptr_mut(sk) {
-        Some(entry) => entry,
+    // Without an entry (a socket from before netwatch started, or one the
+    // LRU map evicted), the caller takes it over from whoever the table says.
+    let (entry, inserted) = match SOCKETS.get_ptr_mut(sk) {
+        Some(entry) => (entry, false),
         None => {
             if read_kernel::<u16>(sk, &SK_PROTOCOL) != Ok(IPPROTO_TCP) || in_kernel_thread() {
                 return;
@@ -118,7 +122,7 @@ fn socket_used_uncached(sk: u64, pid_tgid: u64, epoch: u64, ret: i32, counted: C
             // Another CPU may insert first: BPF_NOEXIST then leaves its entry.
             let _ = SOCKETS.insert(sk, SocketEntry::default(), 1);
             match SOCKETS.get_ptr_mut(sk) {
-                Some(entry) => entry,
+                Some(entry) => (entry, true),
                 None => return,
             }
         }
@@ -129,9 +133,15 @@ fn socket_used_uncached(sk: u64, pid_tgid: u64, epoch: u64, ret: i32, counted: C
             if in_kernel_thread() {
                 return;
             }
+            // An accepted socket no process has used yet (see `mark_unowned`).
+            let kind = if (*entry).owner == 0 && !inserted {
+                event_kind::FIRST_IO
+            } else {
+                event_kind::HANDOFF
+            };
             (*entry).owner = tgid;
             owners_changed();
-            send_owner(sk, event_kind::HANDOFF);
+            send_owner(sk, kind);
         } else {
             if counting {
                 flush_cached_bytes(slot);

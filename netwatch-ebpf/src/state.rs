@@ -195,9 +195,10 @@ fn try_recover_state(ctx: &RawTracePointContext) -> Result<(), i64> {
 /// bytes; each by atomic exchanges with zero, and the entry stays: a send or
 /// receive counted on another CPU at the same time lands in these counts or
 /// in the entry after them, never in between. At connect(), the connecting
-/// process becomes the owner, so that its own sends are no handoff.
-/// Elsewhere, and in watch and verify, the map is not touched: a stale
-/// entry only names an owner, which accept() and connect() replace.
+/// process becomes the owner, so that its own sends are no handoff; a
+/// socket the kernel accepts gets no owner, so that its first send or
+/// receive names one. Elsewhere, and in watch and verify, the map is not
+/// touched: a stale entry only names an owner, which these replace.
 fn update_socket_entry(sk: u64, oldstate: i32, newstate: i32, owner: u32) -> ByteCounts {
     let opens = oldstate == TCP_CLOSE || (oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV);
     let mut counts = ByteCounts::default();
@@ -215,8 +216,28 @@ fn update_socket_entry(sk: u64, oldstate: i32, newstate: i32, owner: u32) -> Byt
         };
         let _ = SOCKETS.insert(sk, entry, 0);
         owners_changed();
+    } else if oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV {
+        mark_unowned(sk);
     }
     counts
+}
+
+/// A socket the kernel accepted has no owner yet: the first process to
+/// send or receive on it is its first owner (`event_kind::FIRST_IO`),
+/// unless the accept hook names the accepting process before that. The
+/// entry is kept if there is one (another CPU may be adding bytes of the
+/// socket that held this address before), its owner cleared; the epoch
+/// moves on, so that no cached confirmation of that earlier socket hides
+/// the first use of this one.
+fn mark_unowned(sk: u64) {
+    match SOCKETS.get_ptr_mut(sk) {
+        // SAFETY: the map value lives while the program runs.
+        Some(entry) => unsafe { core::ptr::write_volatile(&raw mut (*entry).owner, 0) },
+        None => {
+            let _ = SOCKETS.insert(sk, SocketEntry::default(), 1);
+        }
+    }
+    owners_changed();
 }
 
 // Inlined: BPF calls pass at most five arguments, in registers.

@@ -81,13 +81,13 @@ pub struct Metrics {
     lost_ring_buffer_full: Counter,
     lost_skipped: Counter,
     lost_owner_events: Counter,
-    /// Owner changes applied: by accept, by handoff.
-    owner_changes: [Counter; 2],
+    /// Owner changes applied, by `OwnerCause`.
+    owner_changes: [Counter; OwnerCause::ALL.len()],
     evicted: Counter,
     vanished: Counter,
     pub resyncs: Counter,
     /// Routine failures netwatch went on after, by kind (`Failure`).
-    failures: [Counter; 3],
+    failures: [Counter; Failure::ALL.len()],
     pub conn_records: Counter,
     pub listen_records: Counter,
     /// Audit: connections closed without success, by `ConnResult::FAILURES`.
@@ -206,8 +206,8 @@ impl Metrics {
             ("owner_ring_buffer_full", &self.lost_owner_events),
         ];
         family(encoder, "netwatch_lost_events", "Events lost, by cause: transitions the ring buffer had no room for, transitions skipped by the kernel and not recovered, owner changes the ring buffer had no room for.", MetricType::Counter, labelled("cause", lost))?;
-        let causes = [OwnerCause::Accept, OwnerCause::Handoff].map(OwnerCause::name);
-        family(encoder, "netwatch_owner_changes", "Sockets whose owner became another process: by accept(), or by a send or receive (handoff).", MetricType::Counter, labelled("cause", causes.into_iter().zip(&self.owner_changes)))?;
+        let causes = OwnerCause::ALL.map(OwnerCause::name);
+        family(encoder, "netwatch_owner_changes", "Sockets whose owner became another process: by accept() (with the accept hook), by the first send or receive on an accepted socket (first_io), or by a send or receive of another process (handoff).", MetricType::Counter, labelled("cause", causes.into_iter().zip(&self.owner_changes)))?;
         single(
             encoder,
             "netwatch_recovered_events",

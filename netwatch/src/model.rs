@@ -480,18 +480,24 @@ fn errno_name(errno: u16) -> std::borrow::Cow<'static, str> {
 /// Why a socket has a new owner.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OwnerCause {
-    /// `accept()` returned it to this process.
+    /// `accept()` returned it to this process (seen with the accept hook).
     Accept,
-    /// This process sent or received on it.
+    /// This process sent or received on it after another process did.
     Handoff,
+    /// This process was the first to send or receive on the accepted socket.
+    FirstIo,
 }
 
 impl OwnerCause {
-    /// "accept" or "handoff".
+    /// Every cause, in the order of their numbers.
+    pub const ALL: [OwnerCause; 3] = [OwnerCause::Accept, OwnerCause::Handoff, OwnerCause::FirstIo];
+
+    /// "accept", "handoff" or "first_io".
     pub fn name(self) -> &'static str {
         match self {
             OwnerCause::Accept => "accept",
             OwnerCause::Handoff => "handoff",
+            OwnerCause::FirstIo => "first_io",
         }
     }
 }

@@ -111,6 +111,8 @@ pub enum Notice<'a> {
 pub struct Config {
     pub ring_bytes: u32,
     pub no_resync: bool,
+    /// See accept() return (`--accept-hook`), at the cost of every system call.
+    pub accept_hook: bool,
     /// Count each socket's bytes in the kernel (audit).
     pub count_bytes: bool,
     /// The counters served at `metrics_addr`, which observers add to.
@@ -133,6 +135,7 @@ impl Config {
         Config {
             ring_bytes,
             no_resync: probe.no_resync,
+            accept_hook: probe.accept_hook,
             count_bytes,
             metrics: Arc::new(Metrics::new(ring_bytes)),
             metrics_addr: probe.metrics,
@@ -163,7 +166,7 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     // The baseline's iterators load (the verifier's work) while the state
     // programs load and attach; they are read only once those are attached.
     let iterators = std::thread::spawn(|| kernel_reader(Detail::Table));
-    let mut probe = StateProbe::attach(config.ring_bytes, config.count_bytes)?;
+    let mut probe = StateProbe::attach(config.ring_bytes, config.count_bytes, config.accept_hook)?;
     let attached = started.elapsed();
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;

@@ -15,10 +15,11 @@
 //! otherwise stay forever), as the kernel's LRU map of byte counts does.
 //!
 //! Who owns a socket: the process that called `connect()` or `listen()`;
-//! for an accepted socket, its listener's owner until `accept()` returns it,
-//! then the accepting process; and from then on, whichever process last
-//! sent or received on it when that was not the owner (owner events, see
-//! [`SocketTable::set_owner`]). Owners are shared [`Process`] records, so
+//! for an accepted socket, its listener's owner until the first process
+//! sends or receives on it (or, with the accept hook, until `accept()`
+//! returns it), then that process; and from then on, whichever process
+//! last sent or received on it when that was not the owner (owner events,
+//! see [`SocketTable::set_owner`]). Owners are shared [`Process`] records, so
 //! that a process's `exec()` renames all its sockets' owner at once, and a
 //! pid reused by another process gets a record of its own.
 
@@ -543,7 +544,7 @@ impl SocketTable {
 
     /// A socket that starts here: connect() and listen() run in the owner's
     /// context; an accepted socket (LISTEN -> SYN_RECV) belongs to its
-    /// listener's owner until accept() returns it (an owner event).
+    /// listener's owner until an owner event names its first user.
     fn new_socket(&mut self, t: &Transition) -> LiveSocket {
         let (owner, direction) = match (t.old, t.new) {
             (TcpState::Listen, _) => (self.listener_owner(t), Direction::In),

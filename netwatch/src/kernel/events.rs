@@ -20,6 +20,7 @@ pub fn to_record(event: &KernelEvent) -> Option<Record> {
         event_kind::EXEC => return Some(Record::Exec(task)),
         event_kind::ACCEPT => OwnerCause::Accept,
         event_kind::HANDOFF => OwnerCause::Handoff,
+        event_kind::FIRST_IO => OwnerCause::FirstIo,
         _ => return None,
     };
     Some(Record::Owner(OwnerEvent {
@@ -154,6 +155,10 @@ mod tests {
         assert_eq!(
             (owner.cause, owner.task.start_ns),
             (OwnerCause::Accept, None)
+        );
+        event.kind = event_kind::FIRST_IO;
+        assert!(
+            matches!(to_record(&event), Some(Record::Owner(owner)) if owner.cause == OwnerCause::FirstIo)
         );
         event.kind = event_kind::EXEC;
         assert!(matches!(to_record(&event), Some(Record::Exec(task)) if task.pid == 42));

@@ -87,16 +87,26 @@ impl StateProbe {
     /// from here on. With `count_bytes`, each socket's bytes are counted too
     /// and arrive with its change to CLOSE.
     ///
+    /// An accepted socket's first owner is the first process to send or
+    /// receive on it; with `accept_hook`, the process accept() returns it
+    /// to, seen on the way out of accept() (see `AcceptHook`), which costs
+    /// every system call of the host.
+    ///
     /// With the kernel's BTF, every program attaches by name, so tracefs
     /// is needed by none; only the accept hook prefers the syscall
-    /// tracepoints when tracefs can be read (see `AcceptHook`). Without
-    /// BTF, only the tracepoint program can run, and it needs tracefs.
-    pub fn attach(ring_bytes: u32, count_bytes: bool) -> Result<StateProbe, ProbeError> {
+    /// tracepoints when tracefs can be read. Without BTF, only the
+    /// tracepoint program can run, and it needs tracefs.
+    pub fn attach(
+        ring_bytes: u32,
+        count_bytes: bool,
+        accept_hook: bool,
+    ) -> Result<StateProbe, ProbeError> {
         check_capabilities()?;
         raise_memlock_limit();
         let offsets = kernel_offsets(&[&SOCK_OFFSETS[..], &FILE_OFFSETS, &TASK_OFFSETS].concat());
         let accept_hook = match &offsets {
-            Ok(_) => AcceptHook::choose(),
+            Ok(_) if accept_hook => AcceptHook::choose(),
+            Ok(_) => AcceptHook::None,
             Err(reason) if count_bytes => return Err(ProbeError::BytesNeedOffsets(reason.clone())),
             Err(reason) => {
                 ensure_tracefs()?;
@@ -251,8 +261,8 @@ enum AcceptHook {
     /// system call, so each costs a program call more. With the global
     /// that says where `pt_regs` holds the syscall number, and its offset.
     SyscallExit((&'static str, u32)),
-    /// Neither: accepted sockets keep their listener's owner until their
-    /// first send or receive.
+    /// Neither (the default): accepted sockets keep their listener's owner
+    /// until their first send or receive.
     None,
 }
 
@@ -268,6 +278,7 @@ impl AcceptHook {
                 })
             });
         let Err(why_not) = tracepoints else {
+            log::info!("accept() is seen on its way out (--accept-hook): every system call on this host now takes the kernel's traced path, about 90 ns more each");
             return AcceptHook::SyscallTracepoints;
         };
         match kernel_offsets(&SYSCALL_OFFSETS).map(|offsets| offsets.first().copied()) {

@@ -152,25 +152,52 @@ enum Takeover {
     Handoff,
 }
 
-/// Checks one server-side socket: the transitions before accept() returns
-/// name the listener's owner, the owner records are exactly `takeover`, and
-/// every transition after them names `server` running `program`.
+/// Where netwatch learns an accepted socket's owner.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Hook {
+    /// By default: at the first send or receive on it.
+    FirstIo,
+    /// With `--accept-hook`: when accept() returns it.
+    Accept,
+}
+
+impl Hook {
+    /// netwatch's flags for this hook.
+    fn flags(self) -> &'static [&'static str] {
+        match self {
+            Hook::FirstIo => &[],
+            Hook::Accept => &["--accept-hook"],
+        }
+    }
+
+    /// The cause of the one owner record a takeover makes, if it makes one:
+    /// without the hook, the first process to use the socket is its first
+    /// owner, whether it accepted the socket or was handed it.
+    fn cause(self, takeover: Takeover) -> Option<&'static str> {
+        match (self, takeover) {
+            (_, Takeover::Never) => None,
+            (Hook::FirstIo, _) => Some("first_io"),
+            (Hook::Accept, Takeover::Accept) => Some("accept"),
+            (Hook::Accept, Takeover::Handoff) => Some("handoff"),
+        }
+    }
+}
+
+/// Checks one server-side socket: the transitions before its owner is
+/// known name the listener's owner, the owner records are exactly what
+/// `takeover` makes under `hook`, and every transition after them names
+/// `server` running `program`.
 fn check_server_socket(
     records: &[&Value],
     listener_owner: u32,
-    server: u32,
-    program: &str,
+    (server, program): (u32, &str),
     takeover: Takeover,
+    hook: Hook,
 ) {
     let owners: Vec<&&Value> = records.iter().filter(|r| r["type"] == "owner").collect();
-    match takeover {
-        Takeover::Never => assert!(owners.is_empty(), "no owner record: {owners:#?}"),
-        Takeover::Accept | Takeover::Handoff => {
-            let cause = if takeover == Takeover::Accept {
-                "accept"
-            } else {
-                "handoff"
-            };
+    match hook.cause(takeover) {
+        None => assert!(owners.is_empty(), "no owner record: {owners:#?}"),
+        Some(cause) => {
             assert_eq!(owners.len(), 1, "one owner record: {records:#?}");
             let owner = owners[0];
             assert_eq!(owner["cause"], cause, "{owner}");
@@ -218,10 +245,11 @@ fn check_server_socket(
 
 /// Runs a server model under `netwatch --json`, opens connections, closes
 /// them, and checks every record of both ends.
-fn owners_follow(model: &str, program: &str, takeover: Takeover) {
+fn owners_follow(model: &str, program: &str, takeover: Takeover, hook: Hook) {
     let mut server = Server::model(model);
     let port = server.port;
-    let mut watch = Watch::start(&["--port", &port.to_string()]);
+    let port_text = port.to_string();
+    let mut watch = Watch::start(&[&["--port", &port_text], hook.flags()].concat());
     let clients = connect(port, CONNECTIONS, b"hello\n", b"\n");
     let serving = server.serving(CONNECTIONS);
     let peers = local_ports(&clients);
@@ -233,9 +261,9 @@ fn owners_follow(model: &str, program: &str, takeover: Takeover) {
         check_server_socket(
             &records_of(&records, port, peer),
             server.pid(),
-            pid,
-            program,
+            (pid, program),
             takeover,
+            hook,
         );
         let client = records_of(&records, peer, port);
         assert!(!client.is_empty());
@@ -251,27 +279,37 @@ fn owners_follow(model: &str, program: &str, takeover: Takeover) {
 
 #[test]
 fn prefork_workers_own_what_they_accept() {
-    owners_follow("prefork", "python3", Takeover::Accept);
+    owners_follow("prefork", "python3", Takeover::Accept, Hook::FirstIo);
+}
+
+#[test]
+fn prefork_workers_own_what_they_accept_from_the_accept_with_the_hook() {
+    owners_follow("prefork", "python3", Takeover::Accept, Hook::Accept);
 }
 
 #[test]
 fn a_forked_child_owns_what_its_parent_accepted() {
-    owners_follow("fork", "python3", Takeover::Handoff);
+    owners_follow("fork", "python3", Takeover::Handoff, Hook::FirstIo);
+}
+
+#[test]
+fn a_forked_child_takes_over_from_its_accepting_parent_with_the_hook() {
+    owners_follow("fork", "python3", Takeover::Handoff, Hook::Accept);
 }
 
 #[test]
 fn an_fd_passed_over_a_unix_socket_changes_owner() {
-    owners_follow("scm", "python3", Takeover::Handoff);
+    owners_follow("scm", "python3", Takeover::Handoff, Hook::FirstIo);
 }
 
 #[test]
 fn threads_of_one_process_are_one_owner() {
-    owners_follow("threads", "python3", Takeover::Never);
+    owners_follow("threads", "python3", Takeover::Never, Hook::FirstIo);
 }
 
 #[test]
 fn the_program_name_follows_exec() {
-    owners_follow("exec", "cat", Takeover::Handoff);
+    owners_follow("exec", "cat", Takeover::Handoff, Hook::FirstIo);
 }
 
 #[test]
@@ -411,9 +449,9 @@ fn real_server_matches_ss(
         check_server_socket(
             &records_of(&records, port, peer),
             server.pid(),
-            held_by,
-            program,
+            (held_by, program),
             takeover,
+            Hook::FirstIo,
         );
     }
 }

@@ -487,13 +487,18 @@ fn run_with_capabilities(capabilities: &str, args: &[&str]) -> std::process::Out
 
 #[test]
 fn a_user_with_the_capabilities_streams_without_tracefs_and_one_without_is_told_which_is_missing() {
+    // By default no program runs on system calls at all.
+    let output = run_with_capabilities("bpf,perfmon,sys_ptrace", &["--json"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(!stderr.contains("system call"), "{stderr}");
     // tracefs (0700 root here) is closed without CAP_DAC_READ_SEARCH, and
-    // the accept hook then moves to the exit of every system call.
+    // the opt-in accept hook then moves to the exit of every system call.
     for (capabilities, tracefs_open) in [
         ("bpf,perfmon,sys_ptrace", false),
         ("bpf,perfmon,dac_read_search", true),
     ] {
-        let output = run_with_capabilities(capabilities, &["--json"]);
+        let output = run_with_capabilities(capabilities, &["--json", "--accept-hook"]);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(
             stderr.contains("watching TCP state transitions"),
