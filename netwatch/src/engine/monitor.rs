@@ -710,6 +710,12 @@ impl WallClock {
         }
     }
 
+    /// A clock whose monotonic zero was at `realtime_at_zero`.
+    #[cfg(test)]
+    pub fn anchored(realtime_at_zero: SystemTime) -> WallClock {
+        WallClock { realtime_at_zero }
+    }
+
     /// The wall-clock time of a monotonic timestamp.
     pub fn at(&self, monotonic_ns: u64) -> SystemTime {
         self.realtime_at_zero + Duration::from_nanos(monotonic_ns)
