@@ -9,7 +9,7 @@ use crate::cli::WatchArgs;
 use crate::engine::monitor::{self, Config, Notice, Observer, Summary, WallClock};
 use crate::engine::table::{Observed, SocketTable};
 use crate::model::{OwnerChange, Transition};
-use crate::output::{self, CgroupFields, SocketRecord, StreamRecord, Timestamp, TupleFields};
+use crate::output::{self, CgroupFields, SocketRecord, StateRecord, StreamRecord, StreamWriter};
 use crate::sink::Sink;
 use crate::snapshot::{Snapshot, SnapshotEntry};
 
@@ -21,13 +21,21 @@ pub fn run(args: WatchArgs) -> anyhow::Result<()> {
         process_images: args.cmdline || args.json || args.cgroups.any(),
         ..Config::new(&args.probe, false, None)
     };
-    monitor::run(config, Stream { args }, Sink::stdout())?;
+    monitor::run(config, Stream::new(args), Sink::stdout())?;
     Ok(())
 }
 
 /// Renders transitions that pass the filters.
 struct Stream {
     args: WatchArgs,
+    writer: StreamWriter,
+}
+
+impl Stream {
+    fn new(args: WatchArgs) -> Stream {
+        let writer = StreamWriter::new(args.json, args.cmdline);
+        Stream { args, writer }
+    }
 }
 
 impl Observer for Stream {
@@ -94,29 +102,15 @@ impl Observer for Stream {
         {
             return;
         }
-        let ts = Timestamp(clock.at(t.ts_ns));
-        let ms = observed.ms_in_old_state;
-        let _ = if self.args.json {
-            output::write_json_line(
-                out,
-                &StreamRecord::State {
-                    ts,
-                    pid,
-                    program: owner.map(|owner| &*owner.program),
-                    tuple: TupleFields::of(&t.tuple),
-                    old_state: t.old.name(),
-                    new_state: t.new.name(),
-                    ms,
-                    cmdline: output::cmdline_field(owner, self.args.cmdline),
-                    cgroup: CgroupFields::of(owner),
-                },
-            )
-        } else {
-            output::write_state_text(out, &ts.to_string(), owner, &t.tuple, t.old, t.new, ms)
+        let record = StateRecord {
+            ts: clock.at(t.ts_ns),
+            owner,
+            tuple: &t.tuple,
+            old: t.old,
+            new: t.new,
+            ms: observed.ms_in_old_state,
         };
-        if self.args.cmdline && !self.args.json {
-            output::append_cmdline(out, owner);
-        }
+        self.writer.state(out, &record);
     }
 
     fn owner_changed(
@@ -139,30 +133,7 @@ impl Observer for Stream {
         {
             return;
         }
-        let ts = Timestamp(clock.at(ts_ns));
-        let _ = if self.args.json {
-            let old = change.old.as_ref();
-            output::write_json_line(
-                out,
-                &StreamRecord::Owner {
-                    ts,
-                    tuple: TupleFields::of(&change.tuple),
-                    state: change.state.name(),
-                    cause: change.cause.name(),
-                    old_pid: old.map(|old| old.pid),
-                    old_program: old.map(|old| &*old.program),
-                    pid: change.new.pid,
-                    program: &change.new.program,
-                    cmdline: output::cmdline_field(Some(&change.new), self.args.cmdline),
-                    cgroup: CgroupFields::of(Some(&change.new)),
-                },
-            )
-        } else {
-            output::write_owner_text(out, &ts.to_string(), change)
-        };
-        if self.args.cmdline && !self.args.json {
-            output::append_cmdline(out, Some(&change.new));
-        }
+        self.writer.owner(out, clock.at(ts_ns), change);
     }
 
     fn notice(&mut self, notice: Notice<'_>, out: &mut Vec<u8>) {
@@ -221,7 +192,7 @@ mod tests {
         let args = Cli::try_parse_from(std::iter::once("netwatch").chain(flags.iter().copied()))
             .expect("valid flags")
             .watch;
-        Stream { args }
+        Stream::new(args)
     }
 
     fn owner(pid: u32, program: &str, image: Option<ProcessImage>) -> Owner {

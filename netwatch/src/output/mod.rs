@@ -1,4 +1,11 @@
-//! What netwatch prints: netstat-style tables, tcpstates-style lines, and JSON lines.
+//! What netwatch prints: netstat-style tables, tcpstates-style lines, and
+//! JSON lines. The stream's hot records have a writer of their own
+//! (`stream`), built on byte writers (`bytes`).
+
+mod bytes;
+mod stream;
+
+pub use stream::{StateRecord, StreamWriter};
 
 use std::fmt::Write as _;
 use std::io::{self, Write};
@@ -10,7 +17,7 @@ use serde::Serialize;
 
 use crate::engine::monitor::Summary;
 use crate::model::{
-    format_endpoint, CommandLine, Endpoint, LossCause, Owner, OwnerChange, Proto, TcpState, Tuple,
+    format_endpoint, CommandLine, Endpoint, LossCause, Owner, Proto, TcpState,
 };
 use crate::snapshot::SnapshotEntry;
 
@@ -241,49 +248,11 @@ fn serialize_display<S: serde::Serializer>(
     }
 }
 
-/// A connection's protocol and endpoints, as the stream's records name them.
-#[derive(Debug, Serialize)]
-pub struct TupleFields {
-    proto: &'static str,
-    local_addr: Addr,
-    local_port: u16,
-    remote_addr: Addr,
-    remote_port: u16,
-}
-
-impl TupleFields {
-    /// The fields of `tuple`.
-    pub fn of(tuple: &Tuple) -> TupleFields {
-        TupleFields {
-            proto: tuple.proto.name(),
-            local_addr: Addr(tuple.local.ip()),
-            local_port: tuple.local.port(),
-            remote_addr: Addr(tuple.remote.ip()),
-            remote_port: tuple.remote.port(),
-        }
-    }
-}
-
-/// A record of the live stream (`netwatch --json`), tagged by `type`.
+/// A rarer record of the live stream (`netwatch --json`), tagged by
+/// `type`: state and owner records are written by [`StreamWriter`].
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum StreamRecord<'a> {
-    /// One TCP state transition.
-    State {
-        ts: Timestamp,
-        pid: Option<u32>,
-        program: Option<&'a str>,
-        #[serde(flatten)]
-        tuple: TupleFields,
-        old_state: &'static str,
-        new_state: &'static str,
-        ms: Option<f64>,
-        /// The owner's arguments (`--cmdline`).
-        #[serde(skip_serializing_if = "Option::is_none")]
-        cmdline: Option<Option<&'a CommandLine>>,
-        #[serde(flatten)]
-        cgroup: CgroupFields,
-    },
     /// A socket that existed when netwatch started (`--baseline`).
     Baseline {
         ts: String,
@@ -311,25 +280,6 @@ pub enum StreamRecord<'a> {
         ts: String,
         #[serde(flatten)]
         counts: &'a Summary,
-    },
-    /// A socket's owner became another process.
-    Owner {
-        ts: Timestamp,
-        #[serde(flatten)]
-        tuple: TupleFields,
-        state: &'static str,
-        /// "accept" or "handoff".
-        cause: &'static str,
-        old_pid: Option<u32>,
-        old_program: Option<&'a str>,
-        pid: u32,
-        program: &'a str,
-        /// The new owner's arguments (`--cmdline`).
-        #[serde(skip_serializing_if = "Option::is_none")]
-        cmdline: Option<Option<&'a CommandLine>>,
-        /// The new owner's cgroup.
-        #[serde(flatten)]
-        cgroup: CgroupFields,
     },
 }
 
@@ -368,56 +318,35 @@ pub fn append_cmdline(out: &mut Vec<u8>, owner: Option<&Owner>) {
     if out.last() == Some(&b'\n') {
         out.pop();
     }
+    append_cmdline_text(out, owner);
+    out.push(b'\n');
+}
+
+/// Appends two spaces and the owner's command line as a shell would quote
+/// it, made printable, or `  -` where unknown.
+fn append_cmdline_text(out: &mut Vec<u8>, owner: Option<&Owner>) {
     match cmdline_field(owner, true).flatten() {
         Some(cmdline) => {
-            let _ = write!(out, "  {}", Printable(&cmdline.to_string()));
+            out.extend_from_slice(b"  ");
+            // Writing to a Vec cannot fail.
+            let _ = write!(PrintableBytes(out), "{cmdline}");
         }
         None => out.extend_from_slice(b"  -"),
     }
-    out.push(b'\n');
+}
+
+/// Writes what it is given as [`Printable`] shows it, without a String between.
+struct PrintableBytes<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for PrintableBytes<'_> {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        bytes::printable(self.0, text);
+        Ok(())
+    }
 }
 
 /// Header of the text stream, tcpstates' columns.
 pub const STREAM_HEADER: &str = "TIME            PID     COMM             LADDR:LPORT                  RADDR:RPORT                  OLDSTATE     -> NEWSTATE        MS";
-
-/// One transition as a text line.
-pub fn write_state_text(
-    out: &mut impl Write,
-    ts: &str,
-    owner: Option<&Owner>,
-    tuple: &Tuple,
-    old: TcpState,
-    new: TcpState,
-    ms: Option<f64>,
-) -> io::Result<()> {
-    let ms = ms.map_or_else(|| "-".to_owned(), |ms| format!("{ms:.3}"));
-    writeln!(
-        out,
-        "{} {:<28} {:<28} {:<12} -> {:<12} {ms:>7}",
-        when_and_who(ts, owner),
-        format_endpoint(tuple.local),
-        format_endpoint(tuple.remote),
-        old.name(),
-        new.name(),
-    )
-}
-
-/// One owner change as a text line: in the state columns, `OWNER <-` and
-/// the previous owner.
-pub fn write_owner_text(out: &mut impl Write, ts: &str, change: &OwnerChange) -> io::Result<()> {
-    let old = change.old.as_ref().map_or_else(
-        || "-".to_owned(),
-        |old| format!("{}/{}", old.pid, Printable(&old.program)),
-    );
-    writeln!(
-        out,
-        "{} {:<28} {:<28} {:<12} <- {old}",
-        when_and_who(ts, Some(&change.new)),
-        format_endpoint(change.tuple.local),
-        format_endpoint(change.tuple.remote),
-        "OWNER",
-    )
-}
 
 /// The TIME, PID and COMM columns: the clock time of an RFC 3339 timestamp,
 /// and `-` for an unknown owner.
@@ -453,6 +382,7 @@ pub fn write_baseline_text(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{OwnerChange, Tuple};
     use crate::snapshot::ProcSocket;
 
     fn entry(
@@ -544,6 +474,11 @@ udp        7      5 0.0.0.0:53              0.0.0.0:*                           
         );
     }
 
+    /// 2026-11-27T08:19:23.428319Z.
+    fn at_428319() -> SystemTime {
+        SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(1_764_231_563_428_319)
+    }
+
     #[test]
     fn a_transition_line_lines_up_with_the_header() {
         let tuple = Tuple {
@@ -553,27 +488,18 @@ udp        7      5 0.0.0.0:53              0.0.0.0:*                           
         };
         let owner = Owner::new(6860, "python3".into());
         let mut out = Vec::new();
-        let ts = "2026-11-27T08:19:23.428319Z";
-        write_state_text(
-            &mut out,
-            ts,
-            Some(&owner),
-            &tuple,
-            TcpState::Established,
-            TcpState::FinWait1,
-            Some(204.718),
-        )
-        .unwrap();
-        write_state_text(
-            &mut out,
-            ts,
-            None,
-            &tuple,
-            TcpState::FinWait1,
-            TcpState::FinWait2,
-            None,
-        )
-        .unwrap();
+        let mut writer = StreamWriter::new(false, false);
+        let record = |owner, old, new, ms| StateRecord {
+            ts: at_428319(),
+            owner,
+            tuple: &tuple,
+            old,
+            new,
+            ms,
+        };
+        let (established, fin_wait1) = (TcpState::Established, TcpState::FinWait1);
+        writer.state(&mut out, &record(Some(&owner), established, fin_wait1, Some(204.718)));
+        writer.state(&mut out, &record(None, fin_wait1, TcpState::FinWait2, None));
         let text = String::from_utf8(out).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
@@ -601,20 +527,18 @@ udp        7      5 0.0.0.0:53              0.0.0.0:*                           
             local: "127.0.0.1:8080".parse().unwrap(),
             remote: "127.0.0.1:48286".parse().unwrap(),
         };
-        let record = StreamRecord::Owner {
-            ts: Timestamp(SystemTime::UNIX_EPOCH),
-            tuple: TupleFields::of(&tuple),
-            state: "ESTABLISHED",
-            cause: OwnerCause::Accept.name(),
-            old_pid: Some(100),
-            old_program: Some("nginx"),
-            pid: 101,
-            program: "nginx",
-            cmdline: None,
-            cgroup: CgroupFields::of(None),
+        let mut change = OwnerChange {
+            skaddr: 1,
+            tuple,
+            state: TcpState::Established,
+            old: Some(Owner::new(100, "nginx".into())),
+            new: Owner::new(101, "nginx".into()),
+            cause: OwnerCause::Accept,
         };
+        let mut out = Vec::new();
+        StreamWriter::new(true, false).owner(&mut out, SystemTime::UNIX_EPOCH, &change);
         assert_eq!(
-            serde_json::to_value(&record).unwrap(),
+            serde_json::from_slice::<serde_json::Value>(&out).unwrap(),
             serde_json::json!({
                 "type": "owner", "ts": "1970-01-01T00:00:00.000000Z", "proto": "tcp",
                 "local_addr": "127.0.0.1", "local_port": 8080, "remote_addr": "127.0.0.1",
@@ -623,16 +547,9 @@ udp        7      5 0.0.0.0:53              0.0.0.0:*                           
                 "cgroup": null, "unit": null, "container": null
             })
         );
-        let change = OwnerChange {
-            skaddr: 1,
-            tuple,
-            state: TcpState::Established,
-            old: None,
-            new: Owner::new(101, "nginx".into()),
-            cause: OwnerCause::Accept,
-        };
+        change.old = None;
         let mut out = Vec::new();
-        write_owner_text(&mut out, "2026-11-27T08:19:23.428319Z", &change).unwrap();
+        StreamWriter::new(false, false).owner(&mut out, at_428319(), &change);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "08:19:23.428319 101     nginx            127.0.0.1:8080               127.0.0.1:48286              OWNER        <- -\n"
@@ -667,9 +584,15 @@ udp        7      5 0.0.0.0:53              0.0.0.0:*                           
             local: "127.0.0.1:22".parse().unwrap(),
             remote: "127.0.0.1:5000".parse().unwrap(),
         };
-        let ts = "2026-11-27T08:19:23.428319Z";
-        let (old, new) = (TcpState::Established, TcpState::FinWait1);
-        write_state_text(&mut out, ts, Some(&owner), &tuple, old, new, None).unwrap();
+        let record = StateRecord {
+            ts: at_428319(),
+            owner: Some(&owner),
+            tuple: &tuple,
+            old: TcpState::Established,
+            new: TcpState::FinWait1,
+            ms: None,
+        };
+        StreamWriter::new(false, false).state(&mut out, &record);
         let text = String::from_utf8(out).unwrap();
         assert!(!text.contains('\u{1b}'), "{text:?}");
         assert_eq!(text.matches("a\\u{1b}b").count(), 2, "{text}");
