@@ -7,6 +7,8 @@
 //! (/proc) and `kernel`; `cli`, `metrics`, `syslog` and `sink`; `engine`;
 //! `output`; `modes`.
 
+#[cfg(test)]
+mod allocations;
 pub mod cli;
 mod engine;
 mod kernel;

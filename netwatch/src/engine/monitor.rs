@@ -733,9 +733,13 @@ fn clock_ns(clock: libc::clockid_t) -> u64 {
 }
 
 #[cfg(test)]
+pub(crate) mod scripted;
+
+#[cfg(test)]
 mod tests {
     use std::collections::VecDeque;
 
+    use super::scripted::ScriptedSource;
     use super::*;
     use crate::model::{Task, TcpState, Tuple};
     use crate::snapshot::{ProcSocket, SnapshotEntry};
@@ -759,47 +763,6 @@ mod tests {
                 Notice::Failed { what, .. } => self.failures.push(what),
                 Notice::Resynced { .. } => self.resyncs += 1,
             }
-        }
-    }
-
-    /// What the kernel would send, as a test writes it: records waiting
-    /// for the next drain, the loss counters, and what each read of the
-    /// baseline returns (an empty table once the script runs out).
-    #[derive(Default)]
-    struct ScriptedSource {
-        waiting: Vec<Record>,
-        losses: LossCounters,
-        baselines: VecDeque<anyhow::Result<Snapshot>>,
-        /// Transitions the full ring buffer refuses during each baseline read.
-        lost_during_read: u64,
-        baselines_read: usize,
-        stopped: bool,
-    }
-
-    impl EventSource for ScriptedSource {
-        async fn drain(&mut self, handle: impl FnMut(Record)) -> io::Result<()> {
-            self.drain_now(handle);
-            Ok(())
-        }
-        fn drain_now(&mut self, handle: impl FnMut(Record)) {
-            self.waiting.drain(..).for_each(handle);
-        }
-        fn losses(&self) -> io::Result<LossCounters> {
-            Ok(self.losses)
-        }
-        fn stop_sending(&mut self) -> io::Result<()> {
-            self.stopped = true;
-            Ok(())
-        }
-        fn bytes(&self, _: u64) -> Option<ByteCounts> {
-            None
-        }
-        fn baseline(&mut self) -> anyhow::Result<Snapshot> {
-            self.baselines_read += 1;
-            self.losses.ring_buffer_full += self.lost_during_read;
-            self.baselines
-                .pop_front()
-                .unwrap_or_else(|| Ok(Snapshot::default()))
         }
     }
 

@@ -228,6 +228,22 @@ fn opens(old: TcpState, new: TcpState) -> bool {
     old == TcpState::Close || (old == TcpState::Listen && new != TcpState::Close)
 }
 
+/// Moves `socket` to the transition's new state; returns the milliseconds
+/// it spent in the old one, when the table saw it enter that.
+fn advance(socket: &mut LiveSocket, t: &Transition) -> Option<f64> {
+    let ms_in_old_state = socket
+        .since_ns
+        .map(|since| t.ts_ns.saturating_sub(since) as f64 / 1e6);
+    socket.tuple = t.tuple;
+    socket.previous = Some(t.old);
+    socket.state = t.new;
+    socket.established |= t.new == TcpState::Established;
+    socket.since_ns = Some(t.ts_ns);
+    socket.uid = socket.uid.or(t.uid);
+    socket.netns = socket.netns.or(t.netns);
+    ms_in_old_state
+}
+
 /// Whether a socket first seen in this state (through an owner event) can
 /// join the table: not one on its way in or out, which a transition will
 /// name soon, nor a listener.
@@ -365,6 +381,9 @@ impl SocketTable {
                 replaced: None,
             };
         }
+        if let Some(observed) = self.apply_in_place(t) {
+            return observed;
+        }
         let mut replaced = None;
         let mut socket = if opens(t.old, t.new) {
             replaced = self.bound.remove(&t.skaddr);
@@ -396,19 +415,10 @@ impl SocketTable {
                     .unwrap_or_else(|| LiveSocket::unknown(t.tuple, t.old, None)),
             }
         };
-        let ms_in_old_state = socket
-            .since_ns
-            .map(|since| t.ts_ns.saturating_sub(since) as f64 / 1e6);
         if socket.state == TcpState::Listen && t.new != TcpState::Listen {
             self.remove_listener(&socket);
         }
-        socket.tuple = t.tuple;
-        socket.previous = Some(t.old);
-        socket.state = t.new;
-        socket.established |= t.new == TcpState::Established;
-        socket.since_ns = Some(t.ts_ns);
-        socket.uid = socket.uid.or(t.uid);
-        socket.netns = socket.netns.or(t.netns);
+        let ms_in_old_state = advance(&mut socket, t);
         if t.tuple.local.port() != 0 {
             // The baseline may have read this socket after the transitions began.
             if let Some(duplicate) = self.take_unbound(t) {
@@ -437,6 +447,32 @@ impl SocketTable {
             closed,
             replaced,
         }
+    }
+
+    /// The common case, a socket the table holds moving on to a state it
+    /// stays in the table with (no open, close or listen): updated where it is.
+    fn apply_in_place(&mut self, t: &Transition) -> Option<Observed> {
+        if opens(t.old, t.new) || matches!(t.new, TcpState::Close | TcpState::Listen) {
+            return None;
+        }
+        let socket = self
+            .bound
+            .get_mut(&t.skaddr)
+            .filter(|socket| socket.state != TcpState::Listen)?;
+        let ms_in_old_state = advance(socket, t);
+        if t.tuple.local.port() != 0 && !self.unbound.is_empty() {
+            // The baseline may have read this socket after the transitions began.
+            let key = (t.netns.or(self.baseline_netns), t.tuple);
+            if let Some(duplicate) = self.unbound.remove(&key) {
+                socket.process = socket.process.take().or(duplicate.process);
+            }
+        }
+        Some(Observed {
+            owner: socket.owner(),
+            ms_in_old_state,
+            closed: None,
+            replaced: None,
+        })
     }
 
     /// Applies an owner event: the socket's owner becomes the event's
@@ -505,10 +541,12 @@ impl SocketTable {
         self.evict_beyond_capacity();
     }
 
-    /// The baseline socket with this transition's tuple, if it is in the baseline's namespace.
     /// The baseline socket of this transition's namespace and tuple (a
     /// transition without a known namespace is taken for netwatch's own).
     fn take_unbound(&mut self, t: &Transition) -> Option<LiveSocket> {
+        if self.unbound.is_empty() {
+            return None;
+        }
         self.unbound
             .remove(&(t.netns.or(self.baseline_netns), t.tuple))
     }

@@ -339,11 +339,28 @@ mod tests {
 
     #[test]
     fn edge_addresses_and_ties() {
-        for addr in ["::", "::1", "1::", "::ffff:0.0.0.0", "0:0:1::", "1:0:0:1:0:0:0:1"] {
+        for addr in [
+            "::",
+            "::1",
+            "1::",
+            "::ffff:0.0.0.0",
+            "0:0:1::",
+            "1:0:0:1:0:0:0:1",
+        ] {
             let addr: IpAddr = addr.parse().unwrap();
             assert_eq!(written(|out| ip(out, addr)), addr.to_string());
         }
-        for ms in [0.0, 0.0625, 0.0005, 2.0005, 0.0015, 999_999.9995, 1e12, -0.0, f64::NAN] {
+        for ms in [
+            0.0,
+            0.0625,
+            0.0005,
+            2.0005,
+            0.0015,
+            999_999.999_5,
+            1e12,
+            -0.0,
+            f64::NAN,
+        ] {
             assert_eq!(written(|out| fixed3_right7(out, ms)), format!("{ms:>7.3}"));
         }
     }

@@ -16,9 +16,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::engine::monitor::Summary;
-use crate::model::{
-    format_endpoint, CommandLine, Endpoint, LossCause, Owner, Proto, TcpState,
-};
+use crate::model::{format_endpoint, CommandLine, Endpoint, LossCause, Owner, Proto, TcpState};
 use crate::snapshot::SnapshotEntry;
 
 /// Which optional columns the snapshot table has.
@@ -498,7 +496,10 @@ udp        7      5 0.0.0.0:53              0.0.0.0:*                           
             ms,
         };
         let (established, fin_wait1) = (TcpState::Established, TcpState::FinWait1);
-        writer.state(&mut out, &record(Some(&owner), established, fin_wait1, Some(204.718)));
+        writer.state(
+            &mut out,
+            &record(Some(&owner), established, fin_wait1, Some(204.718)),
+        );
         writer.state(&mut out, &record(None, fin_wait1, TcpState::FinWait2, None));
         let text = String::from_utf8(out).unwrap();
         let lines: Vec<&str> = text.lines().collect();
