@@ -67,6 +67,18 @@ pub enum Which {
         #[arg(long, value_name = "PATH")]
         against: Option<PathBuf>,
     },
+    /// nginx from Debian (one worker) under wrk, with `Connection: close`
+    /// and with keep-alive, beside no tracer, netwatch's hooks running empty
+    /// programs, `netwatch --json`, `netwatch audit` and tcpstates; and what
+    /// each adds to a getppid().
+    Nginx {
+        /// Seconds of each wrk run.
+        #[arg(long, default_value_t = 4)]
+        seconds: u64,
+        /// Alternating rounds (the median is shown).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// Loopback TCP throughput with no tracer, with empty programs on the
     /// same hooks, under `netwatch` and under `netwatch audit`: what the
     /// programs on every send and receive cost.
@@ -99,6 +111,9 @@ pub fn run(which: Which, netwatch: &Path) -> anyhow::Result<()> {
             bulk_gib,
             rounds,
         } => crate::traffic::run(netwatch, round_trips, bulk_gib, rounds.max(1), &results),
+        Which::Nginx { seconds, rounds } => {
+            crate::nginx::run(netwatch, seconds.max(1), rounds.max(1), &results)
+        }
         Which::Forking {
             connections,
             rounds,
@@ -278,7 +293,11 @@ fn snapshot(netwatch: &Path, sizes: &[usize], runs: usize) -> anyhow::Result<()>
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Tracer {
     None,
+    /// `netwatch --json`.
     Netwatch,
+    /// `netwatch`, text lines.
+    NetwatchText,
+    NetwatchAudit,
     Tcpstates,
 }
 
@@ -300,16 +319,34 @@ struct StreamRun {
     opens: u64,
     closes: u64,
     cpu: Duration,
+    user: Duration,
     max_rss_kib: u64,
 }
 
 fn stream(netwatch: &Path, burst: u64, seconds: u64, results: &Path) -> anyhow::Result<()> {
     first_event_cases(netwatch, results)?;
-    let runs = [
-        (format!("burst of {burst} connections"), burst, 600),
-        (format!("{seconds} s sustained"), 0, seconds),
+    let every = [
+        Tracer::None,
+        Tracer::Netwatch,
+        Tracer::NetwatchText,
+        Tracer::NetwatchAudit,
+        Tracer::Tcpstates,
     ];
-    for (label, connections, seconds) in runs {
+    let runs = [
+        (
+            format!("burst of {burst} connections"),
+            burst,
+            600,
+            &every[..],
+        ),
+        (
+            format!("{seconds} s sustained"),
+            0,
+            seconds,
+            &[Tracer::None, Tracer::Netwatch, Tracer::Tcpstates][..],
+        ),
+    ];
+    for (label, connections, seconds, tracers) in runs {
         let churn = ChurnArgs {
             connections,
             seconds,
@@ -318,7 +355,7 @@ fn stream(netwatch: &Path, burst: u64, seconds: u64, results: &Path) -> anyhow::
         };
         println!("\n== {label} (2 client threads, loopback) ==");
         println!(
-            "{:<10} {:>8} {:>7} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7} {:>10} {:>8} {:>6}",
+            "{:<14} {:>8} {:>7} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7} {:>10} {:>10} {:>8} {:>6}",
             "tracer",
             "conns",
             "conn/s",
@@ -330,10 +367,11 @@ fn stream(netwatch: &Path, burst: u64, seconds: u64, results: &Path) -> anyhow::
             "skipped",
             "CPU s",
             "CPU/event",
+            "user/event",
             "RSS MiB",
             "failed"
         );
-        for tracer in [Tracer::None, Tracer::Netwatch, Tracer::Tcpstates] {
+        for &tracer in tracers {
             let run = traced_churn(tracer, netwatch, &churn, results)?;
             print_stream_run(tracer, &run);
         }
@@ -344,7 +382,11 @@ fn stream(netwatch: &Path, burst: u64, seconds: u64, results: &Path) -> anyhow::
     println!(
         "lost: what the tracer said it lost; skipped: its programs' recursion_misses (kernel);"
     );
-    println!("CPU: the tracer process (user + system); RSS: its peak.");
+    println!(
+        "CPU: the tracer process (user + system), per transition delivered (audit: per transition"
+    );
+    println!("its summary counts, as it writes a record per connection); user: its user time alone; RSS: its peak.");
+    println!("Each tracer writes to a file in bench-results/ (tcpstates and netwatch's text lines, JSON lines).");
     Ok(())
 }
 
@@ -352,6 +394,8 @@ fn print_stream_run(tracer: Tracer, run: &StreamRun) {
     let name = match tracer {
         Tracer::None => "none",
         Tracer::Netwatch => "netwatch",
+        Tracer::NetwatchText => "netwatch text",
+        Tracer::NetwatchAudit => "netwatch audit",
         Tracer::Tcpstates => "tcpstates",
     };
     let expected = TRANSITIONS_PER_CONNECTION * run.connections + 2 * run.failed;
@@ -360,11 +404,12 @@ fn print_stream_run(tracer: Tracer, run: &StreamRun) {
         .map_or_else(|| "-".to_owned(), |fired| fired.to_string());
     if tracer == Tracer::None {
         println!(
-            "{name:<10} {:>8} {:>7.0} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7} {:>10} {:>8} {:>6}",
+            "{name:<14} {:>8} {:>7.0} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7} {:>10} {:>10} {:>8} {:>6}",
             run.connections,
             run.rate,
             expected,
             fired,
+            "-",
             "-",
             "-",
             "-",
@@ -377,8 +422,9 @@ fn print_stream_run(tracer: Tracer, run: &StreamRun) {
         return;
     }
     let cpu_per_event = run.cpu.as_secs_f64() * 1e6 / run.delivered.max(1) as f64;
+    let user_per_event = run.user.as_secs_f64() * 1e6 / run.delivered.max(1) as f64;
     println!(
-        "{name:<10} {:>8} {:>7.0} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7.2} {:>8.2}us {:>8.1} {:>6}",
+        "{name:<14} {:>8} {:>7.0} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7.2} {:>8.2}us {:>8.2}us {:>8.1} {:>6}",
         run.connections,
         run.rate,
         expected,
@@ -389,6 +435,7 @@ fn print_stream_run(tracer: Tracer, run: &StreamRun) {
         run.skipped,
         run.cpu.as_secs_f64(),
         cpu_per_event,
+        user_per_event,
         run.max_rss_kib as f64 / 1024.0,
         run.failed
     );
@@ -455,11 +502,14 @@ fn traced_churn(
         .transpose()?;
     let traced = match tracer {
         Tracer::None => None,
-        Tracer::Netwatch => Some(start_tracer(
-            command(netwatch, &["--json"]),
-            &out_path,
-            &err_path,
-        )?),
+        Tracer::Netwatch | Tracer::NetwatchText | Tracer::NetwatchAudit => {
+            let args: &[&str] = match tracer {
+                Tracer::Netwatch => &["--json"],
+                Tracer::NetwatchText => &[],
+                _ => &["audit"],
+            };
+            Some(start_tracer(command(netwatch, args), &out_path, &err_path)?)
+        }
         Tracer::Tcpstates => Some(start_tracer(
             command(Path::new("tcpstates"), &[]),
             &out_path,
@@ -480,6 +530,7 @@ fn traced_churn(
         run.skipped = recursion_misses_of(tracer.child.id());
         let usage = tracer.stop()?;
         run.cpu = usage.cpu;
+        run.user = usage.user;
         run.max_rss_kib = usage.max_rss_kib;
     }
     if let Some(perf) = perf {
@@ -487,9 +538,10 @@ fn traced_churn(
     }
     match tracer {
         Tracer::None => {}
-        Tracer::Netwatch => {
+        Tracer::Netwatch | Tracer::NetwatchAudit => {
             count_netwatch(&out_path, ports, &mut run)?;
         }
+        Tracer::NetwatchText => count_text_lines(&out_path, &err_path, ports, &mut run)?,
         Tracer::Tcpstates => count_tcpstates(&out_path, &err_path, ports, &mut run)?,
     }
     Ok(run)
@@ -619,11 +671,49 @@ fn count_netwatch(
                 count_churn_transition(on_churn, states, run);
             }
             Some("lost") => run.lost_reported += record["count"].as_u64().unwrap_or(0),
-            // netwatch's own count of the tracepoint's firings.
-            Some("summary") => run.fired = record["fired"].as_u64(),
+            // netwatch's own count of the tracepoint's firings; audit
+            // writes no state records, so its count of what it applied.
+            Some("summary") => {
+                run.fired = record["fired"].as_u64();
+                if record.get("schema").is_some() {
+                    run.delivered = record["transitions"].as_u64().unwrap_or(0);
+                }
+            }
             _ => {}
         }
     }
+    Ok(())
+}
+
+/// Counts netwatch's text lines (… LADDR:LPORT RADDR:RPORT OLDSTATE -> NEWSTATE MS);
+/// its losses are in its summary on stderr.
+fn count_text_lines(
+    out_path: &Path,
+    err_path: &Path,
+    ports: &HashSet<u16>,
+    run: &mut StreamRun,
+) -> anyhow::Result<()> {
+    for line in BufReader::new(File::open(out_path)?).lines().skip(1) {
+        let line = line?;
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() < 8 || fields[fields.len() - 3] != "->" {
+            continue;
+        }
+        let at = |back: usize| fields[fields.len() - back];
+        let port = |endpoint: &str| endpoint.rsplit(':').next()?.parse::<u16>().ok();
+        let on_churn = [at(6), at(5)]
+            .iter()
+            .any(|endpoint| port(endpoint).is_some_and(|p| ports.contains(&p)));
+        count_churn_transition(on_churn, (Some(at(4)), Some(at(2))), run);
+    }
+    let err = std::fs::read_to_string(err_path)?;
+    run.lost_reported = err
+        .lines()
+        .find_map(|line| {
+            let after = line.split("), ").nth(1)?;
+            after.split(" lost").next()?.trim().parse().ok()
+        })
+        .unwrap_or(0);
     Ok(())
 }
 

@@ -6,6 +6,7 @@ mod command;
 mod empty_programs;
 mod forking;
 mod load;
+mod nginx;
 mod package;
 mod service;
 mod setup;

@@ -71,7 +71,7 @@ pub const TEST: Needs = Needs {
     tools: &[],
 };
 /// What the benchmarks compare against or measure with (socat: the
-/// forking server).
+/// forking server; nginx and wrk: the real server and its load).
 pub const BENCH: Needs = Needs {
     packages: &[
         "libbpf-tools",
@@ -79,6 +79,8 @@ pub const BENCH: Needs = Needs {
         "linux-perf",
         "gnuplot-nox",
         "socat",
+        "nginx-light",
+        "wrk",
     ],
     tools: &[],
 };

@@ -12,7 +12,9 @@ use anyhow::{bail, Context as _};
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Usage {
     pub wall: Duration,
+    /// User plus system time.
     pub cpu: Duration,
+    pub user: Duration,
     pub max_rss_kib: u64,
     /// Exit status 0.
     pub success: bool,
@@ -32,6 +34,7 @@ pub(crate) fn wait_usage(child: &Child, started: Instant) -> anyhow::Result<Usag
     Ok(Usage {
         wall: started.elapsed(),
         cpu: time(usage.ru_utime) + time(usage.ru_stime),
+        user: time(usage.ru_utime),
         max_rss_kib: usage.ru_maxrss as u64,
         success: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
     })

@@ -56,8 +56,9 @@ enum Tracer {
     EmptyProgramsOnAccept,
     Watch,
     Audit,
-    /// `netwatch --json` as a service without CAP_DAC_READ_SEARCH runs it:
-    /// tracefs closed, so accept() is hooked on every system call's exit.
+    /// `netwatch --json --accept-hook` as a service without
+    /// CAP_DAC_READ_SEARCH runs it: tracefs closed, so accept() is hooked
+    /// on every system call's exit.
     WatchWithoutTracefs,
 }
 
@@ -86,7 +87,7 @@ impl Tracer {
             Tracer::EmptyProgramsOnAccept => "empty programs + accept hook",
             Tracer::Watch => "netwatch",
             Tracer::Audit => "netwatch audit",
-            Tracer::WatchWithoutTracefs => "netwatch, tracefs closed",
+            Tracer::WatchWithoutTracefs => "netwatch --accept-hook, tracefs closed",
         }
     }
 
@@ -101,7 +102,7 @@ impl Tracer {
             Tracer::Audit => &["audit"],
             Tracer::WatchWithoutTracefs => {
                 let mut command = setpriv("65534", &WITHOUT_TRACEFS);
-                command.arg(netwatch).arg("--json");
+                command.arg(netwatch).args(["--json", "--accept-hook"]);
                 return start_tracer(command, &out, &err).map(Running::Process);
             }
         };
@@ -392,7 +393,7 @@ fn paired_difference(traced: &[f64], none: &[f64]) -> (f64, String) {
 }
 
 /// The fastest of `IDLE_TIMINGS` timings (the others were interrupted).
-fn fastest(time: impl Fn() -> f64) -> f64 {
+pub(crate) fn fastest(time: impl Fn() -> f64) -> f64 {
     (0..IDLE_TIMINGS)
         .map(|_| time())
         .fold(f64::INFINITY, f64::min)
@@ -419,7 +420,7 @@ fn idle_recv_ns(socket: &TcpStream) -> f64 {
 }
 
 /// Thread CPU ns per getppid(), a system call that fires no socket hook.
-fn getppid_ns() -> f64 {
+pub(crate) fn getppid_ns() -> f64 {
     let started = thread_cpu_ns();
     for _ in 0..IDLE_CALLS {
         // SAFETY: no preconditions.
