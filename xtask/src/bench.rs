@@ -693,19 +693,10 @@ fn count_text_lines(
     ports: &HashSet<u16>,
     run: &mut StreamRun,
 ) -> anyhow::Result<()> {
-    for line in BufReader::new(File::open(out_path)?).lines().skip(1) {
-        let line = line?;
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.len() < 8 || fields[fields.len() - 3] != "->" {
-            continue;
-        }
-        let at = |back: usize| fields[fields.len() - back];
-        let port = |endpoint: &str| endpoint.rsplit(':').next()?.parse::<u16>().ok();
-        let on_churn = [at(6), at(5)]
-            .iter()
-            .any(|endpoint| port(endpoint).is_some_and(|p| ports.contains(&p)));
-        count_churn_transition(on_churn, (Some(at(4)), Some(at(2))), run);
-    }
+    let port = |endpoint: &str| endpoint.rsplit(':').next()?.parse::<u16>().ok();
+    count_state_lines(out_path, ports, run, |fields| {
+        [port(from_end(fields, 6)), port(from_end(fields, 5))]
+    })?;
     let err = std::fs::read_to_string(err_path)?;
     run.lost_reported = err
         .lines()
@@ -717,12 +708,19 @@ fn count_text_lines(
     Ok(())
 }
 
-/// Counts tcpstates' text lines (… LPORT RADDR RPORT OLDSTATE -> NEWSTATE MS) and its lost reports.
-fn count_tcpstates(
+/// The field `back` places from the end of a line's fields (1: the last).
+fn from_end<'a>(fields: &[&'a str], back: usize) -> &'a str {
+    fields[fields.len() - back]
+}
+
+/// Counts the transition lines of a text output (after its header), whose
+/// last fields are `OLDSTATE -> NEWSTATE MS`; `ports` finds the local and
+/// remote port in a line's fields.
+fn count_state_lines(
     out_path: &Path,
-    err_path: &Path,
-    ports: &HashSet<u16>,
+    churn_ports: &HashSet<u16>,
     run: &mut StreamRun,
+    ports: impl Fn(&[&str]) -> [Option<u16>; 2],
 ) -> anyhow::Result<()> {
     for line in BufReader::new(File::open(out_path)?).lines().skip(1) {
         let line = line?;
@@ -730,12 +728,25 @@ fn count_tcpstates(
         if fields.len() < 8 || fields[fields.len() - 3] != "->" {
             continue;
         }
-        let at = |back: usize| fields[fields.len() - back];
-        let on_churn = [at(7), at(5)]
+        let on_churn = ports(&fields)
             .iter()
-            .any(|p| p.parse().is_ok_and(|p: u16| ports.contains(&p)));
-        count_churn_transition(on_churn, (Some(at(4)), Some(at(2))), run);
+            .any(|p| p.is_some_and(|p| churn_ports.contains(&p)));
+        let states = (Some(from_end(&fields, 4)), Some(from_end(&fields, 2)));
+        count_churn_transition(on_churn, states, run);
     }
+    Ok(())
+}
+
+/// Counts tcpstates' text lines (… LPORT RADDR RPORT OLDSTATE -> NEWSTATE MS) and its lost reports.
+fn count_tcpstates(
+    out_path: &Path,
+    err_path: &Path,
+    ports: &HashSet<u16>,
+    run: &mut StreamRun,
+) -> anyhow::Result<()> {
+    count_state_lines(out_path, ports, run, |fields| {
+        [from_end(fields, 7), from_end(fields, 5)].map(|port| port.parse().ok())
+    })?;
     let err = std::fs::read_to_string(err_path)?;
     run.lost_reported += err
         .lines()

@@ -11,9 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-use crate::empty_programs::EmptyPrograms;
 use crate::stats::median;
-use crate::tracer::{command, start_tracer, RunningTracer};
+use crate::tracer::{command, start_tracer, Running};
 use crate::traffic::{fastest, getppid_ns};
 
 /// What runs beside nginx.
@@ -57,44 +56,20 @@ const NETWATCH_HOOKS: [&str; 5] = [
     "sched_process_exec",
 ];
 
-/// A tracer while it runs: attached programs, or a process.
-enum Running {
-    Nothing,
-    /// Attached while held.
-    Programs {
-        _attached: EmptyPrograms,
-    },
-    Process(RunningTracer),
-}
-
-impl Running {
-    fn start(tracer: Tracer, netwatch: &Path, results: &Path) -> anyhow::Result<Running> {
-        let (out, err) = (
-            results.join("nginx-tracer.out"),
-            results.join("nginx-tracer.err"),
-        );
-        let process = match tracer {
-            Tracer::None => return Ok(Running::Nothing),
-            Tracer::Floor => {
-                let attached = EmptyPrograms::attach(&NETWATCH_HOOKS, &[])?;
-                return Ok(Running::Programs {
-                    _attached: attached,
-                });
-            }
-            Tracer::Watch => command(netwatch, &["--json"]),
-            Tracer::Audit => command(netwatch, &["audit"]),
-            Tracer::Tcpstates => command(Path::new("tcpstates"), &[]),
-        };
-        start_tracer(process, &out, &err).map(Running::Process)
-    }
-
-    /// Stops it; the CPU time a tracer process used.
-    fn stop(self) -> anyhow::Result<Duration> {
-        match self {
-            Running::Process(mut running) => Ok(running.stop()?.cpu),
-            Running::Nothing | Running::Programs { .. } => Ok(Duration::ZERO),
-        }
-    }
+/// Starts what runs beside nginx for `tracer`.
+fn start(tracer: Tracer, netwatch: &Path, results: &Path) -> anyhow::Result<Running> {
+    let (out, err) = (
+        results.join("nginx-tracer.out"),
+        results.join("nginx-tracer.err"),
+    );
+    let process = match tracer {
+        Tracer::None => return Ok(Running::Nothing),
+        Tracer::Floor => return Running::empty_programs(&NETWATCH_HOOKS, &[]),
+        Tracer::Watch => command(netwatch, &["--json"]),
+        Tracer::Audit => command(netwatch, &["audit"]),
+        Tracer::Tcpstates => command(Path::new("tcpstates"), &[]),
+    };
+    start_tracer(process, &out, &err).map(Running::Process)
 }
 
 /// nginx from Debian, one worker, on a free loopback port; killed when dropped.
@@ -192,7 +167,7 @@ pub fn run(netwatch: &Path, seconds: u64, rounds: usize, results: &Path) -> anyh
     let mut figures: Vec<Figures> = Tracer::ALL.iter().map(|_| Figures::default()).collect();
     for round in 1..=rounds {
         for (&tracer, figures) in Tracer::ALL.iter().zip(&mut figures) {
-            let running = Running::start(tracer, netwatch, results)?;
+            let running = start(tracer, netwatch, results)?;
             let close = wrk(nginx.port, Requests::Close, seconds)?;
             let keep_alive = wrk(nginx.port, Requests::KeepAlive, seconds)?;
             let getppid = fastest(getppid_ns);

@@ -123,3 +123,36 @@ fn has_bpf_link(pid: u32) -> bool {
             .any(|info| info.contains("link_type:"))
     })
 }
+
+/// What a benchmark's round runs besides its workload: nothing, empty
+/// programs, or a tracer process.
+pub(crate) enum Running {
+    Nothing,
+    /// Attached while held.
+    Programs {
+        _attached: crate::empty_programs::EmptyPrograms,
+    },
+    Process(RunningTracer),
+}
+
+impl Running {
+    /// The empty program on `raw_tracepoints` (by name) and on
+    /// `tracepoints` (through perf).
+    pub(crate) fn empty_programs(
+        raw_tracepoints: &[&str],
+        tracepoints: &[&str],
+    ) -> anyhow::Result<Running> {
+        let attached = crate::empty_programs::EmptyPrograms::attach(raw_tracepoints, tracepoints)?;
+        Ok(Running::Programs {
+            _attached: attached,
+        })
+    }
+
+    /// Stops it; the CPU time a tracer process used.
+    pub(crate) fn stop(self) -> anyhow::Result<Duration> {
+        match self {
+            Running::Process(mut running) => Ok(running.stop()?.cpu),
+            Running::Nothing | Running::Programs { .. } => Ok(Duration::ZERO),
+        }
+    }
+}

@@ -30,9 +30,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-use crate::empty_programs::EmptyPrograms;
 use crate::stats::median;
-use crate::tracer::{command, start_tracer, RunningTracer};
+use crate::tracer::{command, start_tracer, Running};
 use xtask::bpf_programs::programs_of;
 use xtask::cpus;
 use xtask::least_privilege::setpriv;
@@ -96,8 +95,10 @@ impl Tracer {
         let err = results.join("traffic-tracer.err");
         let args: &[&str] = match self {
             Tracer::None => return Ok(Running::Nothing),
-            Tracer::EmptyPrograms => return Running::empty_programs(&[]),
-            Tracer::EmptyProgramsOnAccept => return Running::empty_programs(&ACCEPT_TRACEPOINTS),
+            Tracer::EmptyPrograms => return Running::empty_programs(&HANDOFF_TRACEPOINTS, &[]),
+            Tracer::EmptyProgramsOnAccept => {
+                return Running::empty_programs(&HANDOFF_TRACEPOINTS, &ACCEPT_TRACEPOINTS)
+            }
             Tracer::Watch => &["--json"],
             Tracer::Audit => &["audit"],
             Tracer::WatchWithoutTracefs => {
@@ -107,34 +108,6 @@ impl Tracer {
             }
         };
         start_tracer(command(netwatch, args), &out, &err).map(Running::Process)
-    }
-}
-
-/// What a round runs besides the workload.
-enum Running {
-    Nothing,
-    /// Attached while held.
-    Programs {
-        _attached: EmptyPrograms,
-    },
-    Process(RunningTracer),
-}
-
-impl Running {
-    /// The empty program on the send and receive hooks, and on `tracepoints`.
-    fn empty_programs(tracepoints: &[&str]) -> anyhow::Result<Running> {
-        let attached = EmptyPrograms::attach(&HANDOFF_TRACEPOINTS, tracepoints)?;
-        Ok(Running::Programs {
-            _attached: attached,
-        })
-    }
-
-    /// Stops it; the CPU time a tracer process used.
-    fn stop(self) -> anyhow::Result<Duration> {
-        match self {
-            Running::Process(mut running) => Ok(running.stop()?.cpu),
-            Running::Nothing | Running::Programs { .. } => Ok(Duration::ZERO),
-        }
     }
 }
 
