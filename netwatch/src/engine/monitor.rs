@@ -772,28 +772,21 @@ mod tests {
     }
 
     /// A transition of the socket at `skaddr`, from port 40000 + skaddr to port 80.
-    fn transition(skaddr: u64, (old, new): (TcpState, TcpState), recovered: bool) -> Record {
+    fn transition(skaddr: u64, states: (TcpState, TcpState), recovered: bool) -> Record {
+        let tuple = Tuple {
+            proto: Proto::Tcp,
+            local: SocketAddr::from(([127, 0, 0, 1], 40_000 + skaddr as u16)),
+            remote: SocketAddr::from(([127, 0, 0, 1], 80)),
+        };
+        let task = Task {
+            pid: 1,
+            comm: [0; 16],
+            start_ns: None,
+            cgroup_id: None,
+        };
         Record::Transition(Transition {
-            ts_ns: skaddr,
-            skaddr,
-            tuple: Tuple {
-                proto: Proto::Tcp,
-                local: SocketAddr::from(([127, 0, 0, 1], 40_000 + skaddr as u16)),
-                remote: SocketAddr::from(([127, 0, 0, 1], 80)),
-            },
-            old,
-            new,
-            task: Task {
-                pid: 1,
-                comm: [0; 16],
-                start_ns: None,
-                cgroup_id: None,
-            },
-            uid: None,
-            netns: None,
-            bytes: ByteCounts::default(),
             recovered,
-            error: None,
+            ..Transition::scripted(skaddr, skaddr, tuple, states, task)
         })
     }
 

@@ -730,7 +730,6 @@ mod tests {
     use super::*;
     use crate::model::OwnerCause;
     use crate::snapshot::SnapshotEntry;
-    use netwatch_common::ByteCounts;
     use TcpState::*;
 
     fn fake_names(pid: u32) -> Option<String> {
@@ -757,24 +756,17 @@ mod tests {
         new: TcpState,
         task: u32,
     ) -> Transition {
+        // Without a start time, as without BTF: names are looked up.
+        let task = Task {
+            pid: task,
+            comm: comm(&format!("thread{task}")),
+            start_ns: None,
+            cgroup_id: None,
+        };
         Transition {
-            ts_ns: ts_ms * 1_000_000,
-            skaddr,
-            tuple,
-            old,
-            new,
-            // Without a start time, as without BTF: names are looked up.
-            task: Task {
-                pid: task,
-                comm: comm(&format!("thread{task}")),
-                start_ns: None,
-                cgroup_id: None,
-            },
             uid: Some(1000),
             netns: Some(1),
-            bytes: ByteCounts::default(),
-            recovered: false,
-            error: None,
+            ..Transition::scripted(ts_ms * 1_000_000, skaddr, tuple, (old, new), task)
         }
     }
 

@@ -304,24 +304,18 @@ mod tests {
         for (i, tuple) in tuples.iter().enumerate() {
             for (j, owner) in owners.iter().enumerate() {
                 case += 1;
-                let t = Transition {
-                    ts_ns: STAMPS[case % STAMPS.len()],
-                    skaddr: case as u64,
-                    tuple: *tuple,
-                    old: states[case % states.len()],
-                    new: states[(case + i + j + 1) % states.len()],
-                    task: Task {
-                        pid: 1,
-                        comm: [0; 16],
-                        start_ns: None,
-                        cgroup_id: None,
-                    },
-                    uid: None,
-                    netns: None,
-                    bytes: ByteCounts::default(),
-                    recovered: false,
-                    error: None,
-                };
+                let states = (
+                    states[case % states.len()],
+                    states[(case + i + j + 1) % states.len()],
+                );
+                let task = task(1, 0, b"");
+                let t = Transition::scripted(
+                    STAMPS[case % STAMPS.len()],
+                    case as u64,
+                    *tuple,
+                    states,
+                    task,
+                );
                 let observed = Observed {
                     owner: owner.clone(),
                     ms_in_old_state: MS[case % MS.len()],
@@ -402,21 +396,10 @@ mod tests {
         };
         let curl = task(100, 10, b"curl");
         let softirq = task(0, 0, b"swapper/0");
-        let mut next = |skaddr, tuple, (old, new), task: &Task| {
+        let mut next = |skaddr, tuple, states, task: &Task| {
             *ts_ns += 20_000;
-            Record::Transition(Transition {
-                ts_ns: *ts_ns,
-                skaddr,
-                tuple,
-                old,
-                new,
-                task: task.clone(),
-                uid: Some(0),
-                netns: None,
-                bytes: ByteCounts::default(),
-                recovered: false,
-                error: None,
-            })
+            let t = Transition::scripted(*ts_ns, skaddr, tuple, states, task.clone());
+            Record::Transition(t)
         };
         let mut records = vec![
             next(client, client_tuple(0), (Close, SynSent), &curl),
@@ -475,23 +458,14 @@ mod tests {
             );
             monitor.read_images(images);
             let mut ts_ns = 1_000_000_000;
-            source.waiting = vec![Record::Transition(Transition {
-                ts_ns,
-                skaddr: 1,
-                tuple: Tuple {
-                    proto: Proto::Tcp,
-                    local: SocketAddr::from(([127, 0, 0, 1], 8080)),
-                    remote: SocketAddr::from(([0, 0, 0, 0], 0)),
-                },
-                old: TcpState::Close,
-                new: TcpState::Listen,
-                task: task(200, 5, b"nginx"),
-                uid: Some(0),
-                netns: None,
-                bytes: ByteCounts::default(),
-                recovered: false,
-                error: None,
-            })];
+            let listener = Tuple {
+                proto: Proto::Tcp,
+                local: SocketAddr::from(([127, 0, 0, 1], 8080)),
+                remote: SocketAddr::from(([0, 0, 0, 0], 0)),
+            };
+            let listen = (TcpState::Close, TcpState::Listen);
+            let opened = Transition::scripted(ts_ns, 1, listener, listen, task(200, 5, b"nginx"));
+            source.waiting = vec![Record::Transition(opened)];
             monitor.drain(&mut source);
             let batches: Vec<Vec<Record>> = (0..10_100)
                 .map(|index| connection(index, &mut ts_ns))

@@ -10,7 +10,7 @@ use netwatch_common::ByteCounts;
 use super::{Monitor, Observer};
 use crate::engine::source::EventSource;
 use crate::metrics::Metrics;
-use crate::model::{LossCounters, Record};
+use crate::model::{LossCounters, Record, Task, TcpState, Transition, Tuple};
 use crate::sink::Sink;
 use crate::snapshot::Snapshot;
 
@@ -84,5 +84,31 @@ impl<O: Observer> ScriptedMonitor<O> {
     /// holds 64 KiB: a test empties it before).
     pub fn written(&mut self) -> &mut Vec<u8> {
         &mut self.monitor.output.buffer
+    }
+}
+
+impl Transition {
+    /// A transition as a test scripts it: what the kernel sends for a
+    /// socket whose uid, namespace, bytes and error it did not read.
+    pub fn scripted(
+        ts_ns: u64,
+        skaddr: u64,
+        tuple: Tuple,
+        (old, new): (TcpState, TcpState),
+        task: Task,
+    ) -> Transition {
+        Transition {
+            ts_ns,
+            skaddr,
+            tuple,
+            old,
+            new,
+            task,
+            uid: None,
+            netns: None,
+            bytes: ByteCounts::default(),
+            recovered: false,
+            error: None,
+        }
     }
 }
