@@ -84,27 +84,7 @@ impl Nginx {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let dir_text = dir.display();
-        let config = format!(
-            "daemon off; master_process on; worker_processes 1; pid {dir_text}/nginx.pid;
-             error_log {dir_text}/error.log;
-             events {{ worker_connections 1024; }}
-             http {{
-               access_log off;
-               client_body_temp_path {dir_text}/body; proxy_temp_path {dir_text}/proxy;
-               fastcgi_temp_path {dir_text}/fastcgi; uwsgi_temp_path {dir_text}/uwsgi; scgi_temp_path {dir_text}/scgi;
-               server {{ listen 127.0.0.1:{port}; keepalive_requests 100000000; location / {{ return 200 \"ok\\n\"; }} }}
-             }}"
-        );
-        let config_path = dir.join("nginx.conf");
-        std::fs::write(&config_path, config)?;
-        let child = Command::new("nginx")
-            .arg("-p")
-            .arg(dir)
-            .arg("-c")
-            .arg(&config_path)
-            .arg("-e")
-            .arg(dir.join("error.log"))
+        let child = xtask::servers::nginx(dir, port, 1)?
             .stdin(Stdio::null())
             .spawn()
             .context("starting nginx failed (Debian's nginx-light)")?;

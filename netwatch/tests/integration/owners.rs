@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt as _;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
@@ -462,27 +463,7 @@ const HTTP_REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n";
 /// nginx from Debian with 2 workers on a free port, its files in `dir`.
 fn nginx(dir: &str) -> Server {
     let port = free_port();
-    let config = format!(
-        "daemon off; master_process on; worker_processes 2; pid {dir}/nginx.pid;
-         error_log {dir}/error.log;
-         events {{ worker_connections 64; }}
-         http {{
-           access_log off;
-           client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;
-           fastcgi_temp_path {dir}/fastcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
-           server {{ listen 127.0.0.1:{port}; keepalive_timeout 60; location / {{ return 200 \"ok\\n\"; }} }}
-         }}"
-    );
-    std::fs::write(format!("{dir}/nginx.conf"), config).expect("writes the config");
-    let mut command = Command::new("nginx");
-    command.args([
-        "-p",
-        dir,
-        "-c",
-        &format!("{dir}/nginx.conf"),
-        "-e",
-        &format!("{dir}/error.log"),
-    ]);
+    let command = xtask::servers::nginx(Path::new(dir), port, 2).expect("writes the config");
     Server::spawn(command, port)
 }
 
