@@ -63,11 +63,26 @@ pub(crate) struct RunningTracer {
 
 impl RunningTracer {
     /// SIGINT (the tracer prints what it has and exits), then its usage.
+    /// Its peak RSS is the kernel's high-water mark since it ran its program
+    /// (VmHWM): wait4's counts the pages it shared with the benchmark
+    /// between fork and exec too.
     pub(crate) fn stop(&mut self) -> anyhow::Result<Usage> {
+        let peak = peak_rss_kib(self.child.id());
         interrupt(&self.child);
         self.stopped = true;
-        wait_usage(&self.child, self.started)
+        let usage = wait_usage(&self.child, self.started)?;
+        Ok(Usage {
+            max_rss_kib: peak.unwrap_or(usage.max_rss_kib),
+            ..usage
+        })
     }
+}
+
+/// VmHWM of a running process, in KiB.
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 impl Drop for RunningTracer {
