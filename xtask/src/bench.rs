@@ -83,7 +83,7 @@ pub enum Which {
         #[arg(long, default_value_t = 4)]
         seconds: u64,
         /// Alternating rounds (the median is shown).
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 7)]
         rounds: usize,
     },
     /// Loopback TCP throughput with no tracer, with empty programs on the

@@ -438,7 +438,7 @@ fn print_table(figures: &[Figures], round_trips: u64, bulk_gib: u64, rounds: usi
 }
 
 /// How `traced` differs from `none` round by round, in percent: median [lowest, highest].
-fn paired_change(traced: &[f64], none: &[f64]) -> String {
+pub(crate) fn paired_change(traced: &[f64], none: &[f64]) -> String {
     let changes = traced
         .iter()
         .zip(none)
