@@ -1,8 +1,10 @@
 //! The engine under watch, audit and verify: the live table of sockets
 //! (`table`), kept from what an `EventSource` reports (`source`), with every
-//! loss accounted for (`ledger`), run by the `monitor`, which hands what it
-//! sees to the mode's observer.
+//! loss accounted for (`ledger`) and the kernel's stamps in wall-clock time
+//! (`clock`), run by the `monitor`, which hands what it sees to the mode's
+//! observer.
 
+pub mod clock;
 pub mod ledger;
 pub mod monitor;
 pub mod source;

@@ -12,13 +12,14 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use netwatch_common::ByteCounts;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::ProbeArgs;
+use crate::engine::clock::{monotonic_ns, WallClock};
 use crate::engine::ledger::{Arrival, LossLedger};
 use crate::engine::source::{kernel_reader, EventSource, KernelSource};
 use crate::engine::table::{Observed, SocketTable};
@@ -232,7 +233,7 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
             }
             _ = gauge_timer.tick(), if config.metrics_addr.is_some() => monitor.metrics.count_sockets(monitor.table.sockets().map(|(_, socket)| socket.state)),
             _ = check_timer.tick(), if check_every.is_some() && pending_check.is_none() => {
-                monitor.observer.check_starts(clock_ns(libc::CLOCK_MONOTONIC));
+                monitor.observer.check_starts(monotonic_ns());
                 let reader = check_reader.clone();
                 pending_check = Some(tokio::task::spawn_blocking(move || read_check_snapshot(&reader)));
             }
@@ -249,6 +250,8 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
             _ = terminate.recv() => break,
             _ = &mut deadline => break,
         }
+        // The next batch converts its stamps with the wall clock as it is now.
+        monitor.clock.reanchor();
         if let Err(err) = monitor.output.flush() {
             write_failed = Some(err);
             break;
@@ -429,7 +432,7 @@ impl<O: Observer> Monitor<O> {
             observer,
             output: Output::new(sink),
             table: SocketTable::new(snapshot::program_name, TABLE_CAPACITY),
-            clock: WallClock::now(),
+            clock: WallClock::host(),
             metrics,
             netns,
             ledger: LossLedger::default(),
@@ -695,41 +698,6 @@ impl std::fmt::Display for Summary {
             self.vanished
         )
     }
-}
-
-/// Converts CLOCK_MONOTONIC timestamps (bpf_ktime_get_ns) to wall-clock time.
-pub struct WallClock {
-    realtime_at_zero: SystemTime,
-}
-
-impl WallClock {
-    fn now() -> WallClock {
-        let monotonic = clock_ns(libc::CLOCK_MONOTONIC);
-        WallClock {
-            realtime_at_zero: SystemTime::now() - Duration::from_nanos(monotonic),
-        }
-    }
-
-    /// A clock whose monotonic zero was at `realtime_at_zero`.
-    #[cfg(test)]
-    pub fn anchored(realtime_at_zero: SystemTime) -> WallClock {
-        WallClock { realtime_at_zero }
-    }
-
-    /// The wall-clock time of a monotonic timestamp.
-    pub fn at(&self, monotonic_ns: u64) -> SystemTime {
-        self.realtime_at_zero + Duration::from_nanos(monotonic_ns)
-    }
-}
-
-fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec.
-    unsafe { libc::clock_gettime(clock, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 #[cfg(test)]

@@ -11,7 +11,8 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::cli::{AuditArgs, CgroupFilters};
-use crate::engine::monitor::{self, Config, Notice, Observer, Summary, WallClock};
+use crate::engine::clock::WallClock;
+use crate::engine::monitor::{self, Config, Notice, Observer, Summary};
 use crate::engine::table::{LiveSocket, Observed, SocketTable};
 use crate::kernel;
 use crate::metrics::Metrics;

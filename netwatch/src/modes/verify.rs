@@ -30,7 +30,8 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use serde::Serialize;
 
 use crate::cli::VerifyArgs;
-use crate::engine::monitor::{self, Config, Notice, Observer, Summary, WallClock};
+use crate::engine::clock::WallClock;
+use crate::engine::monitor::{self, Config, Notice, Observer, Summary};
 use crate::engine::table::{LiveSocket, Observed, SocketTable};
 use crate::metrics::Metrics;
 use crate::model::{format_endpoint, OwnerChange, TcpState, Transition, Tuple};

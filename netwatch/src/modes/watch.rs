@@ -6,7 +6,8 @@ use std::time::SystemTime;
 use netwatch_common::ByteCounts;
 
 use crate::cli::WatchArgs;
-use crate::engine::monitor::{self, Config, Notice, Observer, Summary, WallClock};
+use crate::engine::clock::WallClock;
+use crate::engine::monitor::{self, Config, Notice, Observer, Summary};
 use crate::engine::table::{Observed, SocketTable};
 use crate::model::{OwnerChange, Transition};
 use crate::output::{self, CgroupFields, SocketRecord, StateRecord, StreamRecord, StreamWriter};
@@ -494,5 +495,38 @@ mod tests {
                 "{flags:?}: {written} bytes for {events} events"
             );
         }
+    }
+
+    /// A step of the host's wall clock (NTP setting it an hour back) shows
+    /// in the records of the next batch, not only in a restarted netwatch.
+    #[test]
+    fn a_step_of_the_host_clock_shows_in_the_next_batch() {
+        use crate::engine::clock::tests::fake;
+        use crate::engine::monitor::scripted::{ScriptedMonitor, ScriptedSource};
+        fake::set_wall(1_764_000_000);
+        let mut source = ScriptedSource::default();
+        let mut monitor = ScriptedMonitor::start(stream(&["--json"]), &mut source);
+        monitor.set_clock(fake::clocks);
+        let mut ts_ns = fake::MONOTONIC_NOW_NS;
+        let first_ts = |monitor: &mut ScriptedMonitor<Stream>, source: &mut ScriptedSource| {
+            monitor.written().clear();
+            monitor.drain(source);
+            let text = String::from_utf8(monitor.written().clone()).expect("UTF-8");
+            let first: serde_json::Value =
+                serde_json::from_str(text.lines().next().expect("a record")).expect("JSON");
+            first["ts"].as_str().expect("a time").to_owned()
+        };
+        source.waiting = connection(0, &mut ts_ns);
+        assert_eq!(
+            first_ts(&mut monitor, &mut source),
+            "2025-11-24T16:00:00.000020Z"
+        );
+        fake::set_wall(1_764_000_000 - 3600);
+        source.waiting = connection(1, &mut ts_ns);
+        // Ten transitions of 20 µs each later, and an hour back.
+        assert_eq!(
+            first_ts(&mut monitor, &mut source),
+            "2025-11-24T15:00:00.000220Z"
+        );
     }
 }

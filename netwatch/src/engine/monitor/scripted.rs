@@ -75,8 +75,16 @@ impl<O: Observer> ScriptedMonitor<O> {
         self.monitor.table.read_images(lookup);
     }
 
-    /// Drains what `source` has waiting through the table and the observer.
+    /// From now on, reads the host's clocks from `source`.
+    pub fn set_clock(&mut self, source: crate::engine::clock::ClockSource) {
+        self.monitor.clock = crate::engine::clock::WallClock::from_source(source);
+    }
+
+    /// Anchors the clock again, as the event loop does between two
+    /// batches, and drains what `source` has waiting through the table and
+    /// the observer.
     pub fn drain(&mut self, source: &mut ScriptedSource) {
+        self.monitor.clock.reanchor();
         source.drain_now(|record| self.monitor.on_record(record));
     }
 
