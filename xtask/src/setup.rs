@@ -53,8 +53,9 @@ pub const DIST: Needs = Needs {
 /// strace, which counts the BTF reads of a netwatch process, netstat, which
 /// the snapshot is compared with, what checks the service files
 /// (systemd-analyze, logrotate), man, which renders the man pages,
-/// lintian, which checks the package, and rsyslog, which receives audit's
-/// --syslog messages.
+/// lintian, which checks the package, rsyslog, which receives audit's
+/// --syslog messages, and prometheus (with promtool), which checks and
+/// scrapes the metrics.
 pub const TEST: Needs = Needs {
     packages: &[
         "nginx-light",
@@ -67,6 +68,7 @@ pub const TEST: Needs = Needs {
         "man-db",
         "lintian",
         "rsyslog",
+        "prometheus",
     ],
     tools: &[],
 };

@@ -1,8 +1,11 @@
-//! `--metrics`: Prometheus' text format, read by a Prometheus parser.
+//! `--metrics`: the classic Prometheus text format (read by a Prometheus
+//! parser and by `promtool`), OpenMetrics when asked for, and a Prometheus
+//! server from Debian that scrapes netwatch and answers a query.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use prometheus_parse::{Scrape, Value};
 
@@ -15,18 +18,27 @@ pub(crate) fn free_port() -> u16 {
     listener.local_addr().expect("bound").port()
 }
 
-/// Scrapes /metrics on the loopback port and parses what it serves.
-pub(crate) fn scrape(port: u16) -> Scrape {
+/// GET /metrics on the loopback port with these extra header lines: the
+/// response's head and body.
+fn get_metrics(port: u16, headers: &str) -> (String, String) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("metrics are served");
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\n{headers}\r\n"
+    )
+    .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(
-        head.contains("application/openmetrics-text; version=1.0.0"),
-        "{head}"
-    );
+    (head.to_owned(), body.to_owned())
+}
+
+/// Scrapes /metrics on the loopback port as curl would (no Accept header)
+/// and parses what it serves: the classic text format.
+pub(crate) fn scrape(port: u16) -> Scrape {
+    let (head, body) = get_metrics(port, "");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
     Scrape::parse(body.lines().map(|line| Ok(line.to_owned()))).expect("Prometheus text format")
 }
 
@@ -199,4 +211,142 @@ fn a_flood_of_idle_connections_neither_stops_nor_slows_netwatch() {
         "verify kept running and passed: {}",
         stopped.stderr
     );
+}
+
+#[test]
+fn promtool_finds_nothing_to_say_and_openmetrics_comes_when_asked_for() {
+    let port = free_port();
+    let watch = Watch::start(&["--metrics", &port.to_string()]);
+    let (_, classic) = get_metrics(port, "");
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool runs (Debian's prometheus)");
+    promtool
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(classic.as_bytes())
+        .expect("promtool reads");
+    let checked = promtool.wait_with_output().expect("promtool ends");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(checked.status.success(), "{said}\n{classic}");
+    assert_eq!(said.trim(), "", "{classic}");
+    assert!(!classic.contains("# EOF"));
+    let prometheus_accept = "Accept: application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1\r\n";
+    let (head, open_metrics) = get_metrics(port, prometheus_accept);
+    assert!(
+        head.contains("application/openmetrics-text; version=1.0.0"),
+        "{head}"
+    );
+    assert!(open_metrics.ends_with("# EOF\n"), "{open_metrics}");
+    drop(watch);
+}
+
+/// Debian's Prometheus server on a free loopback port, scraping `target`
+/// every second, its data in a fresh directory; killed when dropped.
+struct Prometheus {
+    child: Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Prometheus {
+    fn start(target: u16) -> Prometheus {
+        let dir = std::env::temp_dir().join(format!("netwatch-prometheus-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a data directory");
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global: {{ scrape_interval: 1s }}\nscrape_configs:\n  - job_name: netwatch\n    static_configs: [{{ targets: ['127.0.0.1:{target}'] }}]\n"
+            ),
+        )
+        .expect("writes the config");
+        let port = free_port();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus runs (Debian's prometheus)");
+        Prometheus { child, port, dir }
+    }
+
+    /// The result of an instant PromQL query, as JSON (None until it answers).
+    fn query(&self, promql: &str) -> Option<serde_json::Value> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        let encoded: String = promql
+            .bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' => char::from(b).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        write!(
+            stream,
+            "GET /api/v1/query?query={encoded} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let (_, body) = response.split_once("\r\n\r\n")?;
+        serde_json::from_str(body).ok()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn a_prometheus_server_scrapes_netwatch_and_answers_for_its_transitions() {
+    let port = free_port();
+    let watch = Watch::start(&["--metrics", &port.to_string()]);
+    let mut peer = Peer::spawn();
+    peer.listen("127.0.0.1:0");
+    let prometheus = Prometheus::start(port);
+    let query = r#"sum(netwatch_transitions_total{old_state="CLOSE",new_state="LISTEN"})"#;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let answer = loop {
+        let answer = prometheus.query(query);
+        let value = answer.as_ref().and_then(|answer| {
+            answer["data"]["result"][0]["value"][1]
+                .as_str()?
+                .parse::<f64>()
+                .ok()
+        });
+        if value.is_some_and(|value| value >= 1.0) {
+            break answer;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus answered {answer:?} within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let up = prometheus.query(r#"up{job="netwatch"}"#);
+    assert_eq!(
+        up.as_ref()
+            .map(|up| up["data"]["result"][0]["value"][1].clone()),
+        Some("1".into()),
+        "{up:?} {answer:?}"
+    );
+    drop(watch);
 }

@@ -1,5 +1,6 @@
-//! `--metrics ADDR:PORT`: counters in the OpenMetrics text format (encoded
-//! by prometheus-client), served over plain HTTP to whoever scrapes `/metrics`.
+//! `--metrics ADDR:PORT`: counters encoded by prometheus-client, served over
+//! plain HTTP to whoever scrapes `/metrics`, in the classic Prometheus text
+//! format or in OpenMetrics when the request asks for it (`format`).
 //!
 //! The counters are atomics bumped on the event path (one relaxed add per
 //! transition), read by the server task when scraped.
@@ -21,6 +22,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::model::{ConnResult, LossCounters, OwnerCause, TcpState};
+
+mod format;
+
+use format::Format;
 
 /// A routine failure that a long-lived mode reports and goes on after.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -472,12 +477,22 @@ async fn respond(mut stream: TcpStream, metrics: &Arc<Metrics>) -> std::io::Resu
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let asked = parse_request(&request);
-    let (status, body) = match asked {
-        Request::Metrics | Request::MetricsHead => ("200 OK", metrics.render()),
-        Request::Other => ("404 Not Found", "try GET /metrics\n".to_owned()),
+    let format = Format::asked_by(&request);
+    let (status, content_type, body) = match (&asked, format) {
+        (Request::Other, _) => (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "try GET /metrics\n".to_owned(),
+        ),
+        (_, Format::OpenMetrics) => ("200 OK", format.content_type(), metrics.render()),
+        (_, Format::Classic) => (
+            "200 OK",
+            format.content_type(),
+            format::classic(&metrics.render()),
+        ),
     };
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;
