@@ -46,17 +46,22 @@ impl LossLedger {
     /// Takes the kernel's counters `now` and returns the losses not
     /// reported before, by cause. A skipped call counts as lost once its
     /// recovery had time to arrive: skips counted at the previous check
-    /// (or, when `last`, now).
+    /// (or, when `last`, now), against the recoveries that arrived and
+    /// those refused until now.
     pub fn check(&mut self, now: LossCounters, last: bool) -> Vec<(u64, LossCause)> {
         let settled = if last { now } else { self.counters };
         self.counters = now;
         // A skipped call whose recovery the full ring buffer refused is a
         // ring buffer loss already: counting it here too would make
-        // delivered + lost exceed what the kernel fired.
+        // delivered + lost exceed what the kernel fired. The refusals are
+        // today's, not those read with the skips: a skip the kernel counted
+        // just after them may have had its recovery refused a moment later
+        // (the counters are read one after the other), and a skip once
+        // taken for unrecovered stays counted as lost.
         let unrecovered = settled
             .skipped
             .saturating_sub(self.recovered)
-            .saturating_sub(settled.recoveries_refused);
+            .saturating_sub(now.recoveries_refused);
         let new_losses = [
             (
                 now.ring_buffer_full

@@ -906,6 +906,39 @@ mod tests {
     }
 
     #[test]
+    fn a_skip_counted_before_its_refusal_is_lost_once() {
+        let (mut monitor, mut source) = (monitor(false), ScriptedSource::default());
+        source.waiting = vec![transition(1, CONNECT, false)];
+        // One read of the counters saw the skip but not yet the refusal of
+        // its recovery, which the kernel counted a moment later (the
+        // counters are read one after the other while programs run).
+        source.losses = LossCounters {
+            skipped: 1,
+            fired: Some(2),
+            ..LossCounters::default()
+        };
+        check(&mut monitor, &mut source, 1);
+        source.losses.recoveries_refused = 1;
+        source.losses.ring_buffer_full = 1;
+        check(&mut monitor, &mut source, 2);
+        let summary = stop(&mut monitor, &mut source);
+        assert_eq!(
+            (
+                summary.lost,
+                summary.recoveries_refused,
+                summary.not_recovered
+            ),
+            (1, 1, 0)
+        );
+        assert_eq!(
+            summary.skipped,
+            summary.recovered + summary.recoveries_refused + summary.not_recovered
+        );
+        assert_eq!(Some(summary.transitions + summary.lost), summary.fired);
+        assert_eq!(monitor.observer.lost, [(1, LossCause::RingBufferFull)]);
+    }
+
+    #[test]
     fn a_full_ring_buffer_is_reported_and_the_table_rebuilt() {
         let (mut monitor, mut source) = (monitor(true), ScriptedSource::default());
         source.baselines = VecDeque::from([Ok(snapshot_of(1)), Ok(snapshot_of(3))]);
