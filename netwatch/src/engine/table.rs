@@ -748,6 +748,8 @@ mod tests {
         }
     }
 
+    /// A transition by a task without a start time, as without BTF: names
+    /// are looked up.
     fn transition(
         ts_ms: u64,
         skaddr: u64,
@@ -756,18 +758,13 @@ mod tests {
         new: TcpState,
         task: u32,
     ) -> Transition {
-        // Without a start time, as without BTF: names are looked up.
         let task = Task {
             pid: task,
             comm: comm(&format!("thread{task}")),
             start_ns: None,
             cgroup_id: None,
         };
-        Transition {
-            uid: Some(1000),
-            netns: Some(1),
-            ..Transition::scripted(ts_ms * 1_000_000, skaddr, tuple, (old, new), task)
-        }
+        transition_by(ts_ms, skaddr, tuple, (old, new), task)
     }
 
     fn comm(name: &str) -> [u8; 16] {
@@ -790,17 +787,18 @@ mod tests {
         Some(Owner::new(pid, program.into()))
     }
 
-    /// `transition` by a task the kernel named.
+    /// A transition of a socket of uid 1000 in namespace 1, by `task`.
     fn transition_by(
         ts_ms: u64,
         skaddr: u64,
         tuple: Tuple,
-        (old, new): (TcpState, TcpState),
+        states: (TcpState, TcpState),
         task: Task,
     ) -> Transition {
         Transition {
-            task,
-            ..transition(ts_ms, skaddr, tuple, old, new, 0)
+            uid: Some(1000),
+            netns: Some(1),
+            ..Transition::scripted(ts_ms * 1_000_000, skaddr, tuple, states, task)
         }
     }
 
