@@ -8,7 +8,9 @@ use netwatch::model::TcpState;
 use serde_json::Value;
 
 use crate::peer::{peer_program, Peer};
-use crate::support::{json_lines, run_netwatch, run_netwatch_as_nobody, snapshot_json};
+use crate::support::{
+    json_lines, listener_and_connection, run_netwatch, run_netwatch_as_nobody, snapshot_json,
+};
 
 /// The record whose local and remote ports are these.
 fn find(records: &[Value], local_port: u16, remote_port: u16) -> &Value {
@@ -41,19 +43,20 @@ fn listener_client_and_accepted_sides_have_their_owners() {
         let (_, client_port) = client.connect(&target);
         server.accept(listener);
 
-        let records = snapshot_json(&["snapshot", "-tanp", "--json", "--port", &port.to_string()]);
+        let all = snapshot_json(&["snapshot", "-tanp", "--json", "--port", &port.to_string()]);
+        let records = listener_and_connection(&all, port, client_port);
         assert_eq!(
             records.len(),
             3,
-            "listener, client and accepted socket: {records:#?}"
+            "listener, client and accepted socket, once each: {all:#?}"
         );
-        let listening = find(&records, port, 0);
+        let listening = find(&all, port, 0);
         assert_owned_by(listening, "LISTEN", &server);
-        let accepted = find(&records, port, client_port);
+        let accepted = find(&all, port, client_port);
         assert_owned_by(accepted, "ESTABLISHED", &server);
-        let connected = find(&records, client_port, port);
+        let connected = find(&all, client_port, port);
         assert_owned_by(connected, "ESTABLISHED", &client);
-        for record in &records {
+        for record in records {
             assert_eq!(record["proto"], proto);
             assert_eq!(record["local_addr"], loopback);
             assert!(record["inode"].as_u64().is_some_and(|inode| inode > 0));

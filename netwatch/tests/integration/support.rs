@@ -75,6 +75,20 @@ pub fn snapshot_json(args: &[&str]) -> Vec<Value> {
     json_lines(&output.stdout)
 }
 
+/// The records of a listener on `port` and of one connection between
+/// `port` and `client_port`, both ends: an earlier test's TIME_WAIT socket
+/// may have either port number too, since the kernel hands ports out again.
+pub fn listener_and_connection(records: &[Value], port: u16, client_port: u16) -> Vec<&Value> {
+    records
+        .iter()
+        .filter(|r| {
+            let ports = (r["local_port"].as_u64(), r["remote_port"].as_u64());
+            let (port, client_port) = (Some(u64::from(port)), Some(u64::from(client_port)));
+            ports == (port, Some(0)) || ports == (port, client_port) || ports == (client_port, port)
+        })
+        .collect()
+}
+
 /// Starts `netwatch ARGS` with stdout and stderr piped to the test.
 fn spawn_piped(args: &[&str]) -> Child {
     netwatch()
