@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::model::{CommandLine, ConnResult, LossCause, Owner, Proto, TcpState, Transition, Tuple};
 use crate::output::{self, Addr, CgroupFields, Timestamp};
 use crate::sink::Sink;
-use crate::snapshot::{self, Owners, Snapshot};
+use crate::snapshot::{self, Snapshot};
 use crate::syslog::Syslog;
 use anyhow::Context as _;
 use netwatch_common::ByteCounts;
@@ -179,22 +179,27 @@ struct Audit {
     cgroups: CgroupFilters,
 }
 
-/// The TCP connections /proc lists in every namespace (TIME_WAIT mini
-/// sockets left out), by namespace (`own` for netwatch's) and tuple, to tell
+/// Which of `wanted` (by namespace, `own` for netwatch's, and tuple) /proc
+/// lists open in any namespace (TIME_WAIT mini sockets left out), to tell
 /// the table's sockets still open from those freed without a trace; `None`
-/// when /proc cannot be read.
-fn open_in_proc(own: Option<u32>) -> Option<HashSet<(Option<u32>, Tuple)>> {
-    let snapshot =
-        snapshot::take_every_namespace(&[Proto::Tcp, Proto::Tcp6], Owners::Skip, None).ok()?;
-    let open = snapshot.entries.iter().map(|entry| &entry.socket);
-    Some(
-        open.filter(|socket| !socket.timewait && socket.state != TcpState::TimeWait)
-            .map(|socket| {
-                let tuple = socket.tuple();
-                (socket.netns.or(own), tuple)
-            })
-            .collect(),
-    )
+/// when /proc cannot be read. The tables are scanned a chunk at a time:
+/// tens of thousands of TIME_WAIT sockets at exit cost no memory.
+fn open_in_proc(
+    own: Option<u32>,
+    mut wanted: HashSet<(Option<u32>, Tuple)>,
+) -> Option<HashSet<(Option<u32>, Tuple)>> {
+    let mut open = HashSet::new();
+    snapshot::scan_every_namespace(&[Proto::Tcp, Proto::Tcp6], &mut |socket| {
+        if socket.timewait || socket.state == TcpState::TimeWait {
+            return;
+        }
+        let key = (socket.netns.or(own), socket.tuple());
+        if let Some(key) = wanted.take(&key) {
+            open.insert(key);
+        }
+    })
+    .ok()?;
+    Some(open)
 }
 
 /// How a connection's record ends.
@@ -368,13 +373,15 @@ impl Observer for Audit {
         summary: &Summary,
         out: &mut Vec<u8>,
     ) {
-        let in_proc = open_in_proc(self.netns);
+        let connections = || table.sockets().filter(|(_, s)| s.state != TcpState::Listen);
+        let key = |socket: &LiveSocket| (socket.netns.or(self.netns), socket.tuple);
+        let in_proc = open_in_proc(self.netns, connections().map(|(_, s)| key(s)).collect());
         let now = SystemTime::now();
-        for (skaddr, socket) in table.sockets().filter(|(_, s)| s.state != TcpState::Listen) {
+        for (skaddr, socket) in connections() {
             let counted = skaddr
                 .and_then(bytes)
                 .or(socket.opened_ns.map(|_| ByteCounts::default()));
-            let key = (socket.netns.or(self.netns), socket.tuple);
+            let key = key(socket);
             let ending = match &in_proc {
                 Some(open) if !open.contains(&key) => Ending::Vanished(now),
                 _ => Ending::Open,

@@ -74,6 +74,22 @@ pub fn take_every_namespace(
     take_in(&other_namespaces(), protos, owners, kernel)
 }
 
+/// Calls `each` with every socket of `protos`' /proc tables, in every
+/// network namespace that has a process (marked with the namespace's inode
+/// when not netwatch's own), reading a chunk at a time: what it costs in
+/// memory does not grow with the tables, unlike a [`take`].
+pub fn scan_every_namespace(protos: &[Proto], each: &mut dyn FnMut(ProcSocket)) -> io::Result<()> {
+    let others = other_namespaces();
+    for &proto in protos {
+        proc_net::scan_file(proto, "/proc", each)?;
+        for (netns, task) in &others {
+            // A namespace whose task left meanwhile has no sockets to read.
+            let _ = proc_net::scan_file_of(proto, task, *netns, each);
+        }
+    }
+    Ok(())
+}
+
 /// Reads netwatch's own tables and those of `others` (namespace inode, a
 /// /proc task directory in it): in the kernel if it can, else from /proc,
 /// silently (the records are the same).

@@ -4,7 +4,8 @@
 //! table on one bad line and allocates per field, while a snapshot must skip
 //! and count a malformed line and stay fast at 100k lines.
 
-use std::io;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::model::{Proto, TcpState, Tuple};
@@ -117,54 +118,102 @@ impl SocketCounts {
     }
 }
 
-/// Reads and parses one table of netwatch's network namespace. A missing
-/// table (IPv6 disabled) is empty, and so is one the kernel counts no
-/// socket for: it is not read (each read walks the kernel's whole hash,
-/// about 4 ms here even when it is empty).
+/// Reads and parses one table of netwatch's network namespace (see
+/// [`scan_file`]).
 pub fn read_table(proto: Proto) -> io::Result<ProcTable> {
-    if SocketCounts::read("/proc").is_some_and(|counts| counts.none_in(proto)) {
-        return Ok(ProcTable::default());
+    let mut sockets = Vec::new();
+    let malformed_lines = scan_file(proto, "/proc", &mut |socket| sockets.push(socket))?;
+    Ok(ProcTable {
+        sockets,
+        malformed_lines,
+    })
+}
+
+/// Reads one table of network namespace `netns` through a task in it
+/// (`task` is its /proc directory). A task gone meanwhile gives an empty
+/// table.
+pub fn read_table_of(proto: Proto, task: &str, netns: u32) -> ProcTable {
+    let mut sockets = Vec::new();
+    let malformed_lines =
+        scan_file_of(proto, task, netns, &mut |socket| sockets.push(socket)).unwrap_or_default();
+    ProcTable {
+        sockets,
+        malformed_lines,
     }
-    match std::fs::read(proto.proc_path()) {
-        Ok(contents) => Ok(parse_table(proto, &contents)),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(ProcTable::default()),
+}
+
+/// [`scan_file`] of a task's /proc directory in network namespace
+/// `netns`, each socket marked with it.
+pub fn scan_file_of(
+    proto: Proto,
+    task: &str,
+    netns: u32,
+    each: &mut dyn FnMut(ProcSocket),
+) -> io::Result<usize> {
+    scan_file(proto, task, &mut |mut socket| {
+        socket.netns = Some(netns);
+        each(socket)
+    })
+}
+
+/// Calls `each` with every socket of `proto`'s table in the namespace of
+/// `dir` (`/proc`, or a task's /proc directory), read a chunk at a time,
+/// and returns how many lines were malformed. A missing table (IPv6
+/// disabled) is empty, and so is one the kernel counts no socket for: it is
+/// not read (each read walks the kernel's whole hash, about 4 ms here even
+/// when it is empty).
+pub fn scan_file(proto: Proto, dir: &str, each: &mut dyn FnMut(ProcSocket)) -> io::Result<usize> {
+    if SocketCounts::read(dir).is_some_and(|counts| counts.none_in(proto)) {
+        return Ok(0);
+    }
+    let path = proto.proc_path().replacen("/proc", dir, 1);
+    match File::open(path) {
+        Ok(file) => scan_table(proto, BufReader::with_capacity(READ_CHUNK, file), each),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(0),
         Err(err) => Err(err),
     }
 }
 
-/// Reads one table of network namespace `netns` through a task in it
-/// (`task` is its /proc directory, the table `TASK/net/tcp`...). A task
-/// gone meanwhile gives an empty table.
-pub fn read_table_of(proto: Proto, task: &str, netns: u32) -> ProcTable {
-    if SocketCounts::read(task).is_some_and(|counts| counts.none_in(proto)) {
-        return ProcTable::default();
-    }
-    let path = proto.proc_path().replacen("/proc", task, 1);
-    let mut table = std::fs::read(path)
-        .map(|contents| parse_table(proto, &contents))
-        .unwrap_or_default();
-    for socket in &mut table.sockets {
-        socket.netns = Some(netns);
-    }
-    table
-}
+/// Bytes read from a /proc table at a time (the kernel fills a read with
+/// as many whole lines as fit).
+const READ_CHUNK: usize = 256 * 1024;
 
 /// Parses a whole table, header included; malformed lines are skipped and counted.
+#[cfg(test)]
 pub fn parse_table(proto: Proto, contents: &[u8]) -> ProcTable {
-    let mut table = ProcTable {
-        sockets: Vec::with_capacity(contents.len() / 150),
-        malformed_lines: 0,
-    };
-    for line in contents.split(|&b| b == b'\n').skip(1) {
-        if line.iter().all(u8::is_ascii_whitespace) {
+    let mut sockets = Vec::with_capacity(contents.len() / 150);
+    // Reading from memory cannot fail.
+    let malformed_lines =
+        scan_table(proto, contents, &mut |socket| sockets.push(socket)).unwrap_or_default();
+    ProcTable {
+        sockets,
+        malformed_lines,
+    }
+}
+
+/// Calls `each` with the socket of every well-formed line `reader` gives
+/// after the header, and returns how many lines were malformed (skipped).
+fn scan_table(
+    proto: Proto,
+    mut reader: impl BufRead,
+    each: &mut dyn FnMut(ProcSocket),
+) -> io::Result<usize> {
+    let mut line = Vec::with_capacity(256);
+    let mut malformed_lines = 0;
+    let mut header = true;
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line)? == 0 {
+            return Ok(malformed_lines);
+        }
+        if std::mem::take(&mut header) || line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        match parse_line(proto, line) {
-            Some(socket) => table.sockets.push(socket),
-            None => table.malformed_lines += 1,
+        match parse_line(proto, &line) {
+            Some(socket) => each(socket),
+            None => malformed_lines += 1,
         }
     }
-    table
 }
 
 /// Parses one data line; `None` when it is not a well-formed socket line.
