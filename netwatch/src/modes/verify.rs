@@ -218,11 +218,15 @@ impl Verify {
     }
 }
 
-/// The JSON record verify ends with.
+/// The JSON record verify ends with: watch's summary (what the run saw,
+/// its losses) and the checks.
 #[derive(Serialize)]
-struct SummaryRecord {
+struct SummaryRecord<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
+    ts: String,
+    #[serde(flatten)]
+    counts: &'a Summary,
     checks: u64,
     drift_checks: u64,
     persisting_checks: u64,
@@ -301,7 +305,7 @@ impl Observer for Verify {
         _table: &SocketTable,
         _bytes: &dyn Fn(u64) -> Option<netwatch_common::ByteCounts>,
         _clock: &WallClock,
-        _summary: &Summary,
+        summary: &Summary,
         out: &mut Vec<u8>,
     ) {
         let verdict = if self.checks == 0 {
@@ -311,14 +315,17 @@ impl Observer for Verify {
         } else {
             "drift persisted across two checks"
         };
-        let summary = format!(
-            "{} checks, drift in {}, persisting in {}: {verdict}",
-            self.checks, self.drift_checks, self.persisted_checks
+        log::info!(
+            "verify: {} checks, drift in {}, persisting in {}: {verdict}",
+            self.checks,
+            self.drift_checks,
+            self.persisted_checks
         );
-        log::info!("verify: {summary}");
         if self.json {
             let record = SummaryRecord {
                 kind: "summary",
+                ts: output::rfc3339(SystemTime::now()),
+                counts: summary,
                 checks: self.checks,
                 drift_checks: self.drift_checks,
                 persisting_checks: self.persisted_checks,

@@ -66,6 +66,32 @@ fn the_live_table_matches_snapshots_after_churn() {
     let summary = stopped.records.last().expect("a summary");
     assert_eq!(summary["type"], "summary");
     assert_eq!(summary["persisting_checks"], 0);
+    assert_counts_add_up(summary);
+}
+
+/// The summary record carries watch's counts, and they add up exactly.
+fn assert_counts_add_up(summary: &Value) {
+    let count = |key: &str| {
+        summary[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{key} in {summary}"))
+    };
+    assert!(summary["ts"].is_string(), "{summary}");
+    assert_eq!(
+        count("transitions") + count("lost"),
+        count("fired"),
+        "{summary}"
+    );
+    assert_eq!(
+        count("skipped"),
+        count("recovered") + count("recoveries_refused") + count("not_recovered"),
+        "{summary}"
+    );
+    assert_eq!(
+        count("lost"),
+        count("ring_buffer_full") + count("not_recovered"),
+        "{summary}"
+    );
 }
 
 #[test]
@@ -102,6 +128,8 @@ fn lost_events_without_resync_are_reported_as_drift() {
     assert!(last["persisting"].as_u64() > Some(0), "{last}");
     let summary = stopped.records.last().expect("a summary");
     assert!(summary["persisting_checks"].as_u64() > Some(0));
+    assert!(summary["ring_buffer_full"].as_u64() > Some(0), "{summary}");
+    assert_counts_add_up(summary);
 }
 
 #[test]
