@@ -6,26 +6,22 @@
 //! transition), read by the server task when scraped.
 
 use std::fmt;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
-use anyhow::Context as _;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
 use crate::model::{ConnResult, LossCounters, OwnerCause, TcpState};
 
 mod format;
+mod server;
 
-use format::Format;
+pub use server::serve;
 
 /// A routine failure that a long-lived mode reports and goes on after.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -364,144 +360,6 @@ fn sample(encoder: MetricEncoder<'_>, kind: MetricType, value: u64) -> fmt::Resu
     }
 }
 
-/// Connections the server holds at most; a new one beyond closes the oldest.
-const MAX_CONNECTIONS: usize = 64;
-/// How long a client may take to send its request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
-/// Waits after a failed accept (no fd left, ...), doubling up to the second.
-const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(10);
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-
-/// Serves `metrics` at `addr` from a thread of its own, so that scrapes, or
-/// a flood of idle connections, never slow the draining of the ring buffer.
-/// It holds at most `MAX_CONNECTIONS` connections (a new one closes the
-/// oldest: an idle crowd cannot lock a scraper out), and backs off when
-/// accept fails instead of retrying at once.
-pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
-    if !addr.ip().is_loopback() {
-        log::warn!("the metrics endpoint on {addr} has no authentication: anyone who can reach it reads the host's connection counts; bind a loopback address (give --metrics a port alone) unless a firewall or proxy guards it");
-    }
-    let listener = std::net::TcpListener::bind(addr).with_context(|| {
-        format!("serving metrics on {addr} failed: is the address free and local?")
-    })?;
-    listener
-        .set_nonblocking(true)
-        .context("setting up the metrics listener failed")?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the metrics server failed")?;
-    std::thread::Builder::new()
-        .name("metrics".into())
-        .spawn(move || runtime.block_on(accept_loop(listener, metrics)))
-        .context("starting the metrics thread failed")?;
-    Ok(())
-}
-
-async fn accept_loop(listener: std::net::TcpListener, metrics: Arc<Metrics>) {
-    let Ok(listener) = TcpListener::from_std(listener) else {
-        log::warn!("the metrics listener could not be registered; no metrics are served");
-        return;
-    };
-    let mut open: std::collections::VecDeque<tokio::task::JoinHandle<()>> =
-        std::collections::VecDeque::new();
-    let mut backoff = ACCEPT_BACKOFF_FIRST;
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(_) => {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-                continue;
-            }
-        };
-        backoff = ACCEPT_BACKOFF_FIRST;
-        open.retain(|task| !task.is_finished());
-        if open.len() >= MAX_CONNECTIONS {
-            if let Some(oldest) = open.pop_front() {
-                oldest.abort();
-            }
-        }
-        let metrics = metrics.clone();
-        open.push_back(tokio::spawn(async move {
-            let _ = respond(stream, &metrics).await;
-        }));
-    }
-}
-
-/// What a request asks for.
-#[derive(Debug, PartialEq, Eq)]
-enum Request {
-    /// `GET /metrics` (or `/`), with any query string.
-    Metrics,
-    /// `HEAD` of the same: the headers alone.
-    MetricsHead,
-    Other,
-}
-
-/// Reads the request line: `GET` or `HEAD` of `/metrics` or `/`, a query
-/// string allowed (Prometheus may add one).
-fn parse_request(head: &[u8]) -> Request {
-    let line = head
-        .split(|&b| b == b'\r' || b == b'\n')
-        .next()
-        .unwrap_or_default();
-    let mut words = line.split(|&b| b == b' ');
-    let (method, target) = (words.next(), words.next());
-    let path = target.map(|target| target.split(|&b| b == b'?').next().unwrap_or_default());
-    let wanted = matches!(path, Some(b"/metrics" | b"/"));
-    match method {
-        Some(b"GET") if wanted => Request::Metrics,
-        Some(b"HEAD") if wanted => Request::MetricsHead,
-        _ => Request::Other,
-    }
-}
-
-/// Answers one HTTP request: the metrics for `GET /metrics`, their headers
-/// for `HEAD`, 404 otherwise. A client that sends no request within
-/// `REQUEST_TIMEOUT` is closed.
-async fn respond(mut stream: TcpStream, metrics: &Arc<Metrics>) -> std::io::Result<()> {
-    let mut request = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    let read_head = async {
-        while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
-            let read = stream.read(&mut chunk).await?;
-            if read == 0 {
-                break;
-            }
-            request.extend_from_slice(&chunk[..read]);
-        }
-        std::io::Result::Ok(())
-    };
-    tokio::time::timeout(REQUEST_TIMEOUT, read_head)
-        .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-    let asked = parse_request(&request);
-    let format = Format::asked_by(&request);
-    let (status, content_type, body) = match (&asked, format) {
-        (Request::Other, _) => (
-            "404 Not Found",
-            "text/plain; charset=utf-8",
-            "try GET /metrics\n".to_owned(),
-        ),
-        (_, Format::OpenMetrics) => ("200 OK", format.content_type(), metrics.render()),
-        (_, Format::Classic) => (
-            "200 OK",
-            format.content_type(),
-            format::classic(&metrics.render()),
-        ),
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    if asked != Request::MetricsHead {
-        stream.write_all(body.as_bytes()).await?;
-    }
-    stream.shutdown().await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -530,31 +388,5 @@ mod tests {
             "only transitions seen"
         );
         assert!(text.ends_with("# EOF\n"));
-    }
-
-    #[test]
-    fn requests_are_read_as_prometheus_sends_them() {
-        assert_eq!(
-            parse_request(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
-            Request::Metrics
-        );
-        assert_eq!(
-            parse_request(b"GET /metrics?name[]=up HTTP/1.1\r\n\r\n"),
-            Request::Metrics
-        );
-        assert_eq!(parse_request(b"GET / HTTP/1.0\r\n\r\n"), Request::Metrics);
-        assert_eq!(
-            parse_request(b"HEAD /metrics HTTP/1.1\r\n\r\n"),
-            Request::MetricsHead
-        );
-        assert_eq!(
-            parse_request(b"GET /metricsx HTTP/1.1\r\n\r\n"),
-            Request::Other
-        );
-        assert_eq!(
-            parse_request(b"POST /metrics HTTP/1.1\r\n\r\n"),
-            Request::Other
-        );
-        assert_eq!(parse_request(b""), Request::Other);
     }
 }

@@ -350,3 +350,101 @@ fn a_prometheus_server_scrapes_netwatch_and_answers_for_its_transitions() {
     );
     drop(watch);
 }
+
+/// Clients that connect to `port`, optionally send `sends`, wait for the
+/// server to close, and connect again, until `until`; how many connections
+/// they made.
+fn reconnecting_clients(port: u16, clients: usize, sends: &'static [u8], until: Instant) -> u64 {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async move {
+        let tasks: Vec<_> = (0..clients)
+            .map(|_| tokio::spawn(reconnect_until(port, sends, until)))
+            .collect();
+        let mut connections = 0;
+        for task in tasks {
+            connections += task.await.unwrap_or(0);
+        }
+        connections
+    })
+}
+
+async fn reconnect_until(port: u16, sends: &'static [u8], until: Instant) -> u64 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let until = tokio::time::Instant::from_std(until);
+    let mut connections = 0;
+    while tokio::time::Instant::now() < until {
+        let connect = tokio::net::TcpStream::connect(("127.0.0.1", port));
+        let Ok(Ok(mut stream)) = tokio::time::timeout_at(until, connect).await else {
+            break;
+        };
+        connections += 1;
+        if !sends.is_empty() && stream.write_all(sends).await.is_err() {
+            continue;
+        }
+        let mut buffer = [0u8; 4096];
+        // Until the server closes it (or the flood ends).
+        while let Ok(Ok(read)) = tokio::time::timeout_at(until, stream.read(&mut buffer)).await {
+            if read == 0 {
+                break;
+            }
+        }
+    }
+    connections
+}
+
+#[test]
+fn floods_that_reconnect_cost_the_endpoint_little_and_scrapes_still_answer() {
+    const FLOOD: Duration = Duration::from_secs(6);
+    let port = free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let verify = Watch::spawn(&["verify", "--json", "--interval", "1", "--metrics", &metrics]);
+    // systemd's default soft limit, set after netwatch raised its own.
+    set_fd_limit(verify.pid(), Some(1024));
+    set_fd_limit(0, None);
+    scrape(port);
+    let cpu_before = thread_cpu_seconds(verify.pid(), "metrics");
+    let until = Instant::now() + FLOOD;
+    // Idle clients, clients that send a byte of a request and no more, and
+    // clients that send a whole request and read the answer slowly: each
+    // kind connects again as soon as the server closes it.
+    let floods: Vec<_> = [
+        (3000, &b""[..]),
+        (300, &b"G"[..]),
+        (100, &b"GET /metrics HTTP/1.1\r\n\r\n"[..]),
+    ]
+    .into_iter()
+    .map(|(clients, sends)| {
+        std::thread::spawn(move || reconnecting_clients(port, clients, sends, until))
+    })
+    .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let mut slowest = Duration::ZERO;
+    while Instant::now() + Duration::from_secs(1) < until {
+        let started = Instant::now();
+        let answered = scrape(port);
+        slowest = slowest.max(started.elapsed());
+        assert!(value(&answered, "netwatch_drift_sockets", &[]).is_some());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let cpu = thread_cpu_seconds(verify.pid(), "metrics") - cpu_before;
+    let connections: u64 = floods.into_iter().map(|f| f.join().unwrap()).sum();
+    let flooded = FLOOD.as_secs_f64();
+    assert!(
+        connections > 3400,
+        "the clients connected: {connections} connections"
+    );
+    assert!(
+        cpu < 0.1 * flooded,
+        "the metrics server spent {cpu:.2} s of CPU in {flooded} s of {connections} connections"
+    );
+    assert!(
+        slowest < Duration::from_secs(1),
+        "the slowest scrape took {slowest:?}"
+    );
+    eprintln!("{connections} connections in {flooded} s: the metrics thread used {cpu:.3} s of CPU, the slowest scrape took {slowest:?}");
+    let stopped = verify.stop();
+    assert!(stopped.success, "verify passed: {}", stopped.stderr);
+}
