@@ -80,8 +80,16 @@ pub trait Observer {
     fn check_starts(&mut self, _at_ns: u64) {}
     /// The periodic check: `snapshot` was just taken (while transitions
     /// were applied), and every transition stamped before it ended has been
-    /// applied to `table`.
-    fn check(&mut self, _snapshot: &Snapshot, _table: &SocketTable, _out: &mut Vec<u8>) {}
+    /// applied to `table`. Returns the kernel addresses of the sockets it
+    /// takes as freed without a traced CLOSE, which the table then forgets.
+    fn check(
+        &mut self,
+        _snapshot: &Snapshot,
+        _table: &SocketTable,
+        _out: &mut Vec<u8>,
+    ) -> Vec<u64> {
+        Vec::new()
+    }
     /// The monitor stops; the table holds what is still open, and
     /// `summary` says what the run saw. `bytes` looks up a socket's byte
     /// counts so far by its kernel address.
@@ -529,8 +537,12 @@ impl<O: Observer> Monitor<O> {
         // Transitions stamped before the snapshot ended may still be on their way on other CPUs.
         tokio::time::sleep(Duration::from_millis(10)).await;
         source.drain_now(|record| self.on_record(record));
-        self.observer
+        let freed = self
+            .observer
             .check(&snapshot, &self.table, &mut self.output.buffer);
+        for skaddr in freed {
+            self.table.forget_freed(skaddr);
+        }
     }
 
     /// Drains what is left, counts the last losses and lets the observer

@@ -353,6 +353,17 @@ impl SocketTable {
         bound.chain(self.unbound.values().map(|socket| (None, socket)))
     }
 
+    /// Forgets the socket at kernel address `skaddr`, found freed without
+    /// a traced CLOSE (counted as vanished); `None` if the table has none.
+    pub fn forget_freed(&mut self, skaddr: u64) -> Option<LiveSocket> {
+        let socket = self.bound.remove(&skaddr)?;
+        if socket.state == TcpState::Listen {
+            self.remove_listener(&socket);
+        }
+        self.vanished += 1;
+        Some(socket)
+    }
+
     /// Whether a recovered transition repeats one already applied. A socket
     /// never makes the same change twice in a row, so this is exact: the
     /// recovery program sends a duplicate only when a softirq interrupts it

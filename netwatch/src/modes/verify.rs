@@ -16,6 +16,10 @@
 //! and a connect() in progress, known only without its local port, leaves
 //! out every socket to the same destination on both sides.
 //!
+//! A table socket in a state where the kernel frees some without a traced
+//! CLOSE (`TcpState::may_vanish_untraced`) that two snapshots in a row do
+//! not list is taken as freed: the table forgets it, and it is no drift.
+//!
 //! A pid differs only when the table's owner holds no fd of the socket:
 //! several processes may hold one (after fork, a listener shared by
 //! workers), and the snapshot names the lowest.
@@ -110,6 +114,10 @@ pub struct Drift {
     pub persisting: bool,
     #[serde(skip)]
     tuple: Tuple,
+    /// Its kernel address, when it is a table socket missing from the
+    /// snapshot in a state the kernel may free without a traced CLOSE.
+    #[serde(skip)]
+    vanishable: Option<u64>,
 }
 
 /// What one comparison found.
@@ -118,6 +126,10 @@ pub struct Comparison {
     pub compared: usize,
     pub excluded: usize,
     pub drift: Vec<Drift>,
+    /// Table sockets taken as freed without a traced CLOSE (kernel
+    /// addresses): missing from this snapshot and the one before, in a
+    /// state where the kernel does that (`TcpState::may_vanish_untraced`).
+    pub freed: Vec<u64>,
 }
 
 /// The verify observer: collects what changed during a snapshot, compares,
@@ -174,14 +186,17 @@ impl Verify {
                 pid_mismatch: count(DriftKind::PidMismatch),
                 state_mismatch: count(DriftKind::StateMismatch),
                 persisting,
+                freed_untraced: comparison.freed.len(),
                 sockets: &comparison.drift[..comparison.drift.len().min(LISTED_AT_MOST)],
             };
             let _ = output::write_json_line(out, &record);
             return;
         }
         let mut text = format!(
-            "{ts} verify: {} sockets compared, {} changed during the snapshot (excluded): ",
-            comparison.compared, comparison.excluded
+            "{ts} verify: {} sockets compared, {} changed during the snapshot (excluded), {} taken as freed without a traced CLOSE: ",
+            comparison.compared,
+            comparison.excluded,
+            comparison.freed.len()
         );
         if comparison.drift.is_empty() {
             text.push_str("no drift\n");
@@ -245,6 +260,8 @@ struct DriftRecord<'a> {
     pid_mismatch: usize,
     state_mismatch: usize,
     persisting: usize,
+    /// Table sockets taken as freed without a traced CLOSE at this check.
+    freed_untraced: usize,
     sockets: &'a [Drift],
 }
 
@@ -285,8 +302,9 @@ impl Observer for Verify {
         self.changed = Changed::default();
     }
 
-    fn check(&mut self, snapshot: &Snapshot, table: &SocketTable, out: &mut Vec<u8>) {
+    fn check(&mut self, snapshot: &Snapshot, table: &SocketTable, out: &mut Vec<u8>) -> Vec<u64> {
         let mut comparison = compare(snapshot, table, self.netns, &self.changed);
+        comparison.take_freed(&self.previous);
         for drift in &mut comparison.drift {
             drift.persisting = self.previous.contains(&(drift.kind, drift.tuple));
         }
@@ -298,6 +316,7 @@ impl Observer for Verify {
         self.report(&comparison, out);
         self.check_began_ns = None;
         self.changed = Changed::default();
+        comparison.freed
     }
 
     fn stopped(
@@ -393,7 +412,7 @@ fn compare_by_address(snapshot: &Snapshot, table: &SocketTable, changed: &Change
     let mut live: FxHashMap<u64, &LiveSocket> = FxHashMap::default();
     // Sockets of a table built from /proc before (a resync without the
     // kernel) are not named by address until their first transition.
-    let mut unnamed: FxHashMap<Tuple, &LiveSocket> = FxHashMap::default();
+    let mut unnamed: FxHashMap<Tuple, (Option<u64>, &LiveSocket)> = FxHashMap::default();
     for (skaddr, socket) in table.sockets() {
         if !compared_state(socket.state) {
             continue;
@@ -404,7 +423,7 @@ fn compare_by_address(snapshot: &Snapshot, table: &SocketTable, changed: &Change
                 live.insert(skaddr, socket);
             }
             None => {
-                unnamed.insert(socket.tuple, socket);
+                unnamed.insert(socket.tuple, (None, socket));
             }
         }
     }
@@ -423,10 +442,13 @@ fn compare_by_address(snapshot: &Snapshot, table: &SocketTable, changed: &Change
         let tuple = entry.socket.tuple();
         let found = live
             .remove(&kernel.skaddr)
-            .or_else(|| unnamed.remove(&tuple));
+            .or_else(|| unnamed.remove(&tuple).map(|(_, socket)| socket));
         comparison.add(entry, tuple, found);
     }
-    comparison.missing_from_snapshot(live.into_values().chain(unnamed.into_values()));
+    let live = live
+        .into_iter()
+        .map(|(skaddr, socket)| (Some(skaddr), socket));
+    comparison.missing_from_snapshot(live.chain(unnamed.into_values()));
     comparison
 }
 
@@ -439,10 +461,10 @@ fn compare_by_tuple(
     changed: &Changed,
 ) -> Comparison {
     let mut comparison = Comparison::default();
-    let mut live: FxHashMap<Tuple, &LiveSocket> = FxHashMap::default();
+    let mut live: FxHashMap<Tuple, (Option<u64>, &LiveSocket)> = FxHashMap::default();
     // connect() reports SYN_SENT before the kernel picks the local port.
-    let mut portless: Vec<&LiveSocket> = Vec::new();
-    for (_, socket) in table.sockets() {
+    let mut portless: Vec<(Option<u64>, &LiveSocket)> = Vec::new();
+    for (skaddr, socket) in table.sockets() {
         let elsewhere = netns.is_some() && socket.netns.is_some() && socket.netns != netns;
         if elsewhere || !compared_state(socket.state) {
             continue;
@@ -452,9 +474,9 @@ fn compare_by_tuple(
         if changed.tuple(&socket.tuple) {
             comparison.excluded += 1;
         } else if socket.tuple.local.port() == 0 {
-            portless.push(socket);
+            portless.push((skaddr, socket));
         } else {
-            live.insert(socket.tuple, socket);
+            live.insert(socket.tuple, (skaddr, socket));
         }
     }
     // /proc lists a socket twice when the hash changes under the reader.
@@ -469,12 +491,12 @@ fn compare_by_tuple(
             continue;
         }
         let found = live.remove(&tuple).or_else(|| {
-            let at = portless
-                .iter()
-                .position(|s| same_connect(&s.tuple, &tuple) && s.state == entry.socket.state)?;
+            let at = portless.iter().position(|(_, s)| {
+                same_connect(&s.tuple, &tuple) && s.state == entry.socket.state
+            })?;
             Some(portless.swap_remove(at))
         });
-        comparison.add(entry, tuple, found);
+        comparison.add(entry, tuple, found.map(|(_, socket)| socket));
     }
     comparison.missing_from_snapshot(live.into_values().chain(portless));
     comparison
@@ -514,17 +536,36 @@ impl Comparison {
         }
     }
 
-    /// The table's sockets the snapshot did not list.
-    fn missing_from_snapshot<'a>(&mut self, sockets: impl Iterator<Item = &'a LiveSocket>) {
-        for socket in sockets {
+    /// The table's sockets the snapshot did not list, with their kernel
+    /// addresses where known.
+    fn missing_from_snapshot<'a>(
+        &mut self,
+        sockets: impl Iterator<Item = (Option<u64>, &'a LiveSocket)>,
+    ) {
+        for (skaddr, socket) in sockets {
             let pid = socket.process.as_ref().map(|process| process.pid);
-            self.drift.push(drift(
+            let mut missing = drift(
                 DriftKind::MissingFromSnapshot,
                 socket.tuple,
                 Some((socket.state, pid)),
                 None,
-            ));
+            );
+            missing.vanishable = skaddr.filter(|_| socket.state.may_vanish_untraced());
+            self.drift.push(missing);
         }
+    }
+
+    /// Moves from the drift to `freed` the sockets the kernel may have
+    /// freed without a traced CLOSE that were missing from the previous
+    /// snapshot too (`previous`: that check's drift).
+    fn take_freed(&mut self, previous: &HashSet<(DriftKind, Tuple)>) {
+        let (freed, drift): (Vec<Drift>, Vec<Drift>) =
+            std::mem::take(&mut self.drift).into_iter().partition(|d| {
+                d.vanishable.is_some()
+                    && previous.contains(&(DriftKind::MissingFromSnapshot, d.tuple))
+            });
+        self.drift = drift;
+        self.freed = freed.iter().filter_map(|d| d.vanishable).collect();
     }
 }
 
@@ -561,6 +602,7 @@ fn drift(
         snapshot_pid: snapshot.and_then(|(_, pid)| pid),
         persisting: false,
         tuple,
+        vanishable: None,
     }
 }
 
@@ -657,6 +699,62 @@ mod tests {
             })
             .collect();
         snapshot
+    }
+
+    /// Moves the table's socket `skaddr` through `steps`.
+    fn advance(table: &mut SocketTable, skaddr: u64, tuple: Tuple, steps: &[(TcpState, TcpState)]) {
+        for (ts_ns, &step) in (10..).zip(steps) {
+            let task = crate::model::Task {
+                pid: 10,
+                comm: [0; 16],
+                start_ns: None,
+                cgroup_id: None,
+            };
+            table.apply(&Transition::scripted(ts_ns, skaddr, tuple, step, task));
+        }
+    }
+
+    #[test]
+    fn a_fin_wait1_socket_missing_twice_is_freed_and_other_states_stay_drift() {
+        let (a, b, c) = (
+            tuple("127.0.0.1:5000", "127.0.0.1:80"),
+            tuple("127.0.0.1:5001", "127.0.0.1:80"),
+            tuple("127.0.0.1:5002", "127.0.0.1:80"),
+        );
+        let mut table = table(&[(1, a, 10, NETNS), (2, b, 10, NETNS), (3, c, 10, NETNS)]);
+        // The kernel frees socket 1 in FIN_WAIT1 without a trace; socket
+        // 2's change to CLOSE from LAST_ACK is lost (real drift).
+        advance(&mut table, 1, a, &[(Established, FinWait1)]);
+        advance(
+            &mut table,
+            2,
+            b,
+            &[(Established, CloseWait), (CloseWait, LastAck)],
+        );
+        let kernel = kernel_snapshot(&[(3, c, None, 10)]);
+        let mut verify = Verify::new(true, Some(NETNS), Arc::new(Metrics::new(4096)));
+        let mut out = Vec::new();
+
+        let first = verify.check(&kernel, &table, &mut out);
+        assert_eq!(first, Vec::<u64>::new(), "one read is not enough");
+        assert_eq!((verify.drift_checks, verify.persisted_checks), (1, 0));
+
+        let second = verify.check(&kernel, &table, &mut out);
+        assert_eq!(second, vec![1], "missing from two reads in FIN_WAIT1");
+        assert_eq!((verify.drift_checks, verify.persisted_checks), (2, 1));
+        let reports: Vec<serde_json::Value> = out
+            .split(|&b| b == b'\n')
+            .filter(|line| !line.is_empty())
+            .map(|line| serde_json::from_slice(line).expect("a JSON line"))
+            .collect();
+        assert_eq!(reports[1]["freed_untraced"], 1, "{}", reports[1]);
+        assert_eq!(reports[1]["missing_from_snapshot"], 1, "{}", reports[1]);
+        assert_eq!(reports[1]["sockets"][0]["table_state"], "LAST_ACK");
+        assert_eq!(reports[1]["sockets"][0]["persisting"], true);
+
+        assert_eq!(table.forget_freed(1).map(|s| s.state), Some(FinWait1));
+        assert_eq!((table.len(), table.vanished()), (2, 1));
+        assert_eq!(table.forget_freed(1), None);
     }
 
     #[test]
