@@ -36,7 +36,7 @@ const MAX_CONNECTIONS: usize = 64;
 /// queued before it: idle ones never reach the queue, and 400 clients that
 /// each send something and connect again when closed delay it by about
 /// half a second (`tests/integration/metrics.rs` floods it so).
-const ACCEPTS_PER_SECOND: f64 = 700.0;
+const ACCEPTS_PER_SECOND: u64 = 700;
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a whole exchange may take, the response read included.
@@ -107,33 +107,32 @@ fn defer_accept(socket: &TcpSocket) -> std::io::Result<()> {
     }
 }
 
-/// A token bucket of accepts: `ACCEPTS_PER_SECOND`, `MAX_CONNECTIONS` at once.
+/// The accepts allowed: `ACCEPTS_PER_SECOND`, `MAX_CONNECTIONS` at once (a
+/// token bucket, kept as the time it is next empty: exact in nanoseconds).
 #[derive(Debug)]
 struct AcceptBudget {
-    tokens: f64,
-    counted_at: Instant,
+    /// When the bucket is empty again if no accept comes meanwhile.
+    empty_at: Instant,
 }
+
+/// The time one accept takes from the budget.
+const ACCEPT_INTERVAL: Duration = Duration::from_nanos(1_000_000_000 / ACCEPTS_PER_SECOND);
 
 impl AcceptBudget {
     fn new(now: Instant) -> AcceptBudget {
-        AcceptBudget {
-            tokens: MAX_CONNECTIONS as f64,
-            counted_at: now,
-        }
+        AcceptBudget { empty_at: now }
     }
 
     /// Spends one accept at `now`, or says how long to wait for one.
     fn spend(&mut self, now: Instant) -> Result<(), Duration> {
-        let earned = now.saturating_duration_since(self.counted_at).as_secs_f64();
-        self.tokens = (self.tokens + earned * ACCEPTS_PER_SECOND).min(MAX_CONNECTIONS as f64);
-        self.counted_at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            return Ok(());
+        let empty_at = self.empty_at.max(now);
+        let burst = ACCEPT_INTERVAL * (MAX_CONNECTIONS as u32 - 1);
+        let earliest = empty_at.checked_sub(burst).unwrap_or(now);
+        if now < earliest {
+            return Err(earliest - now);
         }
-        Err(Duration::from_secs_f64(
-            (1.0 - self.tokens) / ACCEPTS_PER_SECOND,
-        ))
+        self.empty_at = empty_at + ACCEPT_INTERVAL;
+        Ok(())
     }
 }
 
@@ -252,12 +251,14 @@ mod tests {
         for _ in 0..MAX_CONNECTIONS {
             assert_eq!(budget.spend(start), Ok(()));
         }
-        let wait = budget.spend(start).expect_err("the burst is spent");
-        let one = Duration::from_secs_f64(1.0 / ACCEPTS_PER_SECOND);
-        assert!(wait <= one && wait > one / 2, "{wait:?}");
-        // Then one accept each 1/ACCEPTS_PER_SECOND, and not two.
+        assert_eq!(
+            budget.spend(start),
+            Err(ACCEPT_INTERVAL),
+            "the burst is spent"
+        );
+        // Then one accept each ACCEPT_INTERVAL, and not two.
         for k in 1..=1000 {
-            let now = start + one.mul_f64(f64::from(k));
+            let now = start + ACCEPT_INTERVAL * k;
             assert_eq!(budget.spend(now), Ok(()), "accept {k}");
             assert!(budget.spend(now).is_err(), "a second accept {k}");
         }
