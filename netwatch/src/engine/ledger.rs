@@ -13,6 +13,9 @@ pub struct LossLedger {
     recovered: u64,
     /// Transitions the recovery program repeated (dropped).
     duplicates: u64,
+    /// Recoveries the full ring buffer refused beyond the calls the kernel
+    /// skipped: repeats of handled transitions (see `check`), no loss.
+    refused_repeats: u64,
     /// The kernel's counters at the previous check.
     counters: LossCounters,
     /// Losses reported so far: ring buffer full, skipped and not recovered.
@@ -48,9 +51,22 @@ impl LossLedger {
     /// recovery had time to arrive: skips counted at the previous check
     /// (or, when `last`, now), against the recoveries that arrived and
     /// those refused until now.
+    ///
+    /// The recovery program repeats a transition the transition program
+    /// handled when a nested pair of calls on its CPU overwrote the note
+    /// between the two programs; user space drops the repeat, unless the
+    /// full ring buffer refused it. Such refusals are told apart by count:
+    /// every recovery that arrived or was refused is of a skipped call,
+    /// unless there are more of them than the kernel skipped (the skips are
+    /// read after the refusals, so that each refusal's skip is in the count).
     pub fn check(&mut self, now: LossCounters, last: bool) -> Vec<(u64, LossCause)> {
         let settled = if last { now } else { self.counters };
         self.counters = now;
+        self.refused_repeats = self
+            .refused_repeats
+            .max((self.recovered + now.recoveries_refused).saturating_sub(now.skipped));
+        let refused = now.recoveries_refused.saturating_sub(self.refused_repeats);
+        let ring_buffer_full = now.ring_buffer_full.saturating_sub(self.refused_repeats);
         // A skipped call whose recovery the full ring buffer refused is a
         // ring buffer loss already: counting it here too would make
         // delivered + lost exceed what the kernel fired. The refusals are
@@ -61,11 +77,10 @@ impl LossLedger {
         let unrecovered = settled
             .skipped
             .saturating_sub(self.recovered)
-            .saturating_sub(now.recoveries_refused);
+            .saturating_sub(refused);
         let new_losses = [
             (
-                now.ring_buffer_full
-                    .saturating_sub(self.lost.ring_buffer_full),
+                ring_buffer_full.saturating_sub(self.lost.ring_buffer_full),
                 LossCause::RingBufferFull,
             ),
             (
@@ -78,7 +93,7 @@ impl LossLedger {
                 LossCause::OwnerRingBufferFull,
             ),
         ];
-        self.lost.ring_buffer_full = self.lost.ring_buffer_full.max(now.ring_buffer_full);
+        self.lost.ring_buffer_full = self.lost.ring_buffer_full.max(ring_buffer_full);
         self.lost.owner_events_dropped =
             self.lost.owner_events_dropped.max(now.owner_events_dropped);
         self.lost.skipped = self.lost.skipped.max(unrecovered);
@@ -106,8 +121,16 @@ impl LossLedger {
         self.recovered
     }
 
+    /// Repeats dropped on arrival, and those the full ring buffer refused.
     pub fn duplicates(&self) -> u64 {
-        self.duplicates
+        self.duplicates + self.refused_repeats
+    }
+
+    /// Recoveries of skipped calls that the full ring buffer refused.
+    pub fn recoveries_refused(&self) -> u64 {
+        self.counters
+            .recoveries_refused
+            .saturating_sub(self.refused_repeats)
     }
 }
 
@@ -135,6 +158,34 @@ mod tests {
             (ledger.lost().ring_buffer_full, ledger.lost().skipped),
             (10, 0)
         );
+    }
+
+    #[test]
+    fn a_refused_repeat_of_a_handled_transition_is_no_loss() {
+        let mut ledger = LossLedger::default();
+        // 3 calls skipped, 2 recovered; 1 refused by the full ring buffer,
+        // and 1 refusal more: a repeat of a transition already delivered,
+        // whose note a nested pair of calls overwrote. The transition
+        // program's own sends found the ring full 4 times.
+        for _ in 0..2 {
+            ledger.arrived(Arrival::Recovered);
+        }
+        let now = LossCounters {
+            ring_buffer_full: 6,
+            recoveries_refused: 2,
+            owner_events_dropped: 0,
+            skipped: 3,
+            fired: Some(100),
+            recovery_skipped: 0,
+        };
+        assert_eq!(ledger.check(now, true), [(5, LossCause::RingBufferFull)]);
+        assert_eq!(
+            (ledger.lost().ring_buffer_full, ledger.lost().skipped),
+            (5, 0)
+        );
+        assert_eq!((ledger.recoveries_refused(), ledger.duplicates()), (1, 1));
+        // skipped = recovered + refused + not recovered.
+        assert_eq!(3, ledger.recovered() + ledger.recoveries_refused());
     }
 
     #[test]

@@ -648,7 +648,7 @@ impl<O: Observer> Monitor<O> {
             not_recovered: lost.skipped,
             skipped: counters.skipped,
             recovered: self.ledger.recovered(),
-            recoveries_refused: counters.recoveries_refused,
+            recoveries_refused: self.ledger.recoveries_refused(),
             duplicates: self.ledger.duplicates(),
             resyncs: self.resync.done,
             sockets: self.table.len(),
@@ -679,7 +679,9 @@ pub struct Summary {
     pub skipped: u64,
     pub recovered: u64,
     pub recoveries_refused: u64,
-    /// Recovered transitions that repeated one already applied (dropped).
+    /// Recovery events that repeated a transition the transition program
+    /// handled: dropped on arrival, or refused by the full ring buffer
+    /// beyond the calls the kernel skipped (no loss).
     pub duplicates: u64,
     pub resyncs: u64,
     /// Sockets in the table at the end.
