@@ -16,6 +16,8 @@ mod metrics;
 pub mod model;
 mod modes;
 mod output;
+#[cfg(test)]
+mod root_tests;
 mod sink;
 mod snapshot;
 mod syslog;

@@ -178,6 +178,9 @@ mod tests {
 
     #[test]
     fn the_kernel_reads_the_records_proc_gives() {
+        if !crate::root_tests::runs_as_root("the_kernel_reads_the_records_proc_gives") {
+            return;
+        }
         let (_v4, v4_port) = sockets_in_every_state("127.0.0.1");
         let (_v6, v6_port) = sockets_in_every_state("[::1]");
         let mut holder = namespace_holder();

@@ -255,6 +255,9 @@ mod tests {
 
     #[test]
     fn the_iterators_find_a_socket_this_process_holds() {
+        if !crate::root_tests::runs_as_root("the_iterators_find_a_socket_this_process_holds") {
+            return;
+        }
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let inode = inode_of(&listener);
         let mut iterators =

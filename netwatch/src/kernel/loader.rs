@@ -59,6 +59,11 @@ mod tests {
 
     #[test]
     fn hiding_the_kernel_btf_leaves_the_host_and_other_threads_alone() {
+        if !crate::root_tests::runs_as_root(
+            "hiding_the_kernel_btf_leaves_the_host_and_other_threads_alone",
+        ) {
+            return;
+        }
         let hidden = std::thread::spawn(|| {
             hide_kernel_btf().expect("root can make a mount namespace");
             std::fs::read_dir(KERNEL_BTF_DIR).unwrap().count()
