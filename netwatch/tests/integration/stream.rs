@@ -6,8 +6,8 @@ use serde_json::Value;
 
 use crate::peer::{peer_program, Peer};
 use crate::support::{
-    expect_steps, listener_and_connection, run_netwatch_as_nobody, set_fd_limit, snapshot_json,
-    transitions_of, Watch,
+    assert_counts_add_up, expect_steps, listener_and_connection, run_netwatch_as_nobody,
+    set_fd_limit, snapshot_json, transitions_of, Watch,
 };
 
 const CLIENT_STEPS: [&str; 4] = [
@@ -582,6 +582,8 @@ fn a_stopped_reader_loses_each_transition_once() {
         "each transition the kernel fired is delivered or lost, once: {}",
         stopped.stderr
     );
+    let summary = stopped.records.last().expect("a summary");
+    assert_counts_add_up(summary);
 }
 
 #[test]

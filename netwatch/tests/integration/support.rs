@@ -414,3 +414,30 @@ pub fn proc_cmdline(pid: u32) -> Value {
         .map(|arg| Value::from(String::from_utf8_lossy(arg)))
         .collect()
 }
+
+/// A summary record's counts add up exactly: transitions + lost = fired,
+/// skipped = recovered + refused + not recovered, lost = ring buffer full +
+/// not recovered.
+pub fn assert_counts_add_up(summary: &Value) {
+    let count = |key: &str| {
+        summary[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{key} in {summary}"))
+    };
+    assert!(summary["ts"].is_string(), "{summary}");
+    assert_eq!(
+        count("transitions") + count("lost"),
+        count("fired"),
+        "{summary}"
+    );
+    assert_eq!(
+        count("skipped"),
+        count("recovered") + count("recoveries_refused") + count("not_recovered"),
+        "{summary}"
+    );
+    assert_eq!(
+        count("lost"),
+        count("ring_buffer_full") + count("not_recovered"),
+        "{summary}"
+    );
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::peer::Peer;
-use crate::support::{drift_reports, run_netwatch, set_fd_limit, Watch};
+use crate::support::{assert_counts_add_up, drift_reports, run_netwatch, set_fd_limit, Watch};
 
 fn drifted(report: &Value) -> u64 {
     [
@@ -67,31 +67,6 @@ fn the_live_table_matches_snapshots_after_churn() {
     assert_eq!(summary["type"], "summary");
     assert_eq!(summary["persisting_checks"], 0);
     assert_counts_add_up(summary);
-}
-
-/// The summary record carries watch's counts, and they add up exactly.
-fn assert_counts_add_up(summary: &Value) {
-    let count = |key: &str| {
-        summary[key]
-            .as_u64()
-            .unwrap_or_else(|| panic!("{key} in {summary}"))
-    };
-    assert!(summary["ts"].is_string(), "{summary}");
-    assert_eq!(
-        count("transitions") + count("lost"),
-        count("fired"),
-        "{summary}"
-    );
-    assert_eq!(
-        count("skipped"),
-        count("recovered") + count("recoveries_refused") + count("not_recovered"),
-        "{summary}"
-    );
-    assert_eq!(
-        count("lost"),
-        count("ring_buffer_full") + count("not_recovered"),
-        "{summary}"
-    );
 }
 
 #[test]
