@@ -354,6 +354,31 @@ pub struct CachedOwner {
 // SAFETY: `CachedOwner` is `repr(C)`, `Copy`, without implicit padding; any bit pattern is valid.
 unsafe impl aya::Pod for CachedOwner {}
 
+/// TCP state numbers (include/net/tcp_states.h), as the kernel's
+/// transitions, its iterators' records and /proc give them.
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+    pub const NEW_SYN_RECV: u8 = 12;
+
+    /// Whether a transition starts a new socket at its kernel address:
+    /// connect() and listen() leave CLOSE, and an accepted socket's first
+    /// change leaves its listener's LISTEN for SYN_RECV. The state program
+    /// and the socket table both go by it.
+    pub const fn opens(old: u8, new: u8) -> bool {
+        old == CLOSE || (old == LISTEN && new == SYN_RECV)
+    }
+}
+
 /// What a [`KernelEvent`] reports (its `kind`).
 pub mod event_kind {
     /// A TCP state transition.

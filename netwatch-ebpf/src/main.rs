@@ -48,8 +48,8 @@ use aya_log_ebpf::error;
 use core::ffi::c_void;
 use core::intrinsics::{atomic_cxchg, atomic_or, atomic_xadd, atomic_xchg, AtomicOrdering};
 use netwatch_common::{
-    event_kind, owner_cache_slot, syscall_exit, tracepoint as field, ByteCounts, CachedOwner,
-    KernelEvent, SocketEntry, SocketFd, TcpSocketRecord, AF_INET, BYTES_MAX_CPUS,
+    event_kind, owner_cache_slot, syscall_exit, tcp_state, tracepoint as field, ByteCounts,
+    CachedOwner, KernelEvent, SocketEntry, SocketFd, TcpSocketRecord, AF_INET, BYTES_MAX_CPUS,
     DROPPED_OWNER_EVENTS, DROPPED_RECOVERIES, DROPPED_TRANSITIONS, IPPROTO_TCP, OWNER_CACHE_SLOTS,
     OWNER_CACHE_TAKEN, SOCKETS_MAP_ENTRIES, SOCKET_FD_UNREADABLE, SOCK_COMMON_HEAD,
 };
@@ -138,11 +138,6 @@ kernel_offsets!(
     NR_CPUS
 );
 
-/// TCP state numbers the programs act on (include/net/tcp_states.h).
-const TCP_SYN_SENT: i32 = 2;
-const TCP_SYN_RECV: i32 = 3;
-const TCP_CLOSE: i32 = 7;
-const TCP_LISTEN: i32 = 10;
 /// `task_struct.flags`: a kernel thread (its sends are the kernel's own).
 const PF_KTHREAD: u32 = 0x0020_0000;
 /// recvmsg flag: data peeked at is not consumed.

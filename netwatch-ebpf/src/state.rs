@@ -38,20 +38,26 @@ struct Handled {
 }
 
 impl Handled {
-    fn new(skaddr: u64, oldstate: i32, newstate: i32) -> Handled {
+    fn new(skaddr: u64, oldstate: u8, newstate: u8) -> Handled {
         // Bit 16 marks a used slot: a zeroed slot matches nothing.
-        let states = (1 << 16) | ((oldstate as u64 & 0xff) << 8) | (newstate as u64 & 0xff);
+        let states = (1 << 16) | (u64::from(oldstate) << 8) | u64::from(newstate);
         Handled { skaddr, states }
     }
 }
 
 /// Notes on this CPU that the transition program handles this transition,
 /// for the recovery program, which runs after it, to leave it out.
-fn note_handled(skaddr: u64, oldstate: i32, newstate: i32) {
+fn note_handled(skaddr: u64, oldstate: u8, newstate: u8) {
     if let Some(slot) = HANDLED.get_ptr_mut(0) {
         // SAFETY: per-CPU slot; only code on this CPU touches it.
         unsafe { *slot = Handled::new(skaddr, oldstate, newstate) };
     }
+}
+
+/// A transition's states as the tracepoint passes them (ints), as the
+/// kernel's numbers (`tcp_state`, all below 13).
+fn states(oldstate: i32, newstate: i32) -> (u8, u8) {
+    (oldstate as u8, newstate as u8)
 }
 
 /// A transition the transition program could not read: it should not
@@ -77,7 +83,7 @@ pub fn transition(ctx: RawTracePointContext) -> i32 {
 
 fn try_transition(ctx: &RawTracePointContext) -> Result<(), i64> {
     let sk: u64 = ctx.arg(0);
-    let (oldstate, newstate): (i32, i32) = (ctx.arg(1), ctx.arg(2));
+    let (oldstate, newstate) = states(ctx.arg(1), ctx.arg(2));
     if read_kernel::<u16>(sk, &SK_PROTOCOL)? != IPPROTO_TCP {
         return Ok(());
     }
@@ -114,6 +120,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
             ctx.read_at(field::NEWSTATE)?,
         )
     };
+    let (oldstate, newstate) = states(oldstate, newstate);
     note_handled(skaddr, oldstate, newstate);
     // SAFETY: as above.
     let (family, sport, dport): (u16, u16, u16) = unsafe {
@@ -161,7 +168,7 @@ pub fn recover_state(ctx: RawTracePointContext) -> i32 {
 fn try_recover_state(ctx: &RawTracePointContext) -> Result<(), i64> {
     add_per_cpu(&FIRED, 0);
     let sk: u64 = ctx.arg(0);
-    let (oldstate, newstate): (i32, i32) = (ctx.arg(1), ctx.arg(2));
+    let (oldstate, newstate) = states(ctx.arg(1), ctx.arg(2));
     // Checked first: the shorter the time before the check, the rarer the
     // duplicate from a softirq that sneaks in before it (user space drops those).
     let slot = HANDLED.get_ptr_mut(0).ok_or(0i64)?;
@@ -199,24 +206,24 @@ fn try_recover_state(ctx: &RawTracePointContext) -> Result<(), i64> {
 /// socket the kernel accepts gets no owner, so that its first send or
 /// receive names one. Elsewhere, and in watch and verify, the map is not
 /// touched: a stale entry only names an owner, which these replace.
-fn update_socket_entry(sk: u64, oldstate: i32, newstate: i32, owner: u32) -> ByteCounts {
-    let opens = oldstate == TCP_CLOSE || (oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV);
+fn update_socket_entry(sk: u64, oldstate: u8, newstate: u8, owner: u32) -> ByteCounts {
+    let opens = tcp_state::opens(oldstate, newstate);
     let mut counts = ByteCounts::default();
-    if counts_bytes() && (newstate == TCP_CLOSE || opens) {
+    if counts_bytes() && (newstate == tcp_state::CLOSE || opens) {
         if let Some(entry) = SOCKETS.get_ptr_mut(sk) {
             let cached = take_cached_bytes(sk, entry, opens);
             // SAFETY: the map value lives while the program runs.
             counts = cached.plus(take_counts(unsafe { &raw mut (*entry).bytes }));
         }
     }
-    if oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT {
+    if oldstate == tcp_state::CLOSE && newstate == tcp_state::SYN_SENT {
         let entry = SocketEntry {
             owner,
             ..SocketEntry::default()
         };
         let _ = SOCKETS.insert(sk, entry, 0);
         owners_changed();
-    } else if oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV {
+    } else if oldstate == tcp_state::LISTEN && newstate == tcp_state::SYN_RECV {
         mark_unowned(sk);
     }
     counts
@@ -244,8 +251,8 @@ fn mark_unowned(sk: u64) {
 #[inline(always)]
 fn event(
     skaddr: u64,
-    oldstate: i32,
-    newstate: i32,
+    oldstate: u8,
+    newstate: u8,
     family: u16,
     (saddr, sport): Endpoint,
     (daddr, dport): Endpoint,
@@ -253,7 +260,7 @@ fn event(
 ) -> KernelEvent {
     // Only connect() and listen() run in the owner's context: their
     // transitions name the process; the rest need just the tgid.
-    let process = if oldstate == TCP_CLOSE {
+    let process = if oldstate == tcp_state::CLOSE {
         current_process()
     } else {
         Process {
@@ -266,7 +273,7 @@ fn event(
     let bytes = update_socket_entry(skaddr, oldstate, newstate, process.tgid);
     let (netns, uid) = socket_identity(skaddr);
     KernelEvent {
-        sk_err: if newstate == TCP_CLOSE {
+        sk_err: if newstate == tcp_state::CLOSE {
             close_error(skaddr)
         } else {
             0
@@ -280,8 +287,8 @@ fn event(
         sport,
         dport,
         family,
-        oldstate: oldstate as u8,
-        newstate: newstate as u8,
+        oldstate,
+        newstate,
         recovered,
         ..blank_event(skaddr, process)
     }

@@ -4,12 +4,6 @@
 // What the programs share: maps, kernel offsets, reading and sending.
 use crate::*;
 
-/// `TCP_TIME_WAIT` and `TCP_NEW_SYN_RECV`: mini sockets, without a `struct sock` beyond the common part.
-const TCP_TIME_WAIT: u8 = 6;
-const TCP_NEW_SYN_RECV: u8 = 12;
-const TCP_SYN_RECV_STATE: u8 = 3;
-const TCP_LISTEN_STATE: u8 = 10;
-
 /// Set by the loader for a baseline: only what a live table keeps (no
 /// TIME_WAIT or request sockets, no queue sizes).
 #[no_mangle]
@@ -58,7 +52,7 @@ fn tcp_socket(sk: u64, uid: u32) -> Result<Option<TcpSocketRecord>, i64> {
     // SAFETY: bpf_probe_read_kernel checks the address.
     let head: Head = unsafe { bpf_probe_read_kernel(sk as *const Head) }.map_err(i64::from)?;
     let [state] = in_head(&head, &SKC_STATE);
-    let mini = state == TCP_TIME_WAIT || state == TCP_NEW_SYN_RECV;
+    let mini = state == tcp_state::TIME_WAIT || state == tcp_state::NEW_SYN_RECV;
     // SAFETY: the loader set the global; volatile keeps its initial 0 from being folded.
     let table_only = unsafe { core::ptr::read_volatile(&TABLE_ONLY) } != 0;
     if mini && table_only {
@@ -75,8 +69,8 @@ fn tcp_socket(sk: u64, uid: u32) -> Result<Option<TcpSocketRecord>, i64> {
         daddr = read_kernel(sk, &SKC_V6_DADDR)?;
     }
     let (shown_state, tx_queue, rx_queue, inode) = match state {
-        TCP_TIME_WAIT => (read_kernel(sk, &TW_SUBSTATE)?, 0, 0, 0),
-        TCP_NEW_SYN_RECV => (TCP_SYN_RECV_STATE, 0, 0, 0),
+        tcp_state::TIME_WAIT => (read_kernel(sk, &TW_SUBSTATE)?, 0, 0, 0),
+        tcp_state::NEW_SYN_RECV => (tcp_state::SYN_RECV, 0, 0, 0),
         _ if table_only => (state, 0, 0, socket_inode(sk)?),
         _ => {
             let (tx_queue, rx_queue) = queues(sk, state)?;
@@ -97,7 +91,7 @@ fn tcp_socket(sk: u64, uid: u32) -> Result<Option<TcpSocketRecord>, i64> {
         dport: u16::from_be_bytes(in_head(&head, &SKC_DPORT)),
         family,
         state: shown_state,
-        timewait: u8::from(state == TCP_TIME_WAIT),
+        timewait: u8::from(state == tcp_state::TIME_WAIT),
         _pad: [0; 4],
     }))
 }
@@ -107,7 +101,7 @@ fn tcp_socket(sk: u64, uid: u32) -> Result<Option<TcpSocketRecord>, i64> {
 fn queues(sk: u64, state: u8) -> Result<(u32, u32), i64> {
     let tx_queue =
         read_kernel::<u32>(sk, &TCP_WRITE_SEQ)?.wrapping_sub(read_kernel::<u32>(sk, &TCP_SND_UNA)?);
-    let rx_queue = if state == TCP_LISTEN_STATE {
+    let rx_queue = if state == tcp_state::LISTEN {
         read_kernel::<u32>(sk, &SK_ACK_BACKLOG)?
     } else {
         let unread = read_kernel::<u32>(sk, &TCP_RCV_NXT)?

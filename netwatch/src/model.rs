@@ -1,7 +1,7 @@
 //! The words every layer uses: what a socket, a transition, an owner and
 //! a loss are, in the terms netstat and the kernel use.
 
-use netwatch_common::ByteCounts;
+use netwatch_common::{tcp_state, ByteCounts};
 use serde::Serialize;
 use std::fmt::{self, Write as _};
 use std::net::{IpAddr, SocketAddr};
@@ -64,19 +64,20 @@ impl Proto {
 ///
 /// UDP sockets reuse the numbering: ESTABLISHED when connected, CLOSE otherwise.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
 pub enum TcpState {
-    Established = 1,
-    SynSent = 2,
-    SynRecv = 3,
-    FinWait1 = 4,
-    FinWait2 = 5,
-    TimeWait = 6,
-    Close = 7,
-    CloseWait = 8,
-    LastAck = 9,
-    Listen = 10,
-    Closing = 11,
-    NewSynRecv = 12,
+    Established = tcp_state::ESTABLISHED,
+    SynSent = tcp_state::SYN_SENT,
+    SynRecv = tcp_state::SYN_RECV,
+    FinWait1 = tcp_state::FIN_WAIT1,
+    FinWait2 = tcp_state::FIN_WAIT2,
+    TimeWait = tcp_state::TIME_WAIT,
+    Close = tcp_state::CLOSE,
+    CloseWait = tcp_state::CLOSE_WAIT,
+    LastAck = tcp_state::LAST_ACK,
+    Listen = tcp_state::LISTEN,
+    Closing = tcp_state::CLOSING,
+    NewSynRecv = tcp_state::NEW_SYN_RECV,
 }
 
 impl TcpState {
@@ -691,6 +692,9 @@ mod tests {
         assert_eq!(TcpState::from_kernel(10), Some(TcpState::Listen));
         assert_eq!(TcpState::from_kernel(12), Some(TcpState::NewSynRecv));
         assert_eq!(TcpState::from_kernel(0), None);
+        for state in TcpState::ALL {
+            assert_eq!(TcpState::from_kernel(state as u8), Some(state));
+        }
         assert_eq!(TcpState::from_kernel(13), None);
         assert_eq!(TcpState::FinWait1.name(), "FIN_WAIT1");
     }

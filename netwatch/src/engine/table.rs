@@ -222,10 +222,10 @@ const PROCESS_LIMIT: usize = 4096;
 /// Closed sockets remembered at most, to recognise a duplicated close.
 const CLOSED_LIMIT: usize = 65536;
 
-/// Whether a transition starts a new socket: connect() and listen() leave
-/// CLOSE, an accepted socket leaves its listener's LISTEN.
+/// Whether a transition starts a new socket (`tcp_state::opens`, the state
+/// program's rule too).
 fn opens(old: TcpState, new: TcpState) -> bool {
-    old == TcpState::Close || (old == TcpState::Listen && new != TcpState::Close)
+    netwatch_common::tcp_state::opens(old as u8, new as u8)
 }
 
 /// Moves `socket` to the transition's new state; returns the milliseconds
