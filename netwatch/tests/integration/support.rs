@@ -239,13 +239,7 @@ impl Watch {
         // SAFETY: signals our own child.
         unsafe { libc::kill(child.id() as i32, signal) };
         let status = child.wait().expect("netwatch exits");
-        self.seen.extend(self.records.iter());
-        Stopped {
-            records: std::mem::take(&mut self.seen),
-            stderr: self.stderr.iter().collect::<Vec<_>>().join("\n"),
-            success: status.success(),
-            code: status.code(),
-        }
+        self.exited(status)
     }
 
     /// Waits (at most `timeout`) for netwatch to exit by itself.
@@ -262,6 +256,11 @@ impl Watch {
             }
             thread::sleep(Duration::from_millis(50));
         };
+        self.exited(status)
+    }
+
+    /// What netwatch wrote, once it exited with `status`.
+    fn exited(&mut self, status: std::process::ExitStatus) -> Stopped {
         self.seen.extend(self.records.iter());
         Stopped {
             records: std::mem::take(&mut self.seen),
