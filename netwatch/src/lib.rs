@@ -11,6 +11,8 @@
 mod allocations;
 pub mod cli;
 mod engine;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod kernel;
 mod metrics;
 pub mod model;

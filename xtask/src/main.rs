@@ -5,6 +5,7 @@ mod bench;
 mod command;
 mod empty_programs;
 mod forking;
+mod fuzz;
 mod load;
 mod nginx;
 mod package;
@@ -46,6 +47,15 @@ enum Task {
     Test,
     /// Build the Debian package (target/debian/netwatch_VERSION_ARCH.deb).
     Dist,
+    /// Run each fuzz target (fuzz/) from its committed corpus for a bounded time.
+    Fuzz {
+        /// Seconds each target runs.
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+        /// The targets (all when none is named): ring_buffer, proc_net, btf,
+        /// syslog_target, command_line.
+        targets: Vec<String>,
+    },
     /// Measure netwatch against ss/netstat (snapshot), tcpstates (stream), over time (soak), its cost to TCP traffic (traffic), or beside a forking server (forking).
     Bench {
         /// Measure this netwatch binary (another commit's build, to compare)
@@ -81,6 +91,10 @@ fn main() -> anyhow::Result<()> {
             println!("xtask: built {}", deb.display());
             Ok(())
         }
+        Task::Fuzz { seconds, targets } => {
+            setup::ensure(&[&setup::BUILD, &setup::FUZZ])?;
+            fuzz::run_targets(&workspace_root(), seconds, &targets)
+        }
         Task::Bench { netwatch, which } => {
             setup::ensure(&[&setup::BUILD, &setup::BENCH])?;
             let netwatch = match netwatch {
@@ -108,13 +122,13 @@ fn run_netwatch(args: &[String]) -> anyhow::Result<()> {
 }
 
 fn test() -> anyhow::Result<()> {
-    setup::ensure(&[&setup::BUILD, &setup::TEST, &setup::DIST])?;
+    setup::ensure(&[&setup::BUILD, &setup::TEST, &setup::DIST, &setup::FUZZ])?;
     let root = workspace_root();
     run(cargo().current_dir(&root).args(["fmt", "--all", "--check"]))?;
     let host_crates = ["-p", "netwatch", "-p", "netwatch-common", "-p", "xtask"];
     run(cargo()
         .current_dir(&root)
-        .args(["clippy", "--all-targets"])
+        .args(["clippy", "--all-targets", "--features", "netwatch/fuzzing"])
         .args(host_crates)
         .args(["--", "-D", "warnings"]))?;
     // Alone and for its own target: a workspace-wide clippy would unify
@@ -136,6 +150,7 @@ fn test() -> anyhow::Result<()> {
         "warnings",
     ]))?;
     run(&mut cargo_test(&root, &host_crates))?;
+    fuzz::run_targets(&root, FUZZ_SECONDS, &[])?;
     // The owner tests again, each netwatch in them run as a service would
     // be: as uid 65534 with only the capabilities it needs (tracefs,
     // mode 0700, is closed to it).
@@ -154,6 +169,9 @@ fn test() -> anyhow::Result<()> {
         .join("debug/netwatch");
     service::check(&root, &debug_binary)
 }
+
+/// Seconds `cargo xtask test` fuzzes each target for.
+const FUZZ_SECONDS: u64 = 30;
 
 /// `cargo test ARGS`, one test at a time (tests that load eBPF programs
 /// share kernel state), as root.

@@ -72,6 +72,17 @@ pub const TEST: Needs = Needs {
     ],
     tools: &[],
 };
+/// Fuzzing: cargo-fuzz, and the C++ compiler libFuzzer is built with.
+pub const FUZZ: Needs = Needs {
+    packages: &["g++"],
+    tools: &[CargoTool {
+        name: "cargo-fuzz",
+        version: "0.13.2",
+        options: &[],
+        env: &[],
+        takes: "about a minute",
+    }],
+};
 /// What the benchmarks compare against or measure with (socat: the
 /// forking server; nginx and wrk: the real server and its load).
 pub const BENCH: Needs = Needs {

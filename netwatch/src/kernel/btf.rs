@@ -209,7 +209,7 @@ impl Btf {
     }
 
     /// Indexes a little-endian BTF blob, to look up members of `structs`.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn parse(data: Vec<u8>, structs: &[&str]) -> Result<Btf, BtfError> {
         Btf::index(Blob::Read(data), structs)
     }

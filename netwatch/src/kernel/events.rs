@@ -6,6 +6,15 @@ use netwatch_common::{event_kind, ByteCounts, KernelEvent, AF_INET6};
 
 use crate::model::{OwnerCause, OwnerEvent, Proto, Record, Task, TcpState, Transition, Tuple};
 
+/// The event in one ring buffer item; `None` when the item is shorter
+/// than an event (the kernel writes whole events, so it should not be).
+pub fn decode_event(item: &[u8]) -> Option<KernelEvent> {
+    (item.len() >= size_of::<KernelEvent>())
+        // SAFETY: the item holds a whole KernelEvent (checked length), and
+        // any bit pattern is a valid one.
+        .then(|| unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<KernelEvent>()) })
+}
+
 /// The record an event describes; `None` for a kind or state number the
 /// kernel should not send.
 pub fn to_record(event: &KernelEvent) -> Option<Record> {

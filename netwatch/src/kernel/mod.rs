@@ -19,6 +19,10 @@ mod privileges;
 mod probe;
 mod program_log;
 
+#[cfg(feature = "fuzzing")]
+pub use btf::Btf;
+#[cfg(feature = "fuzzing")]
+pub use events::decode_event;
 pub use events::to_record;
 pub use iterators::{Detail, SocketIterators};
 pub use privileges::keep_only_what_is_still_used;

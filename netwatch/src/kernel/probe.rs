@@ -21,6 +21,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 use super::btf::{kernel_offsets, OffsetsError};
+use super::events::decode_event;
 use super::loader::ebpf_loader;
 use super::netwatch_object;
 use super::prerequisites::{
@@ -466,9 +467,8 @@ where
 
 fn drain_ready(ring: &mut RingBuf<MapData>, handle: &mut impl FnMut(KernelEvent)) {
     while let Some(item) = ring.next() {
-        if item.len() >= size_of::<KernelEvent>() {
-            // SAFETY: the kernel wrote a whole KernelEvent (checked length); any bit pattern is valid.
-            handle(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<KernelEvent>()) });
+        if let Some(event) = decode_event(&item) {
+            handle(event);
         }
     }
 }

@@ -16,6 +16,8 @@ use std::thread;
 use rustc_hash::FxHashMap;
 
 pub use kernel_table::{KernelRead, KernelReader};
+#[cfg(feature = "fuzzing")]
+pub use proc_net::parse_table;
 use proc_net::SocketCounts;
 pub use proc_net::{ProcSocket, ProcTable};
 use processes::InodeOwners;

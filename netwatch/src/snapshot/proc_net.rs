@@ -179,7 +179,7 @@ pub fn scan_file(proto: Proto, dir: &str, each: &mut dyn FnMut(ProcSocket)) -> i
 const READ_CHUNK: usize = 256 * 1024;
 
 /// Parses a whole table, header included; malformed lines are skipped and counted.
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub fn parse_table(proto: Proto, contents: &[u8]) -> ProcTable {
     let mut sockets = Vec::with_capacity(contents.len() / 150);
     // Reading from memory cannot fail.
