@@ -408,8 +408,8 @@ fn floods_that_reconnect_cost_the_endpoint_little_and_scrapes_still_answer() {
     let cpu_before = thread_cpu_seconds(verify.pid(), "metrics");
     let until = Instant::now() + FLOOD;
     // Idle clients, clients that send a byte of a request and no more, and
-    // clients that send a whole request and read the answer slowly: each
-    // kind connects again as soon as the server closes it.
+    // clients that send a whole request and read its answer: each kind
+    // connects again as soon as the server closes it.
     let floods: Vec<_> = [
         (3000, &b""[..]),
         (300, &b"G"[..]),
