@@ -150,19 +150,42 @@ type Endpoint = ([u8; 16], u16);
 /// at the loader's offsets.
 #[inline(always)]
 fn read_tuple(sk: u64) -> Result<(u16, Endpoint, Endpoint), i64> {
-    let family: u16 = read_kernel(sk, &SKC_FAMILY)?;
+    let head = read_head(sk)?;
+    let family = u16::from_ne_bytes(in_head(&head, &SKC_FAMILY));
     let mut saddr = [0u8; 16];
     let mut daddr = [0u8; 16];
     if family == AF_INET {
-        saddr[..4].copy_from_slice(&read_kernel::<[u8; 4]>(sk, &SKC_RCV_SADDR)?);
-        daddr[..4].copy_from_slice(&read_kernel::<[u8; 4]>(sk, &SKC_DADDR)?);
+        saddr[..4].copy_from_slice(&in_head::<4>(&head, &SKC_RCV_SADDR));
+        daddr[..4].copy_from_slice(&in_head::<4>(&head, &SKC_DADDR));
     } else {
         saddr = read_kernel(sk, &SKC_V6_RCV_SADDR)?;
         daddr = read_kernel(sk, &SKC_V6_DADDR)?;
     }
     let sport = u16::from_be(read_kernel(sk, &INET_SPORT)?);
-    let dport = u16::from_be(read_kernel(sk, &SKC_DPORT)?);
+    let dport = u16::from_be_bytes(in_head(&head, &SKC_DPORT));
     Ok((family, (saddr, sport), (daddr, dport)))
+}
+
+/// The first bytes of `struct sock_common`, read at once (one probe read
+/// instead of one a field): the loader checks that the IPv4 addresses, the
+/// ports, the family and the state are all there (`SOCK_COMMON_HEAD`).
+type Head = [u8; SOCK_COMMON_HEAD];
+
+#[inline(always)]
+fn read_head(sk: u64) -> Result<Head, i64> {
+    // SAFETY: bpf_probe_read_kernel checks the address.
+    unsafe { bpf_probe_read_kernel(sk as *const Head) }.map_err(i64::from)
+}
+
+/// Field `field` (its offset in `head`, set by the loader) of the head.
+#[inline(always)]
+fn in_head<const N: usize>(head: &Head, field: &'static u32) -> [u8; N] {
+    let at = loaded(field) as usize;
+    let mut bytes = [0u8; N];
+    for (i, byte) in bytes.iter_mut().enumerate() {
+        *byte = head.get(at + i).copied().unwrap_or(0);
+    }
+    bytes
 }
 
 /// The process on the CPU: its tgid, name (the group leader's comm, as

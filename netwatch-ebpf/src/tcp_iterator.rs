@@ -30,27 +30,10 @@ pub fn tcp_sockets(ctx: *mut c_void) -> i32 {
     0
 }
 
-/// The first bytes of `struct sock_common`, read at once: the loader
-/// checks that the IPv4 addresses, the ports, the family and the state are
-/// all there (`SOCK_COMMON_HEAD`).
-type Head = [u8; SOCK_COMMON_HEAD];
-
-/// Field `field` (its offset in `head`, set by the loader) of the head.
-#[inline(always)]
-fn in_head<const N: usize>(head: &Head, field: &'static u32) -> [u8; N] {
-    let at = loaded(field) as usize;
-    let mut bytes = [0u8; N];
-    for (i, byte) in bytes.iter_mut().enumerate() {
-        *byte = head.get(at + i).copied().unwrap_or(0);
-    }
-    bytes
-}
-
 /// The record of socket `sk` (any of the three kinds), `None` when it is
 /// left out. `uid` is the one the kernel computed as /proc does.
 fn tcp_socket(sk: u64, uid: u32) -> Result<Option<TcpSocketRecord>, i64> {
-    // SAFETY: bpf_probe_read_kernel checks the address.
-    let head: Head = unsafe { bpf_probe_read_kernel(sk as *const Head) }.map_err(i64::from)?;
+    let head = read_head(sk)?;
     let [state] = in_head(&head, &SKC_STATE);
     let mini = state == tcp_state::TIME_WAIT || state == tcp_state::NEW_SYN_RECV;
     // SAFETY: the loader set the global; volatile keeps its initial 0 from being folded.

@@ -11,7 +11,10 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use aya_obj::btf::{BtfType, Func, FuncLinkage};
-use netwatch_common::{FILE_OFFSETS, SOCK_OFFSETS, SYSCALL_OFFSETS, TASK_OFFSETS, TCP_OFFSETS};
+use netwatch_common::{
+    FILE_OFFSETS, SOCK_COMMON_HEAD, SOCK_COMMON_HEAD_FIELDS, SOCK_OFFSETS, SYSCALL_OFFSETS,
+    TASK_OFFSETS, TCP_OFFSETS,
+};
 
 /// Where the kernel exposes its own BTF.
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
@@ -54,6 +57,8 @@ pub enum OffsetsError {
     Btf(#[from] BtfError),
     #[error("no offset is declared for the global {0}")]
     Undeclared(&'static str),
+    #[error("sock_common.{0} lies beyond the {SOCK_COMMON_HEAD} bytes the programs read at once")]
+    BeyondHead(&'static str),
 }
 
 /// What netwatch keeps of the kernel's BTF: every declared member offset,
@@ -100,13 +105,31 @@ pub fn kernel_offsets(
     fields: &[(&'static str, &str, &str)],
 ) -> Result<Vec<(&'static str, u32)>, OffsetsError> {
     let known = &kernel_types()?.offsets;
-    fields
+    let offsets = fields
         .iter()
         .map(|&(global, _, _)| match known.get(global) {
             Some(offset) => Ok((global, offset.clone()?)),
             None => Err(OffsetsError::Undeclared(global)),
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    check_head(&offsets)?;
+    Ok(offsets)
+}
+
+/// Checks that those of `offsets` the programs take from the head of
+/// `struct sock_common` (`SOCK_COMMON_HEAD_FIELDS`, read at once) lie
+/// within it, as they do in every kernel since 2.6.
+fn check_head(offsets: &[(&'static str, u32)]) -> Result<(), OffsetsError> {
+    for (global, offset) in offsets {
+        let size = SOCK_COMMON_HEAD_FIELDS
+            .iter()
+            .find(|(field, _)| field == global)
+            .map(|&(_, size)| size);
+        if size.is_some_and(|size| *offset as usize + size > SOCK_COMMON_HEAD) {
+            return Err(OffsetsError::BeyondHead(global));
+        }
+    }
+    Ok(())
 }
 
 /// What aya's `Iter::load` needs to attach to the `bpf_iter_<type>`
@@ -400,6 +423,23 @@ fn extra_bytes(kind: u32, vlen: usize) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn head_fields_must_lie_within_the_head() {
+        let mut offsets: Vec<(&'static str, u32)> = SOCK_COMMON_HEAD_FIELDS
+            .iter()
+            .map(|&(field, _)| (field, 0))
+            .chain([("SK_UID", 600)])
+            .collect();
+        assert!(check_head(&offsets).is_ok(), "other fields are anywhere");
+        offsets[4].1 = SOCK_COMMON_HEAD as u32 - 1;
+        assert!(matches!(
+            check_head(&offsets),
+            Err(OffsetsError::BeyondHead("SKC_FAMILY"))
+        ));
+        offsets[4].1 = SOCK_COMMON_HEAD as u32 - 2;
+        assert!(check_head(&offsets).is_ok(), "its last two bytes");
+    }
 
     /// A BTF blob: `struct outer { int a; union { int b; struct { int c; int d; }; }; int e:3; }`.
     fn sample() -> Vec<u8> {

@@ -11,8 +11,7 @@ use aya::programs::{Iter, ProgramError};
 use aya::Ebpf;
 use netwatch_common::{
     SocketFd, TcpSocketRecord, EVENTS_MAP, FILE_OFFSETS, SOCKETS_MAP, SOCKET_FDS_PROGRAM,
-    SOCKET_FD_UNREADABLE, SOCK_COMMON_HEAD, SOCK_COMMON_HEAD_FIELDS, SOCK_OFFSETS, TABLE_ONLY,
-    TCP_OFFSETS, TCP_SOCKETS_PROGRAM,
+    SOCKET_FD_UNREADABLE, SOCK_OFFSETS, TABLE_ONLY, TCP_OFFSETS, TCP_SOCKETS_PROGRAM,
 };
 
 use super::btf::{iterator_attach_points, kernel_offsets, OffsetsError};
@@ -39,10 +38,6 @@ pub enum IteratorError {
     Read(#[from] std::io::Error),
     #[error("the iterator could not read an fd of process {0}")]
     Unreadable(u32),
-    #[error(
-        "sock_common.{0} lies beyond the {SOCK_COMMON_HEAD} bytes the tcp iterator reads at once"
-    )]
-    BeyondHead(&'static str),
 }
 
 /// What a socket listing holds.
@@ -73,7 +68,6 @@ impl SocketIterators {
             .map_max_entries(EVENTS_MAP, 4096)
             .map_max_entries(SOCKETS_MAP, 64)
             .map_max_entries("AYA_LOGS", 4096);
-        check_head(&offsets)?;
         for (global, offset) in &offsets {
             loader.override_global(global, offset, true);
         }
@@ -140,21 +134,6 @@ impl SocketIterators {
             Ok((fds, not_entered))
         })
     }
-}
-
-/// Checks that the fields the tcp iterator takes from the head of
-/// `struct sock_common` lie within it.
-fn check_head(offsets: &[(&'static str, u32)]) -> Result<(), IteratorError> {
-    for (field, size) in SOCK_COMMON_HEAD_FIELDS {
-        let beyond = offsets
-            .iter()
-            .find(|(global, _)| *global == field)
-            .is_none_or(|&(_, offset)| offset as usize + size > SOCK_COMMON_HEAD);
-        if beyond {
-            return Err(IteratorError::BeyondHead(field));
-        }
-    }
-    Ok(())
 }
 
 /// Opens the iterator in each namespace, on the calling thread, which it
@@ -277,24 +256,6 @@ mod tests {
         assert_eq!(found.sport, listener.local_addr().unwrap().port());
         assert_eq!(found.state, 10, "LISTEN");
         assert_ne!(found.skaddr, 0);
-    }
-
-    #[test]
-    fn head_fields_must_lie_within_the_head() {
-        let mut offsets: Vec<(&'static str, u32)> = SOCK_COMMON_HEAD_FIELDS
-            .iter()
-            .map(|&(field, _)| (field, 0))
-            .collect();
-        assert!(check_head(&offsets).is_ok());
-        offsets[4].1 = SOCK_COMMON_HEAD as u32 - 1;
-        assert!(matches!(
-            check_head(&offsets),
-            Err(IteratorError::BeyondHead("SKC_FAMILY"))
-        ));
-        assert!(matches!(
-            check_head(&offsets[1..]),
-            Err(IteratorError::BeyondHead("SKC_DADDR"))
-        ));
     }
 
     #[test]
