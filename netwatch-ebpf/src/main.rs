@@ -151,19 +151,27 @@ type Endpoint = ([u8; 16], u16);
 #[inline(always)]
 fn read_tuple(sk: u64) -> Result<(u16, Endpoint, Endpoint), i64> {
     let head = read_head(sk)?;
-    let family = u16::from_ne_bytes(in_head(&head, &SKC_FAMILY));
+    let (family, saddr, daddr) = addresses(sk, &head)?;
+    let sport = u16::from_be(read_kernel(sk, &INET_SPORT)?);
+    let dport = u16::from_be_bytes(in_head(&head, &SKC_DPORT));
+    Ok((family, (saddr, sport), (daddr, dport)))
+}
+
+/// A socket's family and addresses (local, remote; IPv4 in the first 4
+/// bytes): from its head, or for IPv6 from `struct sock_common` beyond it.
+#[inline(always)]
+fn addresses(sk: u64, head: &Head) -> Result<(u16, [u8; 16], [u8; 16]), i64> {
+    let family = u16::from_ne_bytes(in_head(head, &SKC_FAMILY));
     let mut saddr = [0u8; 16];
     let mut daddr = [0u8; 16];
     if family == AF_INET {
-        saddr[..4].copy_from_slice(&in_head::<4>(&head, &SKC_RCV_SADDR));
-        daddr[..4].copy_from_slice(&in_head::<4>(&head, &SKC_DADDR));
+        saddr[..4].copy_from_slice(&in_head::<4>(head, &SKC_RCV_SADDR));
+        daddr[..4].copy_from_slice(&in_head::<4>(head, &SKC_DADDR));
     } else {
         saddr = read_kernel(sk, &SKC_V6_RCV_SADDR)?;
         daddr = read_kernel(sk, &SKC_V6_DADDR)?;
     }
-    let sport = u16::from_be(read_kernel(sk, &INET_SPORT)?);
-    let dport = u16::from_be_bytes(in_head(&head, &SKC_DPORT));
-    Ok((family, (saddr, sport), (daddr, dport)))
+    Ok((family, saddr, daddr))
 }
 
 /// The first bytes of `struct sock_common`, read at once (one probe read

@@ -41,16 +41,7 @@ fn tcp_socket(sk: u64, uid: u32) -> Result<Option<TcpSocketRecord>, i64> {
     if mini && table_only {
         return Ok(None);
     }
-    let family = u16::from_ne_bytes(in_head(&head, &SKC_FAMILY));
-    let mut saddr = [0u8; 16];
-    let mut daddr = [0u8; 16];
-    if family == AF_INET {
-        saddr[..4].copy_from_slice(&in_head::<4>(&head, &SKC_RCV_SADDR));
-        daddr[..4].copy_from_slice(&in_head::<4>(&head, &SKC_DADDR));
-    } else {
-        saddr = read_kernel(sk, &SKC_V6_RCV_SADDR)?;
-        daddr = read_kernel(sk, &SKC_V6_DADDR)?;
-    }
+    let (family, saddr, daddr) = addresses(sk, &head)?;
     let (shown_state, tx_queue, rx_queue, inode) = match state {
         tcp_state::TIME_WAIT => (read_kernel(sk, &TW_SUBSTATE)?, 0, 0, 0),
         tcp_state::NEW_SYN_RECV => (tcp_state::SYN_RECV, 0, 0, 0),
