@@ -57,13 +57,7 @@ pub trait Observer {
     /// The baseline is in the table (once, before any transition).
     fn baseline(&mut self, _snapshot: &Snapshot, _table: &SocketTable, _out: &mut Vec<u8>) {}
     /// A transition was applied to the table.
-    fn transition(
-        &mut self,
-        t: &Transition,
-        observed: Observed,
-        clock: &WallClock,
-        out: &mut Vec<u8>,
-    );
+    fn transition(&mut self, t: &Transition, seen: Observed, clock: &WallClock, out: &mut Vec<u8>);
     /// A socket's owner became another process, at monotonic time `ts_ns`.
     fn owner_changed(
         &mut self,
@@ -90,18 +84,19 @@ pub trait Observer {
     ) -> Vec<u64> {
         Vec::new()
     }
-    /// The monitor stops; the table holds what is still open, and
-    /// `summary` says what the run saw. `bytes` looks up a socket's byte
-    /// counts so far by its kernel address.
-    fn stopped(
-        &mut self,
-        _table: &SocketTable,
-        _bytes: &dyn Fn(u64) -> Option<ByteCounts>,
-        _clock: &WallClock,
-        _summary: &Summary,
-        _out: &mut Vec<u8>,
-    ) {
-    }
+    /// The monitor stops (`end` says with what).
+    fn stopped(&mut self, _end: &End<'_>, _out: &mut Vec<u8>) {}
+}
+
+/// What the monitor hands its observer when it stops.
+pub struct End<'a> {
+    /// What is still open.
+    pub table: &'a SocketTable,
+    /// A socket's byte counts so far, by its kernel address.
+    pub bytes: &'a dyn Fn(u64) -> Option<ByteCounts>,
+    pub clock: &'a WallClock,
+    /// What the run saw.
+    pub summary: &'a Summary,
 }
 
 /// What happened to the monitor itself, for the mode to record.
@@ -574,13 +569,13 @@ impl<O: Observer> Monitor<O> {
         counters.fired = counters.fired.map(|fired| fired - skipped_since);
         self.check_losses(source, counters, true)?;
         let summary = self.summary(started.elapsed());
-        self.observer.stopped(
-            &self.table,
-            &|skaddr| source.bytes(skaddr),
-            &self.clock,
-            &summary,
-            &mut self.output.buffer,
-        );
+        let end = End {
+            table: &self.table,
+            bytes: &|skaddr| source.bytes(skaddr),
+            clock: &self.clock,
+            summary: &summary,
+        };
+        self.observer.stopped(&end, &mut self.output.buffer);
         Ok(self.output.flush()?)
     }
 

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::cli::{AuditArgs, CgroupFilters};
 use crate::engine::clock::WallClock;
-use crate::engine::monitor::{self, Config, Notice, Observer, Summary};
+use crate::engine::monitor::{self, Config, End, Notice, Observer, Summary};
 use crate::engine::table::{LiveSocket, Observed, SocketTable};
 use crate::kernel;
 use crate::metrics::Metrics;
@@ -304,15 +304,9 @@ impl Observer for Audit {
         }
     }
 
-    fn transition(
-        &mut self,
-        t: &Transition,
-        observed: Observed,
-        clock: &WallClock,
-        out: &mut Vec<u8>,
-    ) {
+    fn transition(&mut self, t: &Transition, seen: Observed, clock: &WallClock, out: &mut Vec<u8>) {
         let now = clock.at(t.ts_ns);
-        if let Some(vanished) = &observed.replaced {
+        if let Some(vanished) = &seen.replaced {
             if vanished.state == TcpState::Listen {
                 self.listen(
                     SocketFields::of(vanished),
@@ -324,7 +318,7 @@ impl Observer for Audit {
                 self.conn(vanished, Ending::Vanished(now), Some(t.bytes), clock, out);
             }
         }
-        match (t.old, t.new, observed.closed) {
+        match (t.old, t.new, seen.closed) {
             (TcpState::Listen, TcpState::Close, Some(listener)) => {
                 let start = listener.opened_ns.map(|ns| clock.at(ns));
                 self.listen(SocketFields::of(&listener), start, Some(now), out)
@@ -337,7 +331,7 @@ impl Observer for Audit {
                 out,
             ),
             (TcpState::Close, TcpState::Listen, _) => {
-                let listener = SocketFields::new(observed.owner, t.uid, t.netns, &t.tuple);
+                let listener = SocketFields::new(seen.owner, t.uid, t.netns, &t.tuple);
                 self.listen(listener, Some(now), None, out)
             }
             _ => {}
@@ -365,14 +359,13 @@ impl Observer for Audit {
         let _ = output::write_json_line(out, &record);
     }
 
-    fn stopped(
-        &mut self,
-        table: &SocketTable,
-        bytes: &dyn Fn(u64) -> Option<ByteCounts>,
-        clock: &WallClock,
-        summary: &Summary,
-        out: &mut Vec<u8>,
-    ) {
+    fn stopped(&mut self, end: &End<'_>, out: &mut Vec<u8>) {
+        let End {
+            table,
+            bytes,
+            clock,
+            summary,
+        } = *end;
         let connections = || table.sockets().filter(|(_, s)| s.state != TcpState::Listen);
         let key = |socket: &LiveSocket| (socket.netns.or(self.netns), socket.tuple);
         let in_proc = open_in_proc(self.netns, connections().map(|(_, s)| key(s)).collect());

@@ -35,7 +35,7 @@ use serde::Serialize;
 
 use crate::cli::VerifyArgs;
 use crate::engine::clock::WallClock;
-use crate::engine::monitor::{self, Config, Notice, Observer, Summary};
+use crate::engine::monitor::{self, Config, End, Notice, Observer, Summary};
 use crate::engine::table::{LiveSocket, Observed, SocketTable};
 use crate::metrics::Metrics;
 use crate::model::{format_endpoint, OwnerChange, TcpState, Transition, Tuple};
@@ -269,7 +269,7 @@ impl Observer for Verify {
     fn transition(
         &mut self,
         t: &Transition,
-        _observed: Observed,
+        _seen: Observed,
         _clock: &WallClock,
         _out: &mut Vec<u8>,
     ) {
@@ -319,14 +319,7 @@ impl Observer for Verify {
         comparison.freed
     }
 
-    fn stopped(
-        &mut self,
-        _table: &SocketTable,
-        _bytes: &dyn Fn(u64) -> Option<netwatch_common::ByteCounts>,
-        _clock: &WallClock,
-        summary: &Summary,
-        out: &mut Vec<u8>,
-    ) {
+    fn stopped(&mut self, end: &End<'_>, out: &mut Vec<u8>) {
         let verdict = if self.checks == 0 {
             "nothing compared"
         } else if self.persisted_checks == 0 {
@@ -344,7 +337,7 @@ impl Observer for Verify {
             let record = SummaryRecord {
                 kind: "summary",
                 ts: output::rfc3339(SystemTime::now()),
-                counts: summary,
+                counts: end.summary,
                 checks: self.checks,
                 drift_checks: self.drift_checks,
                 persisting_checks: self.persisted_checks,

@@ -3,11 +3,9 @@
 
 use std::time::SystemTime;
 
-use netwatch_common::ByteCounts;
-
 use crate::cli::WatchArgs;
 use crate::engine::clock::WallClock;
-use crate::engine::monitor::{self, Config, Notice, Observer, Summary};
+use crate::engine::monitor::{self, Config, End, Notice, Observer};
 use crate::engine::table::{Observed, SocketTable};
 use crate::model::{OwnerChange, Transition};
 use crate::output::{self, CgroupFields, SocketRecord, StateRecord, StreamRecord, StreamWriter};
@@ -89,14 +87,8 @@ impl Observer for Stream {
         }
     }
 
-    fn transition(
-        &mut self,
-        t: &Transition,
-        observed: Observed,
-        clock: &WallClock,
-        out: &mut Vec<u8>,
-    ) {
-        let owner = observed.owner.as_ref();
+    fn transition(&mut self, t: &Transition, seen: Observed, clock: &WallClock, out: &mut Vec<u8>) {
+        let owner = seen.owner.as_ref();
         let pid = owner.map(|owner| owner.pid);
         if !self.args.filters.matches(&t.tuple, pid, &[t.old, t.new])
             || !self.args.cgroups.matches(owner)
@@ -109,7 +101,7 @@ impl Observer for Stream {
             tuple: &t.tuple,
             old: t.old,
             new: t.new,
-            ms: observed.ms_in_old_state,
+            ms: seen.ms_in_old_state,
         };
         self.writer.state(out, &record);
     }
@@ -154,19 +146,12 @@ impl Observer for Stream {
         let _ = output::write_json_line(out, &record);
     }
 
-    fn stopped(
-        &mut self,
-        _table: &SocketTable,
-        _bytes: &dyn Fn(u64) -> Option<ByteCounts>,
-        _clock: &WallClock,
-        summary: &Summary,
-        out: &mut Vec<u8>,
-    ) {
+    fn stopped(&mut self, end: &End<'_>, out: &mut Vec<u8>) {
         if self.args.json {
             let ts = output::rfc3339(SystemTime::now());
             let record = StreamRecord::Summary {
                 ts,
-                counts: summary,
+                counts: end.summary,
             };
             let _ = output::write_json_line(out, &record);
         }
