@@ -73,38 +73,86 @@ pub const NR_CPUS: &str = "NR_CPUS";
 /// the record only if the slot is reused before the socket closes.
 pub const BYTES_MAX_CPUS: u32 = 1024;
 
-/// Globals of the socket programs: byte offsets of `struct sock` fields,
-/// taken from the running kernel's BTF at load time, as (global, struct,
-/// member path).
-pub const SOCK_OFFSETS: [(&str, &str, &str); 13] = [
-    ("SK_PROTOCOL", "sock", "sk_protocol"),
-    ("SKC_FAMILY", "sock_common", "skc_family"),
-    ("SKC_DADDR", "sock_common", "skc_daddr"),
-    ("SKC_RCV_SADDR", "sock_common", "skc_rcv_saddr"),
-    ("SKC_DPORT", "sock_common", "skc_dport"),
-    ("SKC_V6_DADDR", "sock_common", "skc_v6_daddr"),
-    ("SKC_V6_RCV_SADDR", "sock_common", "skc_v6_rcv_saddr"),
-    ("INET_SPORT", "inet_sock", "inet_sport"),
-    ("SK_UID", "sock", "sk_uid"),
-    ("SKC_NET", "sock_common", "skc_net.net"),
-    ("NET_NS_INUM", "net", "ns.inum"),
-    ("SKC_STATE", "sock_common", "skc_state"),
-    ("SK_ERR", "sock", "sk_err"),
-];
+/// The kernel struct members netwatch's programs read, each by a global the
+/// loader sets to its byte offset from the running kernel's BTF: listed
+/// once, here, as (global: struct, member path). It hands the list to
+/// `$callback`: this crate makes from it the tables the loader reads
+/// (`SOCK_OFFSETS`, ...), the eBPF crate the globals it declares.
+#[macro_export]
+macro_rules! kernel_offset_tables {
+    ($callback:ident) => {
+        $callback! {
+            /// Globals of the socket programs: byte offsets of `struct sock` fields,
+            /// taken from the running kernel's BTF at load time, as (global, struct,
+            /// member path).
+            SOCK_OFFSETS {
+                SK_PROTOCOL: "sock", "sk_protocol";
+                SKC_FAMILY: "sock_common", "skc_family";
+                SKC_DADDR: "sock_common", "skc_daddr";
+                SKC_RCV_SADDR: "sock_common", "skc_rcv_saddr";
+                SKC_DPORT: "sock_common", "skc_dport";
+                SKC_V6_DADDR: "sock_common", "skc_v6_daddr";
+                SKC_V6_RCV_SADDR: "sock_common", "skc_v6_rcv_saddr";
+                INET_SPORT: "inet_sock", "inet_sport";
+                SK_UID: "sock", "sk_uid";
+                SKC_NET: "sock_common", "skc_net.net";
+                NET_NS_INUM: "net", "ns.inum";
+                SKC_STATE: "sock_common", "skc_state";
+                SK_ERR: "sock", "sk_err";
+            }
+            /// Globals of the owner programs: where a task's process name and start
+            /// time are, and the way from a task's fd to its socket.
+            TASK_OFFSETS {
+                TASK_GROUP_LEADER: "task_struct", "group_leader";
+                TASK_COMM: "task_struct", "comm";
+                TASK_START_TIME: "task_struct", "start_time";
+                TASK_FLAGS: "task_struct", "flags";
+                TASK_FILES: "task_struct", "files";
+                FILES_FDT: "files_struct", "fdt";
+                FDTABLE_MAX_FDS: "fdtable", "max_fds";
+                FDTABLE_FD: "fdtable", "fd";
+                SOCKET_SK: "socket", "sk";
+            }
+            /// Globals of the iterator (and of the accept program, which also finds a
+            /// socket from a file): byte offsets taken from the kernel's BTF.
+            FILE_OFFSETS {
+                TASK_TGID: "task_struct", "tgid";
+                FILE_F_INODE: "file", "f_inode";
+                FILE_PRIVATE_DATA: "file", "private_data";
+                INODE_I_MODE: "inode", "i_mode";
+                INODE_I_INO: "inode", "i_ino";
+            }
+            /// Globals of the tcp iterator: the fields /proc/net/tcp prints, as
+            /// (global, struct, member path). `SOCK_OFFSETS` give the addresses and
+            /// the namespace, `FILE_OFFSETS` the inode number.
+            TCP_OFFSETS {
+                SKC_NUM: "sock_common", "skc_num";
+                TW_SUBSTATE: "inet_timewait_sock", "tw_substate";
+                TCP_RCV_NXT: "tcp_sock", "rcv_nxt";
+                TCP_COPIED_SEQ: "tcp_sock", "copied_seq";
+                TCP_WRITE_SEQ: "tcp_sock", "write_seq";
+                TCP_SND_UNA: "tcp_sock", "snd_una";
+                SK_ACK_BACKLOG: "sock", "sk_ack_backlog";
+                SK_SOCKET: "sock", "sk_socket";
+                SOCKET_ALLOC_VFS_INODE: "socket_alloc", "vfs_inode";
+            }
+        }
+    };
+}
 
-/// Globals of the owner programs: where a task's process name and start
-/// time are, and the way from a task's fd to its socket.
-pub const TASK_OFFSETS: [(&str, &str, &str); 9] = [
-    ("TASK_GROUP_LEADER", "task_struct", "group_leader"),
-    ("TASK_COMM", "task_struct", "comm"),
-    ("TASK_START_TIME", "task_struct", "start_time"),
-    ("TASK_FLAGS", "task_struct", "flags"),
-    ("TASK_FILES", "task_struct", "files"),
-    ("FILES_FDT", "files_struct", "fdt"),
-    ("FDTABLE_MAX_FDS", "fdtable", "max_fds"),
-    ("FDTABLE_FD", "fdtable", "fd"),
-    ("SOCKET_SK", "socket", "sk"),
-];
+/// Each table of `kernel_offset_tables` as an array of (global, struct,
+/// member path).
+macro_rules! offset_arrays {
+    ($($(#[$doc:meta])* $table:ident { $($global:ident: $struct:literal, $member:literal;)* })*) => {
+        $(
+            $(#[$doc])*
+            pub const $table: [(&str, &str, &str); [$(stringify!($global)),*].len()] =
+                [$((stringify!($global), $struct, $member)),*];
+        )*
+    };
+}
+
+kernel_offset_tables!(offset_arrays);
 
 /// Global of `SYSCALL_EXIT_PROGRAM`: where `struct pt_regs` holds the
 /// number of the system call (an architecture's own member; none declared
@@ -119,16 +167,6 @@ pub const SYSCALL_OFFSETS: [(&str, &str, &str); 0] = [];
 
 /// Name of the task_file iterator that lists socket fds (root's fast fd walk).
 pub const SOCKET_FDS_PROGRAM: &str = "socket_fds";
-
-/// Globals of the iterator (and of the accept program, which also finds a
-/// socket from a file): byte offsets taken from the kernel's BTF.
-pub const FILE_OFFSETS: [(&str, &str, &str); 5] = [
-    ("TASK_TGID", "task_struct", "tgid"),
-    ("FILE_F_INODE", "file", "f_inode"),
-    ("FILE_PRIVATE_DATA", "file", "private_data"),
-    ("INODE_I_MODE", "inode", "i_mode"),
-    ("INODE_I_INO", "inode", "i_ino"),
-];
 
 /// What the iterator writes for each socket fd of each process.
 #[repr(C)]
@@ -157,21 +195,6 @@ pub const TCP_SOCKETS_PROGRAM: &str = "tcp_sockets";
 /// Global set to 1 by the loader when the tcp iterator is to list only what
 /// a live table keeps: no TIME_WAIT or request sockets, and no queue sizes.
 pub const TABLE_ONLY: &str = "TABLE_ONLY";
-
-/// Globals of the tcp iterator: the fields /proc/net/tcp prints, as
-/// (global, struct, member path). `SOCK_OFFSETS` give the addresses and
-/// the namespace, `FILE_OFFSETS` the inode number.
-pub const TCP_OFFSETS: [(&str, &str, &str); 9] = [
-    ("SKC_NUM", "sock_common", "skc_num"),
-    ("TW_SUBSTATE", "inet_timewait_sock", "tw_substate"),
-    ("TCP_RCV_NXT", "tcp_sock", "rcv_nxt"),
-    ("TCP_COPIED_SEQ", "tcp_sock", "copied_seq"),
-    ("TCP_WRITE_SEQ", "tcp_sock", "write_seq"),
-    ("TCP_SND_UNA", "tcp_sock", "snd_una"),
-    ("SK_ACK_BACKLOG", "sock", "sk_ack_backlog"),
-    ("SK_SOCKET", "sock", "sk_socket"),
-    ("SOCKET_ALLOC_VFS_INODE", "socket_alloc", "vfs_inode"),
-];
 
 /// Bytes at the start of `struct sock_common` that the tcp iterator reads at
 /// once: the fields it takes from there (`SOCK_COMMON_HEAD_FIELDS`) must

@@ -84,59 +84,30 @@ const WAKEUP_AFTER_NS: u64 = 5_000_000;
 /// 2 MiB ring.
 const WAKEUP_GAP_NS: u64 = 1_000_000;
 
-/// Declares the field offsets that the loader sets from the kernel's BTF
-/// (`netwatch_common::SOCK_OFFSETS` and `FILE_OFFSETS` name them).
-macro_rules! kernel_offsets {
-    ($($name:ident),*) => {
-        $(
+/// Declares each global of `netwatch_common::kernel_offset_tables`, the
+/// field offsets the loader sets from the kernel's BTF.
+macro_rules! offset_globals {
+    ($($(#[$doc:meta])* $table:ident { $($global:ident: $struct:literal, $member:literal;)* })*) => {
+        $($(
             #[no_mangle]
-            static $name: u32 = 0;
-        )*
+            static $global: u32 = 0;
+        )*)*
     };
 }
 
-kernel_offsets!(
-    TASK_TGID,
-    TASK_GROUP_LEADER,
-    TASK_COMM,
-    TASK_START_TIME,
-    TASK_FLAGS,
-    TASK_FILES,
-    FILES_FDT,
-    FDTABLE_MAX_FDS,
-    FDTABLE_FD,
-    SOCKET_SK,
-    FILE_F_INODE,
-    FILE_PRIVATE_DATA,
-    INODE_I_MODE,
-    INODE_I_INO,
-    SK_PROTOCOL,
-    SKC_FAMILY,
-    SKC_DADDR,
-    SKC_RCV_SADDR,
-    SKC_DPORT,
-    SKC_V6_DADDR,
-    SKC_V6_RCV_SADDR,
-    INET_SPORT,
-    SK_UID,
-    SKC_NET,
-    NET_NS_INUM,
-    SKC_STATE,
-    SK_ERR,
-    SKC_NUM,
-    TW_SUBSTATE,
-    TCP_RCV_NXT,
-    TCP_COPIED_SEQ,
-    TCP_WRITE_SEQ,
-    TCP_SND_UNA,
-    SK_ACK_BACKLOG,
-    SK_SOCKET,
-    SOCKET_ALLOC_VFS_INODE,
-    PT_REGS_SYSCALL_NR,
-    SOCK_LAYOUT_KNOWN,
-    COUNTS_BYTES,
-    NR_CPUS
-);
+netwatch_common::kernel_offset_tables!(offset_globals);
+
+/// The loader's other globals: the system call number's offset
+/// (`SYSCALL_OFFSETS`, an architecture's own), and what it knows or attached
+/// (`SOCK_LAYOUT_KNOWN`, `COUNTS_BYTES`, `NR_CPUS`).
+#[no_mangle]
+static PT_REGS_SYSCALL_NR: u32 = 0;
+#[no_mangle]
+static SOCK_LAYOUT_KNOWN: u32 = 0;
+#[no_mangle]
+static COUNTS_BYTES: u32 = 0;
+#[no_mangle]
+static NR_CPUS: u32 = 0;
 
 /// `task_struct.flags`: a kernel thread (its sends are the kernel's own).
 const PF_KTHREAD: u32 = 0x0020_0000;
