@@ -179,27 +179,22 @@ struct Audit {
     cgroups: CgroupFilters,
 }
 
-/// Which of `wanted` (by namespace, `own` for netwatch's, and tuple) /proc
-/// lists open in any namespace (TIME_WAIT mini sockets left out), to tell
-/// the table's sockets still open from those freed without a trace; `None`
-/// when /proc cannot be read. The tables are scanned a chunk at a time:
-/// tens of thousands of TIME_WAIT sockets at exit cost no memory.
-fn open_in_proc(
+/// Which of `sockets` (by namespace, `own` for netwatch's, and tuple)
+/// /proc lists open in no namespace (TIME_WAIT mini sockets left out): the
+/// table's sockets freed without a trace; `None` when /proc cannot be
+/// read. The tables are scanned a chunk at a time: tens of thousands of
+/// TIME_WAIT sockets at exit cost no memory.
+fn missing_from_proc(
     own: Option<u32>,
-    mut wanted: HashSet<(Option<u32>, Tuple)>,
+    mut sockets: HashSet<(Option<u32>, Tuple)>,
 ) -> Option<HashSet<(Option<u32>, Tuple)>> {
-    let mut open = HashSet::new();
     snapshot::scan_every_namespace(&[Proto::Tcp, Proto::Tcp6], &mut |socket| {
-        if socket.timewait || socket.state == TcpState::TimeWait {
-            return;
-        }
-        let key = (socket.netns.or(own), socket.tuple());
-        if let Some(key) = wanted.take(&key) {
-            open.insert(key);
+        if !socket.timewait && socket.state != TcpState::TimeWait {
+            sockets.remove(&(socket.netns.or(own), socket.tuple()));
         }
     })
     .ok()?;
-    Some(open)
+    Some(sockets)
 }
 
 /// How a connection's record ends.
@@ -368,15 +363,14 @@ impl Observer for Audit {
         } = *end;
         let connections = || table.sockets().filter(|(_, s)| s.state != TcpState::Listen);
         let key = |socket: &LiveSocket| (socket.netns.or(self.netns), socket.tuple);
-        let in_proc = open_in_proc(self.netns, connections().map(|(_, s)| key(s)).collect());
+        let missing = missing_from_proc(self.netns, connections().map(|(_, s)| key(s)).collect());
         let now = SystemTime::now();
         for (skaddr, socket) in connections() {
             let counted = skaddr
                 .and_then(bytes)
                 .or(socket.opened_ns.map(|_| ByteCounts::default()));
-            let key = key(socket);
-            let ending = match &in_proc {
-                Some(open) if !open.contains(&key) => Ending::Vanished(now),
+            let ending = match &missing {
+                Some(missing) if missing.contains(&key(socket)) => Ending::Vanished(now),
                 _ => Ending::Open,
             };
             self.conn(socket, ending, counted, clock, out);
