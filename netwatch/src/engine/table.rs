@@ -357,11 +357,17 @@ impl SocketTable {
     /// a traced CLOSE (counted as vanished); `None` if the table has none.
     pub fn forget_freed(&mut self, skaddr: u64) -> Option<LiveSocket> {
         let socket = self.bound.remove(&skaddr)?;
+        self.count_vanished(&socket);
+        Some(socket)
+    }
+
+    /// Counts `socket`, taken out of the table, as freed without a traced
+    /// CLOSE (a listener leaves the listeners too).
+    fn count_vanished(&mut self, socket: &LiveSocket) {
         if socket.state == TcpState::Listen {
-            self.remove_listener(&socket);
+            self.remove_listener(socket);
         }
         self.vanished += 1;
-        Some(socket)
     }
 
     /// Whether a recovered transition repeats one already applied. A socket
@@ -409,10 +415,7 @@ impl SocketTable {
                     socket.read_ns = read.read_ns;
                 }
                 Some(stale) => {
-                    if stale.state == TcpState::Listen {
-                        self.remove_listener(&stale);
-                    }
-                    self.vanished += 1;
+                    self.count_vanished(&stale);
                     replaced = Some(stale);
                 }
                 None => {}
