@@ -58,6 +58,20 @@ pub struct ProcTable {
     pub malformed_lines: usize,
 }
 
+impl ProcTable {
+    /// The sockets `scan` hands its callback, and the malformed lines it counts.
+    fn collect(
+        scan: impl FnOnce(&mut dyn FnMut(ProcSocket)) -> io::Result<usize>,
+    ) -> io::Result<ProcTable> {
+        let mut sockets = Vec::new();
+        let malformed_lines = scan(&mut |socket| sockets.push(socket))?;
+        Ok(ProcTable {
+            sockets,
+            malformed_lines,
+        })
+    }
+}
+
 /// What /proc/net/sockstat and sockstat6 count in one network namespace.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketCounts {
@@ -121,25 +135,14 @@ impl SocketCounts {
 /// Reads and parses one table of netwatch's network namespace (see
 /// [`scan_file`]).
 pub fn read_table(proto: Proto) -> io::Result<ProcTable> {
-    let mut sockets = Vec::new();
-    let malformed_lines = scan_file(proto, "/proc", &mut |socket| sockets.push(socket))?;
-    Ok(ProcTable {
-        sockets,
-        malformed_lines,
-    })
+    ProcTable::collect(|each| scan_file(proto, "/proc", each))
 }
 
 /// Reads one table of network namespace `netns` through a task in it
 /// (`task` is its /proc directory). A task gone meanwhile gives an empty
 /// table.
 pub fn read_table_of(proto: Proto, task: &str, netns: u32) -> ProcTable {
-    let mut sockets = Vec::new();
-    let malformed_lines =
-        scan_file_of(proto, task, netns, &mut |socket| sockets.push(socket)).unwrap_or_default();
-    ProcTable {
-        sockets,
-        malformed_lines,
-    }
+    ProcTable::collect(|each| scan_file_of(proto, task, netns, each)).unwrap_or_default()
 }
 
 /// [`scan_file`] of a task's /proc directory in network namespace
@@ -181,14 +184,8 @@ const READ_CHUNK: usize = 256 * 1024;
 /// Parses a whole table, header included; malformed lines are skipped and counted.
 #[cfg(any(test, feature = "fuzzing"))]
 pub fn parse_table(proto: Proto, contents: &[u8]) -> ProcTable {
-    let mut sockets = Vec::with_capacity(contents.len() / 150);
     // Reading from memory cannot fail.
-    let malformed_lines =
-        scan_table(proto, contents, &mut |socket| sockets.push(socket)).unwrap_or_default();
-    ProcTable {
-        sockets,
-        malformed_lines,
-    }
+    ProcTable::collect(|each| scan_table(proto, contents, each)).unwrap_or_default()
 }
 
 /// Calls `each` with the socket of every well-formed line `reader` gives
