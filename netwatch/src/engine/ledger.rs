@@ -65,7 +65,7 @@ impl LossLedger {
         self.refused_repeats = self
             .refused_repeats
             .max((self.recovered + now.recoveries_refused).saturating_sub(now.skipped));
-        let refused = now.recoveries_refused.saturating_sub(self.refused_repeats);
+        let refused = self.recoveries_refused();
         let ring_buffer_full = now.ring_buffer_full.saturating_sub(self.refused_repeats);
         // A skipped call whose recovery the full ring buffer refused is a
         // ring buffer loss already: counting it here too would make

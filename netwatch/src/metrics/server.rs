@@ -108,11 +108,11 @@ fn defer_accept(socket: &TcpSocket) -> std::io::Result<()> {
 }
 
 /// The accepts allowed: `ACCEPTS_PER_SECOND`, `MAX_CONNECTIONS` at once (a
-/// token bucket, kept as the time it is next empty: exact in nanoseconds).
+/// token bucket, kept as the time it is full again: exact in nanoseconds).
 #[derive(Debug)]
 struct AcceptBudget {
-    /// When the bucket is empty again if no accept comes meanwhile.
-    empty_at: Instant,
+    /// When the bucket is full again if no accept comes meanwhile.
+    full_at: Instant,
 }
 
 /// The time one accept takes from the budget.
@@ -120,18 +120,18 @@ const ACCEPT_INTERVAL: Duration = Duration::from_nanos(1_000_000_000 / ACCEPTS_P
 
 impl AcceptBudget {
     fn new(now: Instant) -> AcceptBudget {
-        AcceptBudget { empty_at: now }
+        AcceptBudget { full_at: now }
     }
 
     /// Spends one accept at `now`, or says how long to wait for one.
     fn spend(&mut self, now: Instant) -> Result<(), Duration> {
-        let empty_at = self.empty_at.max(now);
+        let full_at = self.full_at.max(now);
         let burst = ACCEPT_INTERVAL * (MAX_CONNECTIONS as u32 - 1);
-        let earliest = empty_at.checked_sub(burst).unwrap_or(now);
+        let earliest = full_at.checked_sub(burst).unwrap_or(now);
         if now < earliest {
             return Err(earliest - now);
         }
-        self.empty_at = empty_at + ACCEPT_INTERVAL;
+        self.full_at = full_at + ACCEPT_INTERVAL;
         Ok(())
     }
 }
