@@ -65,6 +65,18 @@ impl Process {
         })
     }
 
+    /// A process as `owner` names it, for tests of what records show.
+    #[cfg(test)]
+    pub fn of(owner: &Owner) -> Rc<Process> {
+        Process::new(
+            owner.pid,
+            None,
+            None,
+            owner.program.clone(),
+            owner.image.clone(),
+        )
+    }
+
     /// The process as records name it: its pid, current name and image.
     pub fn owner(&self) -> Owner {
         Owner {

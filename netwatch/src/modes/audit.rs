@@ -383,3 +383,88 @@ impl Observer for Audit {
         let _ = output::write_json_line(out, &record);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::engine::table::Process;
+    use crate::model::Direction;
+    use crate::output::fixtures::{assert_golden, owners, tuples, STAMPS};
+
+    fn audit() -> Audit {
+        Audit {
+            metrics: Arc::new(Metrics::new(1 << 20)),
+            netns: None,
+            cgroups: CgroupFilters::default(),
+        }
+    }
+
+    /// Errors a connection closes with: none, each kind audit names, an
+    /// errno with a name and one without.
+    const ERRORS: [Option<u16>; 9] = [
+        None,
+        Some(0),
+        Some(111),
+        Some(110),
+        Some(104),
+        Some(32),
+        Some(113),
+        Some(71),
+        Some(4000),
+    ];
+
+    /// A connection or listener whose fields vary with `case`.
+    fn socket(case: usize, tuple: Tuple, owner: Option<&Owner>) -> LiveSocket {
+        let state = TcpState::ALL[case % TcpState::ALL.len()];
+        LiveSocket {
+            process: owner.map(Process::of),
+            owner_changed: case % 3 == 1,
+            established: case % 2 == 0,
+            uid: [Some(0), Some(1000), None][case % 3],
+            netns: [None, Some(4_026_531_840)][case % 2],
+            direction: [Direction::Out, Direction::In, Direction::Unknown][case % 3],
+            opened_ns: (case % 5 != 0).then(|| STAMPS[case % STAMPS.len()]),
+            previous: (case % 4 != 0).then(|| TcpState::ALL[(case + 3) % TcpState::ALL.len()]),
+            ..LiveSocket::unknown(tuple, state, None)
+        }
+    }
+
+    /// Every conn and listen record audit writes for the golden cases.
+    fn render() -> Vec<u8> {
+        let audit = audit();
+        let clock =
+            WallClock::anchored(SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_000_000));
+        let mut out = Vec::new();
+        let mut case = 0usize;
+        for tuple in tuples() {
+            for owner in owners() {
+                case += 1;
+                let socket = socket(case, tuple, owner.as_ref());
+                let end = clock.at(STAMPS[(case + 2) % STAMPS.len()] + 1_234_567);
+                let ending = match case % 3 {
+                    0 => Ending::Closed(end, ERRORS[case / 3 % ERRORS.len()]),
+                    1 => Ending::Vanished(end),
+                    _ => Ending::Open,
+                };
+                let bytes = (case % 4 != 3).then_some(ByteCounts {
+                    sent: case as u64 * 1_000_003,
+                    received: u64::MAX - case as u64,
+                });
+                audit.conn(&socket, ending, bytes, &clock, &mut out);
+                let start = socket.opened_ns.map(|ns| clock.at(ns));
+                let closed = (case % 2 == 0).then_some(end);
+                audit.listen(SocketFields::of(&socket), start, closed, &mut out);
+            }
+        }
+        out
+    }
+
+    /// The exact bytes of every conn and listen record: what a faster
+    /// writer must reproduce.
+    #[test]
+    fn audit_records_keep_their_exact_bytes() {
+        assert_golden("audit.jsonl", &render());
+    }
+}

@@ -3,6 +3,8 @@
 //! (`stream`), built on byte writers (`bytes`).
 
 mod bytes;
+#[cfg(test)]
+pub mod fixtures;
 mod stream;
 
 pub use stream::{StateRecord, StreamWriter};
