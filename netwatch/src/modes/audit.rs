@@ -16,8 +16,10 @@ use crate::engine::monitor::{self, Config, End, Notice, Observer, Summary};
 use crate::engine::table::{LiveSocket, Observed, SocketTable};
 use crate::kernel;
 use crate::metrics::Metrics;
-use crate::model::{CommandLine, ConnResult, LossCause, Owner, Proto, TcpState, Transition, Tuple};
-use crate::output::{self, Addr, CgroupFields, Timestamp};
+use crate::model::{ConnResult, LossCause, Owner, Proto, TcpState, Transition, Tuple};
+use crate::output::{
+    self, AuditSocket, AuditWriter, ConnRecord, ListenRecord, Timestamp, AUDIT_SCHEMA,
+};
 use crate::sink::Sink;
 use crate::snapshot::{self, Snapshot};
 use crate::syslog::Syslog;
@@ -25,12 +27,6 @@ use anyhow::Context as _;
 use netwatch_common::ByteCounts;
 use std::collections::HashSet;
 use std::sync::Arc;
-
-/// Version of the record layout; bumped when a field changes meaning or goes away.
-/// 2: `pid` and `program` of an accepted connection are the process that
-/// owned it when it closed (the accepting process, or the one it was handed
-/// to), no longer its listener's owner; `owner_changed` is new.
-pub const SCHEMA: u32 = 2;
 
 /// Writes records until SIGINT or SIGTERM.
 pub fn run(args: AuditArgs) -> anyhow::Result<()> {
@@ -54,53 +50,17 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
         metrics: config.metrics.clone(),
         netns: config.netns,
         cgroups: args.cgroups,
+        writer: AuditWriter::default(),
     };
     monitor::run(config, audit, sink)?;
     Ok(())
 }
 
-/// One audit record (a JSON line).
+/// One of audit's rarer records (a JSON line): conn and listen records
+/// are written by [`AuditWriter`].
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AuditRecord {
-    /// A connection: at its close, or still open when audit stopped (`end` null).
-    Conn {
-        schema: u32,
-        /// Null when it opened before audit started (direction "unknown").
-        start: Option<Timestamp>,
-        end: Option<Timestamp>,
-        duration_ms: Option<f64>,
-        #[serde(flatten)]
-        socket: SocketFields,
-        direction: &'static str,
-        remote_addr: Addr,
-        remote_port: u16,
-        /// Null when not counted: a connection from before audit started, still open.
-        bytes_sent: Option<u64>,
-        bytes_received: Option<u64>,
-        /// The state the connection left for CLOSE, or its last state.
-        last_state: &'static str,
-        /// Whether the kernel traced its change to CLOSE. When not, `end` is
-        /// when netwatch found it gone (an upper bound), or null: still open.
-        close_seen: bool,
-        /// Whether its owner changed from one process to another while
-        /// audit watched it (`pid` is the last owner).
-        owner_changed: bool,
-        /// "ok", or how it failed: "refused", "timeout", "reset",
-        /// "unreachable", "aborted" or an errno name; null when unknown (a
-        /// connection that vanished or was still open before ESTABLISHED).
-        result: Option<std::borrow::Cow<'static, str>>,
-    },
-    /// A listener that opened (`end` null) or closed.
-    Listen {
-        schema: u32,
-        event: &'static str,
-        /// Null when it was listening before audit started.
-        start: Option<Timestamp>,
-        end: Option<Timestamp>,
-        #[serde(flatten)]
-        socket: SocketFields,
-    },
     /// Something failed that audit went on after (a resync, a reopen of
     /// its output): records may be late or missing there.
     Failure {
@@ -125,48 +85,13 @@ pub enum AuditRecord {
     },
 }
 
-/// The fields every socket record shares.
-#[derive(Debug, Serialize)]
-pub struct SocketFields {
-    pid: Option<u32>,
-    program: Option<Arc<str>>,
-    /// The owner's arguments, as /proc/PID/cmdline held them when it became the owner.
-    cmdline: Option<Arc<CommandLine>>,
-    /// The owner's executable (/proc/PID/exe), read with its command line.
-    exe: Option<Arc<str>>,
-    /// The owner's cgroup (v2) path, and the systemd unit and container it names.
-    #[serde(flatten)]
-    cgroup: CgroupFields,
-    uid: Option<u32>,
-    netns: Option<u32>,
-    proto: &'static str,
-    local_addr: Addr,
-    local_port: u16,
-}
-
-impl SocketFields {
-    fn new(owner: Option<Owner>, uid: Option<u32>, netns: Option<u32>, tuple: &Tuple) -> Self {
-        let image = owner.as_ref().and_then(|owner| owner.image.as_deref());
-        let cmdline = image.and_then(|image| image.cmdline.clone());
-        let exe = image.and_then(|image| image.exe.clone());
-        let cgroup = CgroupFields::of(owner.as_ref());
-        let (pid, program) = owner.map(|owner| (owner.pid, owner.program)).unzip();
-        SocketFields {
-            pid,
-            program,
-            cmdline,
-            exe,
-            cgroup,
-            uid,
-            netns,
-            proto: tuple.proto.name(),
-            local_addr: Addr(tuple.local.ip()),
-            local_port: tuple.local.port(),
-        }
-    }
-
-    fn of(socket: &LiveSocket) -> SocketFields {
-        SocketFields::new(socket.owner(), socket.uid, socket.netns, &socket.tuple)
+/// What audit's records say of a socket the table holds, owned by `owner`.
+fn socket_fields<'a>(socket: &'a LiveSocket, owner: Option<&'a Owner>) -> AuditSocket<'a> {
+    AuditSocket {
+        owner,
+        uid: socket.uid,
+        netns: socket.netns,
+        tuple: &socket.tuple,
     }
 }
 
@@ -177,6 +102,7 @@ struct Audit {
     netns: Option<u32>,
     /// `--unit` and `--container`: the records written are those they pass.
     cgroups: CgroupFilters,
+    writer: AuditWriter,
 }
 
 /// Which of `sockets` (by namespace, `own` for netwatch's, and tuple)
@@ -211,15 +137,15 @@ enum Ending {
 
 impl Audit {
     fn conn(
-        &self,
+        &mut self,
         socket: &LiveSocket,
         ending: Ending,
         bytes: Option<ByteCounts>,
         clock: &WallClock,
         out: &mut Vec<u8>,
     ) {
-        let fields = SocketFields::of(socket);
-        if !self.passes(&fields) {
+        let owner = socket.owner();
+        if !self.passes(owner.as_ref()) {
             return;
         }
         let (end, last_state) = match ending {
@@ -240,62 +166,64 @@ impl Audit {
         let duration_ms = start.zip(end).map(|(start, end)| {
             end.duration_since(start).unwrap_or_default().as_micros() as f64 / 1e3
         });
-        let record = AuditRecord::Conn {
-            schema: SCHEMA,
-            start: start.map(Timestamp),
-            end: end.map(Timestamp),
+        let record = ConnRecord {
+            start,
+            end,
             duration_ms,
-            socket: fields,
-            direction: socket.direction.name(),
-            remote_addr: Addr(socket.tuple.remote.ip()),
-            remote_port: socket.tuple.remote.port(),
-            bytes_sent: bytes.map(|bytes| bytes.sent),
-            bytes_received: bytes.map(|bytes| bytes.received),
-            last_state: last_state.name(),
+            socket: socket_fields(socket, owner.as_ref()),
+            direction: socket.direction,
+            bytes,
+            last_state,
             close_seen: matches!(ending, Ending::Closed(..)),
             owner_changed: socket.owner_changed,
-            result: result.map(ConnResult::name),
+            result,
         };
-        // Writing to a Vec cannot fail.
-        let _ = output::write_json_line(out, &record);
+        self.writer.conn(out, &record);
         self.metrics.conn_records.inc();
     }
 
-    /// Whether a record of a socket with these fields passes `--unit` and `--container`.
-    fn passes(&self, fields: &SocketFields) -> bool {
+    /// Whether a record of a socket with this owner passes `--unit` and `--container`.
+    fn passes(&self, owner: Option<&Owner>) -> bool {
+        let cgroup = owner.and_then(Owner::cgroup);
         self.cgroups.matches_cgroup(
-            fields.cgroup.unit.as_deref(),
-            fields.cgroup.container.as_deref(),
+            cgroup.and_then(|cgroup| cgroup.unit.as_deref()),
+            cgroup.and_then(|cgroup| cgroup.container.as_deref()),
         )
     }
 
     /// A listener's record: `start` is None when it opened before audit started.
     fn listen(
-        &self,
-        socket: SocketFields,
+        &mut self,
+        socket: AuditSocket<'_>,
         start: Option<SystemTime>,
         end: Option<SystemTime>,
         out: &mut Vec<u8>,
     ) {
-        if !self.passes(&socket) {
+        if !self.passes(socket.owner) {
             return;
         }
-        let record = AuditRecord::Listen {
-            schema: SCHEMA,
-            event: if end.is_some() { "close" } else { "open" },
-            start: start.map(Timestamp),
-            end: end.map(Timestamp),
-            socket,
-        };
-        let _ = output::write_json_line(out, &record);
+        let record = ListenRecord { start, end, socket };
+        self.writer.listen(out, &record);
         self.metrics.listen_records.inc();
+    }
+
+    /// The record of a listener the table holds.
+    fn listener(
+        &mut self,
+        socket: &LiveSocket,
+        start: Option<SystemTime>,
+        end: Option<SystemTime>,
+        out: &mut Vec<u8>,
+    ) {
+        let owner = socket.owner();
+        self.listen(socket_fields(socket, owner.as_ref()), start, end, out);
     }
 }
 
 impl Observer for Audit {
     fn baseline(&mut self, _snapshot: &Snapshot, table: &SocketTable, out: &mut Vec<u8>) {
         for (_, socket) in table.sockets().filter(|(_, s)| s.state == TcpState::Listen) {
-            self.listen(SocketFields::of(socket), None, None, out);
+            self.listener(socket, None, None, out);
         }
     }
 
@@ -303,12 +231,8 @@ impl Observer for Audit {
         let now = clock.at(t.ts_ns);
         if let Some(vanished) = &seen.replaced {
             if vanished.state == TcpState::Listen {
-                self.listen(
-                    SocketFields::of(vanished),
-                    vanished.opened_ns.map(|ns| clock.at(ns)),
-                    Some(now),
-                    out,
-                );
+                let start = vanished.opened_ns.map(|ns| clock.at(ns));
+                self.listener(vanished, start, Some(now), out);
             } else {
                 self.conn(vanished, Ending::Vanished(now), Some(t.bytes), clock, out);
             }
@@ -316,7 +240,7 @@ impl Observer for Audit {
         match (t.old, t.new, seen.closed) {
             (TcpState::Listen, TcpState::Close, Some(listener)) => {
                 let start = listener.opened_ns.map(|ns| clock.at(ns));
-                self.listen(SocketFields::of(&listener), start, Some(now), out)
+                self.listener(&listener, start, Some(now), out)
             }
             (_, TcpState::Close, Some(conn)) => self.conn(
                 &conn,
@@ -326,7 +250,12 @@ impl Observer for Audit {
                 out,
             ),
             (TcpState::Close, TcpState::Listen, _) => {
-                let listener = SocketFields::new(seen.owner, t.uid, t.netns, &t.tuple);
+                let listener = AuditSocket {
+                    owner: seen.owner.as_ref(),
+                    uid: t.uid,
+                    netns: t.netns,
+                    tuple: &t.tuple,
+                };
                 self.listen(listener, Some(now), None, out)
             }
             _ => {}
@@ -337,13 +266,13 @@ impl Observer for Audit {
         let ts = Timestamp(SystemTime::now());
         let record = match notice {
             Notice::Lost { count, cause } => AuditRecord::Lost {
-                schema: SCHEMA,
+                schema: AUDIT_SCHEMA,
                 ts,
                 count,
                 cause,
             },
             Notice::Failed { what, message } => AuditRecord::Failure {
-                schema: SCHEMA,
+                schema: AUDIT_SCHEMA,
                 ts,
                 what: what.name(),
                 message: message.to_owned(),
@@ -362,7 +291,8 @@ impl Observer for Audit {
             summary,
         } = *end;
         let connections = || table.sockets().filter(|(_, s)| s.state != TcpState::Listen);
-        let key = |socket: &LiveSocket| (socket.netns.or(self.netns), socket.tuple);
+        let own = self.netns;
+        let key = move |socket: &LiveSocket| (socket.netns.or(own), socket.tuple);
         let missing = missing_from_proc(self.netns, connections().map(|(_, s)| key(s)).collect());
         let now = SystemTime::now();
         for (skaddr, socket) in connections() {
@@ -376,7 +306,7 @@ impl Observer for Audit {
             self.conn(socket, ending, counted, clock, out);
         }
         let record = AuditRecord::Summary {
-            schema: SCHEMA,
+            schema: AUDIT_SCHEMA,
             ts: Timestamp(SystemTime::now()),
             counts: *summary,
         };
@@ -391,13 +321,16 @@ mod tests {
     use super::*;
     use crate::engine::table::Process;
     use crate::model::Direction;
-    use crate::output::fixtures::{assert_golden, owners, tuples, STAMPS};
+    use crate::output::fixtures::{
+        assert_golden, owners, stream_without_allocating, tuples, STAMPS,
+    };
 
     fn audit() -> Audit {
         Audit {
             metrics: Arc::new(Metrics::new(1 << 20)),
             netns: None,
             cgroups: CgroupFilters::default(),
+            writer: AuditWriter::default(),
         }
     }
 
@@ -421,19 +354,20 @@ mod tests {
         LiveSocket {
             process: owner.map(Process::of),
             owner_changed: case % 3 == 1,
-            established: case % 2 == 0,
+            established: case.is_multiple_of(2),
             uid: [Some(0), Some(1000), None][case % 3],
             netns: [None, Some(4_026_531_840)][case % 2],
             direction: [Direction::Out, Direction::In, Direction::Unknown][case % 3],
-            opened_ns: (case % 5 != 0).then(|| STAMPS[case % STAMPS.len()]),
-            previous: (case % 4 != 0).then(|| TcpState::ALL[(case + 3) % TcpState::ALL.len()]),
+            opened_ns: (!case.is_multiple_of(5)).then(|| STAMPS[case % STAMPS.len()]),
+            previous: (!case.is_multiple_of(4))
+                .then(|| TcpState::ALL[(case + 3) % TcpState::ALL.len()]),
             ..LiveSocket::unknown(tuple, state, None)
         }
     }
 
     /// Every conn and listen record audit writes for the golden cases.
     fn render() -> Vec<u8> {
-        let audit = audit();
+        let mut audit = audit();
         let clock =
             WallClock::anchored(SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_000_000));
         let mut out = Vec::new();
@@ -454,8 +388,8 @@ mod tests {
                 });
                 audit.conn(&socket, ending, bytes, &clock, &mut out);
                 let start = socket.opened_ns.map(|ns| clock.at(ns));
-                let closed = (case % 2 == 0).then_some(end);
-                audit.listen(SocketFields::of(&socket), start, closed, &mut out);
+                let closed = (case.is_multiple_of(2)).then_some(end);
+                audit.listener(&socket, start, closed, &mut out);
             }
         }
         out
@@ -466,5 +400,17 @@ mod tests {
     #[test]
     fn audit_records_keep_their_exact_bytes() {
         assert_golden("audit.jsonl", &render());
+    }
+
+    /// Once warm, auditing a transition allocates nothing, and each
+    /// connection gets its two records (one per endpoint).
+    #[test]
+    fn auditing_allocates_nothing_per_event() {
+        let (events, written) = stream_without_allocating(audit(), "audit");
+        let records = events / 11 * 2;
+        assert!(
+            written > records * 400,
+            "{written} bytes for {records} records"
+        );
     }
 }

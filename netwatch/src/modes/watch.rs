@@ -160,17 +160,16 @@ impl Observer for Stream {
 
 #[cfg(test)]
 mod tests {
-    use std::net::SocketAddr;
     use std::time::{Duration, SystemTime};
 
     use clap::Parser as _;
 
     use super::*;
     use crate::cli::Cli;
-    use crate::model::{
-        OwnerCause, OwnerEvent, ProcessImage, Proto, Record, Task, TcpState, Tuple,
+    use crate::model::{OwnerCause, TcpState};
+    use crate::output::fixtures::{
+        assert_golden, connection, owners, stream_without_allocating, task, tuples, MS, STAMPS,
     };
-    use crate::output::fixtures::{assert_golden, image, owners, tuples, MS, STAMPS};
 
     /// The stream's observer with these flags.
     fn stream(flags: &[&str]) -> Stream {
@@ -241,129 +240,13 @@ mod tests {
         }
     }
 
-    fn task(pid: u32, start_ns: u64, name: &[u8]) -> Task {
-        let mut comm = [0; 16];
-        comm[..name.len()].copy_from_slice(name);
-        Task {
-            pid,
-            comm,
-            start_ns: Some(start_ns),
-            cgroup_id: Some(1),
-        }
-    }
-
-    /// What a connection to a listener on 127.0.0.1:8080 sends, as the
-    /// kernel sends it: the client's five transitions, the server's five,
-    /// and the first I/O of the worker that accepted it (11 records).
-    fn connection(index: u64, ts_ns: &mut u64) -> Vec<Record> {
-        use TcpState::*;
-        let client_port = 40_000 + (index % 20_000) as u16;
-        let (client, server) = (0x1000 + index % 512 * 2, 0x1001 + index % 512 * 2);
-        let client_tuple = |port| Tuple {
-            proto: Proto::Tcp,
-            local: SocketAddr::from(([127, 0, 0, 1], port)),
-            remote: SocketAddr::from(([127, 0, 0, 1], 8080)),
-        };
-        let server_tuple = Tuple {
-            proto: Proto::Tcp,
-            local: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            remote: SocketAddr::from(([127, 0, 0, 1], client_port)),
-        };
-        let curl = task(100, 10, b"curl");
-        let softirq = task(0, 0, b"swapper/0");
-        let mut next = |skaddr, tuple, states, task: &Task| {
-            *ts_ns += 20_000;
-            let t = Transition::scripted(*ts_ns, skaddr, tuple, states, task.clone());
-            Record::Transition(t)
-        };
-        let mut records = vec![
-            next(client, client_tuple(0), (Close, SynSent), &curl),
-            next(server, server_tuple, (Listen, SynRecv), &softirq),
-            next(server, server_tuple, (SynRecv, Established), &softirq),
-            next(
-                client,
-                client_tuple(client_port),
-                (SynSent, Established),
-                &softirq,
-            ),
-        ];
-        let first_io = match &records[3] {
-            Record::Transition(t) => t.ts_ns + 1,
-            _ => unreachable!("the handshake"),
-        };
-        records.push(Record::Owner(OwnerEvent {
-            ts_ns: first_io,
-            skaddr: server,
-            tuple: server_tuple,
-            state: Some(Established),
-            task: task(201, 20, b"nginx"),
-            uid: Some(0),
-            netns: None,
-            cause: OwnerCause::FirstIo,
-        }));
-        let client_tuple = client_tuple(client_port);
-        records.extend([
-            next(client, client_tuple, (Established, FinWait1), &curl),
-            next(server, server_tuple, (Established, CloseWait), &softirq),
-            next(client, client_tuple, (FinWait1, FinWait2), &softirq),
-            next(server, server_tuple, (CloseWait, LastAck), &softirq),
-            next(server, server_tuple, (LastAck, Close), &softirq),
-            next(client, client_tuple, (FinWait2, Close), &softirq),
-        ]);
-        records
-    }
-
-    fn images(_pid: u32, _start_ns: Option<u64>, _cgroup_id: Option<u64>) -> ProcessImage {
-        image(
-            Some(&[b"nginx: worker process"]),
-            Some("/system.slice/nginx.service"),
-        )
-    }
-
     /// Once the table, the processes and the buffers are warm, streaming a
     /// transition allocates nothing, in JSON (with and without the command
     /// line) and in text, across second boundaries.
     #[test]
     fn streaming_allocates_nothing_per_event() {
         for flags in [&["--json"][..], &["--json", "--cmdline"], &[]] {
-            let mut source = crate::engine::monitor::scripted::ScriptedSource::default();
-            let mut monitor = crate::engine::monitor::scripted::ScriptedMonitor::start(
-                stream(flags),
-                &mut source,
-            );
-            monitor.read_images(images);
-            let mut ts_ns = 1_000_000_000;
-            let listener = Tuple {
-                proto: Proto::Tcp,
-                local: SocketAddr::from(([127, 0, 0, 1], 8080)),
-                remote: SocketAddr::from(([0, 0, 0, 0], 0)),
-            };
-            let listen = (TcpState::Close, TcpState::Listen);
-            let opened = Transition::scripted(ts_ns, 1, listener, listen, task(200, 5, b"nginx"));
-            source.waiting = vec![Record::Transition(opened)];
-            monitor.drain(&mut source);
-            let batches: Vec<Vec<Record>> = (0..10_100)
-                .map(|index| connection(index, &mut ts_ns))
-                .collect();
-            let (warm_up, measured) = batches.split_at(1_000);
-            let mut run = |batches: &[Vec<Record>]| {
-                let mut events = 0;
-                let mut written = 0;
-                for batch in batches {
-                    events += batch.len();
-                    source.waiting = batch.clone();
-                    let allocations = crate::allocations::count(|| monitor.drain(&mut source));
-                    written += monitor.written().len();
-                    monitor.written().clear();
-                    if events > 11_000 {
-                        assert_eq!(allocations, 0, "{flags:?}: at event {events}");
-                    }
-                }
-                (events, written)
-            };
-            run(warm_up);
-            let (events, written) = run(measured);
-            assert!(events >= 100_000, "{events} events");
+            let (events, written) = stream_without_allocating(stream(flags), &format!("{flags:?}"));
             assert!(
                 written > events * 120,
                 "{flags:?}: {written} bytes for {events} events"

@@ -52,8 +52,8 @@ pub fn integer(out: &mut Vec<u8>, value: impl itoa::Integer) {
     out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
 }
 
-/// A JSON number, or `null`.
-pub fn json_opt_u32(out: &mut Vec<u8>, value: Option<u32>) {
+/// A JSON integer, or `null`.
+pub fn json_opt_integer(out: &mut Vec<u8>, value: Option<impl itoa::Integer>) {
     match value {
         Some(value) => integer(out, value),
         None => out.extend_from_slice(b"null"),

@@ -5,7 +5,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::model::{Cgroup, CommandLine, Owner, ProcessImage, Proto, Tuple};
+use crate::engine::monitor::scripted::{ScriptedMonitor, ScriptedSource};
+use crate::engine::monitor::Observer;
+use crate::model::{
+    Cgroup, CommandLine, Owner, OwnerCause, OwnerEvent, ProcessImage, Proto, Record, Task,
+    TcpState, Transition, Tuple,
+};
 
 /// An owner with `image`, where given.
 pub fn owner(pid: u32, program: &str, image: Option<ProcessImage>) -> Owner {
@@ -122,4 +127,127 @@ pub fn assert_golden(name: &str, rendered: &[u8]) {
         "{name} differs:\n{}",
         String::from_utf8_lossy(rendered)
     );
+}
+
+/// A task as the kernel names it, with a start time and cgroup.
+pub fn task(pid: u32, start_ns: u64, name: &[u8]) -> Task {
+    let mut comm = [0; 16];
+    comm[..name.len()].copy_from_slice(name);
+    Task {
+        pid,
+        comm,
+        start_ns: Some(start_ns),
+        cgroup_id: Some(1),
+    }
+}
+
+/// What a connection to a listener on 127.0.0.1:8080 sends, as the
+/// kernel sends it: the client's five transitions, the server's five,
+/// and the first I/O of the worker that accepted it (11 records).
+pub fn connection(index: u64, ts_ns: &mut u64) -> Vec<Record> {
+    use TcpState::*;
+    let client_port = 40_000 + (index % 20_000) as u16;
+    let (client, server) = (0x1000 + index % 512 * 2, 0x1001 + index % 512 * 2);
+    let client_tuple = |port| Tuple {
+        proto: Proto::Tcp,
+        local: SocketAddr::from(([127, 0, 0, 1], port)),
+        remote: SocketAddr::from(([127, 0, 0, 1], 8080)),
+    };
+    let server_tuple = Tuple {
+        proto: Proto::Tcp,
+        local: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        remote: SocketAddr::from(([127, 0, 0, 1], client_port)),
+    };
+    let curl = task(100, 10, b"curl");
+    let softirq = task(0, 0, b"swapper/0");
+    let mut next = |skaddr, tuple, states, task: &Task| {
+        *ts_ns += 20_000;
+        let t = Transition::scripted(*ts_ns, skaddr, tuple, states, task.clone());
+        Record::Transition(t)
+    };
+    let mut records = vec![
+        next(client, client_tuple(0), (Close, SynSent), &curl),
+        next(server, server_tuple, (Listen, SynRecv), &softirq),
+        next(server, server_tuple, (SynRecv, Established), &softirq),
+        next(
+            client,
+            client_tuple(client_port),
+            (SynSent, Established),
+            &softirq,
+        ),
+    ];
+    let first_io = match &records[3] {
+        Record::Transition(t) => t.ts_ns + 1,
+        _ => unreachable!("the handshake"),
+    };
+    records.push(Record::Owner(OwnerEvent {
+        ts_ns: first_io,
+        skaddr: server,
+        tuple: server_tuple,
+        state: Some(Established),
+        task: task(201, 20, b"nginx"),
+        uid: Some(0),
+        netns: None,
+        cause: OwnerCause::FirstIo,
+    }));
+    let client_tuple = client_tuple(client_port);
+    records.extend([
+        next(client, client_tuple, (Established, FinWait1), &curl),
+        next(server, server_tuple, (Established, CloseWait), &softirq),
+        next(client, client_tuple, (FinWait1, FinWait2), &softirq),
+        next(server, server_tuple, (CloseWait, LastAck), &softirq),
+        next(server, server_tuple, (LastAck, Close), &softirq),
+        next(client, client_tuple, (FinWait2, Close), &softirq),
+    ]);
+    records
+}
+
+fn images(_pid: u32, _start_ns: Option<u64>, _cgroup_id: Option<u64>) -> ProcessImage {
+    image(
+        Some(&[b"nginx: worker process"]),
+        Some("/system.slice/nginx.service"),
+    )
+}
+
+/// Streams 100,000 scripted events (the records of 9,100 connections to a
+/// listener, after 1,000 that warm the table, the processes and the
+/// buffers up) through `observer`, and checks that no batch allocates
+/// once warm; returns the events and the bytes written.
+pub fn stream_without_allocating<O: Observer>(observer: O, label: &str) -> (usize, usize) {
+    let mut source = ScriptedSource::default();
+    let mut monitor = ScriptedMonitor::start(observer, &mut source);
+    monitor.read_images(images);
+    let mut ts_ns = 1_000_000_000;
+    let listener = Tuple {
+        proto: Proto::Tcp,
+        local: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        remote: SocketAddr::from(([0, 0, 0, 0], 0)),
+    };
+    let listen = (TcpState::Close, TcpState::Listen);
+    let opened = Transition::scripted(ts_ns, 1, listener, listen, task(200, 5, b"nginx"));
+    source.waiting = vec![Record::Transition(opened)];
+    monitor.drain(&mut source);
+    let batches: Vec<Vec<Record>> = (0..10_100)
+        .map(|index| connection(index, &mut ts_ns))
+        .collect();
+    let (warm_up, measured) = batches.split_at(1_000);
+    let mut run = |batches: &[Vec<Record>]| {
+        let mut events = 0;
+        let mut written = 0;
+        for batch in batches {
+            events += batch.len();
+            source.waiting = batch.clone();
+            let allocations = crate::allocations::count(|| monitor.drain(&mut source));
+            written += monitor.written().len();
+            monitor.written().clear();
+            if events > 11_000 {
+                assert_eq!(allocations, 0, "{label}: at event {events}");
+            }
+        }
+        (events, written)
+    };
+    run(warm_up);
+    let (events, written) = run(measured);
+    assert!(events >= 100_000, "{events} events");
+    (events, written)
 }

@@ -2,16 +2,18 @@
 //! JSON lines. The stream's hot records have a writer of their own
 //! (`stream`), built on byte writers (`bytes`).
 
+mod audit;
 mod bytes;
 #[cfg(test)]
 pub mod fixtures;
 mod stream;
 
+pub use audit::{AuditSocket, AuditWriter, ConnRecord, ListenRecord, AUDIT_SCHEMA};
 pub use stream::{StateRecord, StreamWriter};
 
 use std::fmt::Write as _;
 use std::io::{self, Write};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -215,16 +217,6 @@ impl std::fmt::Display for Timestamp {
 impl Serialize for Timestamp {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serialize_display(self, serializer)
-    }
-}
-
-/// An IP address that serializes as its text, like `IpAddr`, but faster.
-#[derive(Clone, Copy, Debug)]
-pub struct Addr(pub IpAddr);
-
-impl Serialize for Addr {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serialize_display(&self.0, serializer)
     }
 }
 

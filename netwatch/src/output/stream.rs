@@ -8,7 +8,7 @@
 use std::time::SystemTime;
 
 use super::bytes::{self, RfcTime};
-use crate::model::{Owner, OwnerChange, TcpState, Tuple};
+use crate::model::{CommandLine, Owner, OwnerChange, TcpState, Tuple};
 
 /// Writes state and owner records in one output form.
 #[derive(Debug, Default)]
@@ -66,7 +66,7 @@ impl StreamWriter {
         out.extend_from_slice(b"{\"type\":\"state\",\"ts\":\"");
         self.time.write(out, r.ts);
         out.extend_from_slice(b"\",\"pid\":");
-        bytes::json_opt_u32(out, r.owner.map(|owner| owner.pid));
+        bytes::json_opt_integer(out, r.owner.map(|owner| owner.pid));
         out.extend_from_slice(b",\"program\":");
         bytes::json_opt_str(out, r.owner.map(|owner| &*owner.program));
         tuple_json(out, r.tuple);
@@ -90,7 +90,7 @@ impl StreamWriter {
         out.extend_from_slice(change.cause.name().as_bytes());
         out.extend_from_slice(b"\",\"old_pid\":");
         let old = change.old.as_ref();
-        bytes::json_opt_u32(out, old.map(|old| old.pid));
+        bytes::json_opt_integer(out, old.map(|old| old.pid));
         out.extend_from_slice(b",\"old_program\":");
         bytes::json_opt_str(out, old.map(|old| &*old.program));
         out.extend_from_slice(b",\"pid\":");
@@ -105,27 +105,9 @@ impl StreamWriter {
     fn owner_fields_json(&self, out: &mut Vec<u8>, owner: Option<&Owner>) {
         if self.cmdline {
             out.extend_from_slice(b",\"cmdline\":");
-            match super::cmdline_field(owner, true).flatten() {
-                Some(cmdline) => {
-                    out.push(b'[');
-                    for (at, arg) in cmdline.texts().enumerate() {
-                        if at > 0 {
-                            out.push(b',');
-                        }
-                        bytes::json_str(out, &arg);
-                    }
-                    out.push(b']');
-                }
-                None => out.extend_from_slice(b"null"),
-            }
+            cmdline_json(out, super::cmdline_field(owner, true).flatten());
         }
-        let cgroup = owner.and_then(Owner::cgroup);
-        out.extend_from_slice(b",\"cgroup\":");
-        bytes::json_opt_str(out, cgroup.map(|cgroup| &*cgroup.path));
-        out.extend_from_slice(b",\"unit\":");
-        bytes::json_opt_str(out, cgroup.and_then(|cgroup| cgroup.unit.as_deref()));
-        out.extend_from_slice(b",\"container\":");
-        bytes::json_opt_str(out, cgroup.and_then(|cgroup| cgroup.container.as_deref()));
+        cgroup_fields_json(out, owner);
         out.extend_from_slice(b"}\n");
     }
 
@@ -189,6 +171,35 @@ impl StreamWriter {
         }
         out.push(b'\n');
     }
+}
+
+/// A command line as a JSON array of its arguments (see
+/// [`CommandLine::texts`]), or `null`.
+pub(super) fn cmdline_json(out: &mut Vec<u8>, cmdline: Option<&CommandLine>) {
+    let Some(cmdline) = cmdline else {
+        out.extend_from_slice(b"null");
+        return;
+    };
+    out.push(b'[');
+    for (at, arg) in cmdline.texts().enumerate() {
+        if at > 0 {
+            out.push(b',');
+        }
+        bytes::json_str(out, &arg);
+    }
+    out.push(b']');
+}
+
+/// The owner's cgroup, unit and container as JSON fields (after a field),
+/// each null where none applies.
+pub(super) fn cgroup_fields_json(out: &mut Vec<u8>, owner: Option<&Owner>) {
+    let cgroup = owner.and_then(Owner::cgroup);
+    out.extend_from_slice(b",\"cgroup\":");
+    bytes::json_opt_str(out, cgroup.map(|cgroup| &*cgroup.path));
+    out.extend_from_slice(b",\"unit\":");
+    bytes::json_opt_str(out, cgroup.and_then(|cgroup| cgroup.unit.as_deref()));
+    out.extend_from_slice(b",\"container\":");
+    bytes::json_opt_str(out, cgroup.and_then(|cgroup| cgroup.container.as_deref()));
 }
 
 /// A connection's protocol and endpoints as JSON fields (after a field).
