@@ -1,0 +1,70 @@
+//! What a mode plugs into the monitor: an [`Observer`] of what it sees.
+
+use netwatch_common::ByteCounts;
+
+use super::Summary;
+use crate::engine::clock::WallClock;
+use crate::engine::table::{Observed, SocketTable};
+use crate::metrics::Failure;
+use crate::model::{LossCause, OwnerChange, Transition};
+use crate::snapshot::Snapshot;
+
+/// What a mode does with what the monitor sees. Records go to `out`, a
+/// buffer written to the mode's output after each batch.
+pub trait Observer {
+    /// The baseline is in the table (once, before any transition).
+    fn baseline(&mut self, _snapshot: &Snapshot, _table: &SocketTable, _out: &mut Vec<u8>) {}
+    /// A transition was applied to the table.
+    fn transition(&mut self, t: &Transition, seen: Observed, clock: &WallClock, out: &mut Vec<u8>);
+    /// A socket's owner became another process, at monotonic time `ts_ns`.
+    fn owner_changed(
+        &mut self,
+        _ts_ns: u64,
+        _change: &OwnerChange,
+        _clock: &WallClock,
+        _out: &mut Vec<u8>,
+    ) {
+    }
+    /// Something happened to the monitor itself: losses, a routine
+    /// failure, a resync.
+    fn notice(&mut self, _notice: Notice<'_>, _out: &mut Vec<u8>) {}
+    /// A periodic check begins: a snapshot is taken from monotonic time `at_ns`.
+    fn check_starts(&mut self, _at_ns: u64) {}
+    /// The periodic check: `snapshot` was just taken (while transitions
+    /// were applied), and every transition stamped before it ended has been
+    /// applied to `table`. Returns the kernel addresses of the sockets it
+    /// takes as freed without a traced CLOSE, which the table then forgets.
+    fn check(
+        &mut self,
+        _snapshot: &Snapshot,
+        _table: &SocketTable,
+        _out: &mut Vec<u8>,
+    ) -> Vec<u64> {
+        Vec::new()
+    }
+    /// The monitor stops (`end` says with what).
+    fn stopped(&mut self, _end: &End<'_>, _out: &mut Vec<u8>) {}
+}
+
+/// What the monitor hands its observer when it stops.
+pub struct End<'a> {
+    /// What is still open.
+    pub table: &'a SocketTable,
+    /// A socket's byte counts so far, by its kernel address.
+    pub bytes: &'a dyn Fn(u64) -> Option<ByteCounts>,
+    pub clock: &'a WallClock,
+    /// What the run saw.
+    pub summary: &'a Summary,
+}
+
+/// What happened to the monitor itself, for the mode to record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Notice<'a> {
+    /// Transitions (or owner changes) were lost.
+    Lost { count: u64, cause: LossCause },
+    /// A routine failure that the monitor goes on after (reported on
+    /// stderr already): `message` says what failed and what happens next.
+    Failed { what: Failure, message: &'a str },
+    /// The table was rebuilt from a snapshot after losses; it holds `sockets` now.
+    Resynced { sockets: usize },
+}
