@@ -2,12 +2,13 @@
 //! a loss are, in the terms netstat and the kernel use.
 
 use netwatch_common::{tcp_state, ByteCounts};
-use serde::Serialize;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
+mod losses;
 mod process;
 
+pub use losses::{LossCause, LossCounters, Lost};
 pub use process::{escape_non_utf8, Cgroup, CommandLine, Owner, ProcessImage};
 
 /// Transport and address family, named as netstat names them.
@@ -396,57 +397,6 @@ pub struct OwnerChange {
     pub old: Option<Owner>,
     pub new: Owner,
     pub cause: OwnerCause,
-}
-
-/// Why transitions were lost.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LossCause {
-    /// The ring buffer had no room (user space fell behind).
-    RingBufferFull,
-    /// The kernel skipped the program: it was already running on that CPU.
-    Recursion,
-    /// Owner changes (accept, handoff, exec) the ring buffer had no room for.
-    OwnerRingBufferFull,
-}
-
-impl LossCause {
-    /// What was lost: "transition(s)" or "owner change(s)".
-    pub fn lost_what(self) -> &'static str {
-        match self {
-            LossCause::RingBufferFull | LossCause::Recursion => "transition(s)",
-            LossCause::OwnerRingBufferFull => "owner change(s)",
-        }
-    }
-
-    /// How a person reads the cause.
-    pub fn describe(self) -> &'static str {
-        match self {
-            LossCause::RingBufferFull => "ring buffer full",
-            LossCause::Recursion => "kernel skipped nested calls of the program",
-            LossCause::OwnerRingBufferFull => "ring buffer full",
-        }
-    }
-}
-
-/// The kernel's loss counters since the programs were loaded; they only grow.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LossCounters {
-    /// Transitions the ring buffer had no room for (sent by either program).
-    pub ring_buffer_full: u64,
-    /// Of those, the ones the recovery program could not send: calls the
-    /// kernel skipped, already lost to the full ring buffer.
-    pub recoveries_refused: u64,
-    /// Owner and exec events the ring buffer had no room for.
-    pub owner_events_dropped: u64,
-    /// Calls of the transition program the kernel skipped (nested on one CPU):
-    /// each is lost unless the recovery program sent it.
-    pub skipped: u64,
-    /// Every firing of the tracepoint (any protocol), when the recovery
-    /// program runs: its calls plus the calls the kernel skipped of it.
-    pub fired: Option<u64>,
-    /// Of those, the calls of the recovery program the kernel skipped.
-    pub recovery_skipped: u64,
 }
 
 /// What one event of the kernel's programs reports.

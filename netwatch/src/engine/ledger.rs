@@ -2,7 +2,7 @@
 //! cause, from the records that arrive and the kernel's counters, so that
 //! delivered + lost equals what the kernel fired, each loss counted once.
 
-use crate::model::{LossCause, LossCounters};
+use crate::model::{LossCause, LossCounters, Lost};
 
 /// Transitions delivered and lost so far.
 #[derive(Debug, Default)]
@@ -18,8 +18,8 @@ pub struct LossLedger {
     refused_repeats: u64,
     /// The kernel's counters at the previous check.
     counters: LossCounters,
-    /// Losses reported so far: ring buffer full, skipped and not recovered.
-    lost: LossCounters,
+    /// Losses reported so far.
+    lost: Lost,
 }
 
 /// What becomes of a transition that arrived.
@@ -84,27 +84,26 @@ impl LossLedger {
                 LossCause::RingBufferFull,
             ),
             (
-                unrecovered.saturating_sub(self.lost.skipped),
+                unrecovered.saturating_sub(self.lost.not_recovered),
                 LossCause::Recursion,
             ),
             (
                 now.owner_events_dropped
-                    .saturating_sub(self.lost.owner_events_dropped),
+                    .saturating_sub(self.lost.owner_events),
                 LossCause::OwnerRingBufferFull,
             ),
         ];
         self.lost.ring_buffer_full = self.lost.ring_buffer_full.max(ring_buffer_full);
-        self.lost.owner_events_dropped =
-            self.lost.owner_events_dropped.max(now.owner_events_dropped);
-        self.lost.skipped = self.lost.skipped.max(unrecovered);
+        self.lost.owner_events = self.lost.owner_events.max(now.owner_events_dropped);
+        self.lost.not_recovered = self.lost.not_recovered.max(unrecovered);
         new_losses
             .into_iter()
             .filter(|(count, _)| *count > 0)
             .collect()
     }
 
-    /// Losses reported so far (`skipped`: skipped and not recovered).
-    pub fn lost(&self) -> LossCounters {
+    /// Losses reported so far.
+    pub fn lost(&self) -> Lost {
         self.lost
     }
 
@@ -155,7 +154,7 @@ mod tests {
         };
         assert_eq!(ledger.check(now, true), [(10, LossCause::RingBufferFull)]);
         assert_eq!(
-            (ledger.lost().ring_buffer_full, ledger.lost().skipped),
+            (ledger.lost().ring_buffer_full, ledger.lost().not_recovered),
             (10, 0)
         );
     }
@@ -180,7 +179,7 @@ mod tests {
         };
         assert_eq!(ledger.check(now, true), [(5, LossCause::RingBufferFull)]);
         assert_eq!(
-            (ledger.lost().ring_buffer_full, ledger.lost().skipped),
+            (ledger.lost().ring_buffer_full, ledger.lost().not_recovered),
             (5, 0)
         );
         assert_eq!((ledger.recoveries_refused(), ledger.duplicates()), (1, 1));

@@ -16,7 +16,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::model::{ConnResult, LossCounters, OwnerCause, TcpState};
+use crate::model::{ConnResult, Lost, OwnerCause, TcpState};
 
 mod format;
 mod server;
@@ -148,10 +148,10 @@ impl Metrics {
 
     /// Records the losses reported so far, the sockets the table evicted
     /// and those it found freed without a traced CLOSE.
-    pub fn set_losses(&self, lost: LossCounters, evicted: u64, vanished: u64) {
+    pub fn set_losses(&self, lost: Lost, evicted: u64, vanished: u64) {
         self.lost_ring_buffer_full.set(lost.ring_buffer_full);
-        self.lost_skipped.set(lost.skipped);
-        self.lost_owner_events.set(lost.owner_events_dropped);
+        self.lost_skipped.set(lost.not_recovered);
+        self.lost_owner_events.set(lost.owner_events);
         self.evicted.set(evicted);
         self.vanished.set(vanished);
     }
