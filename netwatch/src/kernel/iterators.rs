@@ -16,8 +16,8 @@ use netwatch_common::{
 
 use super::btf::{iterator_attach_points, kernel_offsets, OffsetsError};
 use super::loader::ebpf_loader;
-use super::netwatch_object;
 use super::prerequisites::{check_capabilities, raise_memlock_limit, PrerequisiteError};
+use super::NETWATCH_OBJECT;
 
 /// Why the kernel could not list sockets (the /proc path does then).
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +73,7 @@ impl SocketIterators {
         }
         let table_only = u32::from(detail == Detail::Table);
         loader.override_global(TABLE_ONLY, &table_only, true);
-        let mut ebpf = loader.load(netwatch_object())?;
+        let mut ebpf = loader.load(NETWATCH_OBJECT)?;
         let attach_points = iterator_attach_points()?;
         for (program, iter_type) in [
             (TCP_SOCKETS_PROGRAM, "tcp"),

@@ -23,12 +23,12 @@ use tokio::io::Interest;
 use super::btf::{kernel_offsets, OffsetsError};
 use super::events::decode_event;
 use super::loader::ebpf_loader;
-use super::netwatch_object;
 use super::prerequisites::{
     check_capabilities, check_layout, ensure_tracefs, fields_mismatch, raise_memlock_limit,
     PrerequisiteError, FORMAT, TRACEFS,
 };
 use super::program_log::{start_kernel_log, KernelLog};
+use super::NETWATCH_OBJECT;
 use crate::model::LossCounters;
 
 /// Why the probe could not start, each with what to do about it.
@@ -141,7 +141,7 @@ impl StateProbe {
             }
             loader.override_global(NR_CPUS, &cpus, true);
         }
-        let mut ebpf = loader.load(netwatch_object())?;
+        let mut ebpf = loader.load(NETWATCH_OBJECT)?;
         let (state_fd, recovery_fd) = if offsets.is_ok() {
             verify_at_once(&mut ebpf, &accept_hook.owner_programs());
             let state_fd = attach_raw(&mut ebpf, TRANSITION_PROGRAM, "inet_sock_set_state")?;
