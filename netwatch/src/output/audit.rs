@@ -10,6 +10,7 @@ use std::time::SystemTime;
 use netwatch_common::ByteCounts;
 
 use super::bytes::{self, RfcTime};
+use super::fragments::OwnerFragments;
 use super::stream::{cgroup_fields_json, cmdline_json};
 use crate::model::{ConnResult, Direction, Owner, TcpState, Tuple};
 
@@ -59,6 +60,7 @@ pub struct ListenRecord<'a> {
 #[derive(Debug, Default)]
 pub struct AuditWriter {
     time: RfcTime,
+    owners: OwnerFragments,
 }
 
 impl AuditWriter {
@@ -69,7 +71,7 @@ impl AuditWriter {
         self.start_and_end(out, r.start, r.end);
         out.extend_from_slice(b",\"duration_ms\":");
         bytes::json_opt_f64(out, r.duration_ms);
-        socket_json(out, &r.socket);
+        self.socket_json(out, &r.socket);
         out.extend_from_slice(b",\"direction\":\"");
         out.extend_from_slice(r.direction.name().as_bytes());
         out.extend_from_slice(b"\",\"remote_addr\":\"");
@@ -103,8 +105,30 @@ impl AuditWriter {
             None => b",\"event\":\"open\"",
         });
         self.start_and_end(out, r.start, r.end);
-        socket_json(out, &r.socket);
+        self.socket_json(out, &r.socket);
         out.extend_from_slice(b"}\n");
+    }
+
+    /// The fields every socket record shares (after a field): the owner
+    /// (written once per owner, see [`OwnerFragments`]), the socket's uid
+    /// and namespace, its local end.
+    fn socket_json(&mut self, out: &mut Vec<u8>, socket: &AuditSocket<'_>) {
+        match socket.owner {
+            Some(owner) => self.owners.write(out, owner, |fragment, owner| {
+                owner_json(fragment, Some(owner))
+            }),
+            None => owner_json(out, None),
+        }
+        out.extend_from_slice(b",\"uid\":");
+        bytes::json_opt_integer(out, socket.uid);
+        out.extend_from_slice(b",\"netns\":");
+        bytes::json_opt_integer(out, socket.netns);
+        out.extend_from_slice(b",\"proto\":\"");
+        out.extend_from_slice(socket.tuple.proto.name().as_bytes());
+        out.extend_from_slice(b"\",\"local_addr\":\"");
+        bytes::ip(out, socket.tuple.local.ip());
+        out.extend_from_slice(b"\",\"local_port\":");
+        bytes::integer(out, socket.tuple.local.port());
     }
 
     fn start_and_end(
@@ -132,10 +156,8 @@ impl AuditWriter {
     }
 }
 
-/// The fields every socket record shares (after a field): the owner, what
-/// it runs and its cgroup, the socket's uid and namespace, its local end.
-fn socket_json(out: &mut Vec<u8>, socket: &AuditSocket<'_>) {
-    let owner = socket.owner;
+/// The owner's fields (after a field): its pid and name, what it runs and its cgroup.
+fn owner_json(out: &mut Vec<u8>, owner: Option<&Owner>) {
     let image = owner.and_then(|owner| owner.image.as_deref());
     out.extend_from_slice(b",\"pid\":");
     bytes::json_opt_integer(out, owner.map(|owner| owner.pid));
@@ -146,16 +168,6 @@ fn socket_json(out: &mut Vec<u8>, socket: &AuditSocket<'_>) {
     out.extend_from_slice(b",\"exe\":");
     bytes::json_opt_str(out, image.and_then(|image| image.exe.as_deref()));
     cgroup_fields_json(out, owner);
-    out.extend_from_slice(b",\"uid\":");
-    bytes::json_opt_integer(out, socket.uid);
-    out.extend_from_slice(b",\"netns\":");
-    bytes::json_opt_integer(out, socket.netns);
-    out.extend_from_slice(b",\"proto\":\"");
-    out.extend_from_slice(socket.tuple.proto.name().as_bytes());
-    out.extend_from_slice(b"\",\"local_addr\":\"");
-    bytes::ip(out, socket.tuple.local.ip());
-    out.extend_from_slice(b"\",\"local_port\":");
-    bytes::integer(out, socket.tuple.local.port());
 }
 
 fn boolean(out: &mut Vec<u8>, value: bool) {

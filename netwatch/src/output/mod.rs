@@ -6,6 +6,7 @@ mod audit;
 mod bytes;
 #[cfg(test)]
 pub mod fixtures;
+mod fragments;
 mod stream;
 
 pub use audit::{AuditSocket, AuditWriter, ConnRecord, ListenRecord, AUDIT_SCHEMA};

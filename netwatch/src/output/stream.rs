@@ -8,6 +8,7 @@
 use std::time::SystemTime;
 
 use super::bytes::{self, RfcTime};
+use super::fragments::OwnerFragments;
 use crate::model::{CommandLine, Owner, OwnerChange, TcpState, Tuple};
 
 /// Writes state and owner records in one output form.
@@ -18,6 +19,8 @@ pub struct StreamWriter {
     /// With the owner's command line (`--cmdline`).
     cmdline: bool,
     time: RfcTime,
+    /// The JSON fields that end an owner's records.
+    owners: OwnerFragments,
     /// Scratch for a text line's timestamp, of which it shows the time of day.
     stamp: Vec<u8>,
 }
@@ -101,13 +104,23 @@ impl StreamWriter {
     }
 
     /// The end of a JSON record: the owner's command line where asked for,
-    /// its cgroup, unit and container (each null where none applies).
-    fn owner_fields_json(&self, out: &mut Vec<u8>, owner: Option<&Owner>) {
-        if self.cmdline {
-            out.extend_from_slice(b",\"cmdline\":");
-            cmdline_json(out, super::cmdline_field(owner, true).flatten());
+    /// its cgroup, unit and container (each null where none applies),
+    /// written once per owner (see [`OwnerFragments`]).
+    fn owner_fields_json(&mut self, out: &mut Vec<u8>, owner: Option<&Owner>) {
+        let cmdline = self.cmdline;
+        let fields = |out: &mut Vec<u8>, owner: Option<&Owner>| {
+            if cmdline {
+                out.extend_from_slice(b",\"cmdline\":");
+                cmdline_json(out, super::cmdline_field(owner, true).flatten());
+            }
+            cgroup_fields_json(out, owner);
+        };
+        match owner {
+            Some(owner) => self
+                .owners
+                .write(out, owner, |fragment, owner| fields(fragment, Some(owner))),
+            None => fields(out, None),
         }
-        cgroup_fields_json(out, owner);
         out.extend_from_slice(b"}\n");
     }
 
