@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::model::{Owner, TcpState, Tuple};
-use crate::syslog::SyslogTarget;
+use crate::sink::SyslogTarget;
 
 /// What `--version` prints after the name: the version and the git commit built.
 const VERSION: &str = concat!(

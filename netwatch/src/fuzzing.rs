@@ -11,8 +11,8 @@ use netwatch_common::{FILE_OFFSETS, SOCK_OFFSETS, TASK_OFFSETS, TCP_OFFSETS};
 use crate::cli::Cli;
 use crate::kernel::{decode_event, to_record, Btf};
 use crate::model::{Proto, Record};
+use crate::sink::SyslogTarget;
 use crate::snapshot::parse_table;
-use crate::syslog::SyslogTarget;
 
 /// One ring buffer item, decoded and made a record.
 pub fn ring_buffer_item(bytes: &[u8]) {

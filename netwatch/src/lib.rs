@@ -22,6 +22,5 @@ mod output;
 mod root_tests;
 mod sink;
 mod snapshot;
-mod syslog;
 
 pub use modes::{audit, generate, snapshot_command, verify, watch};

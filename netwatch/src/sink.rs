@@ -9,7 +9,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 
-use crate::syslog::Syslog;
+mod records;
+mod syslog;
+
+pub use records::{RecordKind, Records};
+pub use syslog::{Syslog, SyslogTarget};
 
 /// The output of a mode; netwatch buffers records itself and writes them
 /// here in batches.
@@ -52,12 +56,16 @@ impl Sink {
         .into())
     }
 
-    /// Writes a batch of records (JSON lines), all of it or an error, and
-    /// queues each for syslog, which never waits.
-    pub fn write_all(&mut self, records: &[u8]) -> io::Result<()> {
+    /// Writes a batch of records, all of it or an error, and queues each
+    /// for syslog, which never waits.
+    pub fn write_all(&mut self, records: &Records) -> io::Result<()> {
         if let Some(syslog) = &mut self.syslog {
-            syslog.send_lines(records);
+            syslog.send(records);
         }
+        self.write_bytes(records.bytes())
+    }
+
+    fn write_bytes(&mut self, records: &[u8]) -> io::Result<()> {
         match &mut self.destination {
             Destination::Stdout(stdout) => {
                 let mut stdout = stdout.lock();
@@ -198,11 +206,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let (path, rotated) = (dir.join("audit.log"), dir.join("audit.log.1"));
         let mut sink = Sink::append_to(&path).unwrap();
-        sink.write_all(b"first\n").unwrap();
+        sink.write_bytes(b"first\n").unwrap();
         std::fs::rename(&path, &rotated).unwrap();
-        sink.write_all(b"second\n").unwrap();
+        sink.write_bytes(b"second\n").unwrap();
         sink.reopen().unwrap();
-        sink.write_all(b"third\n").unwrap();
+        sink.write_bytes(b"third\n").unwrap();
         assert_eq!(
             std::fs::read_to_string(&rotated).unwrap(),
             "first\nsecond\n"
@@ -223,7 +231,7 @@ mod tests {
             path: "/dev/full".into(),
             file: OpenOptions::new().append(true).open("/dev/full").unwrap(),
         });
-        let err = sink.write_all(b"record\n").unwrap_err();
+        let err = sink.write_bytes(b"record\n").unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::StorageFull);
         assert!(
             err.to_string().contains("writing to /dev/full failed"),
@@ -237,7 +245,7 @@ mod tests {
         let path = dir.join("audit.log");
         std::fs::write(&path, "{\"a\":1}\n{\"cut").unwrap();
         let mut sink = Sink::append_to(&path).unwrap();
-        sink.write_all(b"{\"b\":2}\n").unwrap();
+        sink.write_bytes(b"{\"b\":2}\n").unwrap();
         assert_eq!(
             std::fs::read_to_string(&path).unwrap(),
             "{\"a\":1}\n{\"cut\n{\"b\":2}\n"

@@ -20,9 +20,9 @@ use crate::model::{ConnResult, LossCause, Owner, Proto, TcpState, Transition, Tu
 use crate::output::{
     self, AuditSocket, AuditWriter, ConnRecord, ListenRecord, Timestamp, AUDIT_SCHEMA,
 };
-use crate::sink::Sink;
+use crate::sink::Syslog;
+use crate::sink::{RecordKind, Records, Sink};
 use crate::snapshot::{self, Snapshot};
-use crate::syslog::Syslog;
 use anyhow::Context as _;
 use netwatch_common::ByteCounts;
 use std::collections::HashSet;
@@ -147,7 +147,7 @@ impl Audit {
         ending: Ending,
         bytes: Option<ByteCounts>,
         clock: &WallClock,
-        out: &mut Vec<u8>,
+        out: &mut Records,
     ) {
         let owner = socket.owner();
         if !self.passes(owner.as_ref()) {
@@ -183,7 +183,7 @@ impl Audit {
             owner_changed: socket.owner_changed,
             result,
         };
-        self.writer.conn(out, &record);
+        out.push(RecordKind::Conn, |out| self.writer.conn(out, &record));
         self.metrics.conn_records.inc();
     }
 
@@ -202,13 +202,13 @@ impl Audit {
         socket: AuditSocket<'_>,
         start: Option<SystemTime>,
         end: Option<SystemTime>,
-        out: &mut Vec<u8>,
+        out: &mut Records,
     ) {
         if !self.passes(socket.owner) {
             return;
         }
         let record = ListenRecord { start, end, socket };
-        self.writer.listen(out, &record);
+        out.push(RecordKind::Listen, |out| self.writer.listen(out, &record));
         self.metrics.listen_records.inc();
     }
 
@@ -218,7 +218,7 @@ impl Audit {
         socket: &LiveSocket,
         start: Option<SystemTime>,
         end: Option<SystemTime>,
-        out: &mut Vec<u8>,
+        out: &mut Records,
     ) {
         let owner = socket.owner();
         self.listen(socket_fields(socket, owner.as_ref()), start, end, out);
@@ -226,13 +226,13 @@ impl Audit {
 }
 
 impl Observer for Audit {
-    fn baseline(&mut self, _snapshot: &Snapshot, table: &SocketTable, out: &mut Vec<u8>) {
+    fn baseline(&mut self, _snapshot: &Snapshot, table: &SocketTable, out: &mut Records) {
         for (_, socket) in table.sockets().filter(|(_, s)| s.state == TcpState::Listen) {
             self.listener(socket, None, None, out);
         }
     }
 
-    fn transition(&mut self, t: &Transition, seen: Observed, clock: &WallClock, out: &mut Vec<u8>) {
+    fn transition(&mut self, t: &Transition, seen: Observed, clock: &WallClock, out: &mut Records) {
         let now = clock.at(t.ts_ns);
         if let Some(vanished) = &seen.replaced {
             if vanished.state == TcpState::Listen {
@@ -267,28 +267,36 @@ impl Observer for Audit {
         }
     }
 
-    fn notice(&mut self, notice: Notice<'_>, out: &mut Vec<u8>) {
+    fn notice(&mut self, notice: Notice<'_>, out: &mut Records) {
         let ts = Timestamp(SystemTime::now());
-        let record = match notice {
-            Notice::Lost { count, cause } => AuditRecord::Lost {
-                schema: AUDIT_SCHEMA,
-                ts,
-                count,
-                cause,
-            },
-            Notice::Failed { what, message } => AuditRecord::Failure {
-                schema: AUDIT_SCHEMA,
-                ts,
-                what: what.name(),
-                message: message.to_owned(),
-            },
+        let (kind, record) = match notice {
+            Notice::Lost { count, cause } => (
+                RecordKind::Lost,
+                AuditRecord::Lost {
+                    schema: AUDIT_SCHEMA,
+                    ts,
+                    count,
+                    cause,
+                },
+            ),
+            Notice::Failed { what, message } => (
+                RecordKind::Failure,
+                AuditRecord::Failure {
+                    schema: AUDIT_SCHEMA,
+                    ts,
+                    what: what.name(),
+                    message: message.to_owned(),
+                },
+            ),
             // The records that follow say what is open.
             Notice::Resynced { .. } => return,
         };
-        let _ = output::write_json_line(out, &record);
+        out.push(kind, |out| {
+            let _ = output::write_json_line(out, &record);
+        });
     }
 
-    fn stopped(&mut self, end: &End<'_>, out: &mut Vec<u8>) {
+    fn stopped(&mut self, end: &End<'_>, out: &mut Records) {
         let End {
             table,
             bytes,
@@ -315,7 +323,9 @@ impl Observer for Audit {
             ts: Timestamp(SystemTime::now()),
             counts: *summary,
         };
-        let _ = output::write_json_line(out, &record);
+        out.push(RecordKind::Summary, |out| {
+            let _ = output::write_json_line(out, &record);
+        });
     }
 }
 
@@ -375,7 +385,7 @@ mod tests {
         let mut audit = audit();
         let clock =
             WallClock::anchored(SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_000_000));
-        let mut out = Vec::new();
+        let mut out = Records::default();
         let mut case = 0usize;
         for tuple in tuples() {
             for owner in owners() {
@@ -397,7 +407,7 @@ mod tests {
                 audit.listener(&socket, start, closed, &mut out);
             }
         }
-        out
+        out.bytes().to_vec()
     }
 
     /// The exact bytes of every conn and listen record: what a faster

@@ -38,7 +38,7 @@ use crate::engine::table::{Observed, SocketTable};
 use crate::metrics::Metrics;
 use crate::model::{OwnerChange, Transition, Tuple};
 use crate::output::{self, StreamRecord, Timestamp};
-use crate::sink::Sink;
+use crate::sink::{RecordKind, Records, Sink};
 use crate::snapshot::Snapshot;
 
 mod compare;
@@ -119,7 +119,7 @@ impl Verify {
         }
     }
 
-    fn report(&self, comparison: &Comparison, out: &mut Vec<u8>) {
+    fn report(&self, comparison: &Comparison, out: &mut Records) {
         let ts = Timestamp(SystemTime::now());
         let count = |kind| comparison.drift.iter().filter(|d| d.kind == kind).count();
         let persisting = comparison.drift.iter().filter(|d| d.persisting).count();
@@ -137,7 +137,9 @@ impl Verify {
                 freed_untraced: comparison.freed.len(),
                 sockets: &comparison.drift[..comparison.drift.len().min(LISTED_AT_MOST)],
             };
-            let _ = output::write_json_line(out, &record);
+            out.push(RecordKind::Drift, |out| {
+                let _ = output::write_json_line(out, &record);
+            });
             return;
         }
         let mut text = format!(
@@ -177,7 +179,9 @@ impl Verify {
                 }
             );
         }
-        out.extend_from_slice(text.as_bytes());
+        out.push(RecordKind::Drift, |out| {
+            out.extend_from_slice(text.as_bytes())
+        });
     }
 }
 
@@ -187,7 +191,7 @@ impl Verify {
 struct SummaryRecord<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
-    ts: String,
+    ts: Timestamp,
     #[serde(flatten)]
     counts: &'a Summary,
     checks: u64,
@@ -219,7 +223,7 @@ impl Observer for Verify {
         t: &Transition,
         _seen: Observed,
         _clock: &WallClock,
-        _out: &mut Vec<u8>,
+        _out: &mut Records,
     ) {
         self.note_change(t.ts_ns, t.skaddr, t.tuple);
     }
@@ -229,19 +233,21 @@ impl Observer for Verify {
         ts_ns: u64,
         change: &OwnerChange,
         _clock: &WallClock,
-        _out: &mut Vec<u8>,
+        _out: &mut Records,
     ) {
         self.note_change(ts_ns, change.skaddr, change.tuple);
     }
 
-    fn notice(&mut self, notice: Notice<'_>, out: &mut Vec<u8>) {
+    fn notice(&mut self, notice: Notice<'_>, out: &mut Records) {
         if let (true, Notice::Failed { what, message }) = (self.json, notice) {
             let record = StreamRecord::Failure {
-                ts: output::rfc3339(SystemTime::now()),
+                ts: Timestamp(SystemTime::now()),
                 what: what.name(),
                 message,
             };
-            let _ = output::write_json_line(out, &record);
+            out.push(RecordKind::Failure, |out| {
+                let _ = output::write_json_line(out, &record);
+            });
         }
     }
 
@@ -250,7 +256,7 @@ impl Observer for Verify {
         self.changed = Changed::default();
     }
 
-    fn check(&mut self, snapshot: &Snapshot, table: &SocketTable, out: &mut Vec<u8>) -> Vec<u64> {
+    fn check(&mut self, snapshot: &Snapshot, table: &SocketTable, out: &mut Records) -> Vec<u64> {
         let mut comparison = compare(snapshot, table, self.netns, &self.changed);
         comparison.take_freed(&self.previous);
         for drift in &mut comparison.drift {
@@ -267,7 +273,7 @@ impl Observer for Verify {
         comparison.freed
     }
 
-    fn stopped(&mut self, end: &End<'_>, out: &mut Vec<u8>) {
+    fn stopped(&mut self, end: &End<'_>, out: &mut Records) {
         let verdict = if self.checks == 0 {
             "nothing compared"
         } else if self.persisted_checks == 0 {
@@ -284,13 +290,15 @@ impl Observer for Verify {
         if self.json {
             let record = SummaryRecord {
                 kind: "summary",
-                ts: output::rfc3339(SystemTime::now()),
+                ts: Timestamp(SystemTime::now()),
                 counts: end.summary,
                 checks: self.checks,
                 drift_checks: self.drift_checks,
                 persisting_checks: self.persisted_checks,
             };
-            let _ = output::write_json_line(out, &record);
+            out.push(RecordKind::Summary, |out| {
+                let _ = output::write_json_line(out, &record);
+            });
         }
     }
 }

@@ -8,8 +8,10 @@ use crate::engine::clock::WallClock;
 use crate::engine::monitor::{self, Config, End, Notice, Observer};
 use crate::engine::table::{Observed, SocketTable};
 use crate::model::{OwnerChange, Transition};
-use crate::output::{self, CgroupFields, SocketRecord, StateRecord, StreamRecord, StreamWriter};
-use crate::sink::Sink;
+use crate::output::{
+    self, CgroupFields, SocketRecord, StateRecord, StreamRecord, StreamWriter, Timestamp,
+};
+use crate::sink::{RecordKind, Records, Sink};
 use crate::snapshot::{Snapshot, SnapshotEntry};
 
 /// Streams until SIGINT or SIGTERM, then prints a summary on stderr (and,
@@ -38,18 +40,20 @@ impl Stream {
 }
 
 impl Observer for Stream {
-    fn baseline(&mut self, snapshot: &Snapshot, table: &SocketTable, out: &mut Vec<u8>) {
+    fn baseline(&mut self, snapshot: &Snapshot, table: &SocketTable, out: &mut Records) {
         if !self.args.json {
-            out.extend_from_slice(output::STREAM_HEADER.as_bytes());
-            if self.args.cmdline {
-                out.extend_from_slice(b"  CMDLINE");
-            }
-            out.push(b'\n');
+            out.push(RecordKind::Header, |out| {
+                out.extend_from_slice(output::STREAM_HEADER.as_bytes());
+                if self.args.cmdline {
+                    out.extend_from_slice(b"  CMDLINE");
+                }
+                out.push(b'\n');
+            });
         }
         if !self.args.baseline {
             return;
         }
-        let ts = output::rfc3339(SystemTime::now());
+        let now = Timestamp(SystemTime::now());
         // netwatch's own namespace, as netstat shows it.
         let mut shown: Vec<SnapshotEntry> = snapshot
             .entries
@@ -69,25 +73,28 @@ impl Observer for Stream {
             owner.image = table.image_of(owner.pid);
         }
         shown.retain(|entry| self.args.cgroups.matches(entry.owner.as_ref()));
+        let text_ts = now.to_string();
         for entry in &shown {
-            // Writing to a Vec cannot fail.
-            let _ = if self.args.json {
-                let record = StreamRecord::Baseline {
-                    ts: ts.clone(),
-                    socket: SocketRecord::new(entry, self.args.cmdline),
-                    cgroup: CgroupFields::of(entry.owner.as_ref()),
+            out.push(RecordKind::Baseline, |out| {
+                // Writing to a Vec cannot fail.
+                let _ = if self.args.json {
+                    let record = StreamRecord::Baseline {
+                        ts: now,
+                        socket: SocketRecord::new(entry, self.args.cmdline),
+                        cgroup: CgroupFields::of(entry.owner.as_ref()),
+                    };
+                    output::write_json_line(out, &record)
+                } else {
+                    output::write_baseline_text(out, &text_ts, entry)
                 };
-                output::write_json_line(out, &record)
-            } else {
-                output::write_baseline_text(out, &ts, entry)
-            };
-            if self.args.cmdline && !self.args.json {
-                output::append_cmdline(out, entry.owner.as_ref());
-            }
+                if self.args.cmdline && !self.args.json {
+                    output::append_cmdline(out, entry.owner.as_ref());
+                }
+            });
         }
     }
 
-    fn transition(&mut self, t: &Transition, seen: Observed, clock: &WallClock, out: &mut Vec<u8>) {
+    fn transition(&mut self, t: &Transition, seen: Observed, clock: &WallClock, out: &mut Records) {
         let owner = seen.owner.as_ref();
         let pid = owner.map(|owner| owner.pid);
         if !self.args.filters.matches(&t.tuple, pid, &[t.old, t.new])
@@ -103,7 +110,7 @@ impl Observer for Stream {
             new: t.new,
             ms: seen.ms_in_old_state,
         };
-        self.writer.state(out, &record);
+        out.push(RecordKind::State, |out| self.writer.state(out, &record));
     }
 
     fn owner_changed(
@@ -111,7 +118,7 @@ impl Observer for Stream {
         ts_ns: u64,
         change: &OwnerChange,
         clock: &WallClock,
-        out: &mut Vec<u8>,
+        out: &mut Records,
     ) {
         // --pid matches the new owner or the old one.
         let pids = [Some(change.new.pid), change.old.as_ref().map(|old| old.pid)];
@@ -126,34 +133,46 @@ impl Observer for Stream {
         {
             return;
         }
-        self.writer.owner(out, clock.at(ts_ns), change);
+        out.push(RecordKind::Owner, |out| {
+            self.writer.owner(out, clock.at(ts_ns), change);
+        });
     }
 
-    fn notice(&mut self, notice: Notice<'_>, out: &mut Vec<u8>) {
+    fn notice(&mut self, notice: Notice<'_>, out: &mut Records) {
         if !self.args.json {
             return;
         }
-        let ts = output::rfc3339(SystemTime::now());
-        let record = match notice {
-            Notice::Lost { count, cause } => StreamRecord::Lost { ts, count, cause },
-            Notice::Failed { what, message } => StreamRecord::Failure {
-                ts,
-                what: what.name(),
-                message,
-            },
-            Notice::Resynced { sockets } => StreamRecord::Resync { ts, sockets },
+        let ts = Timestamp(SystemTime::now());
+        let (kind, record) = match notice {
+            Notice::Lost { count, cause } => {
+                (RecordKind::Lost, StreamRecord::Lost { ts, count, cause })
+            }
+            Notice::Failed { what, message } => (
+                RecordKind::Failure,
+                StreamRecord::Failure {
+                    ts,
+                    what: what.name(),
+                    message,
+                },
+            ),
+            Notice::Resynced { sockets } => {
+                (RecordKind::Resync, StreamRecord::Resync { ts, sockets })
+            }
         };
-        let _ = output::write_json_line(out, &record);
+        out.push(kind, |out| {
+            let _ = output::write_json_line(out, &record);
+        });
     }
 
-    fn stopped(&mut self, end: &End<'_>, out: &mut Vec<u8>) {
+    fn stopped(&mut self, end: &End<'_>, out: &mut Records) {
         if self.args.json {
-            let ts = output::rfc3339(SystemTime::now());
             let record = StreamRecord::Summary {
-                ts,
+                ts: Timestamp(SystemTime::now()),
                 counts: end.summary,
             };
-            let _ = output::write_json_line(out, &record);
+            out.push(RecordKind::Summary, |out| {
+                let _ = output::write_json_line(out, &record);
+            });
         }
     }
 }
@@ -184,7 +203,7 @@ mod tests {
         let mut stream = stream(flags);
         let clock =
             WallClock::anchored(SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_000_000));
-        let mut out = Vec::new();
+        let mut out = Records::default();
         let (owners, tuples) = (owners(), tuples());
         let states = TcpState::ALL;
         let mut case = 0usize;
@@ -223,7 +242,7 @@ mod tests {
             };
             stream.owner_changed(STAMPS[k % STAMPS.len()], &change, &clock, &mut out);
         }
-        out
+        out.bytes().to_vec()
     }
 
     /// The exact bytes of every state and owner record, in each output
@@ -268,7 +287,7 @@ mod tests {
         let first_ts = |monitor: &mut ScriptedMonitor<Stream>, source: &mut ScriptedSource| {
             monitor.written().clear();
             monitor.drain(source);
-            let text = String::from_utf8(monitor.written().clone()).expect("UTF-8");
+            let text = String::from_utf8(monitor.written().bytes().to_vec()).expect("UTF-8");
             let first: serde_json::Value =
                 serde_json::from_str(text.lines().next().expect("a record")).expect("JSON");
             first["ts"].as_str().expect("a time").to_owned()

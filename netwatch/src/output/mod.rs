@@ -199,11 +199,6 @@ pub fn write_json_line(out: &mut impl Write, value: &impl Serialize) -> io::Resu
     out.write_all(b"\n")
 }
 
-/// RFC 3339 in UTC with microseconds.
-pub fn rfc3339(time: SystemTime) -> String {
-    Timestamp(time).to_string()
-}
-
 /// A time that prints (and serializes, without allocating) as RFC 3339 UTC
 /// with microseconds.
 #[derive(Clone, Copy, Debug)]
@@ -248,7 +243,7 @@ fn serialize_display<S: serde::Serializer>(
 pub enum StreamRecord<'a> {
     /// A socket that existed when netwatch started (`--baseline`).
     Baseline {
-        ts: String,
+        ts: Timestamp,
         #[serde(flatten)]
         socket: SocketRecord<'a>,
         #[serde(flatten)]
@@ -256,21 +251,21 @@ pub enum StreamRecord<'a> {
     },
     /// Transitions the kernel could not deliver.
     Lost {
-        ts: String,
+        ts: Timestamp,
         count: u64,
         cause: LossCause,
     },
     /// The table was rebuilt from a fresh /proc snapshot.
-    Resync { ts: String, sockets: usize },
+    Resync { ts: Timestamp, sockets: usize },
     /// Something failed that netwatch went on after (a resync, a reopen).
     Failure {
-        ts: String,
+        ts: Timestamp,
         what: &'static str,
         message: &'a str,
     },
     /// The last record: what the run saw.
     Summary {
-        ts: String,
+        ts: Timestamp,
         #[serde(flatten)]
         counts: &'a Summary,
     },
@@ -457,7 +452,7 @@ udp        7      5 0.0.0.0:53              0.0.0.0:*                           
     #[test]
     fn stream_records_are_tagged_by_type() {
         let lost = StreamRecord::Lost {
-            ts: "2026-01-01T00:00:00.000000Z".into(),
+            ts: Timestamp(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_767_225_600)),
             count: 3,
             cause: LossCause::Recursion,
         };
@@ -597,6 +592,6 @@ udp        7      5 0.0.0.0:53              0.0.0.0:*                           
     #[test]
     fn timestamps_are_utc_with_microseconds() {
         let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(1_700_000_000_123_456);
-        assert_eq!(rfc3339(t), "2023-11-14T22:13:20.123456Z");
+        assert_eq!(Timestamp(t).to_string(), "2023-11-14T22:13:20.123456Z");
     }
 }

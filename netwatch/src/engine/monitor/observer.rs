@@ -7,27 +7,28 @@ use crate::engine::clock::WallClock;
 use crate::engine::table::{Observed, SocketTable};
 use crate::metrics::Failure;
 use crate::model::{LossCause, OwnerChange, Transition};
+use crate::sink::Records;
 use crate::snapshot::Snapshot;
 
 /// What a mode does with what the monitor sees. Records go to `out`, a
 /// buffer written to the mode's output after each batch.
 pub trait Observer {
     /// The baseline is in the table (once, before any transition).
-    fn baseline(&mut self, _snapshot: &Snapshot, _table: &SocketTable, _out: &mut Vec<u8>) {}
+    fn baseline(&mut self, _snapshot: &Snapshot, _table: &SocketTable, _out: &mut Records) {}
     /// A transition was applied to the table.
-    fn transition(&mut self, t: &Transition, seen: Observed, clock: &WallClock, out: &mut Vec<u8>);
+    fn transition(&mut self, t: &Transition, seen: Observed, clock: &WallClock, out: &mut Records);
     /// A socket's owner became another process, at monotonic time `ts_ns`.
     fn owner_changed(
         &mut self,
         _ts_ns: u64,
         _change: &OwnerChange,
         _clock: &WallClock,
-        _out: &mut Vec<u8>,
+        _out: &mut Records,
     ) {
     }
     /// Something happened to the monitor itself: losses, a routine
     /// failure, a resync.
-    fn notice(&mut self, _notice: Notice<'_>, _out: &mut Vec<u8>) {}
+    fn notice(&mut self, _notice: Notice<'_>, _out: &mut Records) {}
     /// A periodic check begins: a snapshot is taken from monotonic time `at_ns`.
     fn check_starts(&mut self, _at_ns: u64) {}
     /// The periodic check: `snapshot` was just taken (while transitions
@@ -38,12 +39,12 @@ pub trait Observer {
         &mut self,
         _snapshot: &Snapshot,
         _table: &SocketTable,
-        _out: &mut Vec<u8>,
+        _out: &mut Records,
     ) -> Vec<u64> {
         Vec::new()
     }
     /// The monitor stops (`end` says with what).
-    fn stopped(&mut self, _end: &End<'_>, _out: &mut Vec<u8>) {}
+    fn stopped(&mut self, _end: &End<'_>, _out: &mut Records) {}
 }
 
 /// What the monitor hands its observer when it stops.

@@ -4,7 +4,7 @@
 use std::io;
 use std::time::Duration;
 
-use crate::sink::Sink;
+use crate::sink::{Records, Sink};
 
 /// A failed reopen of the output is tried again after this long, doubling
 /// up to `REOPEN_RETRY_MAX`.
@@ -16,7 +16,7 @@ const FLUSH_AT: usize = 64 * 1024;
 /// of events or once `FLUSH_AT` is buffered.
 pub(super) struct Output {
     sink: Sink,
-    pub(super) buffer: Vec<u8>,
+    pub(super) buffer: Records,
     /// The first error writing the output, raised after the batch.
     write_error: Option<io::Error>,
     /// While a reopen of the output keeps failing: the wait before the next try.
@@ -27,7 +27,7 @@ impl Output {
     pub(super) fn new(sink: Sink) -> Output {
         Output {
             sink,
-            buffer: Vec::with_capacity(1 << 16),
+            buffer: Records::with_capacity(1 << 16),
             write_error: None,
             reopen_backoff: None,
         }

@@ -11,7 +11,7 @@ use super::{Monitor, Observer};
 use crate::engine::source::EventSource;
 use crate::metrics::Metrics;
 use crate::model::{LossCounters, Record, Task, TcpState, Transition, Tuple};
-use crate::sink::Sink;
+use crate::sink::{Records, Sink};
 use crate::snapshot::Snapshot;
 
 /// What the kernel would send, as a test writes it: records waiting
@@ -90,7 +90,7 @@ impl<O: Observer> ScriptedMonitor<O> {
 
     /// What the observer wrote so far (the monitor writes it out once it
     /// holds 64 KiB: a test empties it before).
-    pub fn written(&mut self) -> &mut Vec<u8> {
+    pub fn written(&mut self) -> &mut Records {
         &mut self.monitor.output.buffer
     }
 }

@@ -7,6 +7,7 @@ use super::scripted::ScriptedSource;
 use super::*;
 use crate::engine::table::Observed;
 use crate::model::{LossCause, Task, TcpState, Tuple};
+use crate::sink::Records;
 use crate::snapshot::{ProcSocket, SnapshotEntry};
 
 /// What the monitor told the mode.
@@ -19,10 +20,10 @@ struct Recorder {
 }
 
 impl Observer for Recorder {
-    fn transition(&mut self, t: &Transition, _: Observed, _: &WallClock, _: &mut Vec<u8>) {
+    fn transition(&mut self, t: &Transition, _: Observed, _: &WallClock, _: &mut Records) {
         self.transitions.push(t.clone());
     }
-    fn notice(&mut self, notice: Notice<'_>, _: &mut Vec<u8>) {
+    fn notice(&mut self, notice: Notice<'_>, _: &mut Records) {
         match notice {
             Notice::Lost { count, cause } => self.lost.push((count, cause)),
             Notice::Failed { what, .. } => self.failures.push(what),

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use super::compare::portless_form;
 use super::*;
 use crate::model::{Owner, Proto, TcpState};
+use crate::sink::RecordKind;
 use crate::snapshot::SnapshotEntry;
 use netwatch_common::ByteCounts;
 use TcpState::*;
@@ -128,7 +129,7 @@ fn a_fin_wait1_socket_missing_twice_is_freed_and_other_states_stay_drift() {
     );
     let kernel = kernel_snapshot(&[(3, c, None, 10)]);
     let mut verify = Verify::new(true, Some(NETNS), Arc::new(Metrics::new(4096)));
-    let mut out = Vec::new();
+    let mut out = Records::default();
 
     let first = verify.check(&kernel, &table, &mut out);
     assert_eq!(first, Vec::<u64>::new(), "one read is not enough");
@@ -138,9 +139,11 @@ fn a_fin_wait1_socket_missing_twice_is_freed_and_other_states_stay_drift() {
     assert_eq!(second, vec![1], "missing from two reads in FIN_WAIT1");
     assert_eq!((verify.drift_checks, verify.persisted_checks), (2, 1));
     let reports: Vec<serde_json::Value> = out
-        .split(|&b| b == b'\n')
-        .filter(|line| !line.is_empty())
-        .map(|line| serde_json::from_slice(line).expect("a JSON line"))
+        .each()
+        .map(|(kind, line)| {
+            assert_eq!(kind, RecordKind::Drift);
+            serde_json::from_slice(line).expect("a JSON line")
+        })
         .collect();
     assert_eq!(reports[1]["freed_untraced"], 1, "{}", reports[1]);
     assert_eq!(reports[1]["missing_from_snapshot"], 1, "{}", reports[1]);

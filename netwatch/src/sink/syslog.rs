@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
+use super::{RecordKind, Records};
 use crate::metrics::Metrics;
 
 /// The local syslog socket.
@@ -135,18 +136,16 @@ impl Syslog {
         })
     }
 
-    /// Queues one message per record in `records` (JSON lines); a full
-    /// queue drops and counts the message.
-    pub fn send_lines(&mut self, records: &[u8]) {
+    /// Queues one message per record in `records` (JSON lines), its kind
+    /// as the MSGID; a full queue drops and counts the message.
+    pub fn send(&mut self, records: &Records) {
         let Some(queue) = &self.queue else {
             return;
         };
         let now = SystemTime::now();
-        for record in records.split(|&byte| byte == b'\n') {
-            if record.is_empty() {
-                continue;
-            }
-            let message = self.header.message(now, record);
+        for (kind, record) in records.each() {
+            let record = record.strip_suffix(b"\n").unwrap_or(record);
+            let message = self.header.message(now, kind, record);
             match queue.try_send(message) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
@@ -198,13 +197,12 @@ impl Header {
 
     /// The RFC 5424 message for one JSON record:
     /// `<PRI>1 TIMESTAMP HOSTNAME netwatch PROCID TYPE [netwatch@32473 type="TYPE"][meta sequenceId="N"] RECORD`.
-    /// The record's type (its first field) is the MSGID and picks the
-    /// severity; the sequence (1 to 2^31 - 1, then 1 again) lets a receiver
+    /// The record's kind is the MSGID and picks the severity; the sequence (1 to 2^31 - 1, then 1 again) lets a receiver
     /// see where messages are missing.
-    fn message(&mut self, at: SystemTime, record: &[u8]) -> Vec<u8> {
+    fn message(&mut self, at: SystemTime, kind: RecordKind, record: &[u8]) -> Vec<u8> {
         self.sequence = self.sequence % (i32::MAX as u32) + 1;
-        let kind = record_type(record);
         let pri = FACILITY * 8 + severity(kind);
+        let kind = kind.name();
         let mut message = Vec::with_capacity(record.len() + 160);
         // Writing to a Vec cannot fail.
         let _ = write!(
@@ -220,29 +218,12 @@ impl Header {
     }
 }
 
-/// The `type` of a JSON record netwatch wrote (its first field), or
-/// "record": only ASCII letters and `_`, so that it fits a MSGID and a
-/// structured-data value as it is.
-fn record_type(record: &[u8]) -> &str {
-    record
-        .strip_prefix(b"{\"type\":\"")
-        .and_then(|rest| {
-            let end = rest.iter().position(|&byte| byte == b'"')?;
-            let kind = &rest[..end];
-            let valid = !kind.is_empty()
-                && kind.len() <= 32
-                && kind.iter().all(|&b| b.is_ascii_alphabetic() || b == b'_');
-            valid.then(|| std::str::from_utf8(kind).ok()).flatten()
-        })
-        .unwrap_or("record")
-}
-
 /// Warning for losses and failures, notice for the summary, informational
 /// for the rest.
-fn severity(kind: &str) -> u8 {
+fn severity(kind: RecordKind) -> u8 {
     match kind {
-        "lost" | "failure" => 4,
-        "summary" => 5,
+        RecordKind::Lost | RecordKind::Failure => 4,
+        RecordKind::Summary => 5,
         _ => 6,
     }
 }
@@ -534,18 +515,18 @@ mod tests {
         };
         let at = SystemTime::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
         let record = br#"{"type":"conn","schema":2,"pid":7}"#;
-        let message = header.message(at, record);
+        let message = header.message(at, RecordKind::Conn, record);
         assert_eq!(
             String::from_utf8(message).unwrap(),
             r#"<30>1 2023-11-14T22:13:20.123456Z host netwatch 42 conn [netwatch@32473 type="conn"][meta sequenceId="1"] {"type":"conn","schema":2,"pid":7}"#
         );
-        let lost = header.message(at, br#"{"type":"lost","count":3}"#);
+        let lost = header.message(at, RecordKind::Lost, br#"{"type":"lost","count":3}"#);
         assert!(lost.starts_with(b"<28>1 "), "warning");
         assert!(String::from_utf8(lost)
             .unwrap()
             .contains("sequenceId=\"2\""));
         header.sequence = i32::MAX as u32;
-        let wrapped = header.message(at, br#"{"type":"summary"}"#);
+        let wrapped = header.message(at, RecordKind::Summary, br#"{"type":"summary"}"#);
         assert!(wrapped.starts_with(b"<29>1 "), "notice");
         assert!(String::from_utf8(wrapped)
             .unwrap()
@@ -553,11 +534,7 @@ mod tests {
     }
 
     #[test]
-    fn an_odd_record_type_is_not_written_into_the_header() {
-        assert_eq!(record_type(br#"{"type":"listen","x":1}"#), "listen");
-        assert_eq!(record_type(br#"{"type":"a b]\"","x":1}"#), "record");
-        assert_eq!(record_type(br#"{"schema":2}"#), "record");
-        assert_eq!(record_type(b""), "record");
+    fn a_host_name_is_printable_ascii_or_nil() {
         assert_eq!(printable_or_nil("h\u{e9}st name", 255), "hstname");
         assert_eq!(printable_or_nil("\u{e9}", 255), "-");
     }
