@@ -77,14 +77,44 @@ pub fn ip(out: &mut Vec<u8>, addr: IpAddr) {
     }
 }
 
+/// Dotted IPv4, built on the stack from a table of the 256 octets'
+/// digits and appended at once: a copy per octet cost a fifth of the
+/// stream's user time.
 fn ipv4(out: &mut Vec<u8>, addr: Ipv4Addr) {
-    let [a, b, c, d] = addr.octets();
-    integer(out, a);
-    for octet in [b, c, d] {
-        out.push(b'.');
-        integer(out, octet);
+    let mut text = [0u8; 15];
+    let mut len = 0;
+    for (at, octet) in addr.octets().into_iter().enumerate() {
+        if at > 0 {
+            text[len] = b'.';
+            len += 1;
+        }
+        let (digits, count) = OCTETS[usize::from(octet)];
+        text[len..len + 3].copy_from_slice(&digits);
+        len += usize::from(count);
     }
+    out.extend_from_slice(&text[..len]);
 }
+
+/// Each octet's decimal digits (padded to 3) and how many there are.
+const OCTETS: [([u8; 3], u8); 256] = {
+    let mut table = [([0u8; 3], 0u8); 256];
+    let mut octet = 0;
+    while octet < 256 {
+        let (hundreds, tens, ones) = (octet / 100, octet / 10 % 10, octet % 10);
+        table[octet] = if octet >= 100 {
+            (
+                [b'0' + hundreds as u8, b'0' + tens as u8, b'0' + ones as u8],
+                3,
+            )
+        } else if octet >= 10 {
+            ([b'0' + tens as u8, b'0' + ones as u8, 0], 2)
+        } else {
+            ([b'0' + ones as u8, 0, 0], 1)
+        };
+        octet += 1;
+    }
+    table
+};
 
 /// RFC 5952, as std writes it: IPv4-mapped addresses in dotted form, the
 /// first longest run of two or more zero groups as `::`, hex in lower case.
