@@ -8,17 +8,15 @@
 
 use std::time::SystemTime;
 
-use serde::Serialize;
-
 use crate::cli::{AuditArgs, CgroupFilters};
 use crate::engine::clock::WallClock;
-use crate::engine::monitor::{self, Config, End, Notice, Observer, Summary};
+use crate::engine::monitor::{self, Config, End, Notice, Observer};
 use crate::engine::table::{LiveSocket, Observed, SocketTable};
 use crate::kernel;
 use crate::metrics::Metrics;
-use crate::model::{ConnResult, LossCause, Owner, Proto, TcpState, Transition, Tuple};
+use crate::model::{ConnResult, Owner, Proto, TcpState, Transition, Tuple};
 use crate::output::{
-    self, AuditSocket, AuditWriter, ConnRecord, ListenRecord, Timestamp, AUDIT_SCHEMA,
+    self, AuditRecord, AuditSocket, AuditWriter, ConnRecord, ListenRecord, Timestamp, AUDIT_SCHEMA,
 };
 use crate::sink::Syslog;
 use crate::sink::{RecordKind, Records, Sink};
@@ -54,35 +52,6 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
     };
     monitor::run(config, audit, sink)?;
     Ok(())
-}
-
-/// One of audit's rarer records (a JSON line): conn and listen records
-/// are written by [`AuditWriter`].
-#[derive(Debug, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum AuditRecord {
-    /// Something failed that audit went on after (a resync, a reopen of
-    /// its output): records may be late or missing there.
-    Failure {
-        schema: u32,
-        ts: Timestamp,
-        what: &'static str,
-        message: String,
-    },
-    /// Transitions the kernel could not deliver: records may be missing.
-    Lost {
-        schema: u32,
-        ts: Timestamp,
-        count: u64,
-        cause: LossCause,
-    },
-    /// The last record: what the run saw.
-    Summary {
-        schema: u32,
-        ts: Timestamp,
-        #[serde(flatten)]
-        counts: Summary,
-    },
 }
 
 /// What audit's records say of a socket the table holds, owned by `owner`.

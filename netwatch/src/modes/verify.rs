@@ -29,15 +29,13 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
-
 use crate::cli::VerifyArgs;
 use crate::engine::clock::WallClock;
-use crate::engine::monitor::{self, Config, End, Notice, Observer, Summary};
+use crate::engine::monitor::{self, Config, End, Notice, Observer};
 use crate::engine::table::{Observed, SocketTable};
 use crate::metrics::Metrics;
 use crate::model::{OwnerChange, Transition, Tuple};
-use crate::output::{self, StreamRecord, Timestamp};
+use crate::output::{self, DriftRecord, StreamRecord, Timestamp, VerifySummaryRecord};
 use crate::sink::{RecordKind, Records, Sink};
 use crate::snapshot::Snapshot;
 
@@ -185,38 +183,6 @@ impl Verify {
     }
 }
 
-/// The JSON record verify ends with: watch's summary (what the run saw,
-/// its losses) and the checks.
-#[derive(Serialize)]
-struct SummaryRecord<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    ts: Timestamp,
-    #[serde(flatten)]
-    counts: &'a Summary,
-    checks: u64,
-    drift_checks: u64,
-    persisting_checks: u64,
-}
-
-/// The JSON report of one check.
-#[derive(Serialize)]
-struct DriftRecord<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    ts: Timestamp,
-    compared: usize,
-    excluded: usize,
-    missing_from_table: usize,
-    missing_from_snapshot: usize,
-    pid_mismatch: usize,
-    state_mismatch: usize,
-    persisting: usize,
-    /// Table sockets taken as freed without a traced CLOSE at this check.
-    freed_untraced: usize,
-    sockets: &'a [Drift],
-}
-
 impl Observer for Verify {
     fn transition(
         &mut self,
@@ -288,7 +254,7 @@ impl Observer for Verify {
             self.persisted_checks
         );
         if self.json {
-            let record = SummaryRecord {
+            let record = VerifySummaryRecord {
                 kind: "summary",
                 ts: Timestamp(SystemTime::now()),
                 counts: end.summary,

@@ -8,9 +8,11 @@ mod bytes;
 pub mod fixtures;
 mod fragments;
 mod stream;
+mod verify;
 
-pub use audit::{AuditSocket, AuditWriter, ConnRecord, ListenRecord, AUDIT_SCHEMA};
+pub use audit::{AuditRecord, AuditSocket, AuditWriter, ConnRecord, ListenRecord, AUDIT_SCHEMA};
 pub use stream::{StateRecord, StreamWriter};
+pub use verify::{DriftRecord, VerifySummaryRecord};
 
 use std::fmt::Write as _;
 use std::io::{self, Write};
