@@ -16,7 +16,7 @@ use crate::kernel;
 use crate::metrics::Metrics;
 use crate::model::{ConnResult, Owner, Proto, TcpState, Transition, Tuple};
 use crate::output::{
-    self, AuditRecord, AuditSocket, AuditWriter, ConnRecord, ListenRecord, Timestamp, AUDIT_SCHEMA,
+    self, AuditRecord, AuditSocket, AuditWriter, ConnRecord, ListenRecord, Timestamp, SCHEMA,
 };
 use crate::sink::Syslog;
 use crate::sink::{RecordKind, Records, Sink};
@@ -242,7 +242,7 @@ impl Observer for Audit {
             Notice::Lost { count, cause } => (
                 RecordKind::Lost,
                 AuditRecord::Lost {
-                    schema: AUDIT_SCHEMA,
+                    schema: SCHEMA,
                     ts,
                     count,
                     cause,
@@ -251,7 +251,7 @@ impl Observer for Audit {
             Notice::Failed { what, message } => (
                 RecordKind::Failure,
                 AuditRecord::Failure {
-                    schema: AUDIT_SCHEMA,
+                    schema: SCHEMA,
                     ts,
                     what: what.name(),
                     message: message.to_owned(),
@@ -288,7 +288,7 @@ impl Observer for Audit {
             self.conn(socket, ending, counted, clock, out);
         }
         let record = AuditRecord::Summary {
-            schema: AUDIT_SCHEMA,
+            schema: SCHEMA,
             ts: Timestamp(SystemTime::now()),
             counts: *summary,
         };

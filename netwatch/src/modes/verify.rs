@@ -35,7 +35,7 @@ use crate::engine::monitor::{self, Config, End, Notice, Observer};
 use crate::engine::table::{Observed, SocketTable};
 use crate::metrics::Metrics;
 use crate::model::{OwnerChange, Transition, Tuple};
-use crate::output::{self, DriftRecord, StreamRecord, Timestamp, VerifySummaryRecord};
+use crate::output::{self, DriftRecord, StreamRecord, Timestamp, VerifySummaryRecord, SCHEMA};
 use crate::sink::{RecordKind, Records, Sink};
 use crate::snapshot::Snapshot;
 
@@ -124,6 +124,7 @@ impl Verify {
         if self.json {
             let record = DriftRecord {
                 kind: "drift",
+                schema: SCHEMA,
                 ts,
                 compared: comparison.compared,
                 excluded: comparison.excluded,
@@ -207,6 +208,7 @@ impl Observer for Verify {
     fn notice(&mut self, notice: Notice<'_>, out: &mut Records) {
         if let (true, Notice::Failed { what, message }) = (self.json, notice) {
             let record = StreamRecord::Failure {
+                schema: SCHEMA,
                 ts: Timestamp(SystemTime::now()),
                 what: what.name(),
                 message,
@@ -256,6 +258,7 @@ impl Observer for Verify {
         if self.json {
             let record = VerifySummaryRecord {
                 kind: "summary",
+                schema: SCHEMA,
                 ts: Timestamp(SystemTime::now()),
                 counts: end.summary,
                 checks: self.checks,

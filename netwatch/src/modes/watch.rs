@@ -9,7 +9,7 @@ use crate::engine::monitor::{self, Config, End, Notice, Observer};
 use crate::engine::table::{Observed, SocketTable};
 use crate::model::{OwnerChange, Transition};
 use crate::output::{
-    self, CgroupFields, SocketRecord, StateRecord, StreamRecord, StreamWriter, Timestamp,
+    self, CgroupFields, SocketRecord, StateRecord, StreamRecord, StreamWriter, Timestamp, SCHEMA,
 };
 use crate::sink::{RecordKind, Records, Sink};
 use crate::snapshot::{Snapshot, SnapshotEntry};
@@ -79,6 +79,7 @@ impl Observer for Stream {
                 // Writing to a Vec cannot fail.
                 let _ = if self.args.json {
                     let record = StreamRecord::Baseline {
+                        schema: SCHEMA,
                         ts: now,
                         socket: SocketRecord::new(entry, self.args.cmdline),
                         cgroup: CgroupFields::of(entry.owner.as_ref()),
@@ -144,20 +145,32 @@ impl Observer for Stream {
         }
         let ts = Timestamp(SystemTime::now());
         let (kind, record) = match notice {
-            Notice::Lost { count, cause } => {
-                (RecordKind::Lost, StreamRecord::Lost { ts, count, cause })
-            }
+            Notice::Lost { count, cause } => (
+                RecordKind::Lost,
+                StreamRecord::Lost {
+                    schema: SCHEMA,
+                    ts,
+                    count,
+                    cause,
+                },
+            ),
             Notice::Failed { what, message } => (
                 RecordKind::Failure,
                 StreamRecord::Failure {
+                    schema: SCHEMA,
                     ts,
                     what: what.name(),
                     message,
                 },
             ),
-            Notice::Resynced { sockets } => {
-                (RecordKind::Resync, StreamRecord::Resync { ts, sockets })
-            }
+            Notice::Resynced { sockets } => (
+                RecordKind::Resync,
+                StreamRecord::Resync {
+                    schema: SCHEMA,
+                    ts,
+                    sockets,
+                },
+            ),
         };
         out.push(kind, |out| {
             let _ = output::write_json_line(out, &record);
@@ -167,6 +180,7 @@ impl Observer for Stream {
     fn stopped(&mut self, end: &End<'_>, out: &mut Records) {
         if self.args.json {
             let record = StreamRecord::Summary {
+                schema: SCHEMA,
                 ts: Timestamp(SystemTime::now()),
                 counts: end.summary,
             };

@@ -13,15 +13,9 @@ use serde::Serialize;
 use super::bytes::{self, RfcTime};
 use super::fragments::OwnerFragments;
 use super::stream::{cgroup_fields_json, cmdline_json};
-use super::Timestamp;
+use super::{Timestamp, SCHEMA};
 use crate::engine::monitor::Summary;
 use crate::model::{ConnResult, Direction, LossCause, Owner, TcpState, Tuple};
-
-/// Version of the record layout; bumped when a field changes meaning or goes away.
-/// 2: `pid` and `program` of an accepted connection are the process that
-/// owned it when it closed (the accepting process, or the one it was handed
-/// to), no longer its listener's owner; `owner_changed` is new.
-pub const AUDIT_SCHEMA: u32 = 2;
 
 /// What every socket record of audit says of the socket.
 pub struct AuditSocket<'a> {
@@ -99,7 +93,7 @@ impl AuditWriter {
     /// Writes one connection's record.
     pub fn conn(&mut self, out: &mut Vec<u8>, r: &ConnRecord<'_>) {
         out.extend_from_slice(b"{\"type\":\"conn\",\"schema\":");
-        bytes::integer(out, AUDIT_SCHEMA);
+        bytes::integer(out, SCHEMA);
         self.start_and_end(out, r.start, r.end);
         out.extend_from_slice(b",\"duration_ms\":");
         bytes::json_opt_f64(out, r.duration_ms);
@@ -131,7 +125,7 @@ impl AuditWriter {
     /// Writes one listener's record.
     pub fn listen(&mut self, out: &mut Vec<u8>, r: &ListenRecord<'_>) {
         out.extend_from_slice(b"{\"type\":\"listen\",\"schema\":");
-        bytes::integer(out, AUDIT_SCHEMA);
+        bytes::integer(out, SCHEMA);
         out.extend_from_slice(match r.end {
             Some(_) => b",\"event\":\"close\"",
             None => b",\"event\":\"open\"",

@@ -10,7 +10,7 @@ mod fragments;
 mod stream;
 mod verify;
 
-pub use audit::{AuditRecord, AuditSocket, AuditWriter, ConnRecord, ListenRecord, AUDIT_SCHEMA};
+pub use audit::{AuditRecord, AuditSocket, AuditWriter, ConnRecord, ListenRecord};
 pub use stream::{StateRecord, StreamWriter};
 pub use verify::{DriftRecord, VerifySummaryRecord};
 
@@ -25,6 +25,13 @@ use serde::Serialize;
 use crate::engine::monitor::Summary;
 use crate::model::{format_endpoint, CommandLine, Endpoint, LossCause, Owner, Proto, TcpState};
 use crate::snapshot::SnapshotEntry;
+
+/// Version of the JSON records' layout, the same in every mode (each
+/// record's `schema`); bumped when a field changes meaning or goes away.
+/// 2: `pid` and `program` of an accepted connection are the process that
+/// owned it when it closed (the accepting process, or the one it was handed
+/// to), no longer its listener's owner; `owner_changed` is new (audit).
+pub const SCHEMA: u32 = 2;
 
 /// Which optional columns the snapshot table has.
 #[derive(Clone, Copy, Debug, Default)]
@@ -245,6 +252,7 @@ fn serialize_display<S: serde::Serializer>(
 pub enum StreamRecord<'a> {
     /// A socket that existed when netwatch started (`--baseline`).
     Baseline {
+        schema: u32,
         ts: Timestamp,
         #[serde(flatten)]
         socket: SocketRecord<'a>,
@@ -253,20 +261,27 @@ pub enum StreamRecord<'a> {
     },
     /// Transitions the kernel could not deliver.
     Lost {
+        schema: u32,
         ts: Timestamp,
         count: u64,
         cause: LossCause,
     },
     /// The table was rebuilt from a fresh /proc snapshot.
-    Resync { ts: Timestamp, sockets: usize },
+    Resync {
+        schema: u32,
+        ts: Timestamp,
+        sockets: usize,
+    },
     /// Something failed that netwatch went on after (a resync, a reopen).
     Failure {
+        schema: u32,
         ts: Timestamp,
         what: &'static str,
         message: &'a str,
     },
     /// The last record: what the run saw.
     Summary {
+        schema: u32,
         ts: Timestamp,
         #[serde(flatten)]
         counts: &'a Summary,
@@ -454,13 +469,14 @@ udp        7      5 0.0.0.0:53              0.0.0.0:*                           
     #[test]
     fn stream_records_are_tagged_by_type() {
         let lost = StreamRecord::Lost {
+            schema: SCHEMA,
             ts: Timestamp(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_767_225_600)),
             count: 3,
             cause: LossCause::Recursion,
         };
         assert_eq!(
             serde_json::to_value(&lost).unwrap(),
-            serde_json::json!({"type": "lost", "ts": "2026-01-01T00:00:00.000000Z", "count": 3, "cause": "recursion"})
+            serde_json::json!({"type": "lost", "schema": 2, "ts": "2026-01-01T00:00:00.000000Z", "count": 3, "cause": "recursion"})
         );
     }
 
@@ -533,7 +549,7 @@ udp        7      5 0.0.0.0:53              0.0.0.0:*                           
         assert_eq!(
             serde_json::from_slice::<serde_json::Value>(&out).unwrap(),
             serde_json::json!({
-                "type": "owner", "ts": "1970-01-01T00:00:00.000000Z", "proto": "tcp",
+                "type": "owner", "schema": 2, "ts": "1970-01-01T00:00:00.000000Z", "proto": "tcp",
                 "local_addr": "127.0.0.1", "local_port": 8080, "remote_addr": "127.0.0.1",
                 "remote_port": 48286, "state": "ESTABLISHED", "cause": "accept",
                 "old_pid": 100, "old_program": "nginx", "pid": 101, "program": "nginx",

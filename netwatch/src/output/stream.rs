@@ -9,6 +9,7 @@ use std::time::SystemTime;
 
 use super::bytes::{self, RfcTime};
 use super::fragments::OwnerFragments;
+use super::SCHEMA;
 use crate::model::{CommandLine, Owner, OwnerChange, TcpState, Tuple};
 
 /// Writes state and owner records in one output form.
@@ -66,7 +67,9 @@ impl StreamWriter {
     }
 
     fn state_json(&mut self, out: &mut Vec<u8>, r: &StateRecord<'_>) {
-        out.extend_from_slice(b"{\"type\":\"state\",\"ts\":\"");
+        out.extend_from_slice(b"{\"type\":\"state\",\"schema\":");
+        bytes::integer(out, SCHEMA);
+        out.extend_from_slice(b",\"ts\":\"");
         self.time.write(out, r.ts);
         out.extend_from_slice(b"\",\"pid\":");
         bytes::json_opt_integer(out, r.owner.map(|owner| owner.pid));
@@ -83,7 +86,9 @@ impl StreamWriter {
     }
 
     fn owner_json(&mut self, out: &mut Vec<u8>, ts: SystemTime, change: &OwnerChange) {
-        out.extend_from_slice(b"{\"type\":\"owner\",\"ts\":\"");
+        out.extend_from_slice(b"{\"type\":\"owner\",\"schema\":");
+        bytes::integer(out, SCHEMA);
+        out.extend_from_slice(b",\"ts\":\"");
         self.time.write(out, ts);
         out.push(b'"');
         tuple_json(out, &change.tuple);

@@ -11,6 +11,7 @@ use crate::engine::monitor::Summary;
 pub struct VerifySummaryRecord<'a> {
     #[serde(rename = "type")]
     pub kind: &'static str,
+    pub schema: u32,
     pub ts: Timestamp,
     #[serde(flatten)]
     pub counts: &'a Summary,
@@ -24,6 +25,7 @@ pub struct VerifySummaryRecord<'a> {
 pub struct DriftRecord<'a, S> {
     #[serde(rename = "type")]
     pub kind: &'static str,
+    pub schema: u32,
     pub ts: Timestamp,
     pub compared: usize,
     pub excluded: usize,
