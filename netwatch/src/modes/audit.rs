@@ -15,11 +15,8 @@ use crate::engine::table::{LiveSocket, Observed, SocketTable};
 use crate::kernel;
 use crate::metrics::Metrics;
 use crate::model::{ConnResult, Owner, Proto, TcpState, Transition, Tuple};
-use crate::output::{
-    self, AuditRecord, AuditSocket, AuditWriter, ConnRecord, ListenRecord, Timestamp, SCHEMA,
-};
-use crate::sink::Syslog;
-use crate::sink::{RecordKind, Records, Sink};
+use crate::output::{self, AuditSocket, AuditWriter, ConnRecord, ListenRecord};
+use crate::sink::{RecordKind, Records, Sink, Syslog};
 use crate::snapshot::{self, Snapshot};
 use anyhow::Context as _;
 use netwatch_common::ByteCounts;
@@ -237,32 +234,10 @@ impl Observer for Audit {
     }
 
     fn notice(&mut self, notice: Notice<'_>, out: &mut Records) {
-        let ts = Timestamp(SystemTime::now());
-        let (kind, record) = match notice {
-            Notice::Lost { count, cause } => (
-                RecordKind::Lost,
-                AuditRecord::Lost {
-                    schema: SCHEMA,
-                    ts,
-                    count,
-                    cause,
-                },
-            ),
-            Notice::Failed { what, message } => (
-                RecordKind::Failure,
-                AuditRecord::Failure {
-                    schema: SCHEMA,
-                    ts,
-                    what: what.name(),
-                    message: message.to_owned(),
-                },
-            ),
-            // The records that follow say what is open.
-            Notice::Resynced { .. } => return,
-        };
-        out.push(kind, |out| {
-            let _ = output::write_json_line(out, &record);
-        });
+        // After a resync, the records that follow say what is open.
+        if !matches!(notice, Notice::Resynced { .. }) {
+            output::write_notice(out, notice);
+        }
     }
 
     fn stopped(&mut self, end: &End<'_>, out: &mut Records) {
@@ -287,14 +262,7 @@ impl Observer for Audit {
             };
             self.conn(socket, ending, counted, clock, out);
         }
-        let record = AuditRecord::Summary {
-            schema: SCHEMA,
-            ts: Timestamp(SystemTime::now()),
-            counts: *summary,
-        };
-        out.push(RecordKind::Summary, |out| {
-            let _ = output::write_json_line(out, &record);
-        });
+        output::write_summary(out, summary);
     }
 }
 

@@ -35,7 +35,7 @@ use crate::engine::monitor::{self, Config, End, Notice, Observer};
 use crate::engine::table::{Observed, SocketTable};
 use crate::metrics::Metrics;
 use crate::model::{OwnerChange, Transition, Tuple};
-use crate::output::{self, DriftRecord, StreamRecord, Timestamp, VerifySummaryRecord, SCHEMA};
+use crate::output::{self, DriftRecord, Timestamp, VerifySummaryRecord, SCHEMA};
 use crate::sink::{RecordKind, Records, Sink};
 use crate::snapshot::Snapshot;
 
@@ -206,16 +206,8 @@ impl Observer for Verify {
     }
 
     fn notice(&mut self, notice: Notice<'_>, out: &mut Records) {
-        if let (true, Notice::Failed { what, message }) = (self.json, notice) {
-            let record = StreamRecord::Failure {
-                schema: SCHEMA,
-                ts: Timestamp(SystemTime::now()),
-                what: what.name(),
-                message,
-            };
-            out.push(RecordKind::Failure, |out| {
-                let _ = output::write_json_line(out, &record);
-            });
+        if self.json && matches!(notice, Notice::Failed { .. }) {
+            output::write_notice(out, notice);
         }
     }
 

@@ -9,7 +9,7 @@ use crate::engine::monitor::{self, Config, End, Notice, Observer};
 use crate::engine::table::{Observed, SocketTable};
 use crate::model::{OwnerChange, Transition};
 use crate::output::{
-    self, CgroupFields, SocketRecord, StateRecord, StreamRecord, StreamWriter, Timestamp, SCHEMA,
+    self, CgroupFields, JsonRecord, SocketRecord, StateRecord, StreamWriter, Timestamp, SCHEMA,
 };
 use crate::sink::{RecordKind, Records, Sink};
 use crate::snapshot::{Snapshot, SnapshotEntry};
@@ -78,7 +78,7 @@ impl Observer for Stream {
             out.push(RecordKind::Baseline, |out| {
                 // Writing to a Vec cannot fail.
                 let _ = if self.args.json {
-                    let record = StreamRecord::Baseline {
+                    let record = JsonRecord::Baseline {
                         schema: SCHEMA,
                         ts: now,
                         socket: SocketRecord::new(entry, self.args.cmdline),
@@ -140,53 +140,14 @@ impl Observer for Stream {
     }
 
     fn notice(&mut self, notice: Notice<'_>, out: &mut Records) {
-        if !self.args.json {
-            return;
+        if self.args.json {
+            output::write_notice(out, notice);
         }
-        let ts = Timestamp(SystemTime::now());
-        let (kind, record) = match notice {
-            Notice::Lost { count, cause } => (
-                RecordKind::Lost,
-                StreamRecord::Lost {
-                    schema: SCHEMA,
-                    ts,
-                    count,
-                    cause,
-                },
-            ),
-            Notice::Failed { what, message } => (
-                RecordKind::Failure,
-                StreamRecord::Failure {
-                    schema: SCHEMA,
-                    ts,
-                    what: what.name(),
-                    message,
-                },
-            ),
-            Notice::Resynced { sockets } => (
-                RecordKind::Resync,
-                StreamRecord::Resync {
-                    schema: SCHEMA,
-                    ts,
-                    sockets,
-                },
-            ),
-        };
-        out.push(kind, |out| {
-            let _ = output::write_json_line(out, &record);
-        });
     }
 
     fn stopped(&mut self, end: &End<'_>, out: &mut Records) {
         if self.args.json {
-            let record = StreamRecord::Summary {
-                schema: SCHEMA,
-                ts: Timestamp(SystemTime::now()),
-                counts: end.summary,
-            };
-            out.push(RecordKind::Summary, |out| {
-                let _ = output::write_json_line(out, &record);
-            });
+            output::write_summary(out, end.summary);
         }
     }
 }

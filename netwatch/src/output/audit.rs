@@ -3,19 +3,17 @@
 //! buffer, as the stream's are ([`super::StreamWriter`]): fixed keys as
 //! constant bytes, the date and time of day once per second, no
 //! allocation. The golden file tests/golden/audit.jsonl pins their bytes;
-//! audit's rarer records ([`AuditRecord`]) go through serde.
+//! audit's rarer records are the ones every mode writes ([`super::JsonRecord`]).
 
 use std::time::SystemTime;
 
 use netwatch_common::ByteCounts;
-use serde::Serialize;
 
 use super::bytes::{self, RfcTime};
 use super::fragments::OwnerFragments;
 use super::stream::{cgroup_fields_json, cmdline_json};
-use super::{Timestamp, SCHEMA};
-use crate::engine::monitor::Summary;
-use crate::model::{ConnResult, Direction, LossCause, Owner, TcpState, Tuple};
+use super::SCHEMA;
+use crate::model::{ConnResult, Direction, Owner, TcpState, Tuple};
 
 /// What every socket record of audit says of the socket.
 pub struct AuditSocket<'a> {
@@ -51,35 +49,6 @@ pub struct ListenRecord<'a> {
     pub start: Option<SystemTime>,
     pub end: Option<SystemTime>,
     pub socket: AuditSocket<'a>,
-}
-
-/// One of audit's rarer records (a JSON line): conn and listen records
-/// are written by [`AuditWriter`].
-#[derive(Debug, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum AuditRecord {
-    /// Something failed that audit went on after (a resync, a reopen of
-    /// its output): records may be late or missing there.
-    Failure {
-        schema: u32,
-        ts: Timestamp,
-        what: &'static str,
-        message: String,
-    },
-    /// Transitions the kernel could not deliver: records may be missing.
-    Lost {
-        schema: u32,
-        ts: Timestamp,
-        count: u64,
-        cause: LossCause,
-    },
-    /// The last record: what the run saw.
-    Summary {
-        schema: u32,
-        ts: Timestamp,
-        #[serde(flatten)]
-        counts: Summary,
-    },
 }
 
 /// Writes conn and listen records as JSON lines.

@@ -10,7 +10,7 @@ mod fragments;
 mod stream;
 mod verify;
 
-pub use audit::{AuditRecord, AuditSocket, AuditWriter, ConnRecord, ListenRecord};
+pub use audit::{AuditSocket, AuditWriter, ConnRecord, ListenRecord};
 pub use stream::{StateRecord, StreamWriter};
 pub use verify::{DriftRecord, VerifySummaryRecord};
 
@@ -22,8 +22,9 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use crate::engine::monitor::Summary;
+use crate::engine::monitor::{Notice, Summary};
 use crate::model::{format_endpoint, CommandLine, Endpoint, LossCause, Owner, Proto, TcpState};
+use crate::sink::{RecordKind, Records};
 use crate::snapshot::SnapshotEntry;
 
 /// Version of the JSON records' layout, the same in every mode (each
@@ -245,11 +246,12 @@ fn serialize_display<S: serde::Serializer>(
     }
 }
 
-/// A rarer record of the live stream (`netwatch --json`), tagged by
-/// `type`: state and owner records are written by [`StreamWriter`].
+/// A JSON record every mode writes alike, tagged by `type` (the stream's
+/// baseline sockets too): the hot records have writers of their own
+/// ([`StreamWriter`], [`AuditWriter`]).
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
-pub enum StreamRecord<'a> {
+pub enum JsonRecord<'a> {
     /// A socket that existed when netwatch started (`--baseline`).
     Baseline {
         schema: u32,
@@ -286,6 +288,57 @@ pub enum StreamRecord<'a> {
         #[serde(flatten)]
         counts: &'a Summary,
     },
+}
+
+/// Writes the record of what happened to the monitor (`lost`, `failure`,
+/// `resync`), stamped now.
+pub fn write_notice(out: &mut Records, notice: Notice<'_>) {
+    let ts = Timestamp(SystemTime::now());
+    let (kind, record) = match notice {
+        Notice::Lost { count, cause } => (
+            RecordKind::Lost,
+            JsonRecord::Lost {
+                schema: SCHEMA,
+                ts,
+                count,
+                cause,
+            },
+        ),
+        Notice::Failed { what, message } => (
+            RecordKind::Failure,
+            JsonRecord::Failure {
+                schema: SCHEMA,
+                ts,
+                what: what.name(),
+                message,
+            },
+        ),
+        Notice::Resynced { sockets } => (
+            RecordKind::Resync,
+            JsonRecord::Resync {
+                schema: SCHEMA,
+                ts,
+                sockets,
+            },
+        ),
+    };
+    out.push(kind, |out| {
+        // Writing to a Vec cannot fail.
+        let _ = write_json_line(out, &record);
+    });
+}
+
+/// Writes the record a run ends with: what it saw, stamped now.
+pub fn write_summary(out: &mut Records, summary: &Summary) {
+    let record = JsonRecord::Summary {
+        schema: SCHEMA,
+        ts: Timestamp(SystemTime::now()),
+        counts: summary,
+    };
+    out.push(RecordKind::Summary, |out| {
+        // Writing to a Vec cannot fail.
+        let _ = write_json_line(out, &record);
+    });
 }
 
 /// The owner's cgroup in a JSON record (the stream's and audit's): each
@@ -468,7 +521,7 @@ udp        7      5 0.0.0.0:53              0.0.0.0:*                           
 
     #[test]
     fn stream_records_are_tagged_by_type() {
-        let lost = StreamRecord::Lost {
+        let lost = JsonRecord::Lost {
             schema: SCHEMA,
             ts: Timestamp(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_767_225_600)),
             count: 3,

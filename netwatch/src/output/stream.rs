@@ -3,7 +3,7 @@
 //! field by field into the output buffer: fixed keys as constant bytes,
 //! the date and time of day once per second, no allocation. The golden
 //! files in tests/golden pin their bytes; the stream's rarer records go
-//! through serde ([`super::StreamRecord`]).
+//! through serde ([`super::JsonRecord`]).
 
 use std::time::SystemTime;
 
