@@ -225,7 +225,7 @@ impl CgroupFilters {
     }
 
     /// Whether a socket whose owner runs in this unit and container passes.
-    pub fn matches_cgroup(&self, unit: Option<&str>, container: Option<&str>) -> bool {
+    fn matches_cgroup(&self, unit: Option<&str>, container: Option<&str>) -> bool {
         self.unit
             .as_deref()
             .is_none_or(|wanted| unit.is_some_and(|unit| unit.split('/').any(|u| u == wanted)))

@@ -116,7 +116,7 @@ impl Audit {
         out: &mut Records,
     ) {
         let owner = socket.owner();
-        if !self.passes(owner.as_ref()) {
+        if !self.cgroups.matches(owner.as_ref()) {
             return;
         }
         let (end, last_state) = match ending {
@@ -153,15 +153,6 @@ impl Audit {
         self.metrics.conn_records.inc();
     }
 
-    /// Whether a record of a socket with this owner passes `--unit` and `--container`.
-    fn passes(&self, owner: Option<&Owner>) -> bool {
-        let cgroup = owner.and_then(Owner::cgroup);
-        self.cgroups.matches_cgroup(
-            cgroup.and_then(|cgroup| cgroup.unit.as_deref()),
-            cgroup.and_then(|cgroup| cgroup.container.as_deref()),
-        )
-    }
-
     /// A listener's record: `start` is None when it opened before audit started.
     fn listen(
         &mut self,
@@ -170,7 +161,7 @@ impl Audit {
         end: Option<SystemTime>,
         out: &mut Records,
     ) {
-        if !self.passes(socket.owner) {
+        if !self.cgroups.matches(socket.owner) {
             return;
         }
         let record = ListenRecord { start, end, socket };
