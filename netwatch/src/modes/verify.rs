@@ -136,9 +136,7 @@ impl Verify {
                 freed_untraced: comparison.freed.len(),
                 sockets: &comparison.drift[..comparison.drift.len().min(LISTED_AT_MOST)],
             };
-            out.push(RecordKind::Drift, |out| {
-                let _ = output::write_json_line(out, &record);
-            });
+            output::push_json_line(out, RecordKind::Drift, &record);
             return;
         }
         let mut text = format!(
@@ -257,9 +255,7 @@ impl Observer for Verify {
                 drift_checks: self.drift_checks,
                 persisting_checks: self.persisted_checks,
             };
-            out.push(RecordKind::Summary, |out| {
-                let _ = output::write_json_line(out, &record);
-            });
+            output::push_json_line(out, RecordKind::Summary, &record);
         }
     }
 }

@@ -322,10 +322,7 @@ pub fn write_notice(out: &mut Records, notice: Notice<'_>) {
             },
         ),
     };
-    out.push(kind, |out| {
-        // Writing to a Vec cannot fail.
-        let _ = write_json_line(out, &record);
-    });
+    push_json_line(out, kind, &record);
 }
 
 /// Writes the record a run ends with: what it saw, stamped now.
@@ -335,9 +332,14 @@ pub fn write_summary(out: &mut Records, summary: &Summary) {
         ts: Timestamp(SystemTime::now()),
         counts: summary,
     };
-    out.push(RecordKind::Summary, |out| {
+    push_json_line(out, RecordKind::Summary, &record);
+}
+
+/// Appends `value` as one JSON line, a record of `kind`.
+pub fn push_json_line(out: &mut Records, kind: RecordKind, value: &impl Serialize) {
+    out.push(kind, |out| {
         // Writing to a Vec cannot fail.
-        let _ = write_json_line(out, &record);
+        let _ = write_json_line(out, value);
     });
 }
 
