@@ -81,8 +81,8 @@ fn missing_from_proc(
     mut sockets: HashSet<(Option<u32>, Tuple)>,
 ) -> Option<HashSet<(Option<u32>, Tuple)>> {
     if sockets.is_empty() {
-        // Nothing to look for: the tables can hold tens of thousands of
-        // TIME_WAIT sockets, whose reading costs the kernel a second.
+        // Nothing to look for: after a burst the tables hold tens of
+        // thousands of TIME_WAIT sockets (0.1 s of system time to read here).
         return Some(sockets);
     }
     snapshot::scan_every_namespace(&[Proto::Tcp, Proto::Tcp6], &mut |socket| {
