@@ -9,7 +9,7 @@ mod losses;
 mod process;
 
 pub use losses::{LossCause, LossCounters, Lost};
-pub use process::{escape_non_utf8, Cgroup, CommandLine, Owner, ProcessImage};
+pub use process::{escape_non_utf8, Cgroup, CommandLine, ImageSlot, Owner, ProcessImage};
 
 /// Transport and address family, named as netstat names them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

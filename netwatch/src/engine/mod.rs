@@ -5,6 +5,7 @@
 //! observer.
 
 pub mod clock;
+pub mod images;
 pub mod ledger;
 pub mod monitor;
 pub mod source;

@@ -19,6 +19,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::ProbeArgs;
 use crate::engine::clock::{monotonic_ns, WallClock};
+use crate::engine::images::ImageReader;
 use crate::engine::ledger::{Arrival, LossLedger};
 use crate::engine::source::{kernel_reader, EventSource, KernelSource};
 use crate::engine::table::SocketTable;
@@ -28,6 +29,7 @@ use crate::model::{LossCounters, OwnerEvent, Proto, Record, Transition};
 use crate::sink::Sink;
 use crate::snapshot::{self, Owners, Snapshot};
 
+mod deferred;
 mod observer;
 mod output;
 mod resync;
@@ -35,6 +37,7 @@ mod resync;
 pub(crate) mod scripted;
 mod summary;
 
+use deferred::{Call, Deferred, IMAGE_WAIT};
 pub use observer::{End, Notice, Observer};
 use output::Output;
 use resync::ResyncSchedule;
@@ -47,6 +50,8 @@ const DRAIN_INTERVAL: Duration = Duration::from_millis(25);
 const LOSS_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 /// How often the sockets-by-state gauge is recounted (when metrics are served).
 const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a wait for the images being read looks again.
+const IMAGE_POLL: Duration = Duration::from_millis(1);
 /// Sockets the live table holds at most (the least recently changed are
 /// evicted beyond): twice the kernel's map of owners and byte counts.
 pub const TABLE_CAPACITY: usize = 2 * netwatch_common::SOCKETS_MAP_ENTRIES as usize;
@@ -123,9 +128,14 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     };
     let mut monitor = Monitor::new(config.no_resync, config.netns, observer, sink, metrics);
     if config.process_images {
-        monitor.table.read_images(snapshot::process_image);
+        let reader = ImageReader::spawn(snapshot::process_image)
+            .context("starting the thread that reads process images failed")?;
+        monitor.table.read_images(reader);
     }
-    let in_kernel = monitor.take_baseline(&mut source)?;
+    let baseline = monitor.reload(&mut source)?;
+    monitor.images_read().await;
+    let in_kernel = monitor.hand_over_baseline(&baseline);
+    drop(baseline);
     let baseline_read = started.elapsed() - attached;
     // The checks' reader is loaded now, while netwatch may still load
     // programs; from "watching" on, it keeps only what it still uses.
@@ -193,6 +203,7 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
             _ = terminate.recv() => break,
             _ = &mut deadline => break,
         }
+        monitor.release_due();
         // The next batch converts its stamps with the wall clock as it is now.
         monitor.clock.reanchor();
         if let Err(err) = monitor.output.flush() {
@@ -259,6 +270,8 @@ struct Monitor<O> {
     netns: Option<u32>,
     ledger: LossLedger,
     resync: ResyncSchedule,
+    /// Observer calls waiting for the images they show.
+    deferred: Deferred,
 }
 
 impl<O: Observer> Monitor<O> {
@@ -278,7 +291,55 @@ impl<O: Observer> Monitor<O> {
             netns,
             ledger: LossLedger::default(),
             resync: ResyncSchedule::new(no_resync),
+            deferred: Deferred::new(IMAGE_WAIT),
         }
+    }
+
+    /// Waits until the images asked for are read, or a call's longest wait.
+    async fn images_read(&self) {
+        let deadline = Instant::now() + self.deferred.wait();
+        while self.table.reading_images() && Instant::now() < deadline {
+            tokio::time::sleep(IMAGE_POLL).await;
+        }
+    }
+
+    /// Hands the observer a call, or holds it back while an image it
+    /// shows is read (or a call before it is held).
+    fn call(&mut self, call: Call) {
+        if let Some(call) = self.deferred.pass(call) {
+            self.deliver(call);
+        }
+    }
+
+    /// Hands the observer the calls held back that can go out now.
+    fn release_due(&mut self) {
+        let now = std::time::Instant::now();
+        while let Some(call) = self.deferred.next_due(now) {
+            self.deliver(call);
+        }
+    }
+
+    /// Waits for the images asked for (a bounded time), then hands the
+    /// observer every call held back: before a check or the end, which
+    /// must follow every transition before them.
+    async fn release_all(&mut self) {
+        self.images_read().await;
+        while let Some(call) = self.deferred.next() {
+            self.deliver(call);
+        }
+    }
+
+    fn deliver(&mut self, call: Call) {
+        let out = &mut self.output.buffer;
+        match call {
+            Call::Transition(t, seen) => self.observer.transition(&t, seen, &self.clock, out),
+            Call::OwnerChanged(ts_ns, change) => {
+                self.observer
+                    .owner_changed(ts_ns, &change, &self.clock, out)
+            }
+            Call::Notice(notice) => self.observer.notice(&notice, out),
+        }
+        self.output.flush_when_full();
     }
 
     /// Reopens the output (SIGHUP, or a retry). When that fails (the
@@ -305,16 +366,12 @@ impl<O: Observer> Monitor<O> {
         self.metrics.failure(what);
         let message = format!("{err:#}; {next}");
         log::warn!("{message}");
-        let notice = Notice::Failed {
-            what,
-            message: &message,
-        };
-        self.observer.notice(notice, &mut self.output.buffer);
+        self.call(Call::Notice(Notice::Failed { what, message }));
     }
 
     fn on_record(&mut self, record: Record) {
         match record {
-            Record::Transition(transition) => self.on_transition(&transition),
+            Record::Transition(transition) => self.on_transition(transition),
             Record::Owner(owner) => self.on_owner(&owner),
             Record::Exec(task) => self.table.exec(&task),
         }
@@ -323,16 +380,14 @@ impl<O: Observer> Monitor<O> {
     fn on_owner(&mut self, event: &OwnerEvent) {
         if let Some(change) = self.table.set_owner(event) {
             self.metrics.owner_change(change.cause);
-            self.observer
-                .owner_changed(event.ts_ns, &change, &self.clock, &mut self.output.buffer);
-            self.output.flush_when_full();
+            self.call(Call::OwnerChanged(event.ts_ns, change));
         }
     }
 
-    fn on_transition(&mut self, transition: &Transition) {
+    fn on_transition(&mut self, transition: Transition) {
         let arrival = match transition.recovered {
             false => Arrival::Sent,
-            true if self.table.is_duplicate(transition) => Arrival::Duplicate,
+            true if self.table.is_duplicate(&transition) => Arrival::Duplicate,
             true => Arrival::Recovered,
         };
         if !self.ledger.arrived(arrival) {
@@ -342,10 +397,8 @@ impl<O: Observer> Monitor<O> {
             self.metrics.recovered.inc();
         }
         self.metrics.transition(transition.old, transition.new);
-        let observed = self.table.apply(transition);
-        self.observer
-            .transition(transition, observed, &self.clock, &mut self.output.buffer);
-        self.output.flush_when_full();
+        let observed = self.table.apply(&transition);
+        self.call(Call::Transition(transition, observed));
     }
 
     /// Fills the table from a snapshot: the baseline at start, or a resync.
@@ -356,12 +409,20 @@ impl<O: Observer> Monitor<O> {
         Ok(snapshot)
     }
 
-    /// Reads the baseline; whether it was read in the kernel.
+    /// Reads the baseline and hands it to the observer at once (the
+    /// scripted lookups read images on the spot); whether it was read in the kernel.
+    #[cfg(test)]
     fn take_baseline(&mut self, source: &mut impl EventSource) -> anyhow::Result<bool> {
         let snapshot = self.reload(source)?;
+        Ok(self.hand_over_baseline(&snapshot))
+    }
+
+    /// Hands the observer the baseline just read into the table (once its
+    /// owners' images are read); whether it was read in the kernel.
+    fn hand_over_baseline(&mut self, snapshot: &Snapshot) -> bool {
         self.observer
-            .baseline(&snapshot, &self.table, &mut self.output.buffer);
-        Ok(snapshot.in_kernel)
+            .baseline(snapshot, &self.table, &mut self.output.buffer);
+        snapshot.in_kernel
     }
 
     /// Hands the observer a snapshot just read, once every transition
@@ -370,6 +431,7 @@ impl<O: Observer> Monitor<O> {
         // Transitions stamped before the snapshot ended may still be on their way on other CPUs.
         tokio::time::sleep(Duration::from_millis(10)).await;
         source.drain_now(|record| self.on_record(record));
+        self.release_all().await;
         let freed = self
             .observer
             .check(&snapshot, &self.table, &mut self.output.buffer);
@@ -406,6 +468,7 @@ impl<O: Observer> Monitor<O> {
         let skipped_since = counters.recovery_skipped - at_stop.recovery_skipped;
         counters.fired = counters.fired.map(|fired| fired - skipped_since);
         self.check_losses(source, counters, true)?;
+        self.release_all().await;
         let summary = self.summary(started.elapsed());
         let end = End {
             table: &self.table,
@@ -432,8 +495,7 @@ impl<O: Observer> Monitor<O> {
             self.table.len()
         );
         let sockets = self.table.len();
-        self.observer
-            .notice(Notice::Resynced { sockets }, &mut self.output.buffer);
+        self.call(Call::Notice(Notice::Resynced { sockets }));
         Ok(())
     }
 
@@ -453,8 +515,7 @@ impl<O: Observer> Monitor<O> {
         for (count, cause) in new_losses {
             self.resync.stale = true;
             log::info!("lost {count} {}: {}", cause.lost_what(), cause.describe());
-            self.observer
-                .notice(Notice::Lost { count, cause }, &mut self.output.buffer);
+            self.call(Call::Notice(Notice::Lost { count, cause }));
         }
         if self.resync.due(last) {
             if let Err(err) = self.resync(source) {

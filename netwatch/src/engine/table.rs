@@ -28,15 +28,16 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::model::{
-    Direction, Owner, OwnerChange, OwnerEvent, ProcessImage, TcpState, Transition, Tuple,
+    Direction, ImageSlot, Owner, OwnerChange, OwnerEvent, TcpState, Transition, Tuple,
 };
 use crate::snapshot::Snapshot;
 
 mod listeners;
 mod process;
 
+use crate::engine::images::ImageReader;
 use listeners::Listener;
-pub use process::{ImageLookup, NameLookup, Process};
+pub use process::{NameLookup, Process};
 
 /// A transition with what the table knows of its socket.
 #[derive(Clone, Debug, PartialEq)]
@@ -50,6 +51,19 @@ pub struct Observed {
     /// was freed without a traced change to CLOSE (Linux 6.18 does that to a
     /// few orphaned FIN_WAIT1 sockets under churn), and has left the table.
     pub replaced: Option<LiveSocket>,
+}
+
+impl Observed {
+    /// Whether what an owner it shows runs is still being read.
+    pub fn waits_for_image(&self) -> bool {
+        let closing = [&self.closed, &self.replaced];
+        self.owner.as_ref().is_some_and(Owner::image_on_its_way)
+            || closing
+                .into_iter()
+                .flatten()
+                .filter_map(|socket| socket.process.as_deref())
+                .any(Process::image_on_its_way)
+    }
 }
 
 /// A socket the table tracks.
@@ -127,7 +141,7 @@ pub struct SocketTable {
     /// Names a process when the kernel could not (no BTF).
     lookup_name: NameLookup,
     /// Reads each owner's command line and executable, where asked to.
-    lookup_image: Option<ImageLookup>,
+    images: Option<ImageReader>,
     /// Sockets that reached CLOSE lately, with the state they left.
     closed: FxHashMap<u64, TcpState>,
     capacity: usize,
@@ -186,7 +200,7 @@ impl SocketTable {
             listeners: FxHashMap::default(),
             processes: FxHashMap::default(),
             lookup_name,
-            lookup_image: None,
+            images: None,
             closed: FxHashMap::default(),
             capacity: capacity.max(1),
             evicted: 0,
@@ -195,9 +209,14 @@ impl SocketTable {
     }
 
     /// From now on, reads each owner's command line and executable with
-    /// `lookup`, once per process (and again after it calls `exec()`).
-    pub fn read_images(&mut self, lookup: ImageLookup) {
-        self.lookup_image = Some(lookup);
+    /// `reader`, once per process (and again after it calls `exec()`).
+    pub fn read_images(&mut self, reader: ImageReader) {
+        self.images = Some(reader);
+    }
+
+    /// Whether an image asked for is still being read.
+    pub fn reading_images(&self) -> bool {
+        self.images.as_ref().is_some_and(ImageReader::reading)
     }
 
     /// Replaces the contents with the TCP sockets of a snapshot taken in
@@ -247,7 +266,7 @@ impl SocketTable {
     }
 
     /// What the table read of process `pid` (where it reads images).
-    pub fn image_of(&self, pid: u32) -> Option<Arc<ProcessImage>> {
+    pub fn image_of(&self, pid: u32) -> Option<Arc<ImageSlot>> {
         self.processes.get(&pid)?.image.borrow().clone()
     }
 

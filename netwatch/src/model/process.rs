@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 use std::fmt::{self, Write as _};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// The process that owns a socket.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -12,7 +12,7 @@ pub struct Owner {
     /// The process name (`/proc/PID/comm`, as ss and tcpstates show it).
     pub program: Arc<str>,
     /// Its command line and executable, where they were asked for.
-    pub image: Option<Arc<ProcessImage>>,
+    pub image: Option<Arc<ImageSlot>>,
 }
 
 impl Owner {
@@ -25,11 +25,54 @@ impl Owner {
         }
     }
 
+    /// What it runs, once read.
+    pub fn image(&self) -> Option<&ProcessImage> {
+        self.image.as_deref()?.get()
+    }
+
     /// Its cgroup, where it was read.
     pub fn cgroup(&self) -> Option<&Cgroup> {
-        self.image.as_ref()?.cgroup.as_deref()
+        self.image()?.cgroup.as_deref()
+    }
+
+    /// Whether what it runs was asked for and is still being read.
+    pub fn image_on_its_way(&self) -> bool {
+        self.image
+            .as_deref()
+            .is_some_and(|slot| slot.get().is_none())
     }
 }
+
+/// Where what a process runs arrives, shared by the records of its
+/// owners: read off the event thread, it may still be on its way (empty),
+/// and is filled once.
+#[derive(Debug, Default)]
+pub struct ImageSlot(OnceLock<ProcessImage>);
+
+impl ImageSlot {
+    /// A slot holding `image` already.
+    pub fn filled(image: ProcessImage) -> Arc<ImageSlot> {
+        Arc::new(ImageSlot(OnceLock::from(image)))
+    }
+
+    /// What the process runs, once read.
+    pub fn get(&self) -> Option<&ProcessImage> {
+        self.0.get()
+    }
+
+    /// Puts what the process runs in the slot (the first time only).
+    pub fn fill(&self, image: ProcessImage) {
+        let _ = self.0.set(image);
+    }
+}
+
+impl PartialEq for ImageSlot {
+    fn eq(&self, other: &ImageSlot) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl Eq for ImageSlot {}
 
 /// What a process runs, as /proc shows it when netwatch reads it: its
 /// command line and its executable. Each is `None` where it could not be

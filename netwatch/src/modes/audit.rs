@@ -224,7 +224,7 @@ impl Observer for Audit {
         }
     }
 
-    fn notice(&mut self, notice: Notice<'_>, out: &mut Records) {
+    fn notice(&mut self, notice: &Notice, out: &mut Records) {
         // After a resync, the records that follow say what is open.
         if !matches!(notice, Notice::Resynced { .. }) {
             output::write_notice(out, notice);

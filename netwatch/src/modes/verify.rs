@@ -203,7 +203,7 @@ impl Observer for Verify {
         self.note_change(ts_ns, change.skaddr, change.tuple);
     }
 
-    fn notice(&mut self, notice: Notice<'_>, out: &mut Records) {
+    fn notice(&mut self, notice: &Notice, out: &mut Records) {
         if self.json && matches!(notice, Notice::Failed { .. }) {
             output::write_notice(out, notice);
         }

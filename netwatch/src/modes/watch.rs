@@ -139,7 +139,7 @@ impl Observer for Stream {
         });
     }
 
-    fn notice(&mut self, notice: Notice<'_>, out: &mut Records) {
+    fn notice(&mut self, notice: &Notice, out: &mut Records) {
         if self.args.json {
             output::write_notice(out, notice);
         }
@@ -160,9 +160,11 @@ mod tests {
 
     use super::*;
     use crate::cli::Cli;
+    use crate::model::ProcessImage;
     use crate::model::{OwnerCause, TcpState};
     use crate::output::fixtures::{
-        assert_golden, connection, owners, stream_without_allocating, task, tuples, MS, STAMPS,
+        assert_golden, connection, image, json_lines, owners, stream_without_allocating, task,
+        tuples, MS, STAMPS,
     };
 
     /// The stream's observer with these flags.
@@ -246,6 +248,71 @@ mod tests {
                 "{flags:?}: {written} bytes for {events} events"
             );
         }
+    }
+
+    /// The records of a process whose image is being read wait for it, in
+    /// order, and the records after them too; they go out once it arrives.
+    #[test]
+    fn records_wait_in_order_for_the_image_being_read() {
+        use crate::engine::monitor::scripted::{ScriptedMonitor, ScriptedSource};
+        static GATE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        fn gated(pid: u32, _: Option<u64>, _: Option<u64>) -> ProcessImage {
+            drop(GATE.lock());
+            image(Some(&[format!("run {pid}").as_bytes()]), None)
+        }
+        let gate = GATE.lock().expect("the gate");
+        let mut source = ScriptedSource::default();
+        let mut monitor = ScriptedMonitor::start(stream(&["--json", "--cmdline"]), &mut source);
+        monitor.read_images_on_a_worker(gated, Duration::from_secs(60));
+        let mut ts_ns = 1_000_000_000;
+        source.waiting = connection(0, &mut ts_ns);
+        monitor.drain(&mut source);
+        assert!(
+            monitor.written().is_empty(),
+            "written before the image came"
+        );
+        drop(gate);
+        monitor.settle();
+        let records = json_lines(monitor.written().bytes());
+        assert_eq!(records.len(), 11);
+        let stamps: Vec<&str> = records.iter().filter_map(|r| r["ts"].as_str()).collect();
+        assert!(stamps.is_sorted(), "{stamps:?}");
+        assert_eq!(records[0]["pid"], 100);
+        assert_eq!(records[0]["cmdline"], serde_json::json!(["run 100"]));
+        let change = records
+            .iter()
+            .find(|r| r["type"] == "owner")
+            .expect("the owner change");
+        assert_eq!(change["cmdline"], serde_json::json!(["run 201"]));
+    }
+
+    /// A read that does not end (a process stuck with its memory locked)
+    /// holds the records back only so long; they say the image is unknown.
+    #[test]
+    fn records_go_out_without_an_image_that_takes_too_long() {
+        use crate::engine::monitor::scripted::{ScriptedMonitor, ScriptedSource};
+        static GATE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        fn stuck(_: u32, _: Option<u64>, _: Option<u64>) -> ProcessImage {
+            drop(GATE.lock());
+            ProcessImage::default()
+        }
+        let gate = GATE.lock().expect("the gate");
+        let mut source = ScriptedSource::default();
+        let mut monitor = ScriptedMonitor::start(stream(&["--json", "--cmdline"]), &mut source);
+        monitor.read_images_on_a_worker(stuck, Duration::from_millis(50));
+        let mut ts_ns = 1_000_000_000;
+        source.waiting = connection(0, &mut ts_ns);
+        monitor.drain(&mut source);
+        assert!(
+            monitor.written().is_empty(),
+            "written before the wait ended"
+        );
+        monitor.settle();
+        let records = json_lines(monitor.written().bytes());
+        assert_eq!(records.len(), 11);
+        assert_eq!(records[0]["pid"], 100);
+        assert_eq!(records[0]["cmdline"], serde_json::Value::Null);
+        drop(gate);
     }
 
     /// A step of the host's wall clock (NTP setting it an hour back) shows

@@ -153,7 +153,7 @@ impl AuditWriter {
 
 /// The owner's fields (after a field): its pid and name, what it runs and its cgroup.
 fn owner_json(out: &mut Vec<u8>, owner: Option<&Owner>) {
-    let image = owner.and_then(|owner| owner.image.as_deref());
+    let image = owner.and_then(Owner::image);
     out.extend_from_slice(b",\"pid\":");
     bytes::json_opt_integer(out, owner.map(|owner| owner.pid));
     out.extend_from_slice(b",\"program\":");

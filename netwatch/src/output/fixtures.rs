@@ -8,14 +8,14 @@ use std::sync::Arc;
 use crate::engine::monitor::scripted::{ScriptedMonitor, ScriptedSource};
 use crate::engine::monitor::Observer;
 use crate::model::{
-    Cgroup, CommandLine, Owner, OwnerCause, OwnerEvent, ProcessImage, Proto, Record, Task,
-    TcpState, Transition, Tuple,
+    Cgroup, CommandLine, ImageSlot, Owner, OwnerCause, OwnerEvent, ProcessImage, Proto, Record,
+    Task, TcpState, Transition, Tuple,
 };
 
 /// An owner with `image`, where given.
 pub fn owner(pid: u32, program: &str, image: Option<ProcessImage>) -> Owner {
     Owner {
-        image: image.map(Arc::new),
+        image: image.map(ImageSlot::filled),
         ..Owner::new(pid, program.into())
     }
 }
@@ -28,6 +28,13 @@ pub fn image(cmdline: Option<&[&[u8]]>, cgroup: Option<&str>) -> ProcessImage {
         cgroup: cgroup.map(|path| Arc::new(Cgroup::from_path(path))),
         exe: Some("/usr/sbin/nginx".into()),
     }
+}
+
+/// The JSON records, one per line, of what a writer wrote.
+pub fn json_lines(bytes: &[u8]) -> Vec<serde_json::Value> {
+    let text = std::str::from_utf8(bytes).expect("UTF-8");
+    let parse = |line| serde_json::from_str(line).expect("a JSON record");
+    text.lines().map(parse).collect()
 }
 
 /// Owners whose fields take every path of the writers: escapes,

@@ -1,7 +1,8 @@
 //! The JSON fields of an owner, written once and copied after: a record's
 //! owner is most often one of the few that owned the records before it,
 //! and its name, command line and cgroup do not change while it stays the
-//! same process image (an `exec()` gives it new ones).
+//! same process image (an `exec()` gives it new ones) and that image was
+//! read (one still on its way when the fragment was written arrives later).
 
 use std::sync::Arc;
 
@@ -10,10 +11,37 @@ use crate::model::Owner;
 /// Owners remembered: a server's worker and a client, a pre-fork pool's few.
 const REMEMBERED: usize = 8;
 
-/// The fragments of the owners seen last, each with the owner it is of.
+/// An owner's fragment, with the owner it is of and whether its image was
+/// read when it was written.
+#[derive(Debug)]
+struct Entry {
+    owner: Owner,
+    image_read: bool,
+    fragment: Vec<u8>,
+}
+
+impl Entry {
+    /// Whether this is the fragment of `owner` as it is now: the same
+    /// process with the same name and image (the same shared strings,
+    /// which the entry keeps alive, so that their addresses cannot be
+    /// taken by others meanwhile), read then as now.
+    fn is_of(&self, owner: &Owner) -> bool {
+        let same_image = match (&self.owner.image, &owner.image) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        self.owner.pid == owner.pid
+            && Arc::ptr_eq(&self.owner.program, &owner.program)
+            && same_image
+            && self.image_read == owner.image().is_some()
+    }
+}
+
+/// The fragments of the owners seen last.
 #[derive(Debug, Default)]
 pub struct OwnerFragments {
-    entries: Vec<(Owner, Vec<u8>)>,
+    entries: Vec<Entry>,
     /// The entry the next new owner takes once all are in use.
     next: usize,
 }
@@ -27,41 +55,35 @@ impl OwnerFragments {
         owner: &Owner,
         write: impl Fn(&mut Vec<u8>, &Owner),
     ) {
-        if let Some((_, fragment)) = self.entries.iter().find(|(seen, _)| same(seen, owner)) {
-            out.extend_from_slice(fragment);
+        if let Some(entry) = self.entries.iter().find(|entry| entry.is_of(owner)) {
+            out.extend_from_slice(&entry.fragment);
             return;
         }
-        if self.entries.len() < REMEMBERED {
-            let mut fragment = Vec::new();
-            write(&mut fragment, owner);
-            out.extend_from_slice(&fragment);
-            self.entries.push((owner.clone(), fragment));
-            return;
-        }
-        let (seen, fragment) = &mut self.entries[self.next];
-        self.next = (self.next + 1) % REMEMBERED;
-        fragment.clear();
-        write(fragment, owner);
-        out.extend_from_slice(fragment);
-        *seen = owner.clone();
+        let index = if self.entries.len() < REMEMBERED {
+            self.entries.push(Entry {
+                owner: owner.clone(),
+                image_read: false,
+                fragment: Vec::new(),
+            });
+            self.entries.len() - 1
+        } else {
+            let oldest = self.next;
+            self.next = (self.next + 1) % REMEMBERED;
+            self.entries[oldest].owner = owner.clone();
+            oldest
+        };
+        let entry = &mut self.entries[index];
+        entry.image_read = owner.image().is_some();
+        entry.fragment.clear();
+        write(&mut entry.fragment, owner);
+        out.extend_from_slice(&entry.fragment);
     }
-}
-
-/// Whether two owners are the same process with the same name and image:
-/// the same shared strings, which an entry keeps alive, so that their
-/// addresses cannot be taken by others meanwhile.
-fn same(a: &Owner, b: &Owner) -> bool {
-    let same_image = match (&a.image, &b.image) {
-        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-        (None, None) => true,
-        _ => false,
-    };
-    a.pid == b.pid && Arc::ptr_eq(&a.program, &b.program) && same_image
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::ImageSlot;
     use crate::output::fixtures::{image, owner};
 
     fn fields(out: &mut Vec<u8>, owner: &Owner) {
@@ -81,13 +103,37 @@ mod tests {
         };
         fragments.write(&mut out, &renamed, fields);
         let exec = Owner {
-            image: Some(Arc::new(image(None, None))),
+            image: Some(ImageSlot::filled(image(None, None))),
             ..nginx.clone()
         };
         fragments.write(&mut out, &exec, fields);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "[10 nginx][10 nginx][10 nginx: worker][10 nginx]"
+        );
+    }
+
+    #[test]
+    fn an_image_that_arrives_after_a_fragment_was_written_gets_a_new_one() {
+        let mut fragments = OwnerFragments::default();
+        let slot = Arc::new(ImageSlot::default());
+        let nginx = Owner {
+            image: Some(slot.clone()),
+            ..owner(10, "nginx", None)
+        };
+        let fields = |out: &mut Vec<u8>, owner: &Owner| {
+            let read = owner.image().is_some();
+            out.extend_from_slice(format!("[{} read {read}]", owner.pid).as_bytes());
+        };
+        let mut out = Vec::new();
+        fragments.write(&mut out, &nginx, fields);
+        fragments.write(&mut out, &nginx, |_, _| panic!("remembered"));
+        slot.fill(image(None, None));
+        fragments.write(&mut out, &nginx, fields);
+        fragments.write(&mut out, &nginx, |_, _| panic!("remembered"));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "[10 read false][10 read false][10 read true][10 read true]"
         );
     }
 

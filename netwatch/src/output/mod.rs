@@ -292,7 +292,7 @@ pub enum JsonRecord<'a> {
 
 /// Writes the record of what happened to the monitor (`lost`, `failure`,
 /// `resync`), stamped now.
-pub fn write_notice(out: &mut Records, notice: Notice<'_>) {
+pub fn write_notice(out: &mut Records, notice: &Notice) {
     let ts = Timestamp(SystemTime::now());
     let (kind, record) = match notice {
         Notice::Lost { count, cause } => (
@@ -300,8 +300,8 @@ pub fn write_notice(out: &mut Records, notice: Notice<'_>) {
             JsonRecord::Lost {
                 schema: SCHEMA,
                 ts,
-                count,
-                cause,
+                count: *count,
+                cause: *cause,
             },
         ),
         Notice::Failed { what, message } => (
@@ -310,7 +310,7 @@ pub fn write_notice(out: &mut Records, notice: Notice<'_>) {
                 schema: SCHEMA,
                 ts,
                 what: what.name(),
-                message,
+                message: message.as_str(),
             },
         ),
         Notice::Resynced { sockets } => (
@@ -318,7 +318,7 @@ pub fn write_notice(out: &mut Records, notice: Notice<'_>) {
             JsonRecord::Resync {
                 schema: SCHEMA,
                 ts,
-                sockets,
+                sockets: *sockets,
             },
         ),
     };
@@ -369,7 +369,7 @@ impl CgroupFields {
 /// The `cmdline` of a JSON record: absent unless `asked`, then the
 /// owner's arguments, or null where there is no owner or they were unreadable.
 pub fn cmdline_field(owner: Option<&Owner>, asked: bool) -> Option<Option<&CommandLine>> {
-    asked.then(|| owner?.image.as_deref()?.cmdline.as_deref())
+    asked.then(|| owner?.image()?.cmdline.as_deref())
 }
 
 /// Ends the text line just written to `out` with the owner's command line

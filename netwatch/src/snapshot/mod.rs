@@ -23,7 +23,7 @@ pub use proc_net::{ProcSocket, ProcTable};
 use processes::InodeOwners;
 pub use processes::{process_image, program_name};
 
-use crate::model::{Owner, ProcessImage, Proto};
+use crate::model::{ImageSlot, Owner, Proto};
 
 /// A socket from /proc/net and, when it could be found, its owner.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -285,11 +285,11 @@ pub fn tcp_sockets_in_use() -> u64 {
 
 /// Gives each entry's owner its command line and executable, read once per process.
 pub fn add_images<'a>(entries: impl IntoIterator<Item = &'a mut SnapshotEntry>) {
-    let mut images: FxHashMap<u32, Arc<ProcessImage>> = FxHashMap::default();
+    let mut images: FxHashMap<u32, Arc<ImageSlot>> = FxHashMap::default();
     for owner in entries.into_iter().filter_map(|entry| entry.owner.as_mut()) {
         let image = images
             .entry(owner.pid)
-            .or_insert_with(|| Arc::new(process_image(owner.pid, None, None)));
+            .or_insert_with(|| ImageSlot::filled(process_image(owner.pid, None, None)));
         owner.image = Some(image.clone());
     }
 }

@@ -468,26 +468,40 @@ fn the_baseline_covers_other_network_namespaces() {
 #[test]
 fn once_attached_audit_keeps_only_the_capabilities_it_still_uses() {
     let audit = Watch::spawn(&["audit"]);
-    let status = std::fs::read_to_string(format!("/proc/{}/status", audit.pid()))
-        .expect("audit's status is readable");
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .map(str::trim)
-            .unwrap_or_else(|| panic!("{name} in {status}"))
-            .to_owned()
-    };
-    // CAP_DAC_READ_SEARCH (2), CAP_SYS_PTRACE (19), CAP_PERFMON (38), CAP_BPF (39).
-    let kept = (1u64 << 2) | (1 << 19) | (1 << 38) | (1 << 39);
-    for set in ["CapEff:", "CapPrm:"] {
-        assert_eq!(
-            u64::from_str_radix(&field(set), 16),
-            Ok(kept),
-            "{set} {status}"
-        );
+    // Capabilities are per thread: the thread that reads process images
+    // drops them too.
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", audit.pid()))
+        .expect("audit's threads are listed");
+    let threads: Vec<String> = tasks
+        .map(|task| {
+            let status = task.expect("a thread").path().join("status");
+            std::fs::read_to_string(status).expect("a thread's status is readable")
+        })
+        .collect();
+    assert!(
+        threads.iter().any(|status| status.contains("netwatch-images")),
+        "the image reader runs: {threads:?}"
+    );
+    for status in &threads {
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .map(str::trim)
+                .unwrap_or_else(|| panic!("{name} in {status}"))
+                .to_owned()
+        };
+        // CAP_DAC_READ_SEARCH (2), CAP_SYS_PTRACE (19), CAP_PERFMON (38), CAP_BPF (39).
+        let kept = (1u64 << 2) | (1 << 19) | (1 << 38) | (1 << 39);
+        for set in ["CapEff:", "CapPrm:"] {
+            assert_eq!(
+                u64::from_str_radix(&field(set), 16),
+                Ok(kept),
+                "{set} {status}"
+            );
+        }
+        assert_eq!(field("CapInh:"), "0000000000000000");
+        assert_eq!(field("CapAmb:"), "0000000000000000");
+        assert_eq!(field("NoNewPrivs:"), "1");
     }
-    assert_eq!(field("CapInh:"), "0000000000000000");
-    assert_eq!(field("CapAmb:"), "0000000000000000");
-    assert_eq!(field("NoNewPrivs:"), "1");
 }

@@ -28,7 +28,7 @@ pub trait Observer {
     }
     /// Something happened to the monitor itself: losses, a routine
     /// failure, a resync.
-    fn notice(&mut self, _notice: Notice<'_>, _out: &mut Records) {}
+    fn notice(&mut self, _notice: &Notice, _out: &mut Records) {}
     /// A periodic check begins: a snapshot is taken from monotonic time `at_ns`.
     fn check_starts(&mut self, _at_ns: u64) {}
     /// The periodic check: `snapshot` was just taken (while transitions
@@ -59,13 +59,13 @@ pub struct End<'a> {
 }
 
 /// What happened to the monitor itself, for the mode to record.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Notice<'a> {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
     /// Transitions (or owner changes) were lost.
     Lost { count: u64, cause: LossCause },
     /// A routine failure that the monitor goes on after (reported on
     /// stderr already): `message` says what failed and what happens next.
-    Failed { what: Failure, message: &'a str },
+    Failed { what: Failure, message: String },
     /// The table was rebuilt from a snapshot after losses; it holds `sockets` now.
     Resynced { sockets: usize },
 }

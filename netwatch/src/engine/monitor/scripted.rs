@@ -4,10 +4,13 @@
 use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use netwatch_common::ByteCounts;
 
+use super::deferred::Deferred;
 use super::{Monitor, Observer};
+use crate::engine::images::{ImageLookup, ImageReader};
 use crate::engine::source::EventSource;
 use crate::metrics::Metrics;
 use crate::model::{LossCounters, Record, Task, TcpState, Transition, Tuple};
@@ -70,9 +73,28 @@ impl<O: Observer> ScriptedMonitor<O> {
         ScriptedMonitor { monitor }
     }
 
-    /// From now on, owners get what `lookup` says they run.
-    pub fn read_images(&mut self, lookup: crate::engine::table::ImageLookup) {
-        self.monitor.table.read_images(lookup);
+    /// From now on, owners get what `lookup` says they run, read on the spot.
+    pub fn read_images(&mut self, lookup: ImageLookup) {
+        self.monitor.table.read_images(ImageReader::Inline(lookup));
+    }
+
+    /// From now on, owners get what `lookup` says they run, read by a
+    /// worker thread as in production, and records wait at most `wait` for it.
+    pub fn read_images_on_a_worker(&mut self, lookup: ImageLookup, wait: Duration) {
+        let reader = ImageReader::spawn(lookup).expect("a thread");
+        self.monitor.table.read_images(reader);
+        self.monitor.deferred = Deferred::new(wait);
+    }
+
+    /// Waits (ten seconds at most) until no record waits for an image,
+    /// handing each to the observer as it can go, as the event loop does.
+    pub fn settle(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        self.monitor.release_due();
+        while self.monitor.deferred.holds() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+            self.monitor.release_due();
+        }
     }
 
     /// From now on, reads the host's clocks from `source`.
@@ -86,6 +108,7 @@ impl<O: Observer> ScriptedMonitor<O> {
     pub fn drain(&mut self, source: &mut ScriptedSource) {
         self.monitor.clock.reanchor();
         source.drain_now(|record| self.monitor.on_record(record));
+        self.monitor.release_due();
     }
 
     /// What the observer wrote so far (the monitor writes it out once it

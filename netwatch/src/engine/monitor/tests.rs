@@ -23,10 +23,10 @@ impl Observer for Recorder {
     fn transition(&mut self, t: &Transition, _: Observed, _: &WallClock, _: &mut Records) {
         self.transitions.push(t.clone());
     }
-    fn notice(&mut self, notice: Notice<'_>, _: &mut Records) {
+    fn notice(&mut self, notice: &Notice, _: &mut Records) {
         match notice {
-            Notice::Lost { count, cause } => self.lost.push((count, cause)),
-            Notice::Failed { what, .. } => self.failures.push(what),
+            Notice::Lost { count, cause } => self.lost.push((*count, *cause)),
+            Notice::Failed { what, .. } => self.failures.push(*what),
             Notice::Resynced { .. } => self.resyncs += 1,
         }
     }

@@ -7,7 +7,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use super::SocketTable;
-use crate::model::{Owner, ProcessImage, Task};
+use crate::model::{ImageSlot, Owner, Task};
 
 /// A process that owns sockets in the table. Its name (and what it runs,
 /// where the table reads that) follows `exec()`.
@@ -19,7 +19,9 @@ pub struct Process {
     pub(super) name: RefCell<Arc<str>>,
     /// The cgroup (v2) id the kernel last gave for it.
     pub(super) cgroup_id: Cell<Option<u64>>,
-    pub(super) image: RefCell<Option<Arc<ProcessImage>>>,
+    /// What it runs, where the table reads that: `None` until asked for
+    /// (or while the reader had no room).
+    pub(super) image: RefCell<Option<Arc<ImageSlot>>>,
 }
 
 impl Process {
@@ -28,7 +30,7 @@ impl Process {
         start_ns: Option<u64>,
         cgroup_id: Option<u64>,
         name: Arc<str>,
-        image: Option<Arc<ProcessImage>>,
+        image: Option<Arc<ImageSlot>>,
     ) -> Rc<Process> {
         Rc::new(Process {
             pid,
@@ -58,6 +60,14 @@ impl Process {
             program: self.name.borrow().clone(),
             image: self.image.borrow().clone(),
         }
+    }
+
+    /// Whether what it runs was asked for and is still being read.
+    pub fn image_on_its_way(&self) -> bool {
+        self.image
+            .borrow()
+            .as_deref()
+            .is_some_and(|slot| slot.get().is_none())
     }
 
     /// Whether a task with this start time and name is this process: the
@@ -92,16 +102,12 @@ pub(super) fn comm_name(comm: &[u8; 16]) -> Arc<str> {
 /// Looks up a process name by pid (`/proc/PID/comm` in production).
 pub type NameLookup = fn(u32) -> Option<String>;
 
-/// Reads what process `pid`, started at the given time and in the given
-/// cgroup if known, runs ([`crate::snapshot::process_image`] in production).
-pub type ImageLookup = fn(u32, Option<u64>, Option<u64>) -> ProcessImage;
-
 /// Processes remembered at most; past this, those that own no socket are forgotten.
 const PROCESS_LIMIT: usize = 4096;
 impl SocketTable {
     /// A process called `exec()`: the sockets it owns now show its new name.
     pub fn exec(&mut self, task: &Task) {
-        if let Some(process) = self.processes.get(&task.pid) {
+        if let Some(process) = self.processes.get(&task.pid).cloned() {
             let name = comm_name(&task.comm);
             if process.start_ns.get().is_none() || process.start_ns.get() == task.start_ns {
                 process.start_ns.set(task.start_ns);
@@ -129,12 +135,17 @@ impl SocketTable {
             return self.process(task.pid, None, task.cgroup_id, name);
         }
         // The common case, a process seen before under the same name, allocates nothing.
-        if let Some(known) = self.processes.get(&task.pid) {
+        if let Some(known) = self.processes.get(&task.pid).cloned() {
             if known.start_ns.get() == task.start_ns
                 && known.name.borrow().as_bytes() == comm_bytes(&task.comm)
                 && known.cgroup_id.get() == task.cgroup_id
             {
-                return known.clone();
+                if self.images.is_some() && known.image.borrow().is_none() {
+                    // The reader had no room when the process was first seen.
+                    *known.image.borrow_mut() =
+                        self.read_image(task.pid, task.start_ns, task.cgroup_id);
+                }
+                return known;
             }
         }
         self.process(
@@ -155,7 +166,7 @@ impl SocketTable {
         cgroup_id: Option<u64>,
         name: Arc<str>,
     ) -> Rc<Process> {
-        if let Some(known) = self.processes.get(&pid) {
+        if let Some(known) = self.processes.get(&pid).cloned() {
             if known.is(start_ns, &name) {
                 if start_ns.is_some() {
                     known.start_ns.set(start_ns);
@@ -168,7 +179,7 @@ impl SocketTable {
                         *known.image.borrow_mut() = self.read_image(pid, start_ns, cgroup_id);
                     }
                 }
-                return known.clone();
+                return known;
             }
         }
         if self.processes.len() >= PROCESS_LIMIT {
@@ -182,13 +193,13 @@ impl SocketTable {
         process
     }
 
+    /// Asks for what process `pid` runs, where the table reads that.
     pub(super) fn read_image(
-        &self,
+        &mut self,
         pid: u32,
         start_ns: Option<u64>,
         cgroup_id: Option<u64>,
-    ) -> Option<Arc<ProcessImage>> {
-        self.lookup_image
-            .map(|lookup| Arc::new(lookup(pid, start_ns, cgroup_id)))
+    ) -> Option<Arc<ImageSlot>> {
+        self.images.as_mut()?.ask(pid, start_ns, cgroup_id)
     }
 }

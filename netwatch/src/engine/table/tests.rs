@@ -1,7 +1,7 @@
 //! The table's unit tests: owners, baselines, listeners and reuse.
 
 use super::*;
-use crate::model::{OwnerCause, Proto, Task};
+use crate::model::{OwnerCause, ProcessImage, Proto, Task};
 use crate::snapshot::SnapshotEntry;
 use TcpState::*;
 
@@ -218,10 +218,10 @@ fn counted_image(pid: u32, start_ns: Option<u64>, cgroup_id: Option<u64>) -> Pro
 #[test]
 fn what_a_process_runs_is_read_once_and_again_after_exec() {
     let mut table = SocketTable::new(fake_names, 1000);
-    table.read_images(counted_image);
+    table.read_images(ImageReader::Inline(counted_image));
     let exe = |seen: &Observed| {
         let owner = seen.owner.as_ref().expect("an owner");
-        let image = owner.image.as_ref().expect("an image");
+        let image = owner.image().expect("an image");
         image.exe.as_deref().map(str::to_owned).expect("an exe")
     };
     let conn = |port: u16| tuple(&format!("127.0.0.1:{port}"), "127.0.0.1:80");

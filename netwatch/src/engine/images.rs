@@ -1,0 +1,185 @@
+//! What each owner runs, read from /proc off the event thread: the table
+//! asks for a process's image and gets a slot at once, which a worker
+//! thread fills. A read of /proc/PID/cmdline can wait on the process's
+//! memory lock (a process stuck in a page fault holds it), and the events
+//! must not wait with it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::Arc;
+
+use crate::model::{ImageSlot, ProcessImage};
+
+/// Reads what process `pid`, started at the given time and in the given
+/// cgroup if known, runs ([`crate::snapshot::process_image`] in production).
+pub type ImageLookup = fn(u32, Option<u64>, Option<u64>) -> ProcessImage;
+
+/// Reads asked for at most while the worker is busy; past this, a process
+/// gets no slot (its records say its image is unknown) until it is seen again.
+pub const QUEUE_LENGTH: usize = 1024;
+
+/// One read for the worker.
+struct Request {
+    pid: u32,
+    start_ns: Option<u64>,
+    cgroup_id: Option<u64>,
+    slot: Arc<ImageSlot>,
+}
+
+/// Where the table asks for images.
+#[derive(Debug)]
+pub enum ImageReader {
+    /// Read on the spot (the tests' scripted lookups).
+    Inline(ImageLookup),
+    /// Read by a worker thread, see [`ImageReader::spawn`].
+    Worker(Worker),
+}
+
+/// The event thread's side of the worker.
+#[derive(Debug)]
+pub struct Worker {
+    requests: SyncSender<Request>,
+    asked: u64,
+    read: Arc<AtomicU64>,
+}
+
+impl ImageReader {
+    /// A worker thread that reads images with `lookup`, holding only the
+    /// capabilities netwatch keeps once attached (they are per thread).
+    /// It wakes no one: the event loop looks at the slots when it wakes
+    /// anyway (for the next events, or its drain timer).
+    pub fn spawn(lookup: ImageLookup) -> std::io::Result<ImageReader> {
+        let (requests, queue) = mpsc::sync_channel::<Request>(QUEUE_LENGTH);
+        let read = Arc::new(AtomicU64::new(0));
+        let count = read.clone();
+        std::thread::Builder::new()
+            .name("netwatch-images".into())
+            .spawn(move || {
+                if let Err(err) = crate::kernel::keep_only_what_is_still_used() {
+                    log::warn!("the thread that reads process images keeps its capabilities: dropping them failed ({err})");
+                }
+                for request in queue {
+                    let image = lookup(request.pid, request.start_ns, request.cgroup_id);
+                    request.slot.fill(image);
+                    count.fetch_add(1, Ordering::Release);
+                }
+            })?;
+        let worker = Worker {
+            requests,
+            asked: 0,
+            read,
+        };
+        Ok(ImageReader::Worker(worker))
+    }
+
+    /// Asks for what process `pid` runs: a slot filled now or soon, or
+    /// `None` when the worker has too much to read already.
+    pub fn ask(
+        &mut self,
+        pid: u32,
+        start_ns: Option<u64>,
+        cgroup_id: Option<u64>,
+    ) -> Option<Arc<ImageSlot>> {
+        match self {
+            ImageReader::Inline(lookup) => {
+                Some(ImageSlot::filled(lookup(pid, start_ns, cgroup_id)))
+            }
+            ImageReader::Worker(worker) => {
+                let slot = Arc::new(ImageSlot::default());
+                let request = Request {
+                    pid,
+                    start_ns,
+                    cgroup_id,
+                    slot: slot.clone(),
+                };
+                match worker.requests.try_send(request) {
+                    Ok(()) => {
+                        worker.asked += 1;
+                        Some(slot)
+                    }
+                    Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => None,
+                }
+            }
+        }
+    }
+
+    /// Whether a read asked for is still to be done.
+    pub fn reading(&self) -> bool {
+        match self {
+            ImageReader::Inline(_) => false,
+            ImageReader::Worker(worker) => worker.read.load(Ordering::Acquire) < worker.asked,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn exe_named_by_pid(pid: u32, _: Option<u64>, _: Option<u64>) -> ProcessImage {
+        ProcessImage {
+            exe: Some(format!("/bin/{pid}").into()),
+            ..ProcessImage::default()
+        }
+    }
+
+    /// Waits (a bounded time) until the worker has read what it was asked.
+    fn settle(reader: &ImageReader) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while reader.reading() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn the_worker_fills_each_slot_with_its_process_image() {
+        let mut reader = ImageReader::spawn(exe_named_by_pid).expect("a thread");
+        let slots: Vec<_> = (1..=100)
+            .map(|pid| reader.ask(pid, None, None).expect("room in the queue"))
+            .collect();
+        settle(&reader);
+        assert!(!reader.reading());
+        for (pid, slot) in (1..=100).zip(&slots) {
+            let exe = slot.get().and_then(|image| image.exe.as_deref());
+            assert_eq!(exe, Some(format!("/bin/{pid}").as_str()));
+        }
+    }
+
+    #[test]
+    fn a_full_queue_gives_no_slot_and_the_events_do_not_wait() {
+        static HOLD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        /// Waits until the test lets it go, as a read of a process stuck in a page fault does.
+        fn held(_: u32, _: Option<u64>, _: Option<u64>) -> ProcessImage {
+            drop(HOLD.lock());
+            ProcessImage::default()
+        }
+        let hold = HOLD.lock().expect("the gate");
+        let mut reader = ImageReader::spawn(held).expect("a thread");
+        // The worker takes one and waits on it; the queue holds the rest.
+        let started = Instant::now();
+        let given = (0..QUEUE_LENGTH as u32 + 10)
+            .filter(|&pid| reader.ask(pid, None, None).is_some())
+            .count();
+        assert!(started.elapsed() < Duration::from_secs(5), "asking waited");
+        assert!(
+            (QUEUE_LENGTH..=QUEUE_LENGTH + 1).contains(&given),
+            "{given} slots given"
+        );
+        assert!(reader.reading());
+        drop(hold);
+        settle(&reader);
+        assert!(!reader.reading());
+    }
+
+    #[test]
+    fn inline_reads_fill_the_slot_at_once() {
+        let mut reader = ImageReader::Inline(exe_named_by_pid);
+        let slot = reader.ask(7, None, None).expect("a slot");
+        assert_eq!(
+            slot.get().and_then(|image| image.exe.as_deref()),
+            Some("/bin/7")
+        );
+        assert!(!reader.reading());
+    }
+}
