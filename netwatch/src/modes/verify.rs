@@ -25,7 +25,6 @@
 //! workers), and the snapshot names the lowest.
 
 use std::collections::HashSet;
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -35,16 +34,13 @@ use crate::engine::monitor::{self, Config, End, Notice, Observer};
 use crate::engine::table::{Observed, SocketTable};
 use crate::metrics::Metrics;
 use crate::model::{OwnerChange, Transition, Tuple};
-use crate::output::{self, DriftRecord, Timestamp, VerifySummaryRecord, SCHEMA};
+use crate::output::{self, DriftKind, DriftReport, Timestamp, VerifySummaryRecord, SCHEMA};
 use crate::sink::{RecordKind, Records, Sink};
 use crate::snapshot::Snapshot;
 
 mod compare;
 
-pub use compare::{compare, Changed, Comparison, Drift, DriftKind};
-
-/// Sockets listed at most in one report (the counts cover them all).
-const LISTED_AT_MOST: usize = 50;
+pub use compare::{compare, Changed, Comparison};
 
 /// verify compared nothing: no check could run, or none did (exit status 2).
 #[derive(Debug, thiserror::Error)]
@@ -118,67 +114,13 @@ impl Verify {
     }
 
     fn report(&self, comparison: &Comparison, out: &mut Records) {
-        let ts = Timestamp(SystemTime::now());
-        let count = |kind| comparison.drift.iter().filter(|d| d.kind == kind).count();
-        let persisting = comparison.drift.iter().filter(|d| d.persisting).count();
-        if self.json {
-            let record = DriftRecord {
-                kind: "drift",
-                schema: SCHEMA,
-                ts,
-                compared: comparison.compared,
-                excluded: comparison.excluded,
-                missing_from_table: count(DriftKind::MissingFromTable),
-                missing_from_snapshot: count(DriftKind::MissingFromSnapshot),
-                pid_mismatch: count(DriftKind::PidMismatch),
-                state_mismatch: count(DriftKind::StateMismatch),
-                persisting,
-                freed_untraced: comparison.freed.len(),
-                sockets: &comparison.drift[..comparison.drift.len().min(LISTED_AT_MOST)],
-            };
-            output::push_json_line(out, RecordKind::Drift, &record);
-            return;
-        }
-        let mut text = format!(
-            "{ts} verify: {} sockets compared, {} changed during the snapshot (excluded), {} taken as freed without a traced CLOSE: ",
-            comparison.compared,
-            comparison.excluded,
-            comparison.freed.len()
-        );
-        if comparison.drift.is_empty() {
-            text.push_str("no drift\n");
-        } else {
-            let _ = writeln!(
-                text,
-                "{} missing from the table, {} missing from the snapshot, {} pid and {} state mismatches, {persisting} persisting",
-                count(DriftKind::MissingFromTable),
-                count(DriftKind::MissingFromSnapshot),
-                count(DriftKind::PidMismatch),
-                count(DriftKind::StateMismatch),
-            );
-        }
-        for drift in comparison.drift.iter().take(LISTED_AT_MOST) {
-            let _ = writeln!(
-                text,
-                "  {}: {} {} -> {} table {} pid {} / snapshot {} pid {}{}",
-                drift.kind.describe(),
-                drift.proto,
-                drift.local,
-                drift.remote,
-                drift.table_state.unwrap_or("-"),
-                drift.table_pid.map_or("-".into(), |pid| pid.to_string()),
-                drift.snapshot_state.unwrap_or("-"),
-                drift.snapshot_pid.map_or("-".into(), |pid| pid.to_string()),
-                if drift.persisting {
-                    " (persisting)"
-                } else {
-                    ""
-                }
-            );
-        }
-        out.push(RecordKind::Drift, |out| {
-            out.extend_from_slice(text.as_bytes())
-        });
+        let report = DriftReport {
+            compared: comparison.compared,
+            excluded: comparison.excluded,
+            freed_untraced: comparison.freed.len(),
+            drift: &comparison.drift,
+        };
+        output::write_drift_report(out, self.json, &report);
     }
 }
 

@@ -12,7 +12,7 @@ mod verify;
 
 pub use audit::{AuditSocket, AuditWriter, ConnRecord, ListenRecord};
 pub use stream::{StateRecord, StreamWriter};
-pub use verify::{DriftRecord, VerifySummaryRecord};
+pub use verify::{write_drift_report, Drift, DriftKind, DriftReport, VerifySummaryRecord};
 
 use std::fmt::Write as _;
 use std::io::{self, Write};

@@ -479,7 +479,9 @@ fn once_attached_audit_keeps_only_the_capabilities_it_still_uses() {
         })
         .collect();
     assert!(
-        threads.iter().any(|status| status.contains("netwatch-images")),
+        threads
+            .iter()
+            .any(|status| status.contains("netwatch-images")),
         "the image reader runs: {threads:?}"
     );
     for status in &threads {

@@ -5,54 +5,11 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 
-use rustc_hash::{FxHashMap, FxHashSet};
-use serde::Serialize;
-
 use crate::engine::table::{LiveSocket, SocketTable};
 use crate::model::{format_endpoint, TcpState, Tuple};
+use crate::output::{Drift, DriftKind};
 use crate::snapshot::{Snapshot, SnapshotEntry};
-
-/// How a socket differs between the table and the snapshot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DriftKind {
-    MissingFromTable,
-    MissingFromSnapshot,
-    PidMismatch,
-    StateMismatch,
-}
-
-impl DriftKind {
-    pub(super) fn describe(self) -> &'static str {
-        match self {
-            DriftKind::MissingFromTable => "missing from the table",
-            DriftKind::MissingFromSnapshot => "missing from the snapshot",
-            DriftKind::PidMismatch => "pid differs",
-            DriftKind::StateMismatch => "state differs",
-        }
-    }
-}
-
-/// One socket that differs.
-#[derive(Debug, Serialize)]
-pub struct Drift {
-    pub kind: DriftKind,
-    pub proto: &'static str,
-    pub local: String,
-    pub remote: String,
-    pub table_state: Option<&'static str>,
-    pub snapshot_state: Option<&'static str>,
-    pub table_pid: Option<u32>,
-    pub snapshot_pid: Option<u32>,
-    /// It differed the same way at the previous check.
-    pub persisting: bool,
-    #[serde(skip)]
-    pub(super) tuple: Tuple,
-    /// Its kernel address, when it is a table socket missing from the
-    /// snapshot in a state the kernel may free without a traced CLOSE.
-    #[serde(skip)]
-    pub(super) vanishable: Option<u64>,
-}
+use rustc_hash::{FxHashMap, FxHashSet};
 
 /// What one comparison found.
 #[derive(Debug, Default)]
