@@ -39,6 +39,10 @@ pub enum Command {
     /// Write one JSON record per TCP connection when it closes, and per
     /// listener when it opens and closes, for log pipelines (needs root).
     Audit(AuditArgs),
+    /// A full-screen live table of connections, processes, remote hosts and
+    /// units, where every connection appears, even one that lived a
+    /// millisecond (live with root; from /proc snapshots without).
+    Top(TopArgs),
     /// Keep the live table and compare it with a fresh /proc snapshot every
     /// interval; exit 1 if drift persists across two checks (needs root).
     Verify(VerifyArgs),
@@ -172,6 +176,23 @@ pub struct WatchArgs {
     /// as `cmdline` in JSON.
     #[arg(long)]
     pub cmdline: bool,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+    #[command(flatten)]
+    pub filters: Filters,
+}
+
+/// `netwatch top` flags.
+#[derive(Debug, Args, Clone)]
+pub struct TopArgs {
+    /// How often the screen is redrawn (`+` and `-` change it).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub interval: std::time::Duration,
+    /// How long a closed connection stays on screen, dimmed.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub keep_closed: std::time::Duration,
+    #[command(flatten)]
+    pub cgroups: CgroupFilters,
     #[command(flatten)]
     pub probe: ProbeArgs,
     #[command(flatten)]

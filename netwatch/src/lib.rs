@@ -23,4 +23,4 @@ mod root_tests;
 mod sink;
 mod snapshot;
 
-pub use modes::{audit, generate, snapshot_command, verify, watch};
+pub use modes::{audit, generate, snapshot_command, top, verify, watch};

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use netwatch::cli::{Cli, Command};
-use netwatch::{audit, generate, snapshot_command, verify, watch};
+use netwatch::{audit, generate, snapshot_command, top, verify, watch};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -16,6 +16,7 @@ fn main() -> ExitCode {
             true,
         ),
         Some(Command::Watch(args)) => (watch::run(args), true),
+        Some(Command::Top(args)) => (top::run(args), true),
         None => (watch::run(cli.watch), true),
         // An auditor's reader going away loses records: that is an error.
         Some(Command::Audit(args)) => (audit::run(args), false),

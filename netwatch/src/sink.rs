@@ -25,13 +25,23 @@ pub struct Sink {
 /// Where a sink writes its records.
 enum Destination {
     Stdout(io::Stdout),
-    File { path: PathBuf, file: File },
+    /// Nowhere: a mode that shows what it sees rather than writing records.
+    Discard,
+    File {
+        path: PathBuf,
+        file: File,
+    },
 }
 
 impl Sink {
     /// Standard output.
     pub fn stdout() -> Sink {
         Destination::Stdout(io::stdout()).into()
+    }
+
+    /// Nowhere (`top` draws what it sees instead).
+    pub fn discard() -> Sink {
+        Destination::Discard.into()
     }
 
     /// This sink, and each record also to `syslog`.
@@ -72,6 +82,7 @@ impl Sink {
                 stdout.write_all(records)?;
                 stdout.flush()
             }
+            Destination::Discard => Ok(()),
             Destination::File { file, path } => file.write_all(records).map_err(|err| {
                 io::Error::new(
                     err.kind(),

@@ -54,8 +54,8 @@ pub const DIST: Needs = Needs {
 /// the snapshot is compared with, what checks the service files
 /// (systemd-analyze, logrotate), man, which renders the man pages,
 /// lintian, which checks the package, rsyslog, which receives audit's
-/// --syslog messages, and prometheus (with promtool), which checks and
-/// scrapes the metrics.
+/// --syslog messages, prometheus (with promtool), which checks and
+/// scrapes the metrics, and tmux, the terminal `top` is tested in.
 pub const TEST: Needs = Needs {
     packages: &[
         "nginx-light",
@@ -69,6 +69,7 @@ pub const TEST: Needs = Needs {
         "lintian",
         "rsyslog",
         "prometheus",
+        "tmux",
     ],
     tools: &[],
 };

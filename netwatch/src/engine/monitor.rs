@@ -71,6 +71,8 @@ pub struct Config {
     pub duration: Option<Duration>,
     /// How often the observer's `check` runs, if at all.
     pub check_every: Option<Duration>,
+    /// How often the observer's `refresh` runs, if at all.
+    pub refresh_every: Option<Duration>,
     /// netwatch's own network namespace, where /proc is read.
     pub netns: Option<u32>,
     /// Give owners their command line and executable (audit, `--cmdline`).
@@ -90,6 +92,7 @@ impl Config {
             metrics_addr: probe.metrics,
             duration,
             check_every: None,
+            refresh_every: None,
             netns: snapshot::own_netns(),
             process_images: false,
         }
@@ -163,6 +166,9 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     let check_every = config.check_every;
     let mut check_timer = tokio::time::interval(check_every.unwrap_or(Duration::from_secs(3600)));
     check_timer.tick().await;
+    let refresh_every = config.refresh_every;
+    let mut refresh_timer =
+        tokio::time::interval(refresh_every.unwrap_or(Duration::from_secs(3600)));
     // The check's snapshot is read on a thread while transitions keep flowing.
     let mut pending_check: Option<tokio::task::JoinHandle<anyhow::Result<Snapshot>>> = None;
     let deadline = tokio::time::sleep(config.duration.unwrap_or(Duration::MAX / 4));
@@ -197,6 +203,7 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
                     Err(err) => monitor.report_failure(Failure::Snapshot, &err, "this check is skipped; the next one comes at the next interval"),
                 }
             }
+            _ = refresh_timer.tick(), if refresh_every.is_some() => monitor.observer.refresh(&|skaddr| source.bytes(skaddr)),
             _ = hangup.recv() => reopen_retry.as_mut().reset(monitor.reopen_output()),
             _ = &mut reopen_retry, if retrying_reopen => reopen_retry.as_mut().reset(monitor.reopen_output()),
             _ = interrupt.recv() => break,

@@ -6,5 +6,6 @@
 pub mod audit;
 pub mod generate;
 pub mod snapshot_command;
+pub mod top;
 pub mod verify;
 pub mod watch;

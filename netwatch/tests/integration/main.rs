@@ -15,6 +15,7 @@ mod snapshot;
 mod stream;
 mod support;
 mod syslog;
+mod top;
 mod verify;
 
 /// The body of every peer child process (see `peer`): not a test, so ignored

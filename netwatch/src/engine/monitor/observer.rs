@@ -43,6 +43,9 @@ pub trait Observer {
     ) -> Vec<u64> {
         Vec::new()
     }
+    /// Every `Config::refresh_every`: `bytes` gives a socket's byte counts
+    /// so far, by its kernel address (where the kernel counts them).
+    fn refresh(&mut self, _bytes: &dyn Fn(u64) -> Option<ByteCounts>) {}
     /// The monitor stops (`end` says with what).
     fn stopped(&mut self, _end: &End<'_>, _out: &mut Records) {}
 }

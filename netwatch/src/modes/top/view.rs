@@ -1,0 +1,601 @@
+//! What the screen shows, taken from the state at each refresh: the view,
+//! its rows filtered and sorted, the header's counts and the detail of the
+//! selected row. Pure: the drawing only lays it out.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::{Duration, SystemTime};
+
+use rustc_hash::{FxHashMap, FxHashSet};
+
+use super::state::{Connection, TopState};
+use crate::cli::TopArgs;
+use crate::model::{format_endpoint, Owner, TcpState};
+
+/// The views `g` cycles through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum View {
+    Connections,
+    Processes,
+    Remotes,
+    Units,
+}
+
+impl View {
+    /// The view after this one.
+    pub fn next(self) -> View {
+        match self {
+            View::Connections => View::Processes,
+            View::Processes => View::Remotes,
+            View::Remotes => View::Units,
+            View::Units => View::Connections,
+        }
+    }
+
+    pub fn title(self) -> &'static str {
+        match self {
+            View::Connections => "connections",
+            View::Processes => "processes",
+            View::Remotes => "remote hosts",
+            View::Units => "units and containers",
+        }
+    }
+
+    /// Its columns: title, width, and the rank in which columns are kept
+    /// when the terminal is narrow (0 first).
+    pub fn columns(self) -> &'static [Column] {
+        match self {
+            View::Connections => &CONNECTION_COLUMNS,
+            View::Processes => &PROCESS_COLUMNS,
+            View::Remotes => &REMOTE_COLUMNS,
+            View::Units => &UNIT_COLUMNS,
+        }
+    }
+}
+
+const fn c(title: &'static str, width: u16, rank: u8, numeric: bool) -> Column {
+    Column {
+        title,
+        width,
+        rank,
+        numeric,
+    }
+}
+
+const CONNECTION_COLUMNS: [Column; 11] = [
+    c("PID", 7, 1, true),
+    c("PROGRAM", 15, 0, false),
+    c("LOCAL", 21, 4, false),
+    c("REMOTE", 21, 2, false),
+    c("STATE", 11, 3, false),
+    c("AGE", 7, 5, true),
+    c("SENT", 8, 6, true),
+    c("RECV", 8, 7, true),
+    c("TX/s", 8, 8, true),
+    c("RX/s", 8, 9, true),
+    c("UNIT", 24, 10, false),
+];
+const PROCESS_COLUMNS: [Column; 13] = [
+    c("PID", 7, 1, true),
+    c("PROGRAM", 15, 0, false),
+    c("CONNS", 6, 2, true),
+    c("ESTAB", 6, 3, true),
+    c("LISTEN", 6, 4, true),
+    c("OTHER", 6, 8, true),
+    c("CLOSED", 6, 5, true),
+    c("OPENS/s", 7, 6, true),
+    c("SENT", 8, 7, true),
+    c("RECV", 8, 9, true),
+    c("TX/s", 8, 10, true),
+    c("RX/s", 8, 11, true),
+    c("UNIT", 24, 12, false),
+];
+const REMOTE_COLUMNS: [Column; 8] = [
+    c("REMOTE", 39, 0, false),
+    c("CONNS", 6, 1, true),
+    c("PROCS", 6, 2, true),
+    c("PROGRAMS", 24, 3, false),
+    c("SENT", 8, 4, true),
+    c("RECV", 8, 5, true),
+    c("TX/s", 8, 6, true),
+    c("RX/s", 8, 7, true),
+];
+const UNIT_COLUMNS: [Column; 7] = [
+    c("UNIT OR CONTAINER", 36, 0, false),
+    c("CONNS", 6, 1, true),
+    c("PROCS", 6, 2, true),
+    c("SENT", 8, 3, true),
+    c("RECV", 8, 4, true),
+    c("TX/s", 8, 5, true),
+    c("RX/s", 8, 6, true),
+];
+
+/// A column of a view.
+#[derive(Clone, Copy, Debug)]
+pub struct Column {
+    pub title: &'static str,
+    pub width: u16,
+    pub rank: u8,
+    pub numeric: bool,
+}
+
+/// What the person at the keyboard chose.
+#[derive(Clone, Debug)]
+pub struct Choices {
+    pub view: View,
+    /// The text filter kept (Enter), matched against every field shown.
+    pub filter: String,
+    /// The filter being typed after `/`, if it is.
+    pub typing: Option<String>,
+    /// The column sorted by, or `None` for the busiest first.
+    pub sort: Option<usize>,
+    pub reversed: bool,
+    pub paused: bool,
+    pub selected: usize,
+    pub detail: bool,
+    pub help: bool,
+    pub interval: Duration,
+}
+
+impl Choices {
+    pub fn new(interval: Duration) -> Choices {
+        Choices {
+            view: View::Connections,
+            filter: String::new(),
+            typing: None,
+            sort: None,
+            reversed: false,
+            paused: false,
+            selected: 0,
+            detail: false,
+            help: false,
+            interval,
+        }
+    }
+
+    /// The filter in effect: the one being typed, else the one kept.
+    pub fn active_filter(&self) -> &str {
+        self.typing.as_deref().unwrap_or(&self.filter)
+    }
+
+    /// The next sort: busiest first, then each column in turn.
+    pub fn cycle_sort(&mut self) {
+        let columns = self.view.columns().len();
+        self.sort = match self.sort {
+            None => Some(0),
+            Some(column) if column + 1 < columns => Some(column + 1),
+            Some(_) => None,
+        };
+    }
+}
+
+/// One row of the table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    pub cells: Vec<String>,
+    /// A closed connection (or a group of closed ones only): dimmed.
+    pub closed: bool,
+    /// A connection whose owner changed.
+    pub handed_off: bool,
+    /// What sorts it: by column, numbers where the column is numeric.
+    keys: Vec<f64>,
+    /// How busy it is: bytes per second, then bytes, then how recent.
+    activity: (f64, u64, u64),
+}
+
+/// The counts of the header and footer.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Totals {
+    /// Open connections by state, busiest state first.
+    pub by_state: Vec<(TcpState, usize)>,
+    pub open: usize,
+    pub closed_shown: usize,
+    pub opens_per_second: u64,
+    pub closes_per_second: u64,
+    /// Opens per second over the last minute, oldest first.
+    pub sparkline: Vec<u64>,
+    pub rates: (f64, f64),
+    pub lost: u64,
+    pub closed_dropped: u64,
+    pub live: bool,
+}
+
+/// Everything one frame draws.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Screen {
+    pub view: View,
+    pub rows: Vec<Row>,
+    pub totals: Totals,
+    /// The selected row's detail, when its pane is open.
+    pub detail: Vec<String>,
+}
+
+/// What the screen shows of `state` under `choices` and the start-up
+/// filters, at wall time `now`.
+pub fn screen(state: &TopState, choices: &Choices, args: &TopArgs, now: SystemTime) -> Screen {
+    let filter = choices.active_filter().to_lowercase();
+    let shown: Vec<&Connection> = state
+        .connections()
+        .filter(|c| passes(c, args) && (filter.is_empty() || haystack(c).contains(&filter)))
+        .collect();
+    let mut rows: Vec<(Row, Vec<&Connection>)> = match choices.view {
+        View::Connections => shown
+            .iter()
+            .map(|c| (connection_row(c, now), vec![*c]))
+            .collect(),
+        View::Processes => groups(&shown, |c| c.owner.as_ref().map(|o| o.pid.to_string()))
+            .into_iter()
+            .map(|members| (process_row(&members, now), members))
+            .collect(),
+        View::Remotes => groups(&shown, |c| {
+            (!c.tuple.remote.ip().is_unspecified()).then(|| c.tuple.remote.ip().to_string())
+        })
+        .into_iter()
+        .map(|members| (remote_row(&members), members))
+        .collect(),
+        View::Units => groups(&shown, |c| Some(unit_of(c.owner.as_ref())))
+            .into_iter()
+            .map(|members| (unit_row(&members), members))
+            .collect(),
+    };
+    sort(&mut rows, choices);
+    let selected = choices.selected.min(rows.len().saturating_sub(1));
+    let detail = match (choices.detail, rows.get(selected)) {
+        (true, Some((_, members))) => detail(choices.view, members),
+        _ => Vec::new(),
+    };
+    Screen {
+        view: choices.view,
+        rows: rows.into_iter().map(|(row, _)| row).collect(),
+        totals: totals(state),
+        detail,
+    }
+}
+
+/// Whether a connection passes the start-up filters.
+fn passes(c: &Connection, args: &TopArgs) -> bool {
+    let pid = c.owner.as_ref().map(|owner| owner.pid);
+    args.filters.matches(&c.tuple, pid, &[c.state]) && args.cgroups.matches(c.owner.as_ref())
+}
+
+/// The text a typed filter is looked for in: program, pid, addresses and
+/// ports, state, unit and container.
+fn haystack(c: &Connection) -> String {
+    let mut text = String::new();
+    if let Some(owner) = &c.owner {
+        let _ = write!(text, "{} {} ", owner.program, owner.pid);
+    }
+    let _ = write!(
+        text,
+        "{} {} {} {}",
+        format_endpoint(c.tuple.local),
+        format_endpoint(c.tuple.remote),
+        c.state,
+        unit_of(c.owner.as_ref())
+    );
+    text.to_lowercase()
+}
+
+/// The unit, else the container, else `-`.
+fn unit_of(owner: Option<&Owner>) -> String {
+    let cgroup = owner.and_then(Owner::cgroup);
+    let unit = cgroup.and_then(|cgroup| cgroup.unit.as_deref().or(cgroup.container.as_deref()));
+    unit.unwrap_or("-").to_owned()
+}
+
+/// The connections grouped by `key` (those without one left out), in key order.
+fn groups<'a>(
+    shown: &[&'a Connection],
+    key: impl Fn(&Connection) -> Option<String>,
+) -> Vec<Vec<&'a Connection>> {
+    let mut groups: BTreeMap<String, Vec<&Connection>> = BTreeMap::new();
+    for c in shown {
+        if let Some(key) = key(c) {
+            groups.entry(key).or_default().push(c);
+        }
+    }
+    groups.into_values().collect()
+}
+
+fn connection_row(c: &Connection, now: SystemTime) -> Row {
+    let age = c.age(now);
+    let (pid, program) = match &c.owner {
+        Some(owner) => (owner.pid.to_string(), owner.program.to_string()),
+        None => ("-".into(), "-".into()),
+    };
+    let program = if c.handed_off {
+        format!("{program}*")
+    } else {
+        program
+    };
+    let cells = vec![
+        pid,
+        program,
+        format_endpoint(c.tuple.local),
+        format_endpoint(c.tuple.remote),
+        c.state.to_string(),
+        age.map_or("-".into(), duration),
+        bytes(c.bytes.sent as f64),
+        bytes(c.bytes.received as f64),
+        bytes(c.rates.0),
+        bytes(c.rates.1),
+        unit_of(c.owner.as_ref()),
+    ];
+    let keys = vec![
+        c.owner.as_ref().map_or(0.0, |o| f64::from(o.pid)),
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        age.map_or(0.0, |age| age.as_secs_f64()),
+        c.bytes.sent as f64,
+        c.bytes.received as f64,
+        c.rates.0,
+        c.rates.1,
+        0.0,
+    ];
+    Row {
+        cells,
+        closed: c.closed.is_some(),
+        handed_off: c.handed_off,
+        keys,
+        activity: activity(&[c]),
+    }
+}
+
+fn process_row(members: &[&Connection], now: SystemTime) -> Row {
+    let owner = members.iter().find_map(|c| c.owner.as_ref());
+    let open: Vec<&&Connection> = members.iter().filter(|c| c.closed.is_none()).collect();
+    let in_state = |state| open.iter().filter(|c| c.state == state).count();
+    let (estab, listen) = (in_state(TcpState::Established), in_state(TcpState::Listen));
+    let second_ago = now - Duration::from_secs(1);
+    let opens = members
+        .iter()
+        .filter(|c| c.opened.is_some_and(|opened| opened >= second_ago))
+        .count();
+    let (sent, received, rates) = sums(members);
+    let counts = [
+        open.len(),
+        estab,
+        listen,
+        open.len() - estab - listen,
+        members.len() - open.len(),
+        opens,
+    ];
+    let mut cells = vec![
+        owner.map_or("-".into(), |o| o.pid.to_string()),
+        owner.map_or("-".into(), |o| o.program.to_string()),
+    ];
+    cells.extend(counts.iter().map(usize::to_string));
+    cells.extend([
+        bytes(sent as f64),
+        bytes(received as f64),
+        bytes(rates.0),
+        bytes(rates.1),
+        unit_of(owner),
+    ]);
+    let mut keys = vec![owner.map_or(0.0, |o| f64::from(o.pid)), 0.0];
+    keys.extend(counts.iter().map(|&n| n as f64));
+    keys.extend([sent as f64, received as f64, rates.0, rates.1, 0.0]);
+    Row {
+        cells,
+        closed: open.is_empty(),
+        handed_off: false,
+        keys,
+        activity: activity(members),
+    }
+}
+
+fn remote_row(members: &[&Connection]) -> Row {
+    let remote = members[0].tuple.remote.ip().to_string();
+    let pids: FxHashSet<u32> = members
+        .iter()
+        .filter_map(|c| c.owner.as_ref().map(|o| o.pid))
+        .collect();
+    let mut programs: Vec<&str> = members
+        .iter()
+        .filter_map(|c| c.owner.as_ref().map(|o| &*o.program))
+        .collect();
+    programs.sort_unstable();
+    programs.dedup();
+    let (sent, received, rates) = sums(members);
+    group_row(
+        vec![
+            remote,
+            members.len().to_string(),
+            pids.len().to_string(),
+            programs.join(","),
+        ],
+        vec![0.0, members.len() as f64, pids.len() as f64, 0.0],
+        members,
+        (sent, received, rates),
+    )
+}
+
+fn unit_row(members: &[&Connection]) -> Row {
+    let pids: FxHashSet<u32> = members
+        .iter()
+        .filter_map(|c| c.owner.as_ref().map(|o| o.pid))
+        .collect();
+    group_row(
+        vec![
+            unit_of(members[0].owner.as_ref()),
+            members.len().to_string(),
+            pids.len().to_string(),
+        ],
+        vec![0.0, members.len() as f64, pids.len() as f64],
+        members,
+        sums(members),
+    )
+}
+
+/// A group's row: its own first cells, then bytes and rates.
+fn group_row(
+    mut cells: Vec<String>,
+    mut keys: Vec<f64>,
+    members: &[&Connection],
+    (sent, received, rates): (u64, u64, (f64, f64)),
+) -> Row {
+    cells.extend([
+        bytes(sent as f64),
+        bytes(received as f64),
+        bytes(rates.0),
+        bytes(rates.1),
+    ]);
+    keys.extend([sent as f64, received as f64, rates.0, rates.1]);
+    Row {
+        cells,
+        closed: members.iter().all(|c| c.closed.is_some()),
+        handed_off: false,
+        keys,
+        activity: activity(members),
+    }
+}
+
+/// Bytes sent and received, and their rates, of a group.
+fn sums(members: &[&Connection]) -> (u64, u64, (f64, f64)) {
+    members.iter().fold((0, 0, (0.0, 0.0)), |(s, r, rates), c| {
+        (
+            s + c.bytes.sent,
+            r + c.bytes.received,
+            (rates.0 + c.rates.0, rates.1 + c.rates.1),
+        )
+    })
+}
+
+/// How busy a group is: its rate, its bytes, then how many are open.
+fn activity(members: &[&Connection]) -> (f64, u64, u64) {
+    let (sent, received, rates) = sums(members);
+    let open = members.iter().filter(|c| c.closed.is_none()).count() as u64;
+    (rates.0 + rates.1, sent + received, open)
+}
+
+fn sort(rows: &mut [(Row, Vec<&Connection>)], choices: &Choices) {
+    let columns = choices.view.columns();
+    match choices.sort {
+        None => rows.sort_by(|(a, _), (b, _)| {
+            let (a, b) = (a.activity, b.activity);
+            b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)).then(b.2.cmp(&a.2))
+        }),
+        Some(column) if columns.get(column).is_some_and(|c| c.numeric) => {
+            rows.sort_by(|(a, _), (b, _)| b.keys[column].total_cmp(&a.keys[column]))
+        }
+        Some(column) => rows.sort_by(|(a, _), (b, _)| a.cells[column].cmp(&b.cells[column])),
+    }
+    if choices.reversed {
+        rows.reverse();
+    }
+}
+
+fn totals(state: &TopState) -> Totals {
+    let mut by_state: FxHashMap<TcpState, usize> = FxHashMap::default();
+    let open = state.open.values().chain(state.unbound.values());
+    let mut rates = (0.0, 0.0);
+    for c in open {
+        *by_state.entry(c.state).or_default() += 1;
+        rates = (rates.0 + c.rates.0, rates.1 + c.rates.1);
+    }
+    let mut by_state: Vec<(TcpState, usize)> = by_state.into_iter().collect();
+    by_state.sort_by(|a, b| b.1.cmp(&a.1).then((a.0 as u8).cmp(&(b.0 as u8))));
+    let (opens, closes) = state.per_second.last_second();
+    Totals {
+        open: by_state.iter().map(|(_, n)| n).sum(),
+        by_state,
+        closed_shown: state.closed.len(),
+        opens_per_second: opens,
+        closes_per_second: closes,
+        sparkline: state.per_second.seconds.iter().map(|(o, _)| *o).collect(),
+        rates,
+        lost: state.lost,
+        closed_dropped: state.closed_dropped,
+        live: state.live,
+    }
+}
+
+/// The detail pane of a row: the owner's command line, executable and
+/// cgroup; for one connection, its transitions and owner changes.
+fn detail(view: View, members: &[&Connection]) -> Vec<String> {
+    let mut lines = Vec::new();
+    let owner = members.iter().find_map(|c| c.owner.as_ref());
+    match owner {
+        Some(owner) => {
+            lines.push(format!("process  {} {}", owner.pid, owner.program));
+            let image = owner.image();
+            let cmdline = image.and_then(|image| image.cmdline.as_deref());
+            lines.push(format!(
+                "cmdline  {}",
+                cmdline.map_or("(unknown)".into(), |cmdline| cmdline.to_string())
+            ));
+            let exe = image.and_then(|image| image.exe.as_deref());
+            lines.push(format!("exe      {}", exe.unwrap_or("(unknown)")));
+            let cgroup = owner.cgroup().map(|cgroup| &*cgroup.path);
+            lines.push(format!("cgroup   {}", cgroup.unwrap_or("(unknown)")));
+        }
+        None => lines.push("process  (unknown)".into()),
+    }
+    if let (View::Connections, [c]) = (view, members) {
+        lines.push(format!(
+            "socket   {} -> {} {}",
+            format_endpoint(c.tuple.local),
+            format_endpoint(c.tuple.remote),
+            c.state
+        ));
+        for (at, old, new) in &c.history {
+            lines.push(format!("  {}  {old} -> {new}", clock(*at)));
+        }
+        for (at, owner) in &c.owner_changes {
+            lines.push(format!(
+                "  {}  owner -> {} {}",
+                clock(*at),
+                owner.pid,
+                owner.program
+            ));
+        }
+    } else {
+        lines.push(format!("{} connections", members.len()));
+    }
+    lines
+}
+
+/// A wall time as the time of day (UTC) with microseconds.
+fn clock(at: SystemTime) -> String {
+    let since = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let seconds = since.as_secs() % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        seconds / 3600,
+        seconds / 60 % 60,
+        seconds % 60,
+        since.subsec_micros()
+    )
+}
+
+/// A duration, short: 350ms, 42s, 7m12s, 3h05m, 2d04h.
+pub fn duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0 => format!("{}ms", d.as_millis()),
+        1..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86_400 => format!("{}h{:02}m", s / 3600, s / 60 % 60),
+        _ => format!("{}d{:02}h", s / 86_400, s / 3600 % 24),
+    }
+}
+
+/// A byte count or rate, short: 0, 512, 1.5K, 12M, 3.2G.
+pub fn bytes(n: f64) -> String {
+    const UNITS: [&str; 5] = ["", "K", "M", "G", "T"];
+    let mut value = n;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    match unit {
+        0 => format!("{}", value.round() as u64),
+        _ if value < 10.0 => format!("{value:.1}{}", UNITS[unit]),
+        _ => format!("{}{}", value.round() as u64, UNITS[unit]),
+    }
+}

@@ -1,0 +1,204 @@
+//! `netwatch top` in a real terminal (tmux): the rows of processes whose
+//! pids the test knows, the filter, a connection that lived a millisecond
+//! still on screen seconds later, the processes view, and `q` leaving the
+//! terminal as it was.
+
+use std::net::TcpStream;
+use std::os::fd::AsRawFd as _;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::peer::Peer;
+use crate::support::is_root;
+
+/// A tmux server of its own running one command in a window of a given size.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn start(command: &str, (width, height): (u16, u16)) -> Tmux {
+        let tmux = Tmux {
+            socket: format!("netwatch-test-{}", std::process::id()),
+        };
+        // The window stays once the command ends, with its exit status.
+        let shell = format!("{command}; echo EXIT=$?; sleep 120");
+        let (width, height) = (width.to_string(), height.to_string());
+        let started = tmux
+            .command(&["new-session", "-d", "-x", &width, "-y", &height, &shell])
+            .status()
+            .expect("tmux runs (cargo xtask test installs it)");
+        assert!(started.success(), "tmux started a session");
+        tmux
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new("tmux");
+        command.args(["-L", &self.socket]).args(args);
+        command
+    }
+
+    /// The window's text now.
+    fn screen(&self) -> String {
+        let output = self
+            .command(&["capture-pane", "-p"])
+            .output()
+            .expect("tmux captures the pane");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        let mut args = vec!["send-keys"];
+        args.extend(keys);
+        assert!(self
+            .command(&args)
+            .status()
+            .expect("tmux sends keys")
+            .success());
+    }
+
+    /// Waits (20 s at most) until the screen passes `check`; returns it.
+    fn wait_for(&self, what: &str, check: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let screen = self.screen();
+            if check(&screen) {
+                return screen;
+            }
+            assert!(Instant::now() < deadline, "{what} within 20 s:\n{screen}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Whether the window shows the alternate screen.
+    fn alternate_screen(&self) -> bool {
+        let output = self
+            .command(&["display-message", "-p", "#{alternate_on}"])
+            .output()
+            .expect("tmux answers");
+        String::from_utf8_lossy(&output.stdout).trim() == "1"
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.command(&["kill-server"]).status();
+    }
+}
+
+/// Table rows (after the two header lines and the column titles) that mention `text`.
+fn rows_with<'a>(screen: &'a str, text: &str) -> Vec<&'a str> {
+    screen
+        .lines()
+        .skip(3)
+        .filter(|line| line.contains(text))
+        .collect()
+}
+
+/// Connects to `port` and resets the connection at once (SO_LINGER 0):
+/// ESTABLISHED straight to CLOSE, within a millisecond. Returns the local port.
+fn brief_connection(port: u16) -> u16 {
+    let stream = TcpStream::connect(("127.0.0.1", port)).expect("connects");
+    let local = stream.local_addr().expect("a local address").port();
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a live socket with a linger struct of its size.
+    let set = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(set, 0, "SO_LINGER set");
+    drop(stream);
+    local
+}
+
+#[test]
+fn top_shows_known_connections_filters_keeps_a_brief_one_and_quits_cleanly() {
+    assert!(
+        is_root(),
+        "top loads eBPF programs: run it as root (cargo xtask test does)"
+    );
+    let mut peer = Peer::spawn();
+    let (listener, port) = peer.listen("127.0.0.1:0");
+    let (_client, client_port) = peer.connect(&format!("127.0.0.1:{port}"));
+    peer.accept(listener);
+    let pid = peer.pid().to_string();
+    let netwatch = env!("CARGO_BIN_EXE_netwatch");
+    let tmux = Tmux::start(&format!("{netwatch} top --keep-closed 60s"), (132, 40));
+    tmux.wait_for("top's live header", |s| {
+        s.contains("netwatch top · connections · live")
+    });
+    // The peer's connection was open before top started: the baseline has it.
+    let client = format!("127.0.0.1:{client_port}");
+    let screen = tmux.wait_for("the peer's rows", |s| {
+        rows_with(s, &client)
+            .iter()
+            .any(|row| row.starts_with(&pid))
+    });
+    let listening = format!("127.0.0.1:{port}");
+    assert!(
+        rows_with(&screen, &listening)
+            .iter()
+            .any(|row| row.starts_with(&pid) && row.contains("LISTEN")),
+        "the peer's listener:\n{screen}"
+    );
+
+    tmux.keys(&["/"]);
+    tmux.keys(&["-l", &port.to_string()]);
+    tmux.keys(&["Enter"]);
+    let filter = format!("filter: {port}");
+    let screen = tmux.wait_for("the filter kept", |s| s.contains(&filter));
+    let rows: Vec<&str> = screen
+        .lines()
+        .skip(3)
+        .take_while(|l| !l.trim().is_empty())
+        .collect();
+    assert!(rows.len() >= 3, "the listener and both ends:\n{screen}");
+    assert!(
+        rows.iter().all(|row| row.contains(&port.to_string())),
+        "only port {port}:\n{screen}"
+    );
+
+    let brief = format!("127.0.0.1:{}", brief_connection(port));
+    let me = std::process::id().to_string();
+    tmux.wait_for("the brief connection", |s| !rows_with(s, &brief).is_empty());
+    std::thread::sleep(Duration::from_secs(3));
+    let screen = tmux.screen();
+    let row = rows_with(&screen, &brief);
+    assert!(
+        row.iter()
+            .any(|row| row.starts_with(&me) && row.contains("CLOSE")),
+        "the brief connection, closed, seconds later:\n{screen}"
+    );
+
+    tmux.keys(&["Escape", "g"]);
+    let screen = tmux.wait_for("the processes view", |s| {
+        s.contains("netwatch top · processes")
+    });
+    let peer_rows: Vec<&str> = screen
+        .lines()
+        .skip(3)
+        .filter(|l| l.starts_with(&pid))
+        .collect();
+    assert_eq!(peer_rows.len(), 1, "one row for the peer:\n{screen}");
+
+    assert!(tmux.alternate_screen(), "top draws on the alternate screen");
+    tmux.keys(&["q"]);
+    let screen = tmux.wait_for("top's exit", |s| s.contains("EXIT="));
+    assert!(screen.contains("EXIT=0"), "exit status 0:\n{screen}");
+    assert!(
+        !tmux.alternate_screen(),
+        "the terminal is back from the alternate screen"
+    );
+    assert!(
+        !screen.contains("netwatch top ·"),
+        "the screen is the shell's again:\n{screen}"
+    );
+}
