@@ -74,6 +74,19 @@ pub enum Which {
         #[arg(long, value_name = "PATH")]
         against: Option<PathBuf>,
     },
+    /// `netwatch top` in a 132x40 tmux window, with connections held open
+    /// and a churn of new ones: its CPU, its redraw time and its memory.
+    Top {
+        /// Connections held open (both ends are shown: twice as many rows).
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        /// New connections per second during the churn.
+        #[arg(long, default_value_t = 2_000)]
+        rate: u64,
+        /// Seconds of churn.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
     /// nginx from Debian (one worker) under wrk, with `Connection: close`
     /// and with keep-alive, beside no tracer, netwatch's hooks running empty
     /// programs, `netwatch --json`, `netwatch audit` and tcpstates; and what
@@ -133,6 +146,11 @@ pub fn run(which: Which, netwatch: &Path) -> anyhow::Result<()> {
         Which::Nginx { seconds, rounds } => {
             crate::nginx::run(netwatch, seconds.max(1), rounds.max(1), &results)
         }
+        Which::Top {
+            connections,
+            rate,
+            seconds,
+        } => crate::top::run(netwatch, connections, rate, seconds.max(1), &results),
         Which::Forking {
             connections,
             rounds,

@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 
 use crate::stats::median;
-use crate::tracer::{command, start_tracer};
+use crate::tracer::{command, process_cpu, start_tracer};
 
 /// What one round measured for one build.
 struct Round {
@@ -120,25 +120,6 @@ fn exchange(port: u16) -> anyhow::Result<()> {
         bail!("socat echoed {echoed:?}");
     }
     Ok(())
-}
-
-/// CPU time process `pid` has used so far (/proc/PID/stat, in clock ticks).
-fn process_cpu(pid: u32) -> anyhow::Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
-    // utime and stime: fields 14 and 15, counted from the state (field 3).
-    let ticks: u64 = [14, 15]
-        .iter()
-        .filter_map(|field| fields.get(field - 3)?.parse::<u64>().ok())
-        .sum();
-    // SAFETY: sysconf has no preconditions.
-    let per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
-    Ok(Duration::from_millis(ticks * 1000 / per_second.max(1)))
 }
 
 /// socat forking a child per connection, killed with its children when dropped.

@@ -13,6 +13,7 @@ mod service;
 mod setup;
 mod soak;
 mod stats;
+mod top;
 mod tracer;
 mod traffic;
 

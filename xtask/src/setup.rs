@@ -85,7 +85,8 @@ pub const FUZZ: Needs = Needs {
     }],
 };
 /// What the benchmarks compare against or measure with (socat: the
-/// forking server; nginx and wrk: the real server and its load).
+/// forking server; nginx and wrk: the real server and its load; tmux: the
+/// terminal `top` runs in).
 pub const BENCH: Needs = Needs {
     packages: &[
         "libbpf-tools",
@@ -95,6 +96,7 @@ pub const BENCH: Needs = Needs {
         "socat",
         "nginx-light",
         "wrk",
+        "tmux",
     ],
     tools: &[],
 };

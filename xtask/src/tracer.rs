@@ -79,7 +79,7 @@ impl RunningTracer {
 }
 
 /// VmHWM of a running process, in KiB.
-fn peak_rss_kib(pid: u32) -> Option<u64> {
+pub(crate) fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
@@ -170,4 +170,23 @@ impl Running {
             Running::Nothing | Running::Programs { .. } => Ok(Duration::ZERO),
         }
     }
+}
+
+/// CPU time process `pid` has used so far (/proc/PID/stat, in clock ticks).
+pub(crate) fn process_cpu(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    // utime and stime: fields 14 and 15, counted from the state (field 3).
+    let ticks: u64 = [14, 15]
+        .iter()
+        .filter_map(|field| fields.get(field - 3)?.parse::<u64>().ok())
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
+    Ok(Duration::from_millis(ticks * 1000 / per_second.max(1)))
 }

@@ -144,41 +144,89 @@ fn show(
     let palette = Palette::from_env();
     let mut choices = Choices::new(args.interval);
     let mut screen = None;
+    let mut timings = Timings::default();
     let mut next_refresh = Instant::now();
-    loop {
+    let result = loop {
         if stop.load(Ordering::Relaxed) || engine.is_some_and(|engine| engine.is_finished()) {
-            return Ok(());
+            break Ok(());
         }
-        let now = Instant::now();
-        if now >= next_refresh || screen.is_none() {
-            next_refresh = now + choices.interval;
-            if !choices.paused || screen.is_none() {
-                if engine.is_none() {
-                    read_snapshot(state);
-                }
-                let mut state = lock(state);
-                state.expire();
-                screen = Some(view::screen(&state, &choices, args, SystemTime::now()));
+        // What the state says now: at each interval (unless paused), and
+        // at once after a key.
+        let mut changed = screen.is_none();
+        if Instant::now() >= next_refresh {
+            next_refresh = Instant::now() + choices.interval;
+            if engine.is_none() {
+                read_snapshot(state);
             }
+            lock(state).expire();
+            changed |= !choices.paused;
         }
-        if let Some(screen) = &screen {
+        let mut built = Duration::ZERO;
+        if changed {
+            let started = Instant::now();
+            screen = Some(view::screen(
+                &lock(state),
+                &choices,
+                args,
+                SystemTime::now(),
+            ));
+            built = started.elapsed();
+        }
+        if let (true, Some(screen)) = (changed, &screen) {
+            let started = Instant::now();
             session.draw(|frame| render::draw(frame, screen, &choices, palette))?;
+            timings.redrawn(built, started.elapsed());
         }
         let wait = next_refresh.saturating_duration_since(Instant::now());
-        if event::poll(wait.min(Duration::from_millis(200)))? {
-            let rows = screen.as_ref().map_or(0, |screen| screen.rows.len());
+        if event::poll(wait)? {
+            let rows = screen.as_ref().map_or(0, |screen| screen.total);
             match event::read()? {
                 Event::Key(key) if key.kind != KeyEventKind::Release => {
                     if !answer(&mut choices, key, rows) {
-                        return Ok(());
+                        break Ok(());
                     }
                     // What a key changes shows at once, even paused.
-                    let state = lock(state);
-                    screen = Some(view::screen(&state, &choices, args, SystemTime::now()));
+                    screen = None;
                 }
+                Event::Resize(..) => screen = None,
                 _ => {}
             }
         }
+    };
+    log::info!("{timings}");
+    result
+}
+
+/// How long the screens took to make: the view's rows built from the
+/// state, and drawn.
+#[derive(Debug, Default)]
+struct Timings {
+    building: Duration,
+    drawing: Duration,
+    redraws: u32,
+    slowest: Duration,
+}
+
+impl Timings {
+    fn redrawn(&mut self, building: Duration, drawing: Duration) {
+        self.redraws += 1;
+        self.building += building;
+        self.drawing += drawing;
+        self.slowest = self.slowest.max(building + drawing);
+    }
+}
+
+impl std::fmt::Display for Timings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let each = |total: Duration| total.as_secs_f64() * 1e3 / f64::from(self.redraws.max(1));
+        write!(
+            f,
+            "top redrew the screen {} times: {:.2} ms building the rows and {:.2} ms drawing them on average, {:.2} ms at most",
+            self.redraws,
+            each(self.building),
+            each(self.drawing),
+            self.slowest.as_secs_f64() * 1e3
+        )
     }
 }
 

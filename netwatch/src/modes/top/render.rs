@@ -186,7 +186,11 @@ fn draw_table(
         format!("{}{mark}", columns[i].title)
     });
     let header = TableRow::new(titles).style(Style::new().add_modifier(Modifier::REVERSED));
-    let rows = screen.rows.iter().map(|row| {
+    // The rows that fit, from where the selection stays on screen.
+    let height = usize::from(area.height.saturating_sub(1)).max(1);
+    let offset = screen.selected.saturating_sub(height - 1).max(screen.first);
+    let visible = screen.rows.iter().skip(offset - screen.first).take(height);
+    let rows = visible.map(|row| {
         let cells = kept.iter().map(|&i| row.cells[i].clone());
         let style = match row.closed {
             true => Style::new().add_modifier(Modifier::DIM),
@@ -200,7 +204,7 @@ fn draw_table(
         .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED | Modifier::BOLD));
     let mut state = TableState::default();
     if !screen.rows.is_empty() {
-        state.select(Some(choices.selected.min(screen.rows.len() - 1)));
+        state.select(Some(screen.selected - offset));
     }
     frame.render_stateful_widget(table, area, &mut state);
     if screen.rows.is_empty() {
@@ -249,12 +253,12 @@ fn footer_lines(screen: &Screen, choices: &Choices, palette: Palette) -> Vec<Lin
     let second = match totals.live {
         true => format!(
             "{} rows · every {} · ? help · q quit",
-            screen.rows.len(),
+            screen.total,
             duration(choices.interval)
         ),
         false => format!(
             "{} rows · every {} · without root: live events, closed connections and byte counts need root or the service's capabilities · q quit",
-            screen.rows.len(),
+            screen.total,
             duration(choices.interval)
         ),
     };

@@ -277,3 +277,33 @@ fn plus_and_minus_step_the_interval() {
         Duration::from_millis(250)
     );
 }
+
+#[test]
+fn only_the_rows_around_the_selection_are_formatted_and_it_stays_on_screen() {
+    let mut state = TopState::new(true, Duration::from_secs(10));
+    for port in 0..500u16 {
+        let local = format!("10.0.1.1:{}", 10_000 + port);
+        let t = Transition::scripted(
+            0,
+            u64::from(port),
+            tuple(&local, "10.0.0.9:443"),
+            (TcpState::Close, TcpState::SynSent),
+            task(1, 1, b"x"),
+        );
+        state.transition(&t, Some(owner(7, "wget", None)), now());
+    }
+    let mut choices = choices();
+    choices.sort = Some(2);
+    choices.selected = 300;
+    let screen = screen(&state, &choices, &args(&[]), now());
+    assert_eq!(
+        (screen.total, screen.first, screen.rows.len()),
+        (500, 200, 200)
+    );
+    let text = rendered(&screen, &choices, (80, 24));
+    assert!(text.contains("10.0.1.1:10300"), "the selected row:\n{text}");
+    assert!(
+        !text.contains("10.0.1.1:10200 "),
+        "rows far above it:\n{text}"
+    );
+}

@@ -169,7 +169,7 @@ impl Choices {
     }
 }
 
-/// One row of the table.
+/// One row of the table, as drawn.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Row {
     pub cells: Vec<String>,
@@ -177,11 +177,10 @@ pub struct Row {
     pub closed: bool,
     /// A connection whose owner changed.
     pub handed_off: bool,
-    /// What sorts it: by column, numbers where the column is numeric.
-    keys: Vec<f64>,
-    /// How busy it is: bytes per second, then bytes, then how recent.
-    activity: (f64, u64, u64),
 }
+
+/// Rows formatted around the selection: enough for any terminal's height.
+pub const WINDOW: usize = 200;
 
 /// The counts of the header and footer.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -204,49 +203,87 @@ pub struct Totals {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Screen {
     pub view: View,
+    /// The rows around the selection (`WINDOW` at most), formatted.
     pub rows: Vec<Row>,
+    /// Which row of the whole table `rows` begins with.
+    pub first: usize,
+    /// Rows in the whole table.
+    pub total: usize,
+    /// The selected row, in the whole table.
+    pub selected: usize,
     pub totals: Totals,
     /// The selected row's detail, when its pane is open.
     pub detail: Vec<String>,
 }
 
+/// One row before it is formatted: its connections and what sorts it.
+struct Candidate<'a> {
+    members: Vec<&'a Connection>,
+    /// The sorted column's value, where it is a number.
+    number: f64,
+    /// The sorted column's text, where it is text.
+    text: String,
+    activity: (f64, u64, u64),
+}
+
 /// What the screen shows of `state` under `choices` and the start-up
-/// filters, at wall time `now`.
+/// filters, at wall time `now`. Only the rows around the selection are
+/// formatted: the others are sorted by one value each.
 pub fn screen(state: &TopState, choices: &Choices, args: &TopArgs, now: SystemTime) -> Screen {
     let filter = choices.active_filter().to_lowercase();
     let shown: Vec<&Connection> = state
         .connections()
         .filter(|c| passes(c, args) && (filter.is_empty() || haystack(c).contains(&filter)))
         .collect();
-    let mut rows: Vec<(Row, Vec<&Connection>)> = match choices.view {
-        View::Connections => shown
-            .iter()
-            .map(|c| (connection_row(c, now), vec![*c]))
-            .collect(),
-        View::Processes => groups(&shown, |c| c.owner.as_ref().map(|o| o.pid.to_string()))
-            .into_iter()
-            .map(|members| (process_row(&members, now), members))
-            .collect(),
+    let groups: Vec<Vec<&Connection>> = match choices.view {
+        View::Connections => shown.iter().map(|c| vec![*c]).collect(),
+        View::Processes => groups(&shown, |c| c.owner.as_ref().map(|o| o.pid.to_string())),
         View::Remotes => groups(&shown, |c| {
             (!c.tuple.remote.ip().is_unspecified()).then(|| c.tuple.remote.ip().to_string())
-        })
-        .into_iter()
-        .map(|members| (remote_row(&members), members))
-        .collect(),
-        View::Units => groups(&shown, |c| Some(unit_of(c.owner.as_ref())))
-            .into_iter()
-            .map(|members| (unit_row(&members), members))
-            .collect(),
+        }),
+        View::Units => groups(&shown, |c| Some(unit_of(c.owner.as_ref()))),
     };
-    sort(&mut rows, choices);
-    let selected = choices.selected.min(rows.len().saturating_sub(1));
-    let detail = match (choices.detail, rows.get(selected)) {
-        (true, Some((_, members))) => detail(choices.view, members),
+    let column = choices.sort;
+    let numeric = column.is_some_and(|i| choices.view.columns()[i].numeric);
+    let mut candidates: Vec<Candidate> = groups
+        .into_iter()
+        .map(|members| {
+            let (number, text) = match (column, numeric) {
+                (Some(i), true) => (numbers(choices.view, &members, now)[i], String::new()),
+                (Some(i), false) => (0.0, cells(choices.view, &members, now).swap_remove(i)),
+                (None, _) => (0.0, String::new()),
+            };
+            let activity = activity(&members);
+            Candidate {
+                members,
+                number,
+                text,
+                activity,
+            }
+        })
+        .collect();
+    sort(&mut candidates, choices, numeric);
+    let total = candidates.len();
+    let selected = choices.selected.min(total.saturating_sub(1));
+    let first = selected.saturating_sub(WINDOW / 2);
+    let window = candidates.iter().skip(first).take(WINDOW);
+    let rows = window
+        .map(|candidate| Row {
+            cells: cells(choices.view, &candidate.members, now),
+            closed: candidate.members.iter().all(|c| c.closed.is_some()),
+            handed_off: candidate.members.iter().any(|c| c.handed_off),
+        })
+        .collect();
+    let detail = match (choices.detail, candidates.get(selected)) {
+        (true, Some(candidate)) => detail(choices.view, &candidate.members),
         _ => Vec::new(),
     };
     Screen {
         view: choices.view,
-        rows: rows.into_iter().map(|(row, _)| row).collect(),
+        rows,
+        first,
+        total,
+        selected,
         totals: totals(state),
         detail,
     }
@@ -297,54 +334,108 @@ fn groups<'a>(
     groups.into_values().collect()
 }
 
-fn connection_row(c: &Connection, now: SystemTime) -> Row {
-    let age = c.age(now);
-    let (pid, program) = match &c.owner {
-        Some(owner) => (owner.pid.to_string(), owner.program.to_string()),
-        None => ("-".into(), "-".into()),
+/// A row's cells, in the view's columns.
+fn cells(view: View, members: &[&Connection], now: SystemTime) -> Vec<String> {
+    let (sent, received, rates) = sums(members);
+    let owner = members.iter().find_map(|c| c.owner.as_ref());
+    let pids = || -> FxHashSet<u32> {
+        members
+            .iter()
+            .filter_map(|c| c.owner.as_ref().map(|o| o.pid))
+            .collect()
     };
-    let program = if c.handed_off {
-        format!("{program}*")
-    } else {
-        program
+    let mut cells = match (view, members) {
+        (View::Connections, [c]) => {
+            let program = owner.map_or("-".into(), |o| o.program.to_string());
+            vec![
+                owner.map_or("-".into(), |o| o.pid.to_string()),
+                if c.handed_off {
+                    format!("{program}*")
+                } else {
+                    program
+                },
+                format_endpoint(c.tuple.local),
+                format_endpoint(c.tuple.remote),
+                c.state.to_string(),
+                c.age(now).map_or("-".into(), duration),
+            ]
+        }
+        (View::Processes, _) => {
+            let mut cells = vec![
+                owner.map_or("-".into(), |o| o.pid.to_string()),
+                owner.map_or("-".into(), |o| o.program.to_string()),
+            ];
+            cells.extend(process_counts(members, now).iter().map(usize::to_string));
+            cells
+        }
+        (View::Remotes, _) => {
+            let mut programs: Vec<&str> = members
+                .iter()
+                .filter_map(|c| c.owner.as_ref().map(|o| &*o.program))
+                .collect();
+            programs.sort_unstable();
+            programs.dedup();
+            vec![
+                members
+                    .first()
+                    .map_or(String::new(), |c| c.tuple.remote.ip().to_string()),
+                members.len().to_string(),
+                pids().len().to_string(),
+                programs.join(","),
+            ]
+        }
+        (View::Units, _) | (View::Connections, _) => vec![
+            unit_of(owner),
+            members.len().to_string(),
+            pids().len().to_string(),
+        ],
     };
-    let cells = vec![
-        pid,
-        program,
-        format_endpoint(c.tuple.local),
-        format_endpoint(c.tuple.remote),
-        c.state.to_string(),
-        age.map_or("-".into(), duration),
-        bytes(c.bytes.sent as f64),
-        bytes(c.bytes.received as f64),
-        bytes(c.rates.0),
-        bytes(c.rates.1),
-        unit_of(c.owner.as_ref()),
-    ];
-    let keys = vec![
-        c.owner.as_ref().map_or(0.0, |o| f64::from(o.pid)),
-        0.0,
-        0.0,
-        0.0,
-        0.0,
-        age.map_or(0.0, |age| age.as_secs_f64()),
-        c.bytes.sent as f64,
-        c.bytes.received as f64,
-        c.rates.0,
-        c.rates.1,
-        0.0,
-    ];
-    Row {
-        cells,
-        closed: c.closed.is_some(),
-        handed_off: c.handed_off,
-        keys,
-        activity: activity(&[c]),
+    cells.extend([
+        bytes(sent as f64),
+        bytes(received as f64),
+        bytes(rates.0),
+        bytes(rates.1),
+    ]);
+    if matches!(view, View::Connections | View::Processes) {
+        cells.push(unit_of(owner));
     }
+    cells
 }
 
-fn process_row(members: &[&Connection], now: SystemTime) -> Row {
-    let owner = members.iter().find_map(|c| c.owner.as_ref());
+/// A row's values in the view's columns, for sorting (0 for text ones).
+fn numbers(view: View, members: &[&Connection], now: SystemTime) -> Vec<f64> {
+    let (sent, received, rates) = sums(members);
+    let pid = members
+        .iter()
+        .find_map(|c| c.owner.as_ref())
+        .map_or(0.0, |o| f64::from(o.pid));
+    let pids = || -> f64 {
+        let pids: FxHashSet<u32> = members
+            .iter()
+            .filter_map(|c| c.owner.as_ref().map(|o| o.pid))
+            .collect();
+        pids.len() as f64
+    };
+    let mut numbers = match (view, members) {
+        (View::Connections, [c]) => {
+            let age = c.age(now).map_or(0.0, |age| age.as_secs_f64());
+            vec![pid, 0.0, 0.0, 0.0, 0.0, age]
+        }
+        (View::Processes, _) => {
+            let mut numbers = vec![pid, 0.0];
+            numbers.extend(process_counts(members, now).iter().map(|&n| n as f64));
+            numbers
+        }
+        (View::Remotes, _) => vec![0.0, members.len() as f64, pids(), 0.0],
+        (View::Units, _) | (View::Connections, _) => vec![0.0, members.len() as f64, pids()],
+    };
+    numbers.extend([sent as f64, received as f64, rates.0, rates.1, 0.0]);
+    numbers
+}
+
+/// A process's connections: open, established, listening, in another
+/// state, closed, and opened in the last second.
+fn process_counts(members: &[&Connection], now: SystemTime) -> [usize; 6] {
     let open: Vec<&&Connection> = members.iter().filter(|c| c.closed.is_none()).collect();
     let in_state = |state| open.iter().filter(|c| c.state == state).count();
     let (estab, listen) = (in_state(TcpState::Established), in_state(TcpState::Listen));
@@ -353,103 +444,14 @@ fn process_row(members: &[&Connection], now: SystemTime) -> Row {
         .iter()
         .filter(|c| c.opened.is_some_and(|opened| opened >= second_ago))
         .count();
-    let (sent, received, rates) = sums(members);
-    let counts = [
+    [
         open.len(),
         estab,
         listen,
         open.len() - estab - listen,
         members.len() - open.len(),
         opens,
-    ];
-    let mut cells = vec![
-        owner.map_or("-".into(), |o| o.pid.to_string()),
-        owner.map_or("-".into(), |o| o.program.to_string()),
-    ];
-    cells.extend(counts.iter().map(usize::to_string));
-    cells.extend([
-        bytes(sent as f64),
-        bytes(received as f64),
-        bytes(rates.0),
-        bytes(rates.1),
-        unit_of(owner),
-    ]);
-    let mut keys = vec![owner.map_or(0.0, |o| f64::from(o.pid)), 0.0];
-    keys.extend(counts.iter().map(|&n| n as f64));
-    keys.extend([sent as f64, received as f64, rates.0, rates.1, 0.0]);
-    Row {
-        cells,
-        closed: open.is_empty(),
-        handed_off: false,
-        keys,
-        activity: activity(members),
-    }
-}
-
-fn remote_row(members: &[&Connection]) -> Row {
-    let remote = members[0].tuple.remote.ip().to_string();
-    let pids: FxHashSet<u32> = members
-        .iter()
-        .filter_map(|c| c.owner.as_ref().map(|o| o.pid))
-        .collect();
-    let mut programs: Vec<&str> = members
-        .iter()
-        .filter_map(|c| c.owner.as_ref().map(|o| &*o.program))
-        .collect();
-    programs.sort_unstable();
-    programs.dedup();
-    let (sent, received, rates) = sums(members);
-    group_row(
-        vec![
-            remote,
-            members.len().to_string(),
-            pids.len().to_string(),
-            programs.join(","),
-        ],
-        vec![0.0, members.len() as f64, pids.len() as f64, 0.0],
-        members,
-        (sent, received, rates),
-    )
-}
-
-fn unit_row(members: &[&Connection]) -> Row {
-    let pids: FxHashSet<u32> = members
-        .iter()
-        .filter_map(|c| c.owner.as_ref().map(|o| o.pid))
-        .collect();
-    group_row(
-        vec![
-            unit_of(members[0].owner.as_ref()),
-            members.len().to_string(),
-            pids.len().to_string(),
-        ],
-        vec![0.0, members.len() as f64, pids.len() as f64],
-        members,
-        sums(members),
-    )
-}
-
-/// A group's row: its own first cells, then bytes and rates.
-fn group_row(
-    mut cells: Vec<String>,
-    mut keys: Vec<f64>,
-    members: &[&Connection],
-    (sent, received, rates): (u64, u64, (f64, f64)),
-) -> Row {
-    cells.extend([
-        bytes(sent as f64),
-        bytes(received as f64),
-        bytes(rates.0),
-        bytes(rates.1),
-    ]);
-    keys.extend([sent as f64, received as f64, rates.0, rates.1]);
-    Row {
-        cells,
-        closed: members.iter().all(|c| c.closed.is_some()),
-        handed_off: false,
-        keys,
-        activity: activity(members),
-    }
+    ]
 }
 
 /// Bytes sent and received, and their rates, of a group.
@@ -470,20 +472,17 @@ fn activity(members: &[&Connection]) -> (f64, u64, u64) {
     (rates.0 + rates.1, sent + received, open)
 }
 
-fn sort(rows: &mut [(Row, Vec<&Connection>)], choices: &Choices) {
-    let columns = choices.view.columns();
-    match choices.sort {
-        None => rows.sort_by(|(a, _), (b, _)| {
+fn sort(candidates: &mut [Candidate], choices: &Choices, numeric: bool) {
+    match (choices.sort, numeric) {
+        (None, _) => candidates.sort_by(|a, b| {
             let (a, b) = (a.activity, b.activity);
             b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)).then(b.2.cmp(&a.2))
         }),
-        Some(column) if columns.get(column).is_some_and(|c| c.numeric) => {
-            rows.sort_by(|(a, _), (b, _)| b.keys[column].total_cmp(&a.keys[column]))
-        }
-        Some(column) => rows.sort_by(|(a, _), (b, _)| a.cells[column].cmp(&b.cells[column])),
+        (Some(_), true) => candidates.sort_by(|a, b| b.number.total_cmp(&a.number)),
+        (Some(_), false) => candidates.sort_by(|a, b| a.text.cmp(&b.text)),
     }
     if choices.reversed {
-        rows.reverse();
+        candidates.reverse();
     }
 }
 
