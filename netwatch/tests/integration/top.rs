@@ -6,6 +6,7 @@
 use std::net::TcpStream;
 use std::os::fd::AsRawFd as _;
 use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::peer::Peer;
@@ -18,8 +19,10 @@ struct Tmux {
 
 impl Tmux {
     fn start(command: &str, (width, height): (u16, u16)) -> Tmux {
+        static WINDOWS: AtomicU32 = AtomicU32::new(0);
+        let window = WINDOWS.fetch_add(1, Ordering::Relaxed);
         let tmux = Tmux {
-            socket: format!("netwatch-test-{}", std::process::id()),
+            socket: format!("netwatch-test-{}-{window}", std::process::id()),
         };
         // The window stays once the command ends, with its exit status.
         let shell = format!("{command}; echo EXIT=$?; sleep 120");
@@ -68,6 +71,24 @@ impl Tmux {
             assert!(Instant::now() < deadline, "{what} within 20 s:\n{screen}");
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The pid of the command the window's shell runs.
+    fn command_pid(&self) -> u32 {
+        let output = self
+            .command(&["display-message", "-p", "#{pane_pid}"])
+            .output()
+            .expect("tmux answers");
+        let shell = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        let children = Command::new("pgrep")
+            .args(["-P", &shell])
+            .output()
+            .expect("pgrep runs");
+        let text = String::from_utf8_lossy(&children.stdout);
+        text.lines()
+            .next()
+            .and_then(|pid| pid.trim().parse().ok())
+            .expect("the shell runs the command")
     }
 
     /// Whether the window shows the alternate screen.
@@ -201,4 +222,56 @@ fn top_shows_known_connections_filters_keeps_a_brief_one_and_quits_cleanly() {
         !screen.contains("netwatch top ·"),
         "the screen is the shell's again:\n{screen}"
     );
+}
+
+#[test]
+fn sigterm_restores_the_terminal() {
+    assert!(
+        is_root(),
+        "top loads eBPF programs: run it as root (cargo xtask test does)"
+    );
+    let netwatch = env!("CARGO_BIN_EXE_netwatch");
+    let tmux = Tmux::start(&format!("{netwatch} top"), (80, 24));
+    tmux.wait_for("top's live header", |s| {
+        s.contains("netwatch top · connections · live")
+    });
+    assert!(tmux.alternate_screen(), "top draws on the alternate screen");
+    // SAFETY: signals the netwatch this test started.
+    unsafe { libc::kill(tmux.command_pid() as i32, libc::SIGTERM) };
+    let screen = tmux.wait_for("top's exit", |s| s.contains("EXIT="));
+    assert!(screen.contains("EXIT=0"), "exit status 0:\n{screen}");
+    assert!(
+        !tmux.alternate_screen(),
+        "the terminal is back from the alternate screen"
+    );
+    assert!(
+        screen.contains("netwatch: ran "),
+        "the engine's summary, held until then:\n{screen}"
+    );
+}
+
+#[test]
+fn without_root_top_shows_proc_snapshots_and_says_what_needs_root() {
+    let mut peer = Peer::spawn();
+    let (_listener, port) = peer.listen("127.0.0.1:0");
+    let netwatch = env!("CARGO_BIN_EXE_netwatch");
+    let nobody = format!(
+        "setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all --bounding-set=-all {netwatch} top"
+    );
+    let tmux = Tmux::start(&nobody, (132, 40));
+    let listening = format!("127.0.0.1:{port}");
+    let screen = tmux.wait_for("the peer's listener", |s| {
+        !rows_with(s, &listening).is_empty()
+    });
+    assert!(
+        screen.contains("netwatch top · connections · from /proc"),
+        "{screen}"
+    );
+    assert!(
+        screen.contains("without root: live events, closed connections and byte counts need root"),
+        "{screen}"
+    );
+    tmux.keys(&["q"]);
+    let screen = tmux.wait_for("top's exit", |s| s.contains("EXIT="));
+    assert!(screen.contains("EXIT=0"), "exit status 0:\n{screen}");
 }
