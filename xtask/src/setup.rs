@@ -55,7 +55,8 @@ pub const DIST: Needs = Needs {
 /// (systemd-analyze, logrotate), man, which renders the man pages,
 /// lintian, which checks the package, rsyslog, which receives audit's
 /// --syslog messages, prometheus (with promtool), which checks and
-/// scrapes the metrics, and tmux, the terminal `top` is tested in.
+/// scrapes the metrics, tmux, the terminal `top` is tested in, and
+/// dnsmasq, the DNS server that names its remote hosts.
 pub const TEST: Needs = Needs {
     packages: &[
         "nginx-light",
@@ -70,6 +71,7 @@ pub const TEST: Needs = Needs {
         "rsyslog",
         "prometheus",
         "tmux",
+        "dnsmasq-base",
     ],
     tools: &[],
 };

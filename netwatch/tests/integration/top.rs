@@ -275,3 +275,89 @@ fn without_root_top_shows_proc_snapshots_and_says_what_needs_root() {
     let screen = tmux.wait_for("top's exit", |s| s.contains("EXIT="));
     assert!(screen.contains("EXIT=0"), "exit status 0:\n{screen}");
 }
+
+/// dnsmasq answering one PTR record on 127.0.0.77:53, killed when dropped.
+struct DnsServer(std::process::Child);
+
+impl DnsServer {
+    fn start(ptr: &str) -> DnsServer {
+        let child = Command::new("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--listen-address=127.0.0.77",
+                "--port=53",
+                "--user=root",
+                "--pid-file",
+            ])
+            .arg(format!("--ptr-record={ptr}"))
+            .spawn()
+            .expect("dnsmasq runs (cargo xtask test installs it)");
+        let server = DnsServer(child);
+        // Listening once a TCP connect to its port succeeds.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.77", 53)).is_err() {
+            assert!(Instant::now() < deadline, "dnsmasq listens within 10 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn n_names_remote_hosts_from_a_real_dns_server() {
+    assert!(
+        is_root(),
+        "top loads eBPF programs: run it as root (cargo xtask test does)"
+    );
+    let _dns = DnsServer::start("9.0.0.127.in-addr.arpa,peer.netwatch.test");
+    let resolv = std::env::temp_dir().join(format!("netwatch-top-resolv-{}", std::process::id()));
+    std::fs::write(
+        &resolv,
+        "nameserver 127.0.0.77\noptions timeout:1 attempts:1\n",
+    )
+    .expect("a resolv.conf");
+    let mut peer = Peer::spawn();
+    let (listener, port) = peer.listen("127.0.0.9:0");
+    peer.connect(&format!("127.0.0.9:{port}"));
+    peer.accept(listener);
+    // top in a mount namespace of its own where /etc/resolv.conf names dnsmasq.
+    let netwatch = env!("CARGO_BIN_EXE_netwatch");
+    let command = format!(
+        "unshare --mount sh -c 'mount --bind {} /etc/resolv.conf && exec {netwatch} top'",
+        resolv.display()
+    );
+    let tmux = Tmux::start(&command, (132, 40));
+    let numeric = format!("127.0.0.9:{port}");
+    tmux.wait_for("the connection to 127.0.0.9", |s| {
+        rows_with(s, &numeric)
+            .iter()
+            .any(|row| row.contains("ESTABLISHED"))
+    });
+    tmux.keys(&["n"]);
+    // The name fits the column before the port: "peer.netwatch.…:PORT".
+    let named = format!("peer.netwatch.…:{port}");
+    let screen = tmux.wait_for("the remote host's name", |s| s.contains(&named));
+    assert!(
+        screen.contains(" · names"),
+        "the footer says names are on:\n{screen}"
+    );
+    tmux.keys(&["g", "g"]);
+    tmux.wait_for("the remote hosts view, named", |s| {
+        s.contains("netwatch top · remote hosts") && s.contains("peer.netwatch.test ")
+    });
+    tmux.keys(&["q"]);
+    let screen = tmux.wait_for("top's exit", |s| s.contains("EXIT="));
+    assert!(screen.contains("EXIT=0"), "exit status 0:\n{screen}");
+    let _ = std::fs::remove_file(resolv);
+}

@@ -20,11 +20,13 @@ use crate::model::{OwnerChange, Proto, Transition};
 use crate::sink::{Records, Sink};
 use crate::snapshot::{self, Owners, Snapshot};
 
+mod names;
 mod render;
 mod state;
 mod terminal;
 mod view;
 
+use names::RemoteNames;
 use render::Palette;
 use state::TopState;
 use view::Choices;
@@ -145,6 +147,7 @@ fn show(
     let mut choices = Choices::new(args.interval);
     let mut screen = None;
     let mut timings = Timings::default();
+    let mut names = None;
     let mut next_refresh = Instant::now();
     let result = loop {
         if stop.load(Ordering::Relaxed) || engine.is_some_and(|engine| engine.is_finished()) {
@@ -164,12 +167,11 @@ fn show(
         let mut built = Duration::ZERO;
         if changed {
             let started = Instant::now();
-            screen = Some(view::screen(
-                &lock(state),
-                &choices,
-                args,
-                SystemTime::now(),
-            ));
+            let mut shown = view::screen(&lock(state), &choices, args, SystemTime::now());
+            if let Some(names) = remote_names(&mut names, choices.names) {
+                names::show_names(&mut shown, |ip| names.name(ip));
+            }
+            screen = Some(shown);
             built = started.elapsed();
         }
         if let (true, Some(screen)) = (changed, &screen) {
@@ -195,6 +197,17 @@ fn show(
     };
     log::info!("{timings}");
     result
+}
+
+/// The remote names' lookups when they are shown, started the first time.
+fn remote_names(names: &mut Option<RemoteNames>, shown: bool) -> Option<&RemoteNames> {
+    if shown && names.is_none() {
+        match RemoteNames::start() {
+            Ok(started) => *names = Some(started),
+            Err(err) => log::warn!("starting the thread that looks up remote names failed: {err}"),
+        }
+    }
+    names.as_ref().filter(|_| shown)
 }
 
 /// How long the screens took to make: the view's rows built from the
@@ -277,6 +290,7 @@ fn answer(choices: &mut Choices, key: KeyEvent, rows: usize) -> bool {
         KeyCode::Char('S') => choices.reversed = !choices.reversed,
         KeyCode::Char(' ') => choices.paused = !choices.paused,
         KeyCode::Char('?') => choices.help = !choices.help,
+        KeyCode::Char('n') => choices.names = !choices.names,
         KeyCode::Char('+') => choices.interval = step(choices.interval, true),
         KeyCode::Char('-') => choices.interval = step(choices.interval, false),
         KeyCode::Enter if rows > 0 => choices.detail = true,

@@ -11,7 +11,7 @@ use ratatui::Frame;
 use super::view::{bytes, duration, Choices, Screen, View};
 
 /// The keys, as `?` lists them.
-pub const KEYS: [(&str, &str); 12] = [
+pub const KEYS: [(&str, &str); 13] = [
     (
         "g",
         "next view: connections, processes, remote hosts, units",
@@ -22,6 +22,10 @@ pub const KEYS: [(&str, &str); 12] = [
     ("s / S", "next sort column / reverse the order"),
     ("Space", "pause the display (counting goes on)"),
     ("Up Down", "select a row (PgUp PgDn Home End)"),
+    (
+        "n",
+        "remote names (looked up aside, numeric until they come)",
+    ),
     ("+ / -", "redraw less / more often"),
     ("?", "this help"),
     ("q Ctrl-C", "quit"),
@@ -250,14 +254,15 @@ fn footer_lines(screen: &Screen, choices: &Choices, palette: Palette) -> Vec<Lin
             totals.closed_dropped
         )));
     }
+    let names = if choices.names { " · names" } else { "" };
     let second = match totals.live {
         true => format!(
-            "{} rows · every {} · ? help · q quit",
+            "{} rows · every {}{names} · ? help · q quit",
             screen.total,
             duration(choices.interval)
         ),
         false => format!(
-            "{} rows · every {} · without root: live events, closed connections and byte counts need root or the service's capabilities · q quit",
+            "{} rows · every {}{names} · without root: live events, closed connections and byte counts need root or the service's capabilities · q quit",
             screen.total,
             duration(choices.interval)
         ),

@@ -307,3 +307,35 @@ fn only_the_rows_around_the_selection_are_formatted_and_it_stays_on_screen() {
         "rows far above it:\n{text}"
     );
 }
+
+#[test]
+fn names_that_arrived_replace_the_remote_addresses_and_the_rest_stay_numeric() {
+    let state = state();
+    let name_of = |ip: std::net::IpAddr| {
+        (ip == std::net::IpAddr::from([10, 0, 0, 9])).then(|| std::sync::Arc::from("api.example"))
+    };
+    let mut connections = screen(&state, &choices(), &args(&[]), now());
+    super::names::show_names(&mut connections, name_of);
+    let remotes: Vec<&str> = connections
+        .rows
+        .iter()
+        .map(|row| row.cells[3].as_str())
+        .collect();
+    assert!(remotes.contains(&"api.example:443"), "{remotes:?}");
+    assert!(remotes.contains(&"10.0.0.7:51000"), "{remotes:?}");
+    assert!(
+        remotes.contains(&"0.0.0.0:*"),
+        "a listener's stays: {remotes:?}"
+    );
+    let mut by_remote = choices();
+    by_remote.view = View::Remotes;
+    let mut remotes = screen(&state, &by_remote, &args(&[]), now());
+    super::names::show_names(&mut remotes, name_of);
+    let hosts: Vec<&str> = remotes
+        .rows
+        .iter()
+        .map(|row| row.cells[0].as_str())
+        .collect();
+    assert!(hosts.contains(&"api.example"), "{hosts:?}");
+    assert!(hosts.contains(&"10.0.0.8"), "{hosts:?}");
+}

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -134,6 +135,8 @@ pub struct Choices {
     pub selected: usize,
     pub detail: bool,
     pub help: bool,
+    /// Remote names shown where they have arrived (`n`).
+    pub names: bool,
     pub interval: Duration,
 }
 
@@ -149,6 +152,7 @@ impl Choices {
             selected: 0,
             detail: false,
             help: false,
+            names: false,
             interval,
         }
     }
@@ -177,6 +181,8 @@ pub struct Row {
     pub closed: bool,
     /// A connection whose owner changed.
     pub handed_off: bool,
+    /// The remote end it shows, which `n` names (a remote host's, port 0).
+    pub remote: Option<SocketAddr>,
 }
 
 /// Rows formatted around the selection: enough for any terminal's height.
@@ -272,6 +278,10 @@ pub fn screen(state: &TopState, choices: &Choices, args: &TopArgs, now: SystemTi
             cells: cells(choices.view, &candidate.members, now),
             closed: candidate.members.iter().all(|c| c.closed.is_some()),
             handed_off: candidate.members.iter().any(|c| c.handed_off),
+            remote: match (choices.view, candidate.members.first()) {
+                (View::Connections | View::Remotes, Some(c)) => Some(c.tuple.remote),
+                _ => None,
+            },
         })
         .collect();
     let detail = match (choices.detail, candidates.get(selected)) {
