@@ -268,10 +268,10 @@ pub fn screen(state: &TopState, choices: &Choices, args: &TopArgs, now: SystemTi
             }
         })
         .collect();
-    sort(&mut candidates, choices, numeric);
     let total = candidates.len();
     let selected = choices.selected.min(total.saturating_sub(1));
     let first = selected.saturating_sub(WINDOW / 2);
+    sort(&mut candidates, choices, numeric, first);
     let window = candidates.iter().skip(first).take(WINDOW);
     let rows = window
         .map(|candidate| Row {
@@ -482,18 +482,38 @@ fn activity(members: &[&Connection]) -> (f64, u64, u64) {
     (rates.0 + rates.1, sent + received, open)
 }
 
-fn sort(candidates: &mut [Candidate], choices: &Choices, numeric: bool) {
-    match (choices.sort, numeric) {
-        (None, _) => candidates.sort_by(|a, b| {
-            let (a, b) = (a.activity, b.activity);
-            b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)).then(b.2.cmp(&a.2))
-        }),
-        (Some(_), true) => candidates.sort_by(|a, b| b.number.total_cmp(&a.number)),
-        (Some(_), false) => candidates.sort_by(|a, b| a.text.cmp(&b.text)),
+/// Puts the rows from `first` to `first + WINDOW` in their place in the
+/// order `choices` asks, the others only on the right side of them: a
+/// selection in linear time, then a sort of the window.
+fn sort(candidates: &mut [Candidate], choices: &Choices, numeric: bool, first: usize) {
+    let order = |a: &Candidate, b: &Candidate| {
+        let order = match (choices.sort, numeric) {
+            (None, _) => {
+                let (a, b) = (a.activity, b.activity);
+                b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)).then(b.2.cmp(&a.2))
+            }
+            (Some(_), true) => b.number.total_cmp(&a.number),
+            (Some(_), false) => a.text.cmp(&b.text),
+        };
+        // Ties go by address, the same way at every redraw.
+        let tie = |c: &Candidate| c.members.first().map(|c| (c.tuple.local, c.tuple.remote));
+        let order = order.then_with(|| tie(a).cmp(&tie(b)));
+        if choices.reversed {
+            order.reverse()
+        } else {
+            order
+        }
+    };
+    if first > 0 && first < candidates.len() {
+        candidates.select_nth_unstable_by(first, order);
     }
-    if choices.reversed {
-        candidates.reverse();
+    let start = first.min(candidates.len());
+    let rest = &mut candidates[start..];
+    if rest.len() > WINDOW {
+        rest.select_nth_unstable_by(WINDOW, order);
     }
+    let end = rest.len().min(WINDOW);
+    rest[..end].sort_by(order);
 }
 
 fn totals(state: &TopState) -> Totals {
