@@ -91,6 +91,18 @@ impl Tmux {
             .expect("the shell runs the command")
     }
 
+    /// Waits for the command's exit; checks its status is 0 and the
+    /// terminal is back from the alternate screen. Returns the screen.
+    fn clean_exit(&self) -> String {
+        let screen = self.wait_for("top's exit", |s| s.contains("EXIT="));
+        assert!(screen.contains("EXIT=0"), "exit status 0:\n{screen}");
+        assert!(
+            !self.alternate_screen(),
+            "the terminal is back from the alternate screen"
+        );
+        screen
+    }
+
     /// Whether the window shows the alternate screen.
     fn alternate_screen(&self) -> bool {
         let output = self
@@ -212,12 +224,7 @@ fn top_shows_known_connections_filters_keeps_a_brief_one_and_quits_cleanly() {
 
     assert!(tmux.alternate_screen(), "top draws on the alternate screen");
     tmux.keys(&["q"]);
-    let screen = tmux.wait_for("top's exit", |s| s.contains("EXIT="));
-    assert!(screen.contains("EXIT=0"), "exit status 0:\n{screen}");
-    assert!(
-        !tmux.alternate_screen(),
-        "the terminal is back from the alternate screen"
-    );
+    let screen = tmux.clean_exit();
     assert!(
         !screen.contains("netwatch top ·"),
         "the screen is the shell's again:\n{screen}"
@@ -238,12 +245,7 @@ fn sigterm_restores_the_terminal() {
     assert!(tmux.alternate_screen(), "top draws on the alternate screen");
     // SAFETY: signals the netwatch this test started.
     unsafe { libc::kill(tmux.command_pid() as i32, libc::SIGTERM) };
-    let screen = tmux.wait_for("top's exit", |s| s.contains("EXIT="));
-    assert!(screen.contains("EXIT=0"), "exit status 0:\n{screen}");
-    assert!(
-        !tmux.alternate_screen(),
-        "the terminal is back from the alternate screen"
-    );
+    let screen = tmux.clean_exit();
     assert!(
         screen.contains("netwatch: ran "),
         "the engine's summary, held until then:\n{screen}"
@@ -272,8 +274,7 @@ fn without_root_top_shows_proc_snapshots_and_says_what_needs_root() {
         "{screen}"
     );
     tmux.keys(&["q"]);
-    let screen = tmux.wait_for("top's exit", |s| s.contains("EXIT="));
-    assert!(screen.contains("EXIT=0"), "exit status 0:\n{screen}");
+    tmux.clean_exit();
 }
 
 /// dnsmasq answering one PTR record on 127.0.0.77:53, killed when dropped.
@@ -357,7 +358,6 @@ fn n_names_remote_hosts_from_a_real_dns_server() {
         s.contains("netwatch top · remote hosts") && s.contains("peer.netwatch.test ")
     });
     tmux.keys(&["q"]);
-    let screen = tmux.wait_for("top's exit", |s| s.contains("EXIT="));
-    assert!(screen.contains("EXIT=0"), "exit status 0:\n{screen}");
+    tmux.clean_exit();
     let _ = std::fs::remove_file(resolv);
 }
