@@ -362,13 +362,31 @@ impl Watching {
     }
 }
 
+/// The man pages the package installs: netwatch's and one per subcommand.
+const MAN_PAGES: [&str; 6] = [
+    "netwatch-audit.1.gz",
+    "netwatch-snapshot.1.gz",
+    "netwatch-top.1.gz",
+    "netwatch-verify.1.gz",
+    "netwatch-watch.1.gz",
+    "netwatch.1.gz",
+];
+
 /// Every installed man page renders.
 fn check_man_pages(files: &[PathBuf]) -> anyhow::Result<()> {
     let pages: Vec<&PathBuf> = files
         .iter()
         .filter(|file| file.starts_with("/usr/share/man/man1"))
         .collect();
-    ensure!(pages.len() == 5, "expected 5 man pages, got {pages:?}");
+    let mut names: Vec<String> = pages
+        .iter()
+        .filter_map(|page| Some(page.file_name()?.to_string_lossy().into_owned()))
+        .collect();
+    names.sort();
+    ensure!(
+        names == MAN_PAGES,
+        "expected the man pages {MAN_PAGES:?}, got {pages:?}"
+    );
     for page in pages {
         let rendered = Command::new("man")
             .arg("-l")
