@@ -2,10 +2,12 @@
 //! asks for a process's image and gets a slot at once, which a worker
 //! thread fills. A read of /proc/PID/cmdline can wait on the process's
 //! memory lock (a process stuck in a page fault holds it), and the events
-//! must not wait with it.
+//! must not wait with it. The reads asked for while a batch of events is
+//! handled go to the worker together at its end ([`ImageReader::send`]):
+//! one wakeup of the worker per batch, not per process.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 
 use crate::model::{ImageSlot, ProcessImage};
@@ -14,11 +16,12 @@ use crate::model::{ImageSlot, ProcessImage};
 /// cgroup if known, runs ([`crate::snapshot::process_image`] in production).
 pub type ImageLookup = fn(u32, Option<u64>, Option<u64>) -> ProcessImage;
 
-/// Reads asked for at most while the worker is busy; past this, a process
-/// gets no slot (its records say its image is unknown) until it is seen again.
+/// Reads asked for and not yet done at most; past this, a process gets
+/// no slot (its records say its image is unknown) until it is seen again.
 pub const QUEUE_LENGTH: usize = 1024;
 
 /// One read for the worker.
+#[derive(Debug)]
 struct Request {
     pid: u32,
     start_ns: Option<u64>,
@@ -38,7 +41,9 @@ pub enum ImageReader {
 /// The event thread's side of the worker.
 #[derive(Debug)]
 pub struct Worker {
-    requests: SyncSender<Request>,
+    requests: Sender<Vec<Request>>,
+    /// Asked for during this batch, sent at its end.
+    batch: Vec<Request>,
     asked: u64,
     read: Arc<AtomicU64>,
 }
@@ -49,7 +54,8 @@ impl ImageReader {
     /// It wakes no one: the event loop looks at the slots when it wakes
     /// anyway (for the next events, or its drain timer).
     pub fn spawn(lookup: ImageLookup) -> std::io::Result<ImageReader> {
-        let (requests, queue) = mpsc::sync_channel::<Request>(QUEUE_LENGTH);
+        // Bounded by `QUEUE_LENGTH` reads not yet done (see `ask`).
+        let (requests, queue) = mpsc::channel::<Vec<Request>>();
         let read = Arc::new(AtomicU64::new(0));
         let count = read.clone();
         std::thread::Builder::new()
@@ -58,7 +64,7 @@ impl ImageReader {
                 if let Err(err) = crate::kernel::keep_only_what_is_still_used() {
                     log::warn!("the thread that reads process images keeps its capabilities: dropping them failed ({err})");
                 }
-                for request in queue {
+                for request in queue.iter().flatten() {
                     let image = lookup(request.pid, request.start_ns, request.cgroup_id);
                     request.slot.fill(image);
                     count.fetch_add(1, Ordering::Release);
@@ -66,14 +72,16 @@ impl ImageReader {
             })?;
         let worker = Worker {
             requests,
+            batch: Vec::new(),
             asked: 0,
             read,
         };
         Ok(ImageReader::Worker(worker))
     }
 
-    /// Asks for what process `pid` runs: a slot filled now or soon, or
-    /// `None` when the worker has too much to read already.
+    /// Asks for what process `pid` runs: a slot filled now or soon (once
+    /// [`ImageReader::send`] has sent the batch), or `None` when the worker
+    /// has too much to read already.
     pub fn ask(
         &mut self,
         pid: u32,
@@ -85,20 +93,37 @@ impl ImageReader {
                 Some(ImageSlot::filled(lookup(pid, start_ns, cgroup_id)))
             }
             ImageReader::Worker(worker) => {
+                let waiting = worker.asked - worker.read.load(Ordering::Acquire);
+                if waiting >= QUEUE_LENGTH as u64 {
+                    return None;
+                }
                 let slot = Arc::new(ImageSlot::default());
-                let request = Request {
+                worker.batch.push(Request {
                     pid,
                     start_ns,
                     cgroup_id,
                     slot: slot.clone(),
-                };
-                match worker.requests.try_send(request) {
-                    Ok(()) => {
-                        worker.asked += 1;
-                        Some(slot)
-                    }
-                    Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => None,
-                }
+                });
+                worker.asked += 1;
+                Some(slot)
+            }
+        }
+    }
+
+    /// Sends the reads asked for since the last call to the worker, in one
+    /// message. Were the worker gone, their slots say the image is unknown.
+    pub fn send(&mut self) {
+        let ImageReader::Worker(worker) = self else {
+            return;
+        };
+        if worker.batch.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut worker.batch);
+        if let Err(mpsc::SendError(batch)) = worker.requests.send(batch) {
+            for request in batch {
+                request.slot.fill(ProcessImage::default());
+                worker.read.fetch_add(1, Ordering::Release);
             }
         }
     }
@@ -138,6 +163,7 @@ mod tests {
         let slots: Vec<_> = (1..=100)
             .map(|pid| reader.ask(pid, None, None).expect("room in the queue"))
             .collect();
+        reader.send();
         settle(&reader);
         assert!(!reader.reading());
         for (pid, slot) in (1..=100).zip(&slots) {
@@ -156,16 +182,17 @@ mod tests {
         }
         let hold = HOLD.lock().expect("the gate");
         let mut reader = ImageReader::spawn(held).expect("a thread");
-        // The worker takes one and waits on it; the queue holds the rest.
+        // The worker waits on the first read; the others wait for it.
         let started = Instant::now();
-        let given = (0..QUEUE_LENGTH as u32 + 10)
-            .filter(|&pid| reader.ask(pid, None, None).is_some())
-            .count();
+        let mut given = 0;
+        for batch in 0..4u32 {
+            given += (0..QUEUE_LENGTH as u32 / 2)
+                .filter(|&pid| reader.ask(batch * 10_000 + pid, None, None).is_some())
+                .count();
+            reader.send();
+        }
         assert!(started.elapsed() < Duration::from_secs(5), "asking waited");
-        assert!(
-            (QUEUE_LENGTH..=QUEUE_LENGTH + 1).contains(&given),
-            "{given} slots given"
-        );
+        assert_eq!(given, QUEUE_LENGTH, "slots given");
         assert!(reader.reading());
         drop(hold);
         settle(&reader);

@@ -303,7 +303,8 @@ impl<O: Observer> Monitor<O> {
     }
 
     /// Waits until the images asked for are read, or a call's longest wait.
-    async fn images_read(&self) {
+    async fn images_read(&mut self) {
+        self.table.send_image_reads();
         let deadline = Instant::now() + self.deferred.wait();
         while self.table.reading_images() && Instant::now() < deadline {
             tokio::time::sleep(IMAGE_POLL).await;
@@ -318,8 +319,10 @@ impl<O: Observer> Monitor<O> {
         }
     }
 
-    /// Hands the observer the calls held back that can go out now.
+    /// Sends the batch's image reads, and hands the observer the calls
+    /// held back that can go out now.
     fn release_due(&mut self) {
+        self.table.send_image_reads();
         let now = std::time::Instant::now();
         while let Some(call) = self.deferred.next_due(now) {
             self.deliver(call);

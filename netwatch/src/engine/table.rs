@@ -214,6 +214,14 @@ impl SocketTable {
         self.images = Some(reader);
     }
 
+    /// Sends the image reads asked for since the last call (see
+    /// [`ImageReader::send`]): after each batch of events.
+    pub fn send_image_reads(&mut self) {
+        if let Some(images) = &mut self.images {
+            images.send();
+        }
+    }
+
     /// Whether an image asked for is still being read.
     pub fn reading_images(&self) -> bool {
         self.images.as_ref().is_some_and(ImageReader::reading)
