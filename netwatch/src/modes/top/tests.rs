@@ -339,3 +339,28 @@ fn names_that_arrived_replace_the_remote_addresses_and_the_rest_stay_numeric() {
     assert!(hosts.contains(&"api.example"), "{hosts:?}");
     assert!(hosts.contains(&"10.0.0.8"), "{hosts:?}");
 }
+
+#[test]
+fn any_terminal_size_draws_without_panicking() {
+    let state = state();
+    let mut choices = choices();
+    choices.help = true;
+    choices.detail = true;
+    choices.typing = Some("nginx".into());
+    for view in [
+        View::Connections,
+        View::Processes,
+        View::Remotes,
+        View::Units,
+    ] {
+        choices.view = view;
+        let screen = fixed(screen(&state, &choices, &args(&[]), now()), 3);
+        for size in [(1, 1), (10, 3), (20, 5), (40, 8), (300, 100)] {
+            let text = rendered(&screen, &choices, size);
+            assert_eq!(text.lines().count(), usize::from(size.1), "{size:?}");
+            if size.0 >= 40 {
+                assert!(text.starts_with("netwatch top"), "{size:?}:\n{text}");
+            }
+        }
+    }
+}
