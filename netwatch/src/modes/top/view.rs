@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::hash::{Hash as _, Hasher as _};
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
@@ -230,6 +231,9 @@ struct Candidate<'a> {
     /// The sorted column's text, where it is text.
     text: String,
     activity: (f64, u64, u64),
+    /// What orders rows that tie: a hash of the first connection's
+    /// addresses, the same at every redraw.
+    tie: u64,
 }
 
 /// What the screen shows of `state` under `choices` and the start-up
@@ -260,11 +264,17 @@ pub fn screen(state: &TopState, choices: &Choices, args: &TopArgs, now: SystemTi
                 (None, _) => (0.0, String::new()),
             };
             let activity = activity(&members);
+            let tie = members.first().map_or(0, |c| {
+                let mut hasher = rustc_hash::FxHasher::default();
+                (c.tuple.local, c.tuple.remote).hash(&mut hasher);
+                hasher.finish()
+            });
             Candidate {
                 members,
                 number,
                 text,
                 activity,
+                tie,
             }
         })
         .collect();
@@ -496,8 +506,7 @@ fn sort(candidates: &mut [Candidate], choices: &Choices, numeric: bool, first: u
             (Some(_), false) => a.text.cmp(&b.text),
         };
         // Ties go by address, the same way at every redraw.
-        let tie = |c: &Candidate| c.members.first().map(|c| (c.tuple.local, c.tuple.remote));
-        let order = order.then_with(|| tie(a).cmp(&tie(b)));
+        let order = order.then(a.tie.cmp(&b.tie));
         if choices.reversed {
             order.reverse()
         } else {
