@@ -358,12 +358,6 @@ fn groups<'a>(
 fn cells(view: View, members: &[&Connection], now: SystemTime) -> Vec<String> {
     let (sent, received, rates) = sums(members);
     let owner = members.iter().find_map(|c| c.owner.as_ref());
-    let pids = || -> FxHashSet<u32> {
-        members
-            .iter()
-            .filter_map(|c| c.owner.as_ref().map(|o| o.pid))
-            .collect()
-    };
     let mut cells = match (view, members) {
         (View::Connections, [c]) => {
             let program = owner.map_or("-".into(), |o| o.program.to_string());
@@ -400,14 +394,14 @@ fn cells(view: View, members: &[&Connection], now: SystemTime) -> Vec<String> {
                     .first()
                     .map_or(String::new(), |c| c.tuple.remote.ip().to_string()),
                 members.len().to_string(),
-                pids().len().to_string(),
+                processes(members).to_string(),
                 programs.join(","),
             ]
         }
         (View::Units, _) | (View::Connections, _) => vec![
             unit_of(owner),
             members.len().to_string(),
-            pids().len().to_string(),
+            processes(members).to_string(),
         ],
     };
     cells.extend([
@@ -429,13 +423,7 @@ fn numbers(view: View, members: &[&Connection], now: SystemTime) -> Vec<f64> {
         .iter()
         .find_map(|c| c.owner.as_ref())
         .map_or(0.0, |o| f64::from(o.pid));
-    let pids = || -> f64 {
-        let pids: FxHashSet<u32> = members
-            .iter()
-            .filter_map(|c| c.owner.as_ref().map(|o| o.pid))
-            .collect();
-        pids.len() as f64
-    };
+    let pids = || processes(members) as f64;
     let mut numbers = match (view, members) {
         (View::Connections, [c]) => {
             let age = c.age(now).map_or(0.0, |age| age.as_secs_f64());
@@ -451,6 +439,15 @@ fn numbers(view: View, members: &[&Connection], now: SystemTime) -> Vec<f64> {
     };
     numbers.extend([sent as f64, received as f64, rates.0, rates.1, 0.0]);
     numbers
+}
+
+/// How many processes own the connections.
+fn processes(members: &[&Connection]) -> usize {
+    let pids: FxHashSet<u32> = members
+        .iter()
+        .filter_map(|c| c.owner.as_ref().map(|o| o.pid))
+        .collect();
+    pids.len()
 }
 
 /// A process's connections: open, established, listening, in another
