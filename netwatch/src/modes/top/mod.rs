@@ -93,9 +93,10 @@ fn start_engine(
     Ok(engine)
 }
 
-/// Locks the state; a panic elsewhere while it was held leaves it usable.
-fn lock(state: &Mutex<TopState>) -> MutexGuard<'_, TopState> {
-    state
+/// Locks the state (or the names' cache); a panic elsewhere while it was
+/// held leaves it usable.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

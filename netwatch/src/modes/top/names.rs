@@ -6,11 +6,12 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::mpsc::{self, SyncSender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
 
+use super::lock;
 use super::view::{Screen, View};
 
 /// Addresses whose answer (a name, or none) is kept at most.
@@ -65,12 +66,6 @@ impl RemoteNames {
         }
         None
     }
-}
-
-fn lock(cache: &Mutex<Cache>) -> MutexGuard<'_, Cache> {
-    cache
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Makes room: the older half of the answers go.
