@@ -253,6 +253,29 @@ fn sigterm_restores_the_terminal() {
 }
 
 #[test]
+fn top_exits_when_its_terminal_goes_away() {
+    assert!(
+        is_root(),
+        "top loads eBPF programs: run it as root (cargo xtask test does)"
+    );
+    let netwatch = env!("CARGO_BIN_EXE_netwatch");
+    let tmux = Tmux::start(&format!("{netwatch} top"), (80, 24));
+    tmux.wait_for("top's live header", |s| {
+        s.contains("netwatch top · connections · live")
+    });
+    let pid = tmux.command_pid();
+    drop(tmux);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "top still runs 10 s after its terminal went away"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
 fn without_root_top_shows_proc_snapshots_and_says_what_needs_root() {
     let mut peer = Peer::spawn();
     let (_listener, port) = peer.listen("127.0.0.1:0");

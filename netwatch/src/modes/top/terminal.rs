@@ -30,6 +30,7 @@ impl Session {
             stderr,
         };
         execute!(io::stdout(), terminal::EnterAlternateScreen, cursor::Hide)?;
+        watch_for_hangup()?;
         Ok(session)
     }
 
@@ -61,6 +62,32 @@ fn restore() {
         // SAFETY: dup2 between two valid fds (the copy lives in HeldStderr).
         unsafe { libc::dup2(real, libc::STDERR_FILENO) };
     }
+}
+
+/// Ends netwatch when its terminal goes away (its window closed, its
+/// multiplexer killed) without a SIGHUP: crossterm's reader then spins on
+/// the terminal's end of file and never returns to the loop. poll says
+/// the terminal hung up; the programs detach as the process exits.
+fn watch_for_hangup() -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("netwatch-tty".into())
+        .spawn(|| loop {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            let mut terminal = libc::pollfd {
+                fd: libc::STDIN_FILENO,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll reads and writes one pollfd, which lives here; no wait.
+            let polled = unsafe { libc::poll(&mut terminal, 1, 0) };
+            if polled > 0
+                && terminal.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+            {
+                restore();
+                std::process::exit(0);
+            }
+        })
+        .map(drop)
 }
 
 /// Restores the terminal before a panic's message is printed.
