@@ -122,7 +122,8 @@ macro_rules! kernel_offset_tables {
                 INODE_I_MODE: "inode", "i_mode";
                 INODE_I_INO: "inode", "i_ino";
             }
-            /// Globals of the tcp iterator: the fields /proc/net/tcp prints, as
+            /// Globals of the tcp iterator: the fields /proc/net/tcp prints, and
+            /// the round-trip time and retransmissions `ss -ti` adds, as
             /// (global, struct, member path). `SOCK_OFFSETS` give the addresses and
             /// the namespace, `FILE_OFFSETS` the inode number.
             TCP_OFFSETS {
@@ -135,6 +136,8 @@ macro_rules! kernel_offset_tables {
                 SK_ACK_BACKLOG: "sock", "sk_ack_backlog";
                 SK_SOCKET: "sock", "sk_socket";
                 SOCKET_ALLOC_VFS_INODE: "socket_alloc", "vfs_inode";
+                TCP_SRTT_US: "tcp_sock", "srtt_us";
+                TCP_TOTAL_RETRANS: "tcp_sock", "total_retrans";
             }
         }
     };
@@ -242,6 +245,13 @@ pub struct TcpSocketRecord {
     pub state: u8,
     /// 1 for a TIME_WAIT mini socket (/proc's timer 3).
     pub timewait: u8,
+    /// The smoothed round-trip time in microseconds, as `ss -ti` shows it
+    /// (`tcp_sock.srtt_us` / 8); 0 for a listener, a mini socket, or a
+    /// connection that has not measured one yet.
+    pub rtt_us: u32,
+    /// Segments retransmitted over the connection's life
+    /// (`tcp_sock.total_retrans`, the total after `retrans:` in `ss -ti`).
+    pub retransmits: u32,
     /// Explicit padding to a multiple of 8 bytes.
     pub _pad: [u8; 4],
 }
@@ -502,7 +512,7 @@ mod tests {
     fn tcp_socket_record_has_no_implicit_padding() {
         assert_eq!(
             core::mem::size_of::<TcpSocketRecord>(),
-            8 * 3 + 16 * 2 + 4 * 3 + 2 * 3 + 2 + 4
+            8 * 3 + 16 * 2 + 4 * 5 + 2 * 3 + 2 + 4
         );
     }
 

@@ -51,6 +51,13 @@ fn tcp_socket(sk: u64, uid: u32) -> Result<Option<TcpSocketRecord>, i64> {
             (state, tx_queue, rx_queue, socket_inode(sk)?)
         }
     };
+    let (rtt_us, retransmits) = match state {
+        tcp_state::TIME_WAIT | tcp_state::NEW_SYN_RECV | tcp_state::LISTEN => (0, 0),
+        _ => (
+            read_kernel::<u32>(sk, &TCP_SRTT_US)? >> 3,
+            read_kernel::<u32>(sk, &TCP_TOTAL_RETRANS)?,
+        ),
+    };
     Ok(Some(TcpSocketRecord {
         skaddr: sk,
         inode,
@@ -66,6 +73,8 @@ fn tcp_socket(sk: u64, uid: u32) -> Result<Option<TcpSocketRecord>, i64> {
         family,
         state: shown_state,
         timewait: u8::from(state == tcp_state::TIME_WAIT),
+        rtt_us,
+        retransmits,
         _pad: [0; 4],
     }))
 }

@@ -206,6 +206,16 @@ pub struct Tuple {
     pub remote: SocketAddr,
 }
 
+/// What the kernel measures of a connection's path, as `ss -ti` shows it:
+/// read by the tcp iterator, by socket (kernel address).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PathMeasures {
+    /// Smoothed round-trip time, microseconds (0: none measured yet).
+    pub rtt_us: u32,
+    /// Segments retransmitted over the connection's life.
+    pub retransmits: u32,
+}
+
 /// The process of the task on the CPU at a kernel event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Task {

@@ -9,6 +9,7 @@
 //! that no transition in between is missed (the table adopts a baseline
 //! socket on its first transition, see `table`).
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use crate::engine::source::{kernel_reader, EventSource, KernelSource};
 use crate::engine::table::SocketTable;
 use crate::kernel::{self, Detail, KernelLog, SocketIterators, StateProbe};
 use crate::metrics::{Failure, Metrics};
-use crate::model::{LossCounters, OwnerEvent, Proto, Record, Transition};
+use crate::model::{LossCounters, OwnerEvent, PathMeasures, Proto, Record, Transition};
 use crate::sink::Sink;
 use crate::snapshot::{self, Owners, Snapshot};
 
@@ -38,7 +39,7 @@ pub(crate) mod scripted;
 mod summary;
 
 use deferred::{Call, Deferred, IMAGE_WAIT};
-pub use observer::{End, Notice, Observer};
+pub use observer::{End, Notice, Observer, Refresh};
 use output::Output;
 use resync::ResyncSchedule;
 pub use summary::Summary;
@@ -71,7 +72,8 @@ pub struct Config {
     pub duration: Option<Duration>,
     /// How often the observer's `check` runs, if at all.
     pub check_every: Option<Duration>,
-    /// How often the observer's `refresh` runs, if at all.
+    /// How often the observer's `refresh` runs, if at all (with each
+    /// socket's byte counts and, read in the kernel, path measures).
     pub refresh_every: Option<Duration>,
     /// netwatch's own network namespace, where /proc is read.
     pub netns: Option<u32>,
@@ -140,12 +142,11 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     let in_kernel = monitor.hand_over_baseline(&baseline);
     drop(baseline);
     let baseline_read = started.elapsed() - attached;
-    // The checks' reader is loaded now, while netwatch may still load
-    // programs; from "watching" on, it keeps only what it still uses.
-    let check_reader = Arc::new(std::sync::Mutex::new(
-        config
-            .check_every
-            .and_then(|_| kernel_reader(Detail::Table)),
+    // The reader of checks and refreshes is loaded now, while netwatch may
+    // still load programs; from "watching" on, it keeps only what it still uses.
+    let wants_reader = config.check_every.is_some() || config.refresh_every.is_some();
+    let table_reader = Arc::new(std::sync::Mutex::new(
+        wants_reader.then(|| kernel_reader(Detail::Table)).flatten(),
     ));
     drop_privileges();
     log::info!(
@@ -171,6 +172,8 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
         tokio::time::interval(refresh_every.unwrap_or(Duration::from_secs(3600)));
     // The check's snapshot is read on a thread while transitions keep flowing.
     let mut pending_check: Option<tokio::task::JoinHandle<anyhow::Result<Snapshot>>> = None;
+    // So are each refresh's path measures.
+    let mut pending_measures: Option<tokio::task::JoinHandle<HashMap<u64, PathMeasures>>> = None;
     let deadline = tokio::time::sleep(config.duration.unwrap_or(Duration::MAX / 4));
     tokio::pin!(deadline);
     let mut write_failed = None;
@@ -193,7 +196,7 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
             _ = gauge_timer.tick(), if config.metrics_addr.is_some() => monitor.metrics.count_sockets(monitor.table.sockets().map(|(_, socket)| socket.state)),
             _ = check_timer.tick(), if check_every.is_some() && pending_check.is_none() => {
                 monitor.observer.check_starts(monotonic_ns());
-                let reader = check_reader.clone();
+                let reader = table_reader.clone();
                 pending_check = Some(tokio::task::spawn_blocking(move || read_check_snapshot(&reader)));
             }
             taken = async { pending_check.as_mut().expect("guarded").await }, if pending_check.is_some() => {
@@ -203,7 +206,16 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
                     Err(err) => monitor.report_failure(Failure::Snapshot, &err, "this check is skipped; the next one comes at the next interval"),
                 }
             }
-            _ = refresh_timer.tick(), if refresh_every.is_some() => monitor.observer.refresh(&|skaddr| source.bytes(skaddr)),
+            _ = refresh_timer.tick(), if refresh_every.is_some() && pending_measures.is_none() => {
+                let reader = table_reader.clone();
+                pending_measures = Some(tokio::task::spawn_blocking(move || read_path_measures(&reader)));
+            }
+            measured = async { pending_measures.as_mut().expect("guarded").await }, if pending_measures.is_some() => {
+                pending_measures = None;
+                let measures = measured.unwrap_or_default();
+                let bytes = |skaddr| source.bytes(skaddr);
+                monitor.observer.refresh(&Refresh { bytes: &bytes, measures: &measures });
+            }
             _ = hangup.recv() => reopen_retry.as_mut().reset(monitor.reopen_output()),
             _ = &mut reopen_retry, if retrying_reopen => reopen_retry.as_mut().reset(monitor.reopen_output()),
             _ = interrupt.recv() => break,
@@ -245,6 +257,24 @@ fn read_check_snapshot(
         None => snapshot::take(&protos, Owners::Find, None),
     };
     taken.context("reading the TCP tables failed")
+}
+
+/// Every socket's round-trip time and retransmissions in netwatch's
+/// namespace, read in the kernel; none without `reader`'s iterators, or
+/// when the read fails (said once at debug level: the columns stay empty).
+fn read_path_measures(
+    reader: &std::sync::Mutex<Option<SocketIterators>>,
+) -> HashMap<u64, PathMeasures> {
+    let Ok(mut reader) = reader.lock() else {
+        return HashMap::new();
+    };
+    let Some(iterators) = reader.as_mut() else {
+        return HashMap::new();
+    };
+    snapshot::path_measures(iterators).unwrap_or_else(|err| {
+        log::debug!("reading the sockets' round-trip times failed: {err:#}");
+        HashMap::new()
+    })
 }
 
 /// Once attached, netwatch keeps only the capabilities it still uses (see

@@ -275,7 +275,7 @@ mod tests {
 
     #[test]
     fn records_split_across_reads_are_read_whole() {
-        // 80-byte records: the 64 KiB reads end inside one.
+        // 88-byte records: the 64 KiB reads end inside one.
         let records: Vec<TcpSocketRecord> = (0..5_000)
             .map(|i| TcpSocketRecord {
                 skaddr: i,
@@ -291,6 +291,8 @@ mod tests {
                 family: 2,
                 state: 1,
                 timewait: 0,
+                rtt_us: 0,
+                retransmits: 0,
                 _pad: [0; 4],
             })
             .collect();

@@ -2,12 +2,13 @@
 //! /proc's terms: each socket as its /proc/net/tcp or tcp6 line has it,
 //! plus its kernel address, which transitions carry.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use netwatch_common::{SocketFd, TcpSocketRecord, AF_INET, AF_INET6};
 
 use super::proc_net::{KernelSocket, ProcSocket};
-use crate::model::{Proto, TcpState};
+use crate::model::{PathMeasures, Proto, TcpState};
 
 /// What a kernel read returns beside the sockets: every socket fd, if asked
 /// for, and the other namespaces it could not read (as given).
@@ -25,6 +26,20 @@ pub trait KernelReader {
         fds: bool,
         each: &mut dyn FnMut(TcpSocketRecord, Option<u32>),
     ) -> anyhow::Result<KernelRead>;
+}
+
+/// The round-trip time and retransmissions of every TCP socket in
+/// netwatch's own network namespace, by kernel address.
+pub fn path_measures(kernel: &mut dyn KernelReader) -> anyhow::Result<HashMap<u64, PathMeasures>> {
+    let mut measures = HashMap::new();
+    kernel.read(&[], false, &mut |record, _| {
+        let measured = PathMeasures {
+            rtt_us: record.rtt_us,
+            retransmits: record.retransmits,
+        };
+        measures.insert(record.skaddr, measured);
+    })?;
+    Ok(measures)
 }
 
 /// The socket as /proc prints it; `None` for a family /proc has no table
@@ -87,6 +102,8 @@ mod tests {
             family,
             state,
             timewait: 0,
+            rtt_us: 0,
+            retransmits: 0,
             _pad: [0; 4],
         }
     }
@@ -122,5 +139,40 @@ mod tests {
         assert_eq!(to_proc_socket(&record(1, 10), None), None);
         assert_eq!(to_proc_socket(&record(AF_INET, 0), None), None);
         assert_eq!(to_proc_socket(&record(AF_INET, 200), None), None);
+    }
+
+    /// Hands out its records as netwatch's namespace, refusing other namespaces.
+    struct Records(Vec<TcpSocketRecord>);
+
+    impl KernelReader for Records {
+        fn read(
+            &mut self,
+            others: &[(u32, String)],
+            fds: bool,
+            each: &mut dyn FnMut(TcpSocketRecord, Option<u32>),
+        ) -> anyhow::Result<KernelRead> {
+            assert!(others.is_empty() && !fds, "own namespace, sockets only");
+            self.0.iter().for_each(|record| each(*record, None));
+            Ok((None, Vec::new()))
+        }
+    }
+
+    #[test]
+    fn path_measures_are_keyed_by_kernel_address() {
+        let mut measured = record(AF_INET, 1);
+        (measured.skaddr, measured.rtt_us, measured.retransmits) = (0x10, 250, 3);
+        let listener = record(AF_INET6, 10);
+        let measures =
+            path_measures(&mut Records(vec![measured, listener])).expect("a kernel read");
+        let expected = PathMeasures {
+            rtt_us: 250,
+            retransmits: 3,
+        };
+        assert_eq!(measures.get(&0x10), Some(&expected));
+        assert_eq!(
+            measures.get(&listener.skaddr),
+            Some(&PathMeasures::default())
+        );
+        assert_eq!(measures.len(), 2);
     }
 }

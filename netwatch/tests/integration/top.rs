@@ -1,5 +1,5 @@
 //! `netwatch top` in a real terminal (tmux): the rows of processes whose
-//! pids the test knows, the filter, a connection that lived a millisecond
+//! pids the test knows with their round-trip times, the filter, a connection that lived a millisecond
 //! still on screen seconds later, the processes view, and `q` leaving the
 //! terminal as it was.
 
@@ -170,10 +170,19 @@ fn top_shows_known_connections_filters_keeps_a_brief_one_and_quits_cleanly() {
     });
     // The peer's connection was open before top started: the baseline has it.
     let client = format!("127.0.0.1:{client_port}");
-    let screen = tmux.wait_for("the peer's rows", |s| {
+    tmux.wait_for("the peer's rows", |s| {
         rows_with(s, &client)
             .iter()
             .any(|row| row.starts_with(&pid))
+    });
+    // Its round-trip time and retransmissions come with the next refresh
+    // (loopback: microseconds, none retransmitted).
+    let screen = tmux.wait_for("the peer's round-trip time", |s| {
+        rows_with(s, &client).iter().any(|row| {
+            let cells: Vec<&str> = row.split_whitespace().collect();
+            let rtt = cells.get(10).copied().unwrap_or("-");
+            cells[0] == pid && rtt.ends_with("us") && cells.get(11) == Some(&"0")
+        })
     });
     let listening = format!("127.0.0.1:{port}");
     assert!(
@@ -293,7 +302,9 @@ fn without_root_top_shows_proc_snapshots_and_says_what_needs_root() {
         "{screen}"
     );
     assert!(
-        screen.contains("without root: live events, closed connections and byte counts need root"),
+        screen.contains(
+            "without root: live events, closed connections, bytes and round-trip times need root"
+        ),
         "{screen}"
     );
     tmux.keys(&["q"]);

@@ -1,12 +1,14 @@
 //! What a mode plugs into the monitor: an [`Observer`] of what it sees.
 
+use std::collections::HashMap;
+
 use netwatch_common::ByteCounts;
 
 use super::Summary;
 use crate::engine::clock::WallClock;
 use crate::engine::table::{Observed, SocketTable};
 use crate::metrics::Failure;
-use crate::model::{LossCause, OwnerChange, Transition};
+use crate::model::{LossCause, OwnerChange, PathMeasures, Transition};
 use crate::sink::Records;
 use crate::snapshot::Snapshot;
 
@@ -43,11 +45,20 @@ pub trait Observer {
     ) -> Vec<u64> {
         Vec::new()
     }
-    /// Every `Config::refresh_every`: `bytes` gives a socket's byte counts
-    /// so far, by its kernel address (where the kernel counts them).
-    fn refresh(&mut self, _bytes: &dyn Fn(u64) -> Option<ByteCounts>) {}
+    /// Every `Config::refresh_every`: what the kernel counts and measures
+    /// of each socket now.
+    fn refresh(&mut self, _refresh: &Refresh<'_>) {}
     /// The monitor stops (`end` says with what).
     fn stopped(&mut self, _end: &End<'_>, _out: &mut Records) {}
+}
+
+/// What a refresh hands the observer, by a socket's kernel address.
+pub struct Refresh<'a> {
+    /// A socket's byte counts so far (where the kernel counts them).
+    pub bytes: &'a dyn Fn(u64) -> Option<ByteCounts>,
+    /// Its round-trip time and retransmissions, as the tcp iterator read
+    /// them in netwatch's network namespace (empty without the iterator).
+    pub measures: &'a HashMap<u64, PathMeasures>,
 }
 
 /// What the monitor hands its observer when it stops.

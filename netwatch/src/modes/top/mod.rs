@@ -10,11 +10,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use crossterm::event::{self, Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
-use netwatch_common::ByteCounts;
 
 use crate::cli::TopArgs;
 use crate::engine::clock::WallClock;
-use crate::engine::monitor::{self, Config, Notice, Observer};
+use crate::engine::monitor::{self, Config, Notice, Observer, Refresh};
 use crate::engine::table::{Observed, SocketTable};
 use crate::model::{OwnerChange, Proto, Transition};
 use crate::sink::{Records, Sink};
@@ -131,8 +130,8 @@ impl Observer for Feed {
         }
     }
 
-    fn refresh(&mut self, bytes: &dyn Fn(u64) -> Option<ByteCounts>) {
-        lock(&self.state).refresh_bytes(bytes);
+    fn refresh(&mut self, refresh: &Refresh<'_>) {
+        lock(&self.state).refresh(refresh);
     }
 }
 

@@ -262,7 +262,7 @@ fn footer_lines(screen: &Screen, choices: &Choices, palette: Palette) -> Vec<Lin
             duration(choices.interval)
         ),
         false => format!(
-            "{} rows · every {}{names} · without root: live events, closed connections and byte counts need root or the service's capabilities · q quit",
+            "{} rows · every {}{names} · without root: live events, closed connections, bytes and round-trip times need root or the service's capabilities · q quit",
             screen.total,
             duration(choices.interval)
         ),

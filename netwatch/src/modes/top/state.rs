@@ -8,8 +8,9 @@ use std::time::{Duration, Instant, SystemTime};
 use netwatch_common::ByteCounts;
 use rustc_hash::FxHashMap;
 
+use crate::engine::monitor::Refresh;
 use crate::engine::table::{LiveSocket, SocketTable};
-use crate::model::{Owner, TcpState, Transition, Tuple};
+use crate::model::{Owner, PathMeasures, TcpState, Transition, Tuple};
 use crate::snapshot::Snapshot;
 
 /// Transitions remembered per connection (its detail pane lists them).
@@ -34,6 +35,9 @@ pub struct Connection {
     pub bytes: ByteCounts,
     /// Bytes per second sent and received, over the last refresh.
     pub rates: (f64, f64),
+    /// Its round-trip time and retransmissions at the last refresh, where
+    /// the kernel was read (as root).
+    pub measures: Option<PathMeasures>,
     /// Its owner changed from one process to another (a handoff).
     pub handed_off: bool,
     /// Its last transitions: when, from, to.
@@ -53,6 +57,7 @@ impl Connection {
             lifetime: None,
             bytes: ByteCounts::default(),
             rates: (0.0, 0.0),
+            measures: None,
             handed_off: false,
             history: VecDeque::new(),
             owner_changes: Vec::new(),
@@ -242,8 +247,8 @@ impl TopState {
         self.lost += count;
     }
 
-    /// Updates the byte counts and rates of the open sockets from `bytes`.
-    pub fn refresh_bytes(&mut self, bytes: &dyn Fn(u64) -> Option<ByteCounts>) {
+    /// Updates the open sockets' byte counts, rates and path measures.
+    pub fn refresh(&mut self, refresh: &Refresh<'_>) {
         let now = Instant::now();
         let seconds = self
             .bytes_read_at
@@ -251,7 +256,10 @@ impl TopState {
             .filter(|seconds| *seconds > 0.0);
         self.bytes_read_at = Some(now);
         for (&skaddr, connection) in &mut self.open {
-            let Some(counts) = bytes(skaddr) else {
+            if let Some(measured) = refresh.measures.get(&skaddr) {
+                connection.measures = Some(*measured);
+            }
+            let Some(counts) = (refresh.bytes)(skaddr) else {
                 continue;
             };
             let before = connection.bytes;
@@ -360,7 +368,7 @@ mod tests {
     }
 
     #[test]
-    fn rates_are_the_bytes_counted_since_the_last_refresh() {
+    fn a_refresh_gives_rates_since_the_last_one_and_path_measures() {
         let mut state = TopState::new(true, Duration::from_secs(10));
         let t = Transition::scripted(
             1,
@@ -370,19 +378,23 @@ mod tests {
             crate::output::fixtures::task(1, 1, b"curl"),
         );
         state.transition(&t, None, SystemTime::UNIX_EPOCH);
-        state.refresh_bytes(&|_| {
-            Some(ByteCounts {
-                sent: 100,
-                received: 10,
-            })
-        });
+        let refresh = |state: &mut TopState, sent| {
+            let bytes = |_| Some(ByteCounts { sent, received: 10 });
+            let measures = [(
+                7,
+                PathMeasures {
+                    rtt_us: 50,
+                    retransmits: 1,
+                },
+            )];
+            state.refresh(&Refresh {
+                bytes: &bytes,
+                measures: &measures.into_iter().collect(),
+            });
+        };
+        refresh(&mut state, 100);
         std::thread::sleep(Duration::from_millis(50));
-        state.refresh_bytes(&|_| {
-            Some(ByteCounts {
-                sent: 1100,
-                received: 10,
-            })
-        });
+        refresh(&mut state, 1100);
         let connection = &state.open[&7];
         assert_eq!(connection.bytes.sent, 1100);
         assert!(
@@ -391,5 +403,10 @@ mod tests {
             connection.rates
         );
         assert_eq!(connection.rates.1, 0.0);
+        let measured = PathMeasures {
+            rtt_us: 50,
+            retransmits: 1,
+        };
+        assert_eq!(connection.measures, Some(measured));
     }
 }

@@ -15,7 +15,8 @@ use super::state::TopState;
 use super::view::{screen, Choices, Screen, View};
 use super::{answer, step};
 use crate::cli::{Cli, Command, TopArgs};
-use crate::model::{Proto, TcpState, Transition, Tuple};
+use crate::engine::monitor::Refresh;
+use crate::model::{PathMeasures, Proto, TcpState, Transition, Tuple};
 use crate::output::fixtures::{assert_golden, image, owner, task};
 
 /// The wall time the screens are drawn at.
@@ -86,11 +87,32 @@ fn state() -> TopState {
     apply(5, brief, (FinWait1, Close), &curl, 2_999);
     let worker = owner(813, "nginx", None);
     state.owner_changed(3, &worker, at(4_000));
-    state.refresh_bytes(&|skaddr| {
+    let bytes = |skaddr| {
         Some(ByteCounts {
             sent: skaddr * 1_000_000,
             received: skaddr * 1_000,
         })
+    };
+    // The busy client far away and losing segments; curl's nearby.
+    let measures = [
+        (
+            2,
+            PathMeasures {
+                rtt_us: 38_250,
+                retransmits: 7,
+            },
+        ),
+        (
+            4,
+            PathMeasures {
+                rtt_us: 420,
+                retransmits: 0,
+            },
+        ),
+    ];
+    state.refresh(&Refresh {
+        bytes: &bytes,
+        measures: &measures.into_iter().collect(),
     });
     state
 }
@@ -363,4 +385,14 @@ fn any_terminal_size_draws_without_panicking() {
             }
         }
     }
+}
+
+#[test]
+fn round_trip_times_read_short() {
+    use super::view::rtt;
+    let shown: Vec<String> = [45, 999, 1_250, 38_250, 999_999, 1_300_000]
+        .into_iter()
+        .map(rtt)
+        .collect();
+    assert_eq!(shown, ["45us", "999us", "1.2ms", "38ms", "999ms", "1.3s"]);
 }

@@ -64,18 +64,20 @@ const fn c(title: &'static str, width: u16, rank: u8, numeric: bool) -> Column {
     }
 }
 
-const CONNECTION_COLUMNS: [Column; 11] = [
+const CONNECTION_COLUMNS: [Column; 13] = [
     c("PID", 7, 1, true),
     c("PROGRAM", 15, 0, false),
     c("LOCAL", 21, 4, false),
     c("REMOTE", 21, 2, false),
     c("STATE", 11, 3, false),
     c("AGE", 7, 5, true),
-    c("SENT", 8, 6, true),
-    c("RECV", 8, 7, true),
-    c("TX/s", 8, 8, true),
-    c("RX/s", 8, 9, true),
-    c("UNIT", 24, 10, false),
+    c("SENT", 6, 6, true),
+    c("RECV", 6, 7, true),
+    c("TX/s", 6, 8, true),
+    c("RX/s", 6, 9, true),
+    c("RTT", 7, 10, true),
+    c("RETR", 5, 11, true),
+    c("UNIT", 24, 12, false),
 ];
 const PROCESS_COLUMNS: [Column; 13] = [
     c("PID", 7, 1, true),
@@ -86,10 +88,10 @@ const PROCESS_COLUMNS: [Column; 13] = [
     c("OTHER", 6, 8, true),
     c("CLOSED", 6, 5, true),
     c("OPENS/s", 7, 6, true),
-    c("SENT", 8, 7, true),
-    c("RECV", 8, 9, true),
-    c("TX/s", 8, 10, true),
-    c("RX/s", 8, 11, true),
+    c("SENT", 6, 7, true),
+    c("RECV", 6, 9, true),
+    c("TX/s", 6, 10, true),
+    c("RX/s", 6, 11, true),
     c("UNIT", 24, 12, false),
 ];
 const REMOTE_COLUMNS: [Column; 8] = [
@@ -97,19 +99,19 @@ const REMOTE_COLUMNS: [Column; 8] = [
     c("CONNS", 6, 1, true),
     c("PROCS", 6, 2, true),
     c("PROGRAMS", 24, 3, false),
-    c("SENT", 8, 4, true),
-    c("RECV", 8, 5, true),
-    c("TX/s", 8, 6, true),
-    c("RX/s", 8, 7, true),
+    c("SENT", 6, 4, true),
+    c("RECV", 6, 5, true),
+    c("TX/s", 6, 6, true),
+    c("RX/s", 6, 7, true),
 ];
 const UNIT_COLUMNS: [Column; 7] = [
     c("UNIT OR CONTAINER", 36, 0, false),
     c("CONNS", 6, 1, true),
     c("PROCS", 6, 2, true),
-    c("SENT", 8, 3, true),
-    c("RECV", 8, 4, true),
-    c("TX/s", 8, 5, true),
-    c("RX/s", 8, 6, true),
+    c("SENT", 6, 3, true),
+    c("RECV", 6, 4, true),
+    c("TX/s", 6, 5, true),
+    c("RX/s", 6, 6, true),
 ];
 
 /// A column of a view.
@@ -410,6 +412,11 @@ fn cells(view: View, members: &[&Connection], now: SystemTime) -> Vec<String> {
         bytes(rates.0),
         bytes(rates.1),
     ]);
+    if let (View::Connections, [c]) = (view, members) {
+        let measures = c.measures.filter(|m| m.rtt_us > 0);
+        cells.push(measures.map_or("-".into(), |m| rtt(m.rtt_us)));
+        cells.push(measures.map_or("-".into(), |m| m.retransmits.to_string()));
+    }
     if matches!(view, View::Connections | View::Processes) {
         cells.push(unit_of(owner));
     }
@@ -437,7 +444,12 @@ fn numbers(view: View, members: &[&Connection], now: SystemTime) -> Vec<f64> {
         (View::Remotes, _) => vec![0.0, members.len() as f64, pids(), 0.0],
         (View::Units, _) | (View::Connections, _) => vec![0.0, members.len() as f64, pids()],
     };
-    numbers.extend([sent as f64, received as f64, rates.0, rates.1, 0.0]);
+    numbers.extend([sent as f64, received as f64, rates.0, rates.1]);
+    if let (View::Connections, [c]) = (view, members) {
+        let measures = c.measures.unwrap_or_default();
+        numbers.extend([f64::from(measures.rtt_us), f64::from(measures.retransmits)]);
+    }
+    numbers.push(0.0);
     numbers
 }
 
@@ -575,6 +587,13 @@ fn detail(view: View, members: &[&Connection]) -> Vec<String> {
             format_endpoint(c.tuple.remote),
             c.state
         ));
+        if let Some(measures) = c.measures.filter(|m| m.rtt_us > 0) {
+            lines.push(format!(
+                "path     rtt {} · {} segments retransmitted",
+                rtt(measures.rtt_us),
+                measures.retransmits
+            ));
+        }
         for (at, old, new) in &c.history {
             lines.push(format!("  {}  {old} -> {new}", clock(*at)));
         }
@@ -616,6 +635,16 @@ pub fn duration(d: Duration) -> String {
         60..3600 => format!("{}m{:02}s", s / 60, s % 60),
         3600..86_400 => format!("{}h{:02}m", s / 3600, s / 60 % 60),
         _ => format!("{}d{:02}h", s / 86_400, s / 3600 % 24),
+    }
+}
+
+/// A round-trip time in microseconds, short: 45us, 1.2ms, 38ms, 1.3s.
+pub fn rtt(us: u32) -> String {
+    match us {
+        0..1000 => format!("{us}us"),
+        1000..10_000 => format!("{:.1}ms", f64::from(us) / 1000.0),
+        10_000..1_000_000 => format!("{}ms", us / 1000),
+        _ => format!("{:.1}s", f64::from(us) / 1_000_000.0),
     }
 }
 
