@@ -123,7 +123,7 @@ macro_rules! kernel_offset_tables {
                 INODE_I_INO: "inode", "i_ino";
             }
             /// Globals of the tcp iterator: the fields /proc/net/tcp prints, and
-            /// the round-trip time and retransmissions `ss -ti` adds, as
+            /// the counters `ss -ti` adds (bytes, round trip, retransmissions), as
             /// (global, struct, member path). `SOCK_OFFSETS` give the addresses and
             /// the namespace, `FILE_OFFSETS` the inode number.
             TCP_OFFSETS {
@@ -138,6 +138,8 @@ macro_rules! kernel_offset_tables {
                 SOCKET_ALLOC_VFS_INODE: "socket_alloc", "vfs_inode";
                 TCP_SRTT_US: "tcp_sock", "srtt_us";
                 TCP_TOTAL_RETRANS: "tcp_sock", "total_retrans";
+                TCP_BYTES_ACKED: "tcp_sock", "bytes_acked";
+                TCP_BYTES_RECEIVED: "tcp_sock", "bytes_received";
             }
         }
     };
@@ -228,6 +230,12 @@ pub struct TcpSocketRecord {
     /// `bpf_ktime_get_ns()` when the iterator read it, under the socket's
     /// lock for a full socket: transitions stamped before are in what it read.
     pub read_ns: u64,
+    /// Bytes the peer acknowledged (`tcp_sock.bytes_acked`, `ss -ti`'s
+    /// `bytes_acked:`); 0 for a listener or a mini socket.
+    pub bytes_acked: u64,
+    /// Bytes received in order (`tcp_sock.bytes_received`, `ss -ti`'s
+    /// `bytes_received:`); 0 for a listener or a mini socket.
+    pub bytes_received: u64,
     /// Local address; an IPv4 address fills the first 4 bytes.
     pub saddr: [u8; 16],
     /// Remote address; an IPv4 address fills the first 4 bytes.
@@ -512,7 +520,7 @@ mod tests {
     fn tcp_socket_record_has_no_implicit_padding() {
         assert_eq!(
             core::mem::size_of::<TcpSocketRecord>(),
-            8 * 3 + 16 * 2 + 4 * 5 + 2 * 3 + 2 + 4
+            8 * 5 + 16 * 2 + 4 * 5 + 2 * 3 + 2 + 4
         );
     }
 

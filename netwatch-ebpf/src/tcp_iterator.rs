@@ -51,18 +51,19 @@ fn tcp_socket(sk: u64, uid: u32) -> Result<Option<TcpSocketRecord>, i64> {
             (state, tx_queue, rx_queue, socket_inode(sk)?)
         }
     };
-    let (rtt_us, retransmits) = match state {
-        tcp_state::TIME_WAIT | tcp_state::NEW_SYN_RECV | tcp_state::LISTEN => (0, 0),
-        _ => (
-            read_kernel::<u32>(sk, &TCP_SRTT_US)? >> 3,
-            read_kernel::<u32>(sk, &TCP_TOTAL_RETRANS)?,
-        ),
+    let counters = match state {
+        tcp_state::TIME_WAIT | tcp_state::NEW_SYN_RECV | tcp_state::LISTEN => {
+            TcpCounters::default()
+        }
+        _ => tcp_counters(sk)?,
     };
     Ok(Some(TcpSocketRecord {
         skaddr: sk,
         inode,
         // SAFETY: bpf_ktime_get_ns has no preconditions.
         read_ns: unsafe { bpf_ktime_get_ns() },
+        bytes_acked: counters.bytes_acked,
+        bytes_received: counters.bytes_received,
         saddr,
         daddr,
         uid,
@@ -73,10 +74,30 @@ fn tcp_socket(sk: u64, uid: u32) -> Result<Option<TcpSocketRecord>, i64> {
         family,
         state: shown_state,
         timewait: u8::from(state == tcp_state::TIME_WAIT),
-        rtt_us,
-        retransmits,
+        rtt_us: counters.rtt_us,
+        retransmits: counters.retransmits,
         _pad: [0; 4],
     }))
+}
+
+/// What the kernel counts of a connection, as `ss -ti` shows it.
+#[derive(Default)]
+struct TcpCounters {
+    bytes_acked: u64,
+    bytes_received: u64,
+    rtt_us: u32,
+    retransmits: u32,
+}
+
+/// A connection's counters: `tcp_sock.srtt_us` holds the smoothed round
+/// trip times 8.
+fn tcp_counters(sk: u64) -> Result<TcpCounters, i64> {
+    Ok(TcpCounters {
+        bytes_acked: read_kernel(sk, &TCP_BYTES_ACKED)?,
+        bytes_received: read_kernel(sk, &TCP_BYTES_RECEIVED)?,
+        rtt_us: read_kernel::<u32>(sk, &TCP_SRTT_US)? >> 3,
+        retransmits: read_kernel(sk, &TCP_TOTAL_RETRANS)?,
+    })
 }
 
 /// A full socket's send and receive queues as /proc prints them: unacked

@@ -206,10 +206,12 @@ pub struct Tuple {
     pub remote: SocketAddr,
 }
 
-/// What the kernel measures of a connection's path, as `ss -ti` shows it:
-/// read by the tcp iterator, by socket (kernel address).
+/// What the kernel itself counts of a TCP connection, as `ss -ti` shows
+/// it: read by the tcp iterator, by socket (kernel address).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PathMeasures {
+pub struct TcpCounters {
+    /// Bytes the peer acknowledged, and bytes received in order.
+    pub bytes: ByteCounts,
     /// Smoothed round-trip time, microseconds (0: none measured yet).
     pub rtt_us: u32,
     /// Segments retransmitted over the connection's life.

@@ -9,13 +9,13 @@
 //! that no transition in between is missed (the table adopts a baseline
 //! socket on its first transition, see `table`).
 
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use rustc_hash::FxHashMap;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::ProbeArgs;
@@ -26,7 +26,7 @@ use crate::engine::source::{kernel_reader, EventSource, KernelSource};
 use crate::engine::table::SocketTable;
 use crate::kernel::{self, Detail, KernelLog, SocketIterators, StateProbe};
 use crate::metrics::{Failure, Metrics};
-use crate::model::{LossCounters, OwnerEvent, PathMeasures, Proto, Record, Transition};
+use crate::model::{LossCounters, OwnerEvent, Proto, Record, TcpCounters, Transition};
 use crate::sink::Sink;
 use crate::snapshot::{self, Owners, Snapshot};
 
@@ -72,8 +72,8 @@ pub struct Config {
     pub duration: Option<Duration>,
     /// How often the observer's `check` runs, if at all.
     pub check_every: Option<Duration>,
-    /// How often the observer's `refresh` runs, if at all (with each
-    /// socket's byte counts and, read in the kernel, path measures).
+    /// How often the observer's `refresh` runs, if at all (with what the
+    /// kernel counts of each socket).
     pub refresh_every: Option<Duration>,
     /// netwatch's own network namespace, where /proc is read.
     pub netns: Option<u32>,
@@ -172,8 +172,8 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
         tokio::time::interval(refresh_every.unwrap_or(Duration::from_secs(3600)));
     // The check's snapshot is read on a thread while transitions keep flowing.
     let mut pending_check: Option<tokio::task::JoinHandle<anyhow::Result<Snapshot>>> = None;
-    // So are each refresh's path measures.
-    let mut pending_measures: Option<tokio::task::JoinHandle<HashMap<u64, PathMeasures>>> = None;
+    // So are each refresh's TCP counters.
+    let mut pending_counters: Option<tokio::task::JoinHandle<FxHashMap<u64, TcpCounters>>> = None;
     let deadline = tokio::time::sleep(config.duration.unwrap_or(Duration::MAX / 4));
     tokio::pin!(deadline);
     let mut write_failed = None;
@@ -206,15 +206,15 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
                     Err(err) => monitor.report_failure(Failure::Snapshot, &err, "this check is skipped; the next one comes at the next interval"),
                 }
             }
-            _ = refresh_timer.tick(), if refresh_every.is_some() && pending_measures.is_none() => {
+            _ = refresh_timer.tick(), if refresh_every.is_some() && pending_counters.is_none() => {
                 let reader = table_reader.clone();
-                pending_measures = Some(tokio::task::spawn_blocking(move || read_path_measures(&reader)));
+                pending_counters = Some(tokio::task::spawn_blocking(move || read_tcp_counters(&reader)));
             }
-            measured = async { pending_measures.as_mut().expect("guarded").await }, if pending_measures.is_some() => {
-                pending_measures = None;
-                let measures = measured.unwrap_or_default();
+            counted = async { pending_counters.as_mut().expect("guarded").await }, if pending_counters.is_some() => {
+                pending_counters = None;
+                let counters = counted.unwrap_or_default();
                 let bytes = |skaddr| source.bytes(skaddr);
-                monitor.observer.refresh(&Refresh { bytes: &bytes, measures: &measures });
+                monitor.observer.refresh(&Refresh { bytes: &bytes, counters: &counters });
             }
             _ = hangup.recv() => reopen_retry.as_mut().reset(monitor.reopen_output()),
             _ = &mut reopen_retry, if retrying_reopen => reopen_retry.as_mut().reset(monitor.reopen_output()),
@@ -259,21 +259,21 @@ fn read_check_snapshot(
     taken.context("reading the TCP tables failed")
 }
 
-/// Every socket's round-trip time and retransmissions in netwatch's
-/// namespace, read in the kernel; none without `reader`'s iterators, or
-/// when the read fails (said once at debug level: the columns stay empty).
-fn read_path_measures(
+/// What the kernel counts of every socket in netwatch's namespace (bytes,
+/// round trip, retransmissions); none without `reader`'s iterators, or
+/// when the read fails (said at debug level).
+fn read_tcp_counters(
     reader: &std::sync::Mutex<Option<SocketIterators>>,
-) -> HashMap<u64, PathMeasures> {
+) -> FxHashMap<u64, TcpCounters> {
     let Ok(mut reader) = reader.lock() else {
-        return HashMap::new();
+        return FxHashMap::default();
     };
     let Some(iterators) = reader.as_mut() else {
-        return HashMap::new();
+        return FxHashMap::default();
     };
-    snapshot::path_measures(iterators).unwrap_or_else(|err| {
-        log::debug!("reading the sockets' round-trip times failed: {err:#}");
-        HashMap::new()
+    snapshot::tcp_counters(iterators).unwrap_or_else(|err| {
+        log::debug!("reading the sockets' TCP counters failed: {err:#}");
+        FxHashMap::default()
     })
 }
 

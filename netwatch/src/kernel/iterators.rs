@@ -275,12 +275,14 @@ mod tests {
 
     #[test]
     fn records_split_across_reads_are_read_whole() {
-        // 88-byte records: the 64 KiB reads end inside one.
+        // 104-byte records: the 64 KiB reads end inside one.
         let records: Vec<TcpSocketRecord> = (0..5_000)
             .map(|i| TcpSocketRecord {
                 skaddr: i,
                 inode: i * 3,
                 read_ns: i * 5,
+                bytes_acked: 0,
+                bytes_received: 0,
                 saddr: [7; 16],
                 daddr: [9; 16],
                 uid: 1,

@@ -2,13 +2,13 @@
 //! /proc's terms: each socket as its /proc/net/tcp or tcp6 line has it,
 //! plus its kernel address, which transitions carry.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use netwatch_common::{SocketFd, TcpSocketRecord, AF_INET, AF_INET6};
+use netwatch_common::{ByteCounts, SocketFd, TcpSocketRecord, AF_INET, AF_INET6};
+use rustc_hash::FxHashMap;
 
 use super::proc_net::{KernelSocket, ProcSocket};
-use crate::model::{PathMeasures, Proto, TcpState};
+use crate::model::{Proto, TcpCounters, TcpState};
 
 /// What a kernel read returns beside the sockets: every socket fd, if asked
 /// for, and the other namespaces it could not read (as given).
@@ -28,18 +28,22 @@ pub trait KernelReader {
     ) -> anyhow::Result<KernelRead>;
 }
 
-/// The round-trip time and retransmissions of every TCP socket in
-/// netwatch's own network namespace, by kernel address.
-pub fn path_measures(kernel: &mut dyn KernelReader) -> anyhow::Result<HashMap<u64, PathMeasures>> {
-    let mut measures = HashMap::new();
+/// What the kernel counts of every TCP socket in netwatch's own network
+/// namespace (bytes, round trip, retransmissions), by kernel address.
+pub fn tcp_counters(kernel: &mut dyn KernelReader) -> anyhow::Result<FxHashMap<u64, TcpCounters>> {
+    let mut counters = FxHashMap::default();
     kernel.read(&[], false, &mut |record, _| {
-        let measured = PathMeasures {
+        let counted = TcpCounters {
+            bytes: ByteCounts {
+                sent: record.bytes_acked,
+                received: record.bytes_received,
+            },
             rtt_us: record.rtt_us,
             retransmits: record.retransmits,
         };
-        measures.insert(record.skaddr, measured);
+        counters.insert(record.skaddr, counted);
     })?;
-    Ok(measures)
+    Ok(counters)
 }
 
 /// The socket as /proc prints it; `None` for a family /proc has no table
@@ -92,6 +96,8 @@ mod tests {
             skaddr: 0xffff_8880_0000_1000,
             inode: 4242,
             read_ns: 99,
+            bytes_acked: 0,
+            bytes_received: 0,
             saddr,
             daddr: [0; 16],
             uid: 1000,
@@ -158,21 +164,25 @@ mod tests {
     }
 
     #[test]
-    fn path_measures_are_keyed_by_kernel_address() {
-        let mut measured = record(AF_INET, 1);
-        (measured.skaddr, measured.rtt_us, measured.retransmits) = (0x10, 250, 3);
+    fn tcp_counters_are_keyed_by_kernel_address() {
+        let mut counted = record(AF_INET, 1);
+        (counted.skaddr, counted.rtt_us, counted.retransmits) = (0x10, 250, 3);
+        (counted.bytes_acked, counted.bytes_received) = (1_000, 20);
         let listener = record(AF_INET6, 10);
-        let measures =
-            path_measures(&mut Records(vec![measured, listener])).expect("a kernel read");
-        let expected = PathMeasures {
+        let counters = tcp_counters(&mut Records(vec![counted, listener])).expect("a kernel read");
+        let expected = TcpCounters {
+            bytes: ByteCounts {
+                sent: 1_000,
+                received: 20,
+            },
             rtt_us: 250,
             retransmits: 3,
         };
-        assert_eq!(measures.get(&0x10), Some(&expected));
+        assert_eq!(counters.get(&0x10), Some(&expected));
         assert_eq!(
-            measures.get(&listener.skaddr),
-            Some(&PathMeasures::default())
+            counters.get(&listener.skaddr),
+            Some(&TcpCounters::default())
         );
-        assert_eq!(measures.len(), 2);
+        assert_eq!(counters.len(), 2);
     }
 }

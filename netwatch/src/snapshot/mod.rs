@@ -15,7 +15,7 @@ use std::thread;
 
 use rustc_hash::FxHashMap;
 
-pub use kernel_table::{path_measures, KernelRead, KernelReader};
+pub use kernel_table::{tcp_counters, KernelRead, KernelReader};
 #[cfg(feature = "fuzzing")]
 pub use proc_net::parse_table;
 use proc_net::SocketCounts;

@@ -1,14 +1,13 @@
 //! What a mode plugs into the monitor: an [`Observer`] of what it sees.
 
-use std::collections::HashMap;
-
 use netwatch_common::ByteCounts;
+use rustc_hash::FxHashMap;
 
 use super::Summary;
 use crate::engine::clock::WallClock;
 use crate::engine::table::{Observed, SocketTable};
 use crate::metrics::Failure;
-use crate::model::{LossCause, OwnerChange, PathMeasures, Transition};
+use crate::model::{LossCause, OwnerChange, TcpCounters, Transition};
 use crate::sink::Records;
 use crate::snapshot::Snapshot;
 
@@ -45,8 +44,8 @@ pub trait Observer {
     ) -> Vec<u64> {
         Vec::new()
     }
-    /// Every `Config::refresh_every`: what the kernel counts and measures
-    /// of each socket now.
+    /// Every `Config::refresh_every`: what the kernel counts of each
+    /// socket now.
     fn refresh(&mut self, _refresh: &Refresh<'_>) {}
     /// The monitor stops (`end` says with what).
     fn stopped(&mut self, _end: &End<'_>, _out: &mut Records) {}
@@ -54,11 +53,12 @@ pub trait Observer {
 
 /// What a refresh hands the observer, by a socket's kernel address.
 pub struct Refresh<'a> {
-    /// A socket's byte counts so far (where the kernel counts them).
+    /// A socket's bytes as netwatch's programs count them (where they do):
+    /// a lookup in the kernel per call.
     pub bytes: &'a dyn Fn(u64) -> Option<ByteCounts>,
-    /// Its round-trip time and retransmissions, as the tcp iterator read
-    /// them in netwatch's network namespace (empty without the iterator).
-    pub measures: &'a HashMap<u64, PathMeasures>,
+    /// What the kernel itself counts of each socket in netwatch's network
+    /// namespace, read by the tcp iterator in one pass (empty without it).
+    pub counters: &'a FxHashMap<u64, TcpCounters>,
 }
 
 /// What the monitor hands its observer when it stops.

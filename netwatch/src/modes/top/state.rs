@@ -10,7 +10,7 @@ use rustc_hash::FxHashMap;
 
 use crate::engine::monitor::Refresh;
 use crate::engine::table::{LiveSocket, SocketTable};
-use crate::model::{Owner, PathMeasures, TcpState, Transition, Tuple};
+use crate::model::{Owner, TcpCounters, TcpState, Transition, Tuple};
 use crate::snapshot::Snapshot;
 
 /// Transitions remembered per connection (its detail pane lists them).
@@ -37,7 +37,7 @@ pub struct Connection {
     pub rates: (f64, f64),
     /// Its round-trip time and retransmissions at the last refresh, where
     /// the kernel was read (as root).
-    pub measures: Option<PathMeasures>,
+    pub counters: Option<TcpCounters>,
     /// Its owner changed from one process to another (a handoff).
     pub handed_off: bool,
     /// Its last transitions: when, from, to.
@@ -57,7 +57,7 @@ impl Connection {
             lifetime: None,
             bytes: ByteCounts::default(),
             rates: (0.0, 0.0),
-            measures: None,
+            counters: None,
             handed_off: false,
             history: VecDeque::new(),
             owner_changes: Vec::new(),
@@ -215,9 +215,13 @@ impl TopState {
             connection.owner = owner;
         }
         connection.record(at, t.old, t.new);
-        if t.bytes != ByteCounts::default() {
-            connection.bytes = t.bytes;
-        }
+        // A closed connection's final bytes: the larger of the kernel's
+        // last count (a connection older than netwatch: its whole life) and
+        // netwatch's at the close (bytes written but never acknowledged).
+        connection.bytes = ByteCounts {
+            sent: connection.bytes.sent.max(t.bytes.sent),
+            received: connection.bytes.received.max(t.bytes.received),
+        };
         if t.new == TcpState::Close {
             if let Some(mut closed) = self.open.remove(&t.skaddr) {
                 if t.old != TcpState::Listen {
@@ -247,7 +251,10 @@ impl TopState {
         self.lost += count;
     }
 
-    /// Updates the open sockets' byte counts, rates and path measures.
+    /// Updates the open sockets' bytes, rates, round trips and
+    /// retransmissions: bytes as the kernel counts them where the tcp
+    /// iterator read the socket (`ss -ti`'s acked and received), else as
+    /// netwatch's programs count them.
     pub fn refresh(&mut self, refresh: &Refresh<'_>) {
         let now = Instant::now();
         let seconds = self
@@ -256,10 +263,10 @@ impl TopState {
             .filter(|seconds| *seconds > 0.0);
         self.bytes_read_at = Some(now);
         for (&skaddr, connection) in &mut self.open {
-            if let Some(measured) = refresh.measures.get(&skaddr) {
-                connection.measures = Some(*measured);
-            }
-            let Some(counts) = (refresh.bytes)(skaddr) else {
+            let counted = refresh.counters.get(&skaddr);
+            connection.counters = counted.copied().or(connection.counters);
+            let counts = counted.map(|c| c.bytes).or_else(|| (refresh.bytes)(skaddr));
+            let Some(counts) = counts else {
                 continue;
             };
             let before = connection.bytes;
@@ -368,45 +375,75 @@ mod tests {
     }
 
     #[test]
-    fn a_refresh_gives_rates_since_the_last_one_and_path_measures() {
+    fn a_refresh_takes_the_kernels_counters_where_the_iterator_read_them() {
         let mut state = TopState::new(true, Duration::from_secs(10));
-        let t = Transition::scripted(
-            1,
-            7,
-            crate::output::fixtures::tuples()[0],
-            (TcpState::SynSent, TcpState::Established),
-            crate::output::fixtures::task(1, 1, b"curl"),
-        );
-        state.transition(&t, None, SystemTime::UNIX_EPOCH);
+        let opened = |skaddr, tuple| {
+            let states = (TcpState::SynSent, TcpState::Established);
+            let task = crate::output::fixtures::task(1, 1, b"curl");
+            Transition::scripted(1, skaddr, tuple, states, task)
+        };
+        let tuples = crate::output::fixtures::tuples();
+        // 7 is read by the iterator, 8 (another namespace) is not.
+        for (skaddr, tuple) in [(7, tuples[0]), (8, tuples[1])] {
+            state.transition(&opened(skaddr, tuple), None, SystemTime::UNIX_EPOCH);
+        }
         let refresh = |state: &mut TopState, sent| {
-            let bytes = |_| Some(ByteCounts { sent, received: 10 });
-            let measures = [(
-                7,
-                PathMeasures {
-                    rtt_us: 50,
-                    retransmits: 1,
-                },
-            )];
+            let programs = |_| Some(ByteCounts { sent, received: 1 });
+            let kernel = TcpCounters {
+                bytes: ByteCounts { sent, received: 10 },
+                rtt_us: 50,
+                retransmits: 1,
+            };
             state.refresh(&Refresh {
-                bytes: &bytes,
-                measures: &measures.into_iter().collect(),
+                bytes: &programs,
+                counters: &[(7, kernel)].into_iter().collect(),
             });
         };
         refresh(&mut state, 100);
         std::thread::sleep(Duration::from_millis(50));
         refresh(&mut state, 1100);
         let connection = &state.open[&7];
-        assert_eq!(connection.bytes.sent, 1100);
+        assert_eq!(
+            connection.bytes,
+            ByteCounts {
+                sent: 1100,
+                received: 10
+            }
+        );
         assert!(
             connection.rates.0 > 1000.0 && connection.rates.0 <= 20_000.0,
             "{:?}",
             connection.rates
         );
         assert_eq!(connection.rates.1, 0.0);
-        let measured = PathMeasures {
-            rtt_us: 50,
-            retransmits: 1,
+        assert_eq!(
+            connection.counters.map(|c| (c.rtt_us, c.retransmits)),
+            Some((50, 1))
+        );
+        let elsewhere = &state.open[&8];
+        assert_eq!(
+            elsewhere.bytes,
+            ByteCounts {
+                sent: 1100,
+                received: 1
+            }
+        );
+        assert_eq!(elsewhere.counters, None);
+        // At the close, netwatch's count (bytes never acknowledged) is larger.
+        let mut closed = opened(7, tuples[0]);
+        (closed.old, closed.new) = (TcpState::Established, TcpState::Close);
+        closed.bytes = ByteCounts {
+            sent: 1500,
+            received: 4,
         };
-        assert_eq!(connection.measures, Some(measured));
+        state.transition(&closed, None, SystemTime::UNIX_EPOCH);
+        let last = state.closed.back().expect("a closed connection");
+        assert_eq!(
+            last.bytes,
+            ByteCounts {
+                sent: 1500,
+                received: 10
+            }
+        );
     }
 }

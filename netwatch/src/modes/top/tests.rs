@@ -16,7 +16,7 @@ use super::view::{screen, Choices, Screen, View};
 use super::{answer, step};
 use crate::cli::{Cli, Command, TopArgs};
 use crate::engine::monitor::Refresh;
-use crate::model::{PathMeasures, Proto, TcpState, Transition, Tuple};
+use crate::model::{Proto, TcpCounters, TcpState, Transition, Tuple};
 use crate::output::fixtures::{assert_golden, image, owner, task};
 
 /// The wall time the screens are drawn at.
@@ -93,18 +93,21 @@ fn state() -> TopState {
             received: skaddr * 1_000,
         })
     };
-    // The busy client far away and losing segments; curl's nearby.
-    let measures = [
+    // The busy client far away and losing segments; curl's nearby (their
+    // bytes as the kernel counts them, the same).
+    let counters = [
         (
             2,
-            PathMeasures {
+            TcpCounters {
+                bytes: bytes(2).unwrap_or_default(),
                 rtt_us: 38_250,
                 retransmits: 7,
             },
         ),
         (
             4,
-            PathMeasures {
+            TcpCounters {
+                bytes: bytes(4).unwrap_or_default(),
                 rtt_us: 420,
                 retransmits: 0,
             },
@@ -112,7 +115,7 @@ fn state() -> TopState {
     ];
     state.refresh(&Refresh {
         bytes: &bytes,
-        measures: &measures.into_iter().collect(),
+        counters: &counters.into_iter().collect(),
     });
     state
 }

@@ -413,9 +413,9 @@ fn cells(view: View, members: &[&Connection], now: SystemTime) -> Vec<String> {
         bytes(rates.1),
     ]);
     if let (View::Connections, [c]) = (view, members) {
-        let measures = c.measures.filter(|m| m.rtt_us > 0);
-        cells.push(measures.map_or("-".into(), |m| rtt(m.rtt_us)));
-        cells.push(measures.map_or("-".into(), |m| m.retransmits.to_string()));
+        let counters = c.counters.filter(|m| m.rtt_us > 0);
+        cells.push(counters.map_or("-".into(), |m| rtt(m.rtt_us)));
+        cells.push(counters.map_or("-".into(), |m| m.retransmits.to_string()));
     }
     if matches!(view, View::Connections | View::Processes) {
         cells.push(unit_of(owner));
@@ -446,8 +446,8 @@ fn numbers(view: View, members: &[&Connection], now: SystemTime) -> Vec<f64> {
     };
     numbers.extend([sent as f64, received as f64, rates.0, rates.1]);
     if let (View::Connections, [c]) = (view, members) {
-        let measures = c.measures.unwrap_or_default();
-        numbers.extend([f64::from(measures.rtt_us), f64::from(measures.retransmits)]);
+        let counters = c.counters.unwrap_or_default();
+        numbers.extend([f64::from(counters.rtt_us), f64::from(counters.retransmits)]);
     }
     numbers.push(0.0);
     numbers
@@ -587,11 +587,11 @@ fn detail(view: View, members: &[&Connection]) -> Vec<String> {
             format_endpoint(c.tuple.remote),
             c.state
         ));
-        if let Some(measures) = c.measures.filter(|m| m.rtt_us > 0) {
+        if let Some(counters) = c.counters.filter(|m| m.rtt_us > 0) {
             lines.push(format!(
                 "path     rtt {} · {} segments retransmitted",
-                rtt(measures.rtt_us),
-                measures.retransmits
+                rtt(counters.rtt_us),
+                counters.retransmits
             ));
         }
         for (at, old, new) in &c.history {
