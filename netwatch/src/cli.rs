@@ -239,6 +239,9 @@ impl CgroupFilters {
 
     /// Whether a socket owned by `owner` passes.
     pub fn matches(&self, owner: Option<&Owner>) -> bool {
+        if self.unit.is_none() && self.container.is_none() {
+            return true;
+        }
         let cgroup = owner.and_then(Owner::cgroup);
         let unit = cgroup.and_then(|cgroup| cgroup.unit.as_deref());
         let container = cgroup.and_then(|cgroup| cgroup.container.as_deref());

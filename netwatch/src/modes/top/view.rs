@@ -226,8 +226,8 @@ pub struct Screen {
 }
 
 /// One row before it is formatted: its connections and what sorts it.
-struct Candidate<'a> {
-    members: Vec<&'a Connection>,
+struct Candidate<'a, 'b> {
+    members: Members<'a, 'b>,
     /// The sorted column's value, where it is a number.
     number: f64,
     /// The sorted column's text, where it is text.
@@ -238,66 +238,78 @@ struct Candidate<'a> {
     tie: u64,
 }
 
+/// A row's connections: one (the connections view), or a group's.
+enum Members<'a, 'b> {
+    One(&'a Connection),
+    Group(&'b [&'a Connection]),
+}
+
+impl<'a> Members<'a, '_> {
+    fn as_slice(&self) -> &[&'a Connection] {
+        match self {
+            Members::One(connection) => std::slice::from_ref(connection),
+            Members::Group(group) => group,
+        }
+    }
+}
+
 /// What the screen shows of `state` under `choices` and the start-up
 /// filters, at wall time `now`. Only the rows around the selection are
-/// formatted: the others are sorted by one value each.
+/// formatted: the others are sorted by one value each. The connections
+/// are read once, for the header's counts and the rows together: with
+/// tens of thousands of them, each pass over their memory costs
+/// milliseconds.
 pub fn screen(state: &TopState, choices: &Choices, args: &TopArgs, now: SystemTime) -> Screen {
     let filter = choices.active_filter().to_lowercase();
-    let shown: Vec<&Connection> = state
-        .connections()
-        .filter(|c| passes(c, args) && (filter.is_empty() || haystack(c).contains(&filter)))
-        .collect();
+    let numeric = choices
+        .sort
+        .is_some_and(|i| choices.view.columns()[i].numeric);
+    let candidate = |members| Candidate::of(members, choices, numeric, now);
+    let mut tally = Tally::default();
+    let mut candidates = Vec::new();
+    let mut shown = Vec::new();
+    for c in state.connections() {
+        if c.closed.is_none() {
+            tally.count(c);
+        }
+        if !passes(c, args) || !(filter.is_empty() || haystack(c).contains(&filter)) {
+            continue;
+        }
+        match choices.view {
+            View::Connections => candidates.push(candidate(Members::One(c))),
+            _ => shown.push(c),
+        }
+    }
     let groups: Vec<Vec<&Connection>> = match choices.view {
-        View::Connections => shown.iter().map(|c| vec![*c]).collect(),
+        View::Connections => Vec::new(),
         View::Processes => groups(&shown, |c| c.owner.as_ref().map(|o| o.pid.to_string())),
         View::Remotes => groups(&shown, |c| {
             (!c.tuple.remote.ip().is_unspecified()).then(|| c.tuple.remote.ip().to_string())
         }),
         View::Units => groups(&shown, |c| Some(unit_of(c.owner.as_ref()))),
     };
-    let column = choices.sort;
-    let numeric = column.is_some_and(|i| choices.view.columns()[i].numeric);
-    let mut candidates: Vec<Candidate> = groups
-        .into_iter()
-        .map(|members| {
-            let (number, text) = match (column, numeric) {
-                (Some(i), true) => (numbers(choices.view, &members, now)[i], String::new()),
-                (Some(i), false) => (0.0, cells(choices.view, &members, now).swap_remove(i)),
-                (None, _) => (0.0, String::new()),
-            };
-            let activity = activity(&members);
-            let tie = members.first().map_or(0, |c| {
-                let mut hasher = rustc_hash::FxHasher::default();
-                (c.tuple.local, c.tuple.remote).hash(&mut hasher);
-                hasher.finish()
-            });
-            Candidate {
-                members,
-                number,
-                text,
-                activity,
-                tie,
-            }
-        })
-        .collect();
+    candidates.extend(groups.iter().map(|group| candidate(Members::Group(group))));
     let total = candidates.len();
     let selected = choices.selected.min(total.saturating_sub(1));
     let first = selected.saturating_sub(WINDOW / 2);
     sort(&mut candidates, choices, numeric, first);
     let window = candidates.iter().skip(first).take(WINDOW);
     let rows = window
-        .map(|candidate| Row {
-            cells: cells(choices.view, &candidate.members, now),
-            closed: candidate.members.iter().all(|c| c.closed.is_some()),
-            handed_off: candidate.members.iter().any(|c| c.handed_off),
-            remote: match (choices.view, candidate.members.first()) {
-                (View::Connections | View::Remotes, Some(c)) => Some(c.tuple.remote),
-                _ => None,
-            },
+        .map(|candidate| {
+            let members = candidate.members.as_slice();
+            Row {
+                cells: cells(choices.view, members, now),
+                closed: members.iter().all(|c| c.closed.is_some()),
+                handed_off: members.iter().any(|c| c.handed_off),
+                remote: match (choices.view, members.first()) {
+                    (View::Connections | View::Remotes, Some(c)) => Some(c.tuple.remote),
+                    _ => None,
+                },
+            }
         })
         .collect();
     let detail = match (choices.detail, candidates.get(selected)) {
-        (true, Some(candidate)) => detail(choices.view, &candidate.members),
+        (true, Some(candidate)) => detail(choices.view, candidate.members.as_slice()),
         _ => Vec::new(),
     };
     Screen {
@@ -306,8 +318,56 @@ pub fn screen(state: &TopState, choices: &Choices, args: &TopArgs, now: SystemTi
         first,
         total,
         selected,
-        totals: totals(state),
+        totals: totals(state, tally),
         detail,
+    }
+}
+
+impl<'a, 'b> Candidate<'a, 'b> {
+    /// The row of `members`, with what sorts it under `choices`.
+    fn of(
+        members: Members<'a, 'b>,
+        choices: &Choices,
+        numeric: bool,
+        now: SystemTime,
+    ) -> Candidate<'a, 'b> {
+        let slice = members.as_slice();
+        let (number, text) = match (choices.sort, numeric) {
+            (Some(i), true) => (numbers(choices.view, slice, now)[i], String::new()),
+            (Some(i), false) => (0.0, cells(choices.view, slice, now).swap_remove(i)),
+            (None, _) => (0.0, String::new()),
+        };
+        let activity = activity(slice);
+        let tie = slice.first().map_or(0, |c| {
+            let mut hasher = rustc_hash::FxHasher::default();
+            (c.tuple.local, c.tuple.remote).hash(&mut hasher);
+            hasher.finish()
+        });
+        Candidate {
+            members,
+            number,
+            text,
+            activity,
+            tie,
+        }
+    }
+}
+
+/// The open connections counted by state (`TcpState::ALL`'s order), and
+/// their rates summed.
+#[derive(Default)]
+struct Tally {
+    by_state: [usize; TcpState::ALL.len()],
+    rates: (f64, f64),
+}
+
+impl Tally {
+    fn count(&mut self, c: &Connection) {
+        // `ALL` lists the states by their kernel number, from 1.
+        if let Some(count) = self.by_state.get_mut(usize::from(c.state as u8) - 1) {
+            *count += 1;
+        }
+        self.rates = (self.rates.0 + c.rates.0, self.rates.1 + c.rates.1);
     }
 }
 
@@ -534,15 +594,9 @@ fn sort(candidates: &mut [Candidate], choices: &Choices, numeric: bool, first: u
     rest[..end].sort_by(order);
 }
 
-fn totals(state: &TopState) -> Totals {
-    let mut by_state: FxHashMap<TcpState, usize> = FxHashMap::default();
-    let open = state.open.values().chain(state.unbound.values());
-    let mut rates = (0.0, 0.0);
-    for c in open {
-        *by_state.entry(c.state).or_default() += 1;
-        rates = (rates.0 + c.rates.0, rates.1 + c.rates.1);
-    }
-    let mut by_state: Vec<(TcpState, usize)> = by_state.into_iter().collect();
+fn totals(state: &TopState, tally: Tally) -> Totals {
+    let counted = TcpState::ALL.into_iter().zip(tally.by_state);
+    let mut by_state: Vec<(TcpState, usize)> = counted.filter(|(_, n)| *n > 0).collect();
     by_state.sort_by(|a, b| b.1.cmp(&a.1).then((a.0 as u8).cmp(&(b.0 as u8))));
     let (opens, closes) = state.per_second.last_second();
     Totals {
@@ -552,7 +606,7 @@ fn totals(state: &TopState) -> Totals {
         opens_per_second: opens,
         closes_per_second: closes,
         sparkline: state.per_second.seconds.iter().map(|(o, _)| *o).collect(),
-        rates,
+        rates: tally.rates,
         lost: state.lost,
         closed_dropped: state.closed_dropped,
         live: state.live,
