@@ -8,7 +8,7 @@ use std::hash::{Hash as _, Hasher as _};
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashSet;
 
 use super::state::{Connection, TopState};
 use crate::cli::TopArgs;
