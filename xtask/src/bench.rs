@@ -75,7 +75,8 @@ pub enum Which {
         against: Option<PathBuf>,
     },
     /// `netwatch top` in a 132x40 tmux window, with connections held open
-    /// and a churn of new ones: its CPU, its redraw time and its memory.
+    /// and a churn of new ones: its CPU, its redraw time and its memory;
+    /// then bandwhich (built from crates.io) in the same window and load.
     Top {
         /// Connections held open (both ends are shown: twice as many rows).
         #[arg(long, default_value_t = 10_000)]

@@ -88,7 +88,7 @@ pub const FUZZ: Needs = Needs {
 };
 /// What the benchmarks compare against or measure with (socat: the
 /// forking server; nginx and wrk: the real server and its load; tmux: the
-/// terminal `top` runs in).
+/// terminal `top` runs in; bandwhich: a live table `top` is measured beside).
 pub const BENCH: Needs = Needs {
     packages: &[
         "libbpf-tools",
@@ -100,7 +100,13 @@ pub const BENCH: Needs = Needs {
         "wrk",
         "tmux",
     ],
-    tools: &[],
+    tools: &[CargoTool {
+        name: "bandwhich",
+        version: "0.23.1",
+        options: &[],
+        env: &[],
+        takes: "about 3 minutes",
+    }],
 };
 
 /// A tool `cargo install` builds from crates.io, at a pinned version.
