@@ -262,6 +262,27 @@ fn sigterm_restores_the_terminal() {
 }
 
 #[test]
+fn a_closed_pipe_ends_top_and_leaves_the_terminal_cooked() {
+    assert!(
+        is_root(),
+        "top loads eBPF programs: run it as root (cargo xtask test does)"
+    );
+    let netwatch = env!("CARGO_BIN_EXE_netwatch");
+    // head closes top's output after 64 bytes; stty then shows the
+    // terminal's modes, which raw mode would have left without icanon and echo.
+    let command = format!(
+        "{netwatch} top | head -c 64 >/dev/null; stty -a | tr ' ' '\\n' | grep -x -e '-\\?icanon' -e '-\\?echo' | tr '\\n' ' '"
+    );
+    let tmux = Tmux::start(&command, (80, 24));
+    let screen = tmux.wait_for("top's exit", |s| s.contains("EXIT="));
+    assert!(
+        screen.contains("icanon echo") && !screen.contains("-icanon") && !screen.contains("-echo"),
+        "canonical mode and echo back:\n{screen}"
+    );
+    assert!(!tmux.alternate_screen(), "not on the alternate screen");
+}
+
+#[test]
 fn top_exits_when_its_terminal_goes_away() {
     assert!(
         is_root(),
