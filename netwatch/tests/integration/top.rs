@@ -119,6 +119,21 @@ impl Drop for Tmux {
     }
 }
 
+/// `netwatch top` with `flags` in a window of `size`, once it shows its
+/// live header (as root: it loads eBPF programs).
+fn live_top(flags: &str, size: (u16, u16)) -> Tmux {
+    assert!(
+        is_root(),
+        "top loads eBPF programs: run it as root (cargo xtask test does)"
+    );
+    let netwatch = env!("CARGO_BIN_EXE_netwatch");
+    let tmux = Tmux::start(&format!("{netwatch} top {flags}"), size);
+    tmux.wait_for("top's live header", |s| {
+        s.contains("netwatch top · connections · live")
+    });
+    tmux
+}
+
 /// Table rows (after the two header lines and the column titles) that mention `text`.
 fn rows_with<'a>(screen: &'a str, text: &str) -> Vec<&'a str> {
     screen
@@ -154,20 +169,12 @@ fn brief_connection(port: u16) -> u16 {
 
 #[test]
 fn top_shows_known_connections_filters_keeps_a_brief_one_and_quits_cleanly() {
-    assert!(
-        is_root(),
-        "top loads eBPF programs: run it as root (cargo xtask test does)"
-    );
     let mut peer = Peer::spawn();
     let (listener, port) = peer.listen("127.0.0.1:0");
     let (_client, client_port) = peer.connect(&format!("127.0.0.1:{port}"));
     peer.accept(listener);
     let pid = peer.pid().to_string();
-    let netwatch = env!("CARGO_BIN_EXE_netwatch");
-    let tmux = Tmux::start(&format!("{netwatch} top --keep-closed 60s"), (132, 40));
-    tmux.wait_for("top's live header", |s| {
-        s.contains("netwatch top · connections · live")
-    });
+    let tmux = live_top("--keep-closed 60s", (132, 40));
     // The peer's connection was open before top started: the baseline has it.
     let client = format!("127.0.0.1:{client_port}");
     tmux.wait_for("the peer's rows", |s| {
@@ -242,15 +249,7 @@ fn top_shows_known_connections_filters_keeps_a_brief_one_and_quits_cleanly() {
 
 #[test]
 fn sigterm_restores_the_terminal() {
-    assert!(
-        is_root(),
-        "top loads eBPF programs: run it as root (cargo xtask test does)"
-    );
-    let netwatch = env!("CARGO_BIN_EXE_netwatch");
-    let tmux = Tmux::start(&format!("{netwatch} top"), (80, 24));
-    tmux.wait_for("top's live header", |s| {
-        s.contains("netwatch top · connections · live")
-    });
+    let tmux = live_top("", (80, 24));
     assert!(tmux.alternate_screen(), "top draws on the alternate screen");
     // SAFETY: signals the netwatch this test started.
     unsafe { libc::kill(tmux.command_pid() as i32, libc::SIGTERM) };
@@ -284,15 +283,7 @@ fn a_closed_pipe_ends_top_and_leaves_the_terminal_cooked() {
 
 #[test]
 fn top_exits_when_its_terminal_goes_away() {
-    assert!(
-        is_root(),
-        "top loads eBPF programs: run it as root (cargo xtask test does)"
-    );
-    let netwatch = env!("CARGO_BIN_EXE_netwatch");
-    let tmux = Tmux::start(&format!("{netwatch} top"), (80, 24));
-    tmux.wait_for("top's live header", |s| {
-        s.contains("netwatch top · connections · live")
-    });
+    let tmux = live_top("", (80, 24));
     let pid = tmux.command_pid();
     drop(tmux);
     let deadline = Instant::now() + Duration::from_secs(10);
