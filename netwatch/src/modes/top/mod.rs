@@ -21,6 +21,7 @@ use crate::snapshot::{self, Owners, Snapshot};
 
 mod names;
 mod render;
+mod short;
 mod state;
 mod terminal;
 mod view;

@@ -8,7 +8,8 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Clear, Paragraph, Row as TableRow, Table, TableState};
 use ratatui::Frame;
 
-use super::view::{bytes, duration, Choices, Screen, View};
+use super::short::{bytes, duration};
+use super::view::{Choices, Screen, View};
 
 /// The keys, as `?` lists them.
 pub const KEYS: [(&str, &str); 13] = [

@@ -392,7 +392,7 @@ fn any_terminal_size_draws_without_panicking() {
 
 #[test]
 fn round_trip_times_read_short() {
-    use super::view::rtt;
+    use super::short::rtt;
     let shown: Vec<String> = [45, 999, 1_250, 38_250, 999_999, 1_300_000]
         .into_iter()
         .map(rtt)
