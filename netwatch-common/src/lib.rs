@@ -201,6 +201,11 @@ pub const TCP_SOCKETS_PROGRAM: &str = "tcp_sockets";
 /// a live table keeps: no TIME_WAIT or request sockets, and no queue sizes.
 pub const TABLE_ONLY: &str = "TABLE_ONLY";
 
+/// Global set to 1 by the loader when the tcp iterator is to read each
+/// connection's counters too (bytes, round trip, retransmissions; `top`'s
+/// refreshes): 0 in every other record.
+pub const WITH_COUNTERS: &str = "WITH_COUNTERS";
+
 /// Bytes at the start of `struct sock_common` that the tcp iterator reads at
 /// once: the fields it takes from there (`SOCK_COMMON_HEAD_FIELDS`) must
 /// lie within them, as they do in every kernel since 2.6 (the loader checks).
@@ -231,10 +236,10 @@ pub struct TcpSocketRecord {
     /// lock for a full socket: transitions stamped before are in what it read.
     pub read_ns: u64,
     /// Bytes the peer acknowledged (`tcp_sock.bytes_acked`, `ss -ti`'s
-    /// `bytes_acked:`); 0 for a listener or a mini socket.
+    /// `bytes_acked:`), with `WITH_COUNTERS`; 0 for a listener or a mini socket.
     pub bytes_acked: u64,
     /// Bytes received in order (`tcp_sock.bytes_received`, `ss -ti`'s
-    /// `bytes_received:`); 0 for a listener or a mini socket.
+    /// `bytes_received:`), with `WITH_COUNTERS`; 0 for a listener or a mini socket.
     pub bytes_received: u64,
     /// Local address; an IPv4 address fills the first 4 bytes.
     pub saddr: [u8; 16],
@@ -254,11 +259,12 @@ pub struct TcpSocketRecord {
     /// 1 for a TIME_WAIT mini socket (/proc's timer 3).
     pub timewait: u8,
     /// The smoothed round-trip time in microseconds, as `ss -ti` shows it
-    /// (`tcp_sock.srtt_us` / 8); 0 for a listener, a mini socket, or a
-    /// connection that has not measured one yet.
+    /// (`tcp_sock.srtt_us` / 8), with `WITH_COUNTERS`; 0 for a listener, a
+    /// mini socket, or a connection that has not measured one yet.
     pub rtt_us: u32,
     /// Segments retransmitted over the connection's life
-    /// (`tcp_sock.total_retrans`, the total after `retrans:` in `ss -ti`).
+    /// (`tcp_sock.total_retrans`, the total after `retrans:` in `ss -ti`),
+    /// with `WITH_COUNTERS`.
     pub retransmits: u32,
     /// Explicit padding to a multiple of 8 bytes.
     pub _pad: [u8; 4],

@@ -9,6 +9,10 @@ use crate::*;
 #[no_mangle]
 static TABLE_ONLY: u32 = 0;
 
+/// Set by the loader for `top`'s refreshes: each connection's counters too.
+#[no_mangle]
+static WITH_COUNTERS: u32 = 0;
+
 /// Writes one `TcpSocketRecord` per socket to the iterator's seq file. The
 /// kernel walks the namespace's listening and established hashes (those of
 /// the task that opened the iterator) and shows each full socket under its
@@ -51,7 +55,10 @@ fn tcp_socket(sk: u64, uid: u32) -> Result<Option<TcpSocketRecord>, i64> {
             (state, tx_queue, rx_queue, socket_inode(sk)?)
         }
     };
+    // SAFETY: as TABLE_ONLY.
+    let with_counters = unsafe { core::ptr::read_volatile(&WITH_COUNTERS) } != 0;
     let counters = match state {
+        _ if !with_counters => TcpCounters::default(),
         tcp_state::TIME_WAIT | tcp_state::NEW_SYN_RECV | tcp_state::LISTEN => {
             TcpCounters::default()
         }

@@ -144,9 +144,13 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     let baseline_read = started.elapsed() - attached;
     // The reader of checks and refreshes is loaded now, while netwatch may
     // still load programs; from "watching" on, it keeps only what it still uses.
+    let detail = match config.refresh_every {
+        Some(_) => Detail::Counters,
+        None => Detail::Table,
+    };
     let wants_reader = config.check_every.is_some() || config.refresh_every.is_some();
     let table_reader = Arc::new(std::sync::Mutex::new(
-        wants_reader.then(|| kernel_reader(Detail::Table)).flatten(),
+        wants_reader.then(|| kernel_reader(detail)).flatten(),
     ));
     drop_privileges();
     log::info!(

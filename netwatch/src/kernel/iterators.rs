@@ -12,6 +12,7 @@ use aya::Ebpf;
 use netwatch_common::{
     SocketFd, TcpSocketRecord, EVENTS_MAP, FILE_OFFSETS, SOCKETS_MAP, SOCKET_FDS_PROGRAM,
     SOCKET_FD_UNREADABLE, SOCK_OFFSETS, TABLE_ONLY, TCP_OFFSETS, TCP_SOCKETS_PROGRAM,
+    WITH_COUNTERS,
 };
 
 use super::btf::{iterator_attach_points, kernel_offsets, OffsetsError};
@@ -48,6 +49,9 @@ pub enum Detail {
     /// What a live table keeps: no TIME_WAIT or request sockets, and no
     /// queue sizes (0), left out in the kernel.
     Table,
+    /// What a live table keeps, with each connection's counters (bytes,
+    /// round trip, retransmissions), as `top` refreshes them.
+    Counters,
 }
 
 /// The two iterator programs, loaded once and attached for each reading.
@@ -71,8 +75,10 @@ impl SocketIterators {
         for (global, offset) in &offsets {
             loader.override_global(global, offset, true);
         }
-        let table_only = u32::from(detail == Detail::Table);
+        let table_only = u32::from(detail != Detail::Full);
         loader.override_global(TABLE_ONLY, &table_only, true);
+        let with_counters = u32::from(detail == Detail::Counters);
+        loader.override_global(WITH_COUNTERS, &with_counters, true);
         let mut ebpf = loader.load(NETWATCH_OBJECT)?;
         let attach_points = iterator_attach_points()?;
         for (program, iter_type) in [
