@@ -15,7 +15,8 @@ use ratatui::{Frame, Terminal};
 
 /// The terminal in `top`'s hands, until dropped.
 pub struct Session {
-    terminal: Terminal<CrosstermBackend<Stdout>>,
+    /// Taken when the session ends (see `Drop`).
+    terminal: Option<Terminal<CrosstermBackend<Stdout>>>,
     stderr: Option<HeldStderr>,
 }
 
@@ -26,7 +27,7 @@ impl Session {
         let stderr = HeldStderr::start().ok();
         terminal::enable_raw_mode()?;
         let session = Session {
-            terminal: Terminal::new(CrosstermBackend::new(io::stdout()))?,
+            terminal: Some(Terminal::new(CrosstermBackend::new(io::stdout()))?),
             stderr,
         };
         execute!(io::stdout(), terminal::EnterAlternateScreen, cursor::Hide)?;
@@ -36,13 +37,25 @@ impl Session {
 
     /// Draws a frame.
     pub fn draw(&mut self, render: impl FnOnce(&mut Frame<'_>)) -> io::Result<()> {
-        self.terminal.draw(render).map(drop)
+        match self.terminal.as_mut() {
+            Some(terminal) => terminal.draw(render).map(drop),
+            None => Ok(()),
+        }
     }
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
         restore();
+        // ratatui's own Drop shows the cursor again and prints why it could
+        // not: on a closed output (`top | head`) that is a stray "Broken
+        // pipe" line. `restore` did what can be done, so such a terminal
+        // is let go without its Drop.
+        if let Some(mut terminal) = self.terminal.take() {
+            if terminal.show_cursor().is_err() {
+                std::mem::forget(terminal);
+            }
+        }
         if let Some(stderr) = self.stderr.take() {
             stderr.release();
         }
