@@ -35,8 +35,8 @@ pub struct Connection {
     pub bytes: ByteCounts,
     /// Bytes per second sent and received, over the last refresh.
     pub rates: (f64, f64),
-    /// Its round-trip time and retransmissions at the last refresh, where
-    /// the kernel was read (as root).
+    /// What the kernel counted of it at the last refresh that read it (as
+    /// root, in netwatch's network namespace); its bytes are also in `bytes`.
     pub counters: Option<TcpCounters>,
     /// Its owner changed from one process to another (a handoff).
     pub handed_off: bool,
@@ -62,6 +62,12 @@ impl Connection {
             history: VecDeque::new(),
             owner_changes: Vec::new(),
         }
+    }
+
+    /// Its counters once the kernel has measured a round trip (RTT and
+    /// RETR show `-` before).
+    pub fn measured(&self) -> Option<TcpCounters> {
+        self.counters.filter(|counted| counted.rtt_us > 0)
     }
 
     fn of_table(socket: &LiveSocket) -> Connection {

@@ -474,9 +474,9 @@ fn cells(view: View, members: &[&Connection], now: SystemTime) -> Vec<String> {
         bytes(rates.1),
     ]);
     if let (View::Connections, [c]) = (view, members) {
-        let counters = c.counters.filter(|m| m.rtt_us > 0);
-        cells.push(counters.map_or("-".into(), |m| rtt(m.rtt_us)));
-        cells.push(counters.map_or("-".into(), |m| m.retransmits.to_string()));
+        let measured = c.measured();
+        cells.push(measured.map_or("-".into(), |counted| rtt(counted.rtt_us)));
+        cells.push(measured.map_or("-".into(), |counted| counted.retransmits.to_string()));
     }
     if matches!(view, View::Connections | View::Processes) {
         cells.push(unit_of(owner));
@@ -642,7 +642,7 @@ fn detail(view: View, members: &[&Connection]) -> Vec<String> {
             format_endpoint(c.tuple.remote),
             c.state
         ));
-        if let Some(counters) = c.counters.filter(|m| m.rtt_us > 0) {
+        if let Some(counters) = c.measured() {
             lines.push(format!(
                 "path     rtt {} · {} segments retransmitted",
                 rtt(counters.rtt_us),
