@@ -100,8 +100,8 @@ macro_rules! kernel_offset_tables {
                 SKC_STATE: "sock_common", "skc_state";
                 SK_ERR: "sock", "sk_err";
             }
-            /// Globals of the owner programs: where a task's process name and start
-            /// time are, and the way from a task's fd to its socket.
+            /// Globals of the owner programs: where a task's process name, start
+            /// time and command line are, and the way from a task's fd to its socket.
             TASK_OFFSETS {
                 TASK_GROUP_LEADER: "task_struct", "group_leader";
                 TASK_COMM: "task_struct", "comm";
@@ -112,6 +112,9 @@ macro_rules! kernel_offset_tables {
                 FDTABLE_MAX_FDS: "fdtable", "max_fds";
                 FDTABLE_FD: "fdtable", "fd";
                 SOCKET_SK: "socket", "sk";
+                TASK_MM: "task_struct", "mm";
+                MM_ARG_START: "mm_struct", "arg_start";
+                MM_ARG_END: "mm_struct", "arg_end";
             }
             /// Globals of the iterator (and of the accept program, which also finds a
             /// socket from a file): byte offsets taken from the kernel's BTF.
@@ -511,6 +514,38 @@ pub struct KernelEvent {
 // SAFETY: `KernelEvent` is `repr(C)`, `Copy`, has no implicit padding and every bit pattern is valid.
 unsafe impl aya::Pod for KernelEvent {}
 
+/// Bytes of a command line a [`KernelEventWithCommandLine`] carries at most.
+pub const COMMAND_LINE_BYTES: usize = 256;
+
+/// Name of the LRU hash (tgid to start time) of the processes whose
+/// command line the kernel has sent: each is sent once, and again after
+/// an exec.
+pub const COMMAND_LINES_SENT_MAP: &str = "COMMAND_LINES_SENT";
+/// Processes `COMMAND_LINES_SENT_MAP` remembers at most.
+pub const COMMAND_LINES_SENT_ENTRIES: u32 = 1 << 13;
+
+/// An owner or exec event that names a process (with its start time) for
+/// the first time since netwatch started, or after its exec, with its command
+/// line read from its memory in its own context: what /proc/PID/cmdline
+/// gives, which a process that exits at once no longer shows by the time
+/// user space reads /proc. The ring buffer carries it in place of a
+/// [`KernelEvent`]; user space tells the two apart by their length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelEventWithCommandLine {
+    pub event: KernelEvent,
+    /// Bytes of `command_line` read: its arguments, each NUL-terminated,
+    /// cut at [`COMMAND_LINE_BYTES`]; the bytes past it are undefined.
+    pub length: u32,
+    /// The whole command line's length, `length` or more.
+    pub full_length: u32,
+    pub command_line: [u8; COMMAND_LINE_BYTES],
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, `Copy`, no implicit padding; every bit pattern is valid.
+unsafe impl aya::Pod for KernelEventWithCommandLine {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -520,6 +555,14 @@ mod tests {
         let fields = 8 * 6 + 16 * 3 + 4 * 3 + 2 * 3 + 4 + 2;
         assert_eq!(core::mem::size_of::<KernelEvent>(), fields);
         assert_eq!(core::mem::size_of::<KernelEvent>() % 8, 0);
+    }
+
+    #[test]
+    fn kernel_event_with_command_line_has_no_implicit_padding() {
+        assert_eq!(
+            core::mem::size_of::<KernelEventWithCommandLine>(),
+            core::mem::size_of::<KernelEvent>() + 4 * 2 + COMMAND_LINE_BYTES
+        );
     }
 
     #[test]

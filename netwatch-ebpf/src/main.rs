@@ -31,7 +31,8 @@ mod state;
 mod tcp_iterator;
 
 use aya_ebpf::helpers::generated::{
-    bpf_get_current_cgroup_id, bpf_get_smp_processor_id, bpf_map_lookup_percpu_elem, bpf_seq_write,
+    bpf_get_current_cgroup_id, bpf_get_smp_processor_id, bpf_map_lookup_percpu_elem,
+    bpf_probe_read_user, bpf_seq_write,
 };
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -49,9 +50,10 @@ use core::ffi::c_void;
 use core::intrinsics::{atomic_cxchg, atomic_or, atomic_xadd, atomic_xchg, AtomicOrdering};
 use netwatch_common::{
     event_kind, owner_cache_slot, syscall_exit, tcp_state, tracepoint as field, ByteCounts,
-    CachedOwner, KernelEvent, SocketEntry, SocketFd, TcpSocketRecord, AF_INET, BYTES_MAX_CPUS,
-    DROPPED_OWNER_EVENTS, DROPPED_RECOVERIES, DROPPED_TRANSITIONS, IPPROTO_TCP, OWNER_CACHE_SLOTS,
-    OWNER_CACHE_TAKEN, SOCKETS_MAP_ENTRIES, SOCKET_FD_UNREADABLE, SOCK_COMMON_HEAD,
+    CachedOwner, KernelEvent, KernelEventWithCommandLine, SocketEntry, SocketFd, TcpSocketRecord,
+    AF_INET, BYTES_MAX_CPUS, COMMAND_LINES_SENT_ENTRIES, COMMAND_LINE_BYTES, DROPPED_OWNER_EVENTS,
+    DROPPED_RECOVERIES, DROPPED_TRANSITIONS, IPPROTO_TCP, OWNER_CACHE_SLOTS, OWNER_CACHE_TAKEN,
+    SOCKETS_MAP_ENTRIES, SOCKET_FD_UNREADABLE, SOCK_COMMON_HEAD,
 };
 
 /// Default size; the loader overrides it from `--ring-buffer-kib`.
@@ -69,6 +71,12 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
 /// socket reaches CLOSE.
 #[map(name = "SOCKETS")]
 static SOCKETS: LruHashMap<u64, SocketEntry> = LruHashMap::with_max_entries(SOCKETS_MAP_ENTRIES, 0);
+
+/// Per process (tgid): the start time of the process whose command line
+/// was last sent (see `send_to`).
+#[map(name = "COMMAND_LINES_SENT")]
+static COMMAND_LINES_SENT: LruHashMap<u32, u64> =
+    LruHashMap::with_max_entries(COMMAND_LINES_SENT_ENTRIES, 0);
 
 /// When user space was last woken (bpf_ktime_get_ns), slot 0.
 #[map(name = "WOKEN")]
@@ -296,6 +304,83 @@ fn send_to(event: KernelEvent, drops: u32) {
         }
         None => count_drop(drops),
     }
+}
+
+/// Sends an owner or exec event, which names the process on the CPU: the
+/// first to name that process (by its start time), or an exec's, carries
+/// the process's command line. (The transition program does not send
+/// them: its frame leaves too little of the verifier's 512 bytes of stack.)
+fn send_naming(event: KernelEvent) {
+    if command_line_due(&event) {
+        send_with_command_line(&event, DROPPED_OWNER_EVENTS);
+    } else {
+        send_to(event, DROPPED_OWNER_EVENTS);
+    }
+}
+
+/// Whether `event`, which names the process on the CPU when its start time
+/// is set, is the first to name that process, or comes from its exec.
+#[inline(always)]
+fn command_line_due(event: &KernelEvent) -> bool {
+    if event.start_ns == 0 {
+        return false;
+    }
+    // SAFETY: a plain copy of the value, which another CPU may replace whole.
+    let sent = unsafe { COMMAND_LINES_SENT.get(event.tgid) }.copied();
+    event.kind == event_kind::EXEC || sent != Some(event.start_ns)
+}
+
+/// Sends `event` with the command line of the process on the CPU, and
+/// remembers that it was sent.
+fn send_with_command_line(event: &KernelEvent, drops: u32) {
+    let Some(mut entry) = EVENTS.reserve::<KernelEventWithCommandLine>(0) else {
+        count_drop(drops);
+        return;
+    };
+    let record = entry.as_mut_ptr();
+    // SAFETY: the reserved record is ours to write until it is submitted.
+    unsafe {
+        let (length, full_length) = read_command_line(&raw mut (*record).command_line);
+        (&raw mut (*record).event).write(*event);
+        (&raw mut (*record).length).write(length);
+        (&raw mut (*record).full_length).write(full_length);
+    }
+    entry.submit(wakeup_flag(event.ts_ns));
+    let _ = COMMAND_LINES_SENT.insert(event.tgid, event.start_ns, 0);
+}
+
+/// Reads the command line of the process on the CPU (its arguments, from
+/// its memory between `mm->arg_start` and `arg_end`, as /proc/PID/cmdline
+/// does) into `buffer`: the bytes read and the whole line's length, or
+/// (0, 0) where it has none (a kernel thread) or the read failed.
+fn read_command_line(buffer: *mut [u8; COMMAND_LINE_BYTES]) -> (u32, u32) {
+    // SAFETY: bpf_get_current_task has no preconditions.
+    let task = unsafe { bpf_get_current_task() };
+    let Ok(mm) = read_kernel::<u64>(task, &TASK_MM) else {
+        return (0, 0);
+    };
+    if mm == 0 {
+        return (0, 0);
+    }
+    let (Ok(start), Ok(end)) = (
+        read_kernel::<u64>(mm, &MM_ARG_START),
+        read_kernel::<u64>(mm, &MM_ARG_END),
+    ) else {
+        return (0, 0);
+    };
+    let full_length = end.saturating_sub(start);
+    let mut length = full_length as u32;
+    if full_length > COMMAND_LINE_BYTES as u64 {
+        length = COMMAND_LINE_BYTES as u32;
+    }
+    // SAFETY: reads at most the buffer's size from the current process's
+    // memory; the helper checks the user address (a page not present
+    // fails the read rather than waiting for it).
+    let read = unsafe { bpf_probe_read_user(buffer.cast(), length, start as *const c_void) };
+    if read != 0 {
+        return (0, 0);
+    }
+    (length, full_length.min(u64::from(u32::MAX)) as u32)
 }
 
 /// Waking user space for every event costs more than handling it: wake it

@@ -423,7 +423,7 @@ pub fn process_exec(_ctx: RawTracePointContext) -> i32 {
         kind: event_kind::EXEC,
         ..blank_event(0, process)
     };
-    send_to(event, DROPPED_OWNER_EVENTS);
+    send_naming(event);
     0
 }
 
@@ -449,5 +449,5 @@ fn send_owner(sk: u64, kind: u8) {
         kind,
         ..blank_event(sk, current_process())
     };
-    send_to(event, DROPPED_OWNER_EVENTS);
+    send_naming(event);
 }

@@ -6,7 +6,7 @@ use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt as _;
 
 use clap::Parser as _;
-use netwatch_common::{FILE_OFFSETS, SOCK_OFFSETS, TASK_OFFSETS, TCP_OFFSETS};
+use netwatch_common::{COMMAND_LINE_BYTES, FILE_OFFSETS, SOCK_OFFSETS, TASK_OFFSETS, TCP_OFFSETS};
 
 use crate::cli::Cli;
 use crate::kernel::{decode_event, to_record, Btf};
@@ -17,11 +17,21 @@ use crate::snapshot::parse_table;
 /// One ring buffer item, decoded and made a record.
 pub fn ring_buffer_item(bytes: &[u8]) {
     let Some(event) = decode_event(bytes) else {
+        assert_eq!(to_record(bytes), None);
         return;
     };
-    if let Some(Record::Transition(transition)) = to_record(&event) {
-        assert_eq!(transition.skaddr, event.skaddr);
-    }
+    let task = match to_record(bytes) {
+        Some(Record::Transition(transition)) => {
+            assert_eq!(transition.skaddr, event.skaddr);
+            transition.task
+        }
+        Some(Record::Owner(owner)) => owner.task,
+        Some(Record::Exec(task)) => task,
+        None => return,
+    };
+    let command_line = task.command_line.as_deref().unwrap_or_default();
+    assert!(command_line.len() <= COMMAND_LINE_BYTES);
+    assert!(command_line.len() < bytes.len());
 }
 
 /// One /proc/net table, read as each protocol's.

@@ -4,6 +4,7 @@
 use netwatch_common::{tcp_state, ByteCounts};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 mod losses;
 mod process;
@@ -230,6 +231,23 @@ pub struct Task {
     pub start_ns: Option<u64>,
     /// Its cgroup (v2) id, where the kernel read its start time.
     pub cgroup_id: Option<u64>,
+    /// Its command line as the kernel read it from the process's memory
+    /// (arguments, each NUL-terminated, cut at `COMMAND_LINE_BYTES`): on the
+    /// first owner event that names the process, and on its exec; else `None`.
+    pub command_line: Option<Arc<[u8]>>,
+}
+
+impl Task {
+    /// A process known by its pid alone (an owner /proc named).
+    pub fn of_pid(pid: u32) -> Task {
+        Task {
+            pid,
+            comm: [0; 16],
+            start_ns: None,
+            cgroup_id: None,
+            command_line: None,
+        }
+    }
 }
 
 /// One state change reported by the kernel.

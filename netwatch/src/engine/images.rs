@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 
-use crate::model::{ImageSlot, ProcessImage};
+use crate::model::{CommandLine, ImageSlot, ProcessImage};
 
 /// Reads what process `pid`, started at the given time and in the given
 /// cgroup if known, runs ([`crate::snapshot::process_image`] in production).
@@ -26,6 +26,8 @@ struct Request {
     pid: u32,
     start_ns: Option<u64>,
     cgroup_id: Option<u64>,
+    /// What the kernel read of its command line, if it sent that.
+    command_line: Option<Arc<[u8]>>,
     slot: Arc<ImageSlot>,
 }
 
@@ -66,7 +68,7 @@ impl ImageReader {
                 }
                 for request in queue.iter().flatten() {
                     let image = lookup(request.pid, request.start_ns, request.cgroup_id);
-                    request.slot.fill(image);
+                    request.slot.fill(completed(image, request.command_line));
                     count.fetch_add(1, Ordering::Release);
                 }
             })?;
@@ -81,17 +83,20 @@ impl ImageReader {
 
     /// Asks for what process `pid` runs: a slot filled now or soon (once
     /// [`ImageReader::send`] has sent the batch), or `None` when the worker
-    /// has too much to read already.
+    /// has too much to read already. The command line the kernel read, if
+    /// given, stands in for one /proc no longer shows.
     pub fn ask(
         &mut self,
         pid: u32,
         start_ns: Option<u64>,
         cgroup_id: Option<u64>,
+        command_line: Option<Arc<[u8]>>,
     ) -> Option<Arc<ImageSlot>> {
         match self {
-            ImageReader::Inline(lookup) => {
-                Some(ImageSlot::filled(lookup(pid, start_ns, cgroup_id)))
-            }
+            ImageReader::Inline(lookup) => Some(ImageSlot::filled(completed(
+                lookup(pid, start_ns, cgroup_id),
+                command_line,
+            ))),
             ImageReader::Worker(worker) => {
                 let waiting = worker.asked - worker.read.load(Ordering::Acquire);
                 if waiting >= QUEUE_LENGTH as u64 {
@@ -102,6 +107,7 @@ impl ImageReader {
                     pid,
                     start_ns,
                     cgroup_id,
+                    command_line,
                     slot: slot.clone(),
                 });
                 worker.asked += 1;
@@ -137,6 +143,15 @@ impl ImageReader {
     }
 }
 
+/// `image`, with the command line the kernel read where /proc gave none:
+/// a process that exited (or was exiting) before its read.
+fn completed(mut image: ProcessImage, command_line: Option<Arc<[u8]>>) -> ProcessImage {
+    if image.cmdline.is_none() {
+        image.cmdline = command_line.map(|bytes| Arc::new(CommandLine::from_proc(&bytes)));
+    }
+    image
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,7 +176,11 @@ mod tests {
     fn the_worker_fills_each_slot_with_its_process_image() {
         let mut reader = ImageReader::spawn(exe_named_by_pid).expect("a thread");
         let slots: Vec<_> = (1..=100)
-            .map(|pid| reader.ask(pid, None, None).expect("room in the queue"))
+            .map(|pid| {
+                reader
+                    .ask(pid, None, None, None)
+                    .expect("room in the queue")
+            })
             .collect();
         reader.send();
         settle(&reader);
@@ -187,7 +206,7 @@ mod tests {
         let mut given = 0;
         for batch in 0..4u32 {
             given += (0..QUEUE_LENGTH as u32 / 2)
-                .filter(|&pid| reader.ask(batch * 10_000 + pid, None, None).is_some())
+                .filter(|&pid| reader.ask(batch * 10_000 + pid, None, None, None).is_some())
                 .count();
             reader.send();
         }
@@ -200,9 +219,41 @@ mod tests {
     }
 
     #[test]
+    fn the_kernels_command_line_stands_in_only_for_one_proc_no_longer_shows() {
+        fn gone(_: u32, _: Option<u64>, _: Option<u64>) -> ProcessImage {
+            ProcessImage::default()
+        }
+        fn running(pid: u32, _: Option<u64>, _: Option<u64>) -> ProcessImage {
+            ProcessImage {
+                cmdline: Some(Arc::new(CommandLine(vec![format!("{pid}").into_bytes()]))),
+                ..ProcessImage::default()
+            }
+        }
+        let from_kernel: Option<Arc<[u8]>> = Some(Arc::from(&b"socat\0-d\0"[..]));
+        let arguments = |reader: &mut ImageReader| {
+            let slot = reader.ask(7, None, None, from_kernel.clone());
+            settle(reader);
+            let image = slot.expect("a slot").get().cloned().expect("filled");
+            image.cmdline.map(|line| line.0.clone())
+        };
+        let kernels = Some(vec![b"socat".to_vec(), b"-d".to_vec()]);
+        assert_eq!(arguments(&mut ImageReader::Inline(gone)), kernels);
+        assert_eq!(
+            arguments(&mut ImageReader::Inline(running)),
+            Some(vec![b"7".to_vec()])
+        );
+        let mut worker = ImageReader::spawn(gone).expect("a thread");
+        let slot = worker.ask(7, None, None, from_kernel.clone());
+        worker.send();
+        settle(&worker);
+        let image = slot.expect("a slot").get().cloned().expect("filled");
+        assert_eq!(image.cmdline.map(|line| line.0.clone()), kernels);
+    }
+
+    #[test]
     fn inline_reads_fill_the_slot_at_once() {
         let mut reader = ImageReader::Inline(exe_named_by_pid);
-        let slot = reader.ask(7, None, None).expect("a slot");
+        let slot = reader.ask(7, None, None, None).expect("a slot");
         assert_eq!(
             slot.get().and_then(|image| image.exe.as_deref()),
             Some("/bin/7")

@@ -61,13 +61,13 @@ pub(crate) struct KernelSource {
 impl EventSource for KernelSource {
     async fn drain(&mut self, mut handle: impl FnMut(Record)) -> io::Result<()> {
         self.probe
-            .drain(|event| kernel::to_record(&event).into_iter().for_each(&mut handle))
+            .drain(|item| kernel::to_record(item).into_iter().for_each(&mut handle))
             .await
     }
 
     fn drain_now(&mut self, mut handle: impl FnMut(Record)) {
         self.probe
-            .drain_now(|event| kernel::to_record(&event).into_iter().for_each(&mut handle));
+            .drain_now(|item| kernel::to_record(item).into_iter().for_each(&mut handle));
     }
 
     fn losses(&self) -> io::Result<LossCounters> {

@@ -28,7 +28,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::model::{
-    Direction, ImageSlot, Owner, OwnerChange, OwnerEvent, TcpState, Transition, Tuple,
+    Direction, ImageSlot, Owner, OwnerChange, OwnerEvent, Task, TcpState, Transition, Tuple,
 };
 use crate::snapshot::Snapshot;
 
@@ -247,7 +247,7 @@ impl SocketTable {
             let process = entry
                 .owner
                 .as_ref()
-                .map(|owner| self.process(owner.pid, None, None, owner.program.clone()));
+                .map(|owner| self.process(&Task::of_pid(owner.pid), owner.program.clone()));
             let mut live = LiveSocket::unknown(tuple, socket.state, process);
             live.uid = Some(socket.uid);
             live.netns = socket.netns.or(netns);

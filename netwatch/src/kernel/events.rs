@@ -1,13 +1,18 @@
 //! The kernel's events as netwatch's records.
 
+use std::mem::offset_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 
-use netwatch_common::{event_kind, ByteCounts, KernelEvent, AF_INET6};
+use netwatch_common::{
+    event_kind, ByteCounts, KernelEvent, KernelEventWithCommandLine, AF_INET6, COMMAND_LINE_BYTES,
+};
 
 use crate::model::{OwnerCause, OwnerEvent, Proto, Record, Task, TcpState, Transition, Tuple};
 
-/// The event in one ring buffer item; `None` when the item is shorter
-/// than an event (the kernel writes whole events, so it should not be).
+/// The event in one ring buffer item (a [`KernelEvent`], or one that
+/// starts a [`KernelEventWithCommandLine`]); `None` when the item is
+/// shorter than an event (the kernel writes whole events, so it should not be).
 pub fn decode_event(item: &[u8]) -> Option<KernelEvent> {
     (item.len() >= size_of::<KernelEvent>())
         // SAFETY: the item holds a whole KernelEvent (checked length), and
@@ -15,14 +20,34 @@ pub fn decode_event(item: &[u8]) -> Option<KernelEvent> {
         .then(|| unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<KernelEvent>()) })
 }
 
-/// The record an event describes; `None` for a kind or state number the
-/// kernel should not send.
-pub fn to_record(event: &KernelEvent) -> Option<Record> {
+/// The command line a ring buffer item carries, where it is a
+/// [`KernelEventWithCommandLine`] whose read succeeded.
+fn command_line_in(item: &[u8]) -> Option<Arc<[u8]>> {
+    if item.len() < size_of::<KernelEventWithCommandLine>() {
+        return None;
+    }
+    let at = offset_of!(KernelEventWithCommandLine, length);
+    let length = u32::from_ne_bytes(item.get(at..at + 4)?.try_into().ok()?) as usize;
+    let start = offset_of!(KernelEventWithCommandLine, command_line);
+    let bytes = item.get(start..start + length.min(COMMAND_LINE_BYTES))?;
+    (!bytes.is_empty()).then(|| Arc::from(bytes))
+}
+
+/// The record a ring buffer item describes; `None` for an item shorter
+/// than an event, or a kind or state number the kernel should not send.
+pub fn to_record(item: &[u8]) -> Option<Record> {
+    record_of(&decode_event(item)?, command_line_in(item))
+}
+
+/// The record an event describes, its process's command line where the
+/// kernel sent it.
+fn record_of(event: &KernelEvent, command_line: Option<Arc<[u8]>>) -> Option<Record> {
     let task = Task {
         pid: event.tgid,
         comm: event.comm,
         start_ns: (event.start_ns != 0).then_some(event.start_ns),
         cgroup_id: (event.start_ns != 0).then_some(event.cgroup_id),
+        command_line,
     };
     let cause = match event.kind {
         event_kind::TRANSITION => return to_transition(event, task).map(Record::Transition),
@@ -116,7 +141,7 @@ mod tests {
     #[test]
     fn events_become_transitions() {
         let mut event = kernel_event(event_kind::TRANSITION);
-        let Some(Record::Transition(t)) = to_record(&event) else {
+        let Some(Record::Transition(t)) = record_of(&event, None) else {
             panic!("a transition");
         };
         assert_eq!(t.tuple.proto, Proto::Tcp);
@@ -136,12 +161,55 @@ mod tests {
 
         event.family = AF_INET6;
         event.saddr = std::net::Ipv6Addr::LOCALHOST.octets();
-        let Some(Record::Transition(t)) = to_record(&event) else {
+        let Some(Record::Transition(t)) = record_of(&event, None) else {
             panic!("a transition");
         };
         assert_eq!(t.tuple.local, "[::1]:8080".parse().unwrap());
         event.newstate = 0;
-        assert_eq!(to_record(&event), None);
+        assert_eq!(record_of(&event, None), None);
+    }
+
+    /// The bytes of a ring buffer item holding `value`.
+    fn item<T>(value: &T) -> Vec<u8> {
+        // SAFETY: the kernel's records have no padding; every byte is initialised.
+        unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
+            .to_vec()
+    }
+
+    #[test]
+    fn an_item_with_a_command_line_gives_it_to_the_task() {
+        let mut named = KernelEventWithCommandLine {
+            event: kernel_event(event_kind::FIRST_IO),
+            length: 9,
+            full_length: 9,
+            command_line: [0xaa; COMMAND_LINE_BYTES],
+        };
+        named.command_line[..9].copy_from_slice(b"socat\0-d\0");
+        let Some(Record::Owner(owner)) = to_record(&item(&named)) else {
+            panic!("an owner event");
+        };
+        assert_eq!(
+            owner.task.command_line.as_deref(),
+            Some(&b"socat\0-d\0"[..])
+        );
+        // A plain event, or a read that failed, gives none.
+        let plain = to_record(&item(&named.event));
+        assert!(matches!(plain, Some(Record::Owner(owner)) if owner.task.command_line.is_none()));
+        named.length = 0;
+        let failed = to_record(&item(&named));
+        assert!(matches!(failed, Some(Record::Owner(owner)) if owner.task.command_line.is_none()));
+        // A length beyond the buffer is cut to it.
+        named.length = u32::MAX;
+        let Some(Record::Owner(owner)) = to_record(&item(&named)) else {
+            panic!("an owner event");
+        };
+        let line = owner.task.command_line.expect("a command line");
+        assert_eq!(line.len(), COMMAND_LINE_BYTES);
+        // An item shorter than an event is none.
+        assert_eq!(
+            to_record(&item(&named)[..size_of::<KernelEvent>() - 1]),
+            None
+        );
     }
 
     #[test]
@@ -149,7 +217,7 @@ mod tests {
         let mut event = kernel_event(event_kind::HANDOFF);
         event.oldstate = 1;
         event.newstate = 1;
-        let Some(Record::Owner(owner)) = to_record(&event) else {
+        let Some(Record::Owner(owner)) = record_of(&event, None) else {
             panic!("an owner event");
         };
         assert_eq!(owner.cause, OwnerCause::Handoff);
@@ -158,7 +226,7 @@ mod tests {
         assert_eq!(owner.tuple.local, "127.0.0.1:8080".parse().unwrap());
         event.kind = event_kind::ACCEPT;
         event.start_ns = 0;
-        let Some(Record::Owner(owner)) = to_record(&event) else {
+        let Some(Record::Owner(owner)) = record_of(&event, None) else {
             panic!("an owner event");
         };
         assert_eq!(
@@ -167,11 +235,11 @@ mod tests {
         );
         event.kind = event_kind::FIRST_IO;
         assert!(
-            matches!(to_record(&event), Some(Record::Owner(owner)) if owner.cause == OwnerCause::FirstIo)
+            matches!(record_of(&event, None), Some(Record::Owner(owner)) if owner.cause == OwnerCause::FirstIo)
         );
         event.kind = event_kind::EXEC;
-        assert!(matches!(to_record(&event), Some(Record::Exec(task)) if task.pid == 42));
+        assert!(matches!(record_of(&event, None), Some(Record::Exec(task)) if task.pid == 42));
         event.kind = 200;
-        assert_eq!(to_record(&event), None);
+        assert_eq!(record_of(&event, None), None);
     }
 }

@@ -10,18 +10,17 @@ use aya::maps::{MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::{Program, ProgramError, RawTracePoint, TracePoint};
 use aya::Ebpf;
 use netwatch_common::{
-    owner_cache_slot, syscall_exit, ByteCounts, CachedOwner, KernelEvent, SocketEntry,
-    ACCEPT_PROGRAM, ACCEPT_SYSCALL_NUMBERS, BYTES_MAX_CPUS, COUNTS_BYTES, DROPPED_OWNER_EVENTS,
-    DROPPED_RECOVERIES, DROPPED_TRANSITIONS, DROPS_MAP, EVENTS_MAP, EXEC_PROGRAM, FILE_OFFSETS,
-    FIRED_MAP, NR_CPUS, OWNER_CACHE_MAP, OWNER_CACHE_TAKEN, RECEIVED_PROGRAM, RECOVERY_PROGRAM,
-    SENT_PROGRAM, SOCKETS_MAP, SOCK_LAYOUT_KNOWN, SOCK_OFFSETS, STOPPING_MAP, SYSCALL_EXIT_PROGRAM,
+    owner_cache_slot, syscall_exit, ByteCounts, CachedOwner, SocketEntry, ACCEPT_PROGRAM,
+    ACCEPT_SYSCALL_NUMBERS, BYTES_MAX_CPUS, COUNTS_BYTES, DROPPED_OWNER_EVENTS, DROPPED_RECOVERIES,
+    DROPPED_TRANSITIONS, DROPS_MAP, EVENTS_MAP, EXEC_PROGRAM, FILE_OFFSETS, FIRED_MAP, NR_CPUS,
+    OWNER_CACHE_MAP, OWNER_CACHE_TAKEN, RECEIVED_PROGRAM, RECOVERY_PROGRAM, SENT_PROGRAM,
+    SOCKETS_MAP, SOCK_LAYOUT_KNOWN, SOCK_OFFSETS, STOPPING_MAP, SYSCALL_EXIT_PROGRAM,
     SYSCALL_OFFSETS, TASK_OFFSETS, TRANSITION_PROGRAM, TRANSITION_TRACEPOINT_PROGRAM,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 use super::btf::{kernel_offsets, OffsetsError};
-use super::events::decode_event;
 use super::loader::ebpf_loader;
 use super::prerequisites::{
     check_capabilities, check_layout, ensure_tracefs, fields_mismatch, raise_memlock_limit,
@@ -183,17 +182,17 @@ impl StateProbe {
         Ok(probe)
     }
 
-    /// Waits until the ring buffer has events, then hands each to `handle`
-    /// until it is empty.
-    pub async fn drain(&mut self, mut handle: impl FnMut(KernelEvent)) -> io::Result<()> {
+    /// Waits until the ring buffer has events, then hands each item (see
+    /// [`super::to_record`]) to `handle` until it is empty.
+    pub async fn drain(&mut self, mut handle: impl FnMut(&[u8])) -> io::Result<()> {
         let mut guard = self.ring.readable_mut().await?;
         drain_ready(guard.get_inner_mut(), &mut handle);
         guard.clear_ready();
         Ok(())
     }
 
-    /// Hands every event already in the ring buffer to `handle`, without waiting.
-    pub fn drain_now(&mut self, mut handle: impl FnMut(KernelEvent)) {
+    /// Hands every item already in the ring buffer to `handle`, without waiting.
+    pub fn drain_now(&mut self, mut handle: impl FnMut(&[u8])) {
         drain_ready(self.ring.get_mut(), &mut handle);
     }
 
@@ -465,11 +464,9 @@ where
     M::try_from(map).map_err(|source| ProbeError::Map { name, source })
 }
 
-fn drain_ready(ring: &mut RingBuf<MapData>, handle: &mut impl FnMut(KernelEvent)) {
+fn drain_ready(ring: &mut RingBuf<MapData>, handle: &mut impl FnMut(&[u8])) {
     while let Some(item) = ring.next() {
-        if let Some(event) = decode_event(&item) {
-            handle(event);
-        }
+        handle(&item);
     }
 }
 

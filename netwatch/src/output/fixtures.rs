@@ -145,6 +145,7 @@ pub fn task(pid: u32, start_ns: u64, name: &[u8]) -> Task {
         comm,
         start_ns: Some(start_ns),
         cgroup_id: Some(1),
+        command_line: None,
     }
 }
 

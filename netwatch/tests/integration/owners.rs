@@ -657,3 +657,44 @@ fn verify_finds_no_drift_while_new_connects_go_to_a_busy_port() {
         assert_eq!(report["persisting"], 0, "{report}");
     }
 }
+
+#[test]
+fn socat_children_that_exit_at_once_are_named_by_their_command_line() {
+    // Each child serves one line and exits, often before /proc is read:
+    // about 60% of them were named when only /proc gave command lines.
+    const EXCHANGES: usize = 200;
+    let mut audit = Watch::spawn(&["audit"]);
+    let port = free_port();
+    let mut command = Command::new("socat");
+    command.args([
+        &format!("TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr"),
+        "EXEC:cat",
+    ]);
+    let server = Server::spawn(command, port);
+    // One at a time, each closed once answered: its child exits then.
+    for _ in 0..EXCHANGES {
+        drop(connect(port, 1, b"hello\n", b"hello\n"));
+    }
+    let served = |records: &[Value]| -> Vec<Value> {
+        crate::cmdline::conns_on(records, port)
+            .into_iter()
+            .filter(|record| record["local_port"] == port)
+            .cloned()
+            .collect()
+    };
+    audit.wait_until(|records| served(records).len() > EXCHANGES);
+    let records = audit.stop().records;
+    drop(server);
+    let served = served(&records);
+    let unnamed: Vec<&Value> = served
+        .iter()
+        .filter(|record| record["cmdline"].get(0) != Some(&Value::from("socat")))
+        .collect();
+    assert!(
+        unnamed.is_empty(),
+        "{} of {} children's records without socat's command line, as {}",
+        unnamed.len(),
+        served.len(),
+        unnamed[0]
+    );
+}

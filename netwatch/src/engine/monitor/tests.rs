@@ -49,6 +49,7 @@ fn transition(skaddr: u64, states: (TcpState, TcpState), recovered: bool) -> Rec
         comm: [0; 16],
         start_ns: None,
         cgroup_id: None,
+        command_line: None,
     };
     Record::Transition(Transition {
         recovered,

@@ -115,8 +115,7 @@ impl SocketTable {
                     .cgroup_id
                     .set(task.cgroup_id.or(process.cgroup_id.get()));
                 *process.name.borrow_mut() = name;
-                *process.image.borrow_mut() =
-                    self.read_image(task.pid, task.start_ns, task.cgroup_id);
+                *process.image.borrow_mut() = self.read_image(task);
             }
         }
     }
@@ -132,7 +131,7 @@ impl SocketTable {
             let name = (self.lookup_name)(task.pid)
                 .map(Arc::from)
                 .unwrap_or_else(|| comm_name(&task.comm));
-            return self.process(task.pid, None, task.cgroup_id, name);
+            return self.process(task, name);
         }
         // The common case, a process seen before under the same name, allocates nothing.
         if let Some(known) = self.processes.get(&task.pid).cloned() {
@@ -142,30 +141,20 @@ impl SocketTable {
             {
                 if self.images.is_some() && known.image.borrow().is_none() {
                     // The reader had no room when the process was first seen.
-                    *known.image.borrow_mut() =
-                        self.read_image(task.pid, task.start_ns, task.cgroup_id);
+                    *known.image.borrow_mut() = self.read_image(task);
                 }
                 return known;
             }
         }
-        self.process(
-            task.pid,
-            task.start_ns,
-            task.cgroup_id,
-            comm_name(&task.comm),
-        )
+        self.process(task, comm_name(&task.comm))
     }
 
-    /// The record of process `pid`: the one the table has if it is the same
-    /// process (learning its start time, or a new name the kernel gave with
-    /// the same start time), else a new one, which a reused pid gets.
-    pub(super) fn process(
-        &mut self,
-        pid: u32,
-        start_ns: Option<u64>,
-        cgroup_id: Option<u64>,
-        name: Arc<str>,
-    ) -> Rc<Process> {
+    /// The record of the task's process, named `name`: the one the table
+    /// has if it is the same process (learning its start time, or a new
+    /// name the kernel gave with the same start time), else a new one,
+    /// which a reused pid gets.
+    pub(super) fn process(&mut self, task: &Task, name: Arc<str>) -> Rc<Process> {
+        let (pid, start_ns, cgroup_id) = (task.pid, task.start_ns, task.cgroup_id);
         if let Some(known) = self.processes.get(&pid).cloned() {
             if known.is(start_ns, &name) {
                 if start_ns.is_some() {
@@ -176,7 +165,7 @@ impl SocketTable {
                     if *known.name.borrow() != name || moved {
                         *known.name.borrow_mut() = name;
                         known.cgroup_id.set(cgroup_id.or(known.cgroup_id.get()));
-                        *known.image.borrow_mut() = self.read_image(pid, start_ns, cgroup_id);
+                        *known.image.borrow_mut() = self.read_image(task);
                     }
                 }
                 return known;
@@ -187,19 +176,19 @@ impl SocketTable {
             self.processes
                 .retain(|_, process| Rc::strong_count(process) > 1);
         }
-        let image = self.read_image(pid, start_ns, cgroup_id);
+        let image = self.read_image(task);
         let process = Process::new(pid, start_ns, cgroup_id, name, image);
         self.processes.insert(pid, process.clone());
         process
     }
 
-    /// Asks for what process `pid` runs, where the table reads that.
-    pub(super) fn read_image(
-        &mut self,
-        pid: u32,
-        start_ns: Option<u64>,
-        cgroup_id: Option<u64>,
-    ) -> Option<Arc<ImageSlot>> {
-        self.images.as_mut()?.ask(pid, start_ns, cgroup_id)
+    /// Asks for what the task's process runs, where the table reads that.
+    pub(super) fn read_image(&mut self, task: &Task) -> Option<Arc<ImageSlot>> {
+        self.images.as_mut()?.ask(
+            task.pid,
+            task.start_ns,
+            task.cgroup_id,
+            task.command_line.clone(),
+        )
     }
 }

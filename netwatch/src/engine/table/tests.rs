@@ -36,6 +36,7 @@ fn transition(
         comm: comm(&format!("thread{task}")),
         start_ns: None,
         cgroup_id: None,
+        command_line: None,
     };
     transition_by(ts_ms, skaddr, tuple, (old, new), task)
 }
@@ -53,6 +54,7 @@ fn task(pid: u32, start_ns: u64, name: &str) -> Task {
         comm: comm(name),
         start_ns: Some(start_ns),
         cgroup_id: None,
+        command_line: None,
     }
 }
 

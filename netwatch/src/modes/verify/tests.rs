@@ -43,6 +43,7 @@ fn table(sockets: &[(u64, Tuple, u32, u32)]) -> SocketTable {
                 comm: [0; 16],
                 start_ns: None,
                 cgroup_id: None,
+                command_line: None,
             },
             uid: Some(0),
             netns: Some(netns),
@@ -105,6 +106,7 @@ fn advance(table: &mut SocketTable, skaddr: u64, tuple: Tuple, steps: &[(TcpStat
             comm: [0; 16],
             start_ns: None,
             cgroup_id: None,
+            command_line: None,
         };
         table.apply(&Transition::scripted(ts_ns, skaddr, tuple, step, task));
     }
@@ -299,6 +301,7 @@ fn a_connect_in_progress_matches_without_its_local_port() {
             comm: [0; 16],
             start_ns: None,
             cgroup_id: None,
+            command_line: None,
         },
         uid: Some(0),
         netns: Some(NETNS),
