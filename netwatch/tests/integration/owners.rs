@@ -60,6 +60,18 @@ impl Server {
         server
     }
 
+    /// Debian's socat forking a child per connection, each echoing
+    /// through a `cat` of its own, on a free loopback port.
+    fn socat_echo() -> Server {
+        let port = free_port();
+        let mut command = Command::new("socat");
+        command.args([
+            &format!("TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr"),
+            "EXEC:cat",
+        ]);
+        Server::spawn(command, port)
+    }
+
     fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -512,13 +524,7 @@ fn audit_gives_the_command_line_nginx_workers_wrote_over_their_arguments() {
 
 #[test]
 fn socat_fork_children_own_their_connections_as_ss_shows() {
-    let port = free_port();
-    let mut command = Command::new("socat");
-    command.args([
-        &format!("TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr"),
-        "EXEC:cat",
-    ]);
-    let server = Server::spawn(command, port);
+    let server = Server::socat_echo();
     real_server_matches_ss(&server, "socat", b"hello\n", b"hello\n", Takeover::Handoff);
 }
 
@@ -664,13 +670,8 @@ fn socat_children_that_exit_at_once_are_named_by_their_command_line() {
     // about 60% of them were named when only /proc gave command lines.
     const EXCHANGES: usize = 200;
     let mut audit = Watch::spawn(&["audit"]);
-    let port = free_port();
-    let mut command = Command::new("socat");
-    command.args([
-        &format!("TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr"),
-        "EXEC:cat",
-    ]);
-    let server = Server::spawn(command, port);
+    let server = Server::socat_echo();
+    let port = server.port;
     // One at a time, each closed once answered: its child exits then.
     for _ in 0..EXCHANGES {
         drop(connect(port, 1, b"hello\n", b"hello\n"));
