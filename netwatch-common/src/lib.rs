@@ -517,11 +517,9 @@ unsafe impl aya::Pod for KernelEvent {}
 /// Bytes of a command line a [`KernelEventWithCommandLine`] carries at most.
 pub const COMMAND_LINE_BYTES: usize = 256;
 
-/// Name of the LRU hash (tgid to start time) of the processes whose
-/// command line the kernel has sent: each is sent once, and again after
-/// an exec.
-pub const COMMAND_LINES_SENT_MAP: &str = "COMMAND_LINES_SENT";
-/// Processes `COMMAND_LINES_SENT_MAP` remembers at most.
+/// Processes the kernel remembers having sent the command line of (its
+/// LRU map `COMMAND_LINES_SENT`, tgid to start time) at most: each is sent
+/// once, and again after an exec.
 pub const COMMAND_LINES_SENT_ENTRIES: u32 = 1 << 13;
 
 /// An owner or exec event that names a process (with its start time) for
@@ -537,8 +535,8 @@ pub struct KernelEventWithCommandLine {
     /// Bytes of `command_line` read: its arguments, each NUL-terminated,
     /// cut at [`COMMAND_LINE_BYTES`]; the bytes past it are undefined.
     pub length: u32,
-    /// The whole command line's length, `length` or more.
-    pub full_length: u32,
+    /// Explicit padding to a multiple of 8 bytes.
+    pub _pad: [u8; 4],
     pub command_line: [u8; COMMAND_LINE_BYTES],
 }
 
@@ -561,7 +559,7 @@ mod tests {
     fn kernel_event_with_command_line_has_no_implicit_padding() {
         assert_eq!(
             core::mem::size_of::<KernelEventWithCommandLine>(),
-            core::mem::size_of::<KernelEvent>() + 4 * 2 + COMMAND_LINE_BYTES
+            core::mem::size_of::<KernelEvent>() + 4 + 4 + COMMAND_LINE_BYTES
         );
     }
 

@@ -73,7 +73,7 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
 static SOCKETS: LruHashMap<u64, SocketEntry> = LruHashMap::with_max_entries(SOCKETS_MAP_ENTRIES, 0);
 
 /// Per process (tgid): the start time of the process whose command line
-/// was last sent (see `send_to`).
+/// was last sent (see `send_naming`).
 #[map(name = "COMMAND_LINES_SENT")]
 static COMMAND_LINES_SENT: LruHashMap<u32, u64> =
     LruHashMap::with_max_entries(COMMAND_LINES_SENT_ENTRIES, 0);
@@ -340,10 +340,10 @@ fn send_with_command_line(event: &KernelEvent, drops: u32) {
     let record = entry.as_mut_ptr();
     // SAFETY: the reserved record is ours to write until it is submitted.
     unsafe {
-        let (length, full_length) = read_command_line(&raw mut (*record).command_line);
+        let length = read_command_line(&raw mut (*record).command_line);
         (&raw mut (*record).event).write(*event);
         (&raw mut (*record).length).write(length);
-        (&raw mut (*record).full_length).write(full_length);
+        (&raw mut (*record)._pad).write([0; 4]);
     }
     entry.submit(wakeup_flag(event.ts_ns));
     let _ = COMMAND_LINES_SENT.insert(event.tgid, event.start_ns, 0);
@@ -351,26 +351,27 @@ fn send_with_command_line(event: &KernelEvent, drops: u32) {
 
 /// Reads the command line of the process on the CPU (its arguments, from
 /// its memory between `mm->arg_start` and `arg_end`, as /proc/PID/cmdline
-/// does) into `buffer`: the bytes read and the whole line's length, or
-/// (0, 0) where it has none (a kernel thread) or the read failed.
-fn read_command_line(buffer: *mut [u8; COMMAND_LINE_BYTES]) -> (u32, u32) {
+/// does) into `buffer`: the bytes read, or 0 where it has none (a kernel
+/// thread) or the read failed.
+fn read_command_line(buffer: *mut [u8; COMMAND_LINE_BYTES]) -> u32 {
     // SAFETY: bpf_get_current_task has no preconditions.
     let task = unsafe { bpf_get_current_task() };
     let Ok(mm) = read_kernel::<u64>(task, &TASK_MM) else {
-        return (0, 0);
+        return 0;
     };
     if mm == 0 {
-        return (0, 0);
+        return 0;
     }
     let (Ok(start), Ok(end)) = (
         read_kernel::<u64>(mm, &MM_ARG_START),
         read_kernel::<u64>(mm, &MM_ARG_END),
     ) else {
-        return (0, 0);
+        return 0;
     };
-    let full_length = end.saturating_sub(start);
-    let mut length = full_length as u32;
-    if full_length > COMMAND_LINE_BYTES as u64 {
+    // The verifier needs a bound it can see: a branch, not a min.
+    let whole = end.saturating_sub(start);
+    let mut length = whole as u32;
+    if whole > COMMAND_LINE_BYTES as u64 {
         length = COMMAND_LINE_BYTES as u32;
     }
     // SAFETY: reads at most the buffer's size from the current process's
@@ -378,9 +379,9 @@ fn read_command_line(buffer: *mut [u8; COMMAND_LINE_BYTES]) -> (u32, u32) {
     // fails the read rather than waiting for it).
     let read = unsafe { bpf_probe_read_user(buffer.cast(), length, start as *const c_void) };
     if read != 0 {
-        return (0, 0);
+        return 0;
     }
-    (length, full_length.min(u64::from(u32::MAX)) as u32)
+    length
 }
 
 /// Waking user space for every event costs more than handling it: wake it

@@ -181,7 +181,7 @@ mod tests {
         let mut named = KernelEventWithCommandLine {
             event: kernel_event(event_kind::FIRST_IO),
             length: 9,
-            full_length: 9,
+            _pad: [0; 4],
             command_line: [0xaa; COMMAND_LINE_BYTES],
         };
         named.command_line[..9].copy_from_slice(b"socat\0-d\0");
