@@ -119,14 +119,20 @@ impl Drop for Tmux {
     }
 }
 
-/// `netwatch top` with `flags` in a window of `size`, once it shows its
-/// live header (as root: it loads eBPF programs).
-fn live_top(flags: &str, size: (u16, u16)) -> Tmux {
+/// The netwatch binary, for a test that runs it live (as root: top loads
+/// eBPF programs).
+fn netwatch_as_root() -> &'static str {
     assert!(
         is_root(),
         "top loads eBPF programs: run it as root (cargo xtask test does)"
     );
-    let netwatch = env!("CARGO_BIN_EXE_netwatch");
+    env!("CARGO_BIN_EXE_netwatch")
+}
+
+/// `netwatch top` with `flags` in a window of `size`, once it shows its
+/// live header (as root: it loads eBPF programs).
+fn live_top(flags: &str, size: (u16, u16)) -> Tmux {
+    let netwatch = netwatch_as_root();
     let tmux = Tmux::start(&format!("{netwatch} top {flags}"), size);
     tmux.wait_for("top's live header", |s| {
         s.contains("netwatch top · connections · live")
@@ -264,11 +270,7 @@ fn sigterm_restores_the_terminal() {
 
 #[test]
 fn a_closed_pipe_ends_top_quietly_and_leaves_the_terminal_cooked() {
-    assert!(
-        is_root(),
-        "top loads eBPF programs: run it as root (cargo xtask test does)"
-    );
-    let netwatch = env!("CARGO_BIN_EXE_netwatch");
+    let netwatch = netwatch_as_root();
     // head closes top's output after 64 bytes; stty then shows the
     // terminal's modes, which raw mode would have left without icanon and echo.
     let command = format!(
@@ -369,10 +371,7 @@ impl Drop for DnsServer {
 
 #[test]
 fn n_names_remote_hosts_from_a_real_dns_server() {
-    assert!(
-        is_root(),
-        "top loads eBPF programs: run it as root (cargo xtask test does)"
-    );
+    let netwatch = netwatch_as_root();
     let _dns = DnsServer::start("9.0.0.127.in-addr.arpa,peer.netwatch.test");
     let resolv = std::env::temp_dir().join(format!("netwatch-top-resolv-{}", std::process::id()));
     std::fs::write(
@@ -385,7 +384,6 @@ fn n_names_remote_hosts_from_a_real_dns_server() {
     peer.connect(&format!("127.0.0.9:{port}"));
     peer.accept(listener);
     // top in a mount namespace of its own where /etc/resolv.conf names dnsmasq.
-    let netwatch = env!("CARGO_BIN_EXE_netwatch");
     let command = format!(
         "unshare --mount sh -c 'mount --bind {} /etc/resolv.conf && exec {netwatch} top'",
         resolv.display()
