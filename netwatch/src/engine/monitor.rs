@@ -23,7 +23,7 @@ use crate::engine::clock::{monotonic_ns, WallClock};
 use crate::engine::images::ImageReader;
 use crate::engine::ledger::{Arrival, LossLedger};
 use crate::engine::source::{kernel_reader, EventSource, KernelSource};
-use crate::engine::table::SocketTable;
+use crate::engine::table::{Observed, SocketTable};
 use crate::kernel::{self, Detail, KernelLog, SocketIterators, StateProbe};
 use crate::metrics::{Failure, Metrics};
 use crate::model::{LossCounters, OwnerEvent, Proto, Record, TcpCounters, Transition};
@@ -376,13 +376,19 @@ impl<O: Observer> Monitor<O> {
     fn deliver(&mut self, call: Call) {
         let out = &mut self.output.buffer;
         match call {
-            Call::Transition(t, seen) => self.observer.transition(&t, seen, &self.clock, out),
+            Call::Transition(t, seen) => return self.deliver_transition(&t, seen),
             Call::OwnerChanged(ts_ns, change) => {
                 self.observer
                     .owner_changed(ts_ns, &change, &self.clock, out)
             }
             Call::Notice(notice) => self.observer.notice(&notice, out),
         }
+        self.output.flush_when_full();
+    }
+
+    fn deliver_transition(&mut self, t: &Transition, seen: Observed) {
+        let out = &mut self.output.buffer;
+        self.observer.transition(t, seen, &self.clock, out);
         self.output.flush_when_full();
     }
 
@@ -442,7 +448,14 @@ impl<O: Observer> Monitor<O> {
         }
         self.metrics.transition(transition.old, transition.new);
         let observed = self.table.apply(&transition);
-        self.call(Call::Transition(transition, observed));
+        // What `call` does, without moving the transition and what the
+        // table saw into a `Call` and back out (two copies of 550 bytes)
+        // on the common path.
+        if self.deferred.holds() || observed.waits_for_image() {
+            self.deferred.hold(Call::Transition(transition, observed));
+        } else {
+            self.deliver_transition(&transition, observed);
+        }
     }
 
     /// Fills the table from a snapshot: the baseline at start, or a resync.

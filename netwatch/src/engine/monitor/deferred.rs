@@ -63,11 +63,16 @@ impl Deferred {
     /// `call` if it can go out now: nothing is held before it and it
     /// waits for no image; else it is held.
     pub fn pass(&mut self, call: Call) -> Option<Call> {
-        if self.held.is_empty() && !call.waits_for_image() {
+        if !self.holds() && !call.waits_for_image() {
             return Some(call);
         }
-        self.held.push_back((Instant::now(), call));
+        self.hold(call);
         None
+    }
+
+    /// Holds `call` back, after those held.
+    pub fn hold(&mut self, call: Call) {
+        self.held.push_back((Instant::now(), call));
     }
 
     /// The oldest call held, if it can go out at `now`: its images have
@@ -81,7 +86,6 @@ impl Deferred {
     }
 
     /// Whether a call is held.
-    #[cfg(test)]
     pub fn holds(&self) -> bool {
         !self.held.is_empty()
     }
