@@ -8,7 +8,7 @@
 use std::time::SystemTime;
 
 use super::bytes::{self, RfcTime};
-use super::fragments::OwnerFragments;
+use super::fragments::{OwnerFragments, TupleFragments};
 use super::SCHEMA;
 use crate::model::{CommandLine, Owner, OwnerChange, TcpState, Tuple};
 
@@ -22,6 +22,8 @@ pub struct StreamWriter {
     time: RfcTime,
     /// The JSON fields that end an owner's records.
     owners: OwnerFragments,
+    /// The endpoints of the connections seen last.
+    tuples: TupleFragments,
     /// Scratch for a text line's timestamp, of which it shows the time of day.
     stamp: Vec<u8>,
 }
@@ -75,7 +77,7 @@ impl StreamWriter {
         bytes::json_opt_integer(out, r.owner.map(|owner| owner.pid));
         out.extend_from_slice(b",\"program\":");
         bytes::json_opt_str(out, r.owner.map(|owner| &*owner.program));
-        tuple_json(out, r.tuple);
+        self.tuples.write(out, r.tuple, tuple_json);
         out.extend_from_slice(b",\"old_state\":\"");
         out.extend_from_slice(r.old.name().as_bytes());
         out.extend_from_slice(b"\",\"new_state\":\"");
@@ -91,7 +93,7 @@ impl StreamWriter {
         out.extend_from_slice(b",\"ts\":\"");
         self.time.write(out, ts);
         out.push(b'"');
-        tuple_json(out, &change.tuple);
+        self.tuples.write(out, &change.tuple, tuple_json);
         out.extend_from_slice(b",\"state\":\"");
         out.extend_from_slice(change.state.name().as_bytes());
         out.extend_from_slice(b"\",\"cause\":\"");
@@ -131,7 +133,7 @@ impl StreamWriter {
 
     fn state_text(&mut self, out: &mut Vec<u8>, r: &StateRecord<'_>) {
         self.when_and_who(out, r.ts, r.owner);
-        endpoints_text(out, r.tuple);
+        self.tuples.write(out, r.tuple, endpoints_text);
         bytes::cell(out, r.old.name().as_bytes(), 12);
         out.extend_from_slice(b" -> ");
         bytes::cell(out, r.new.name().as_bytes(), 12);
@@ -145,7 +147,7 @@ impl StreamWriter {
 
     fn owner_text(&mut self, out: &mut Vec<u8>, ts: SystemTime, change: &OwnerChange) {
         self.when_and_who(out, ts, Some(&change.new));
-        endpoints_text(out, &change.tuple);
+        self.tuples.write(out, &change.tuple, endpoints_text);
         out.extend_from_slice(b"OWNER        <- ");
         match &change.old {
             Some(old) => {
