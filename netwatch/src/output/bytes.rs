@@ -62,13 +62,31 @@ fn append<const N: usize>(out: &mut Vec<u8>, write: impl FnOnce(&mut [u8; N]) ->
 /// Writes `value`'s decimal digits at the start of `room`; returns how many.
 fn decimal(room: &mut [u8; 20], value: u64) -> usize {
     let digits = value.checked_ilog10().map_or(1, |log| log as usize + 1);
-    let mut rest = value;
-    for at in (0..digits).rev() {
-        room[at] = b'0' + (rest % 10) as u8;
-        rest /= 10;
+    let (mut rest, mut at) = (value, digits);
+    // Two digits at a time, from the last.
+    while at >= 2 {
+        let pair = 2 * (rest % 100) as usize;
+        room[at - 2..at].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+        rest /= 100;
+        at -= 2;
+    }
+    if at == 1 {
+        room[0] = b'0' + rest as u8;
     }
     digits
 }
+
+/// "00" to "99".
+const DIGIT_PAIRS: [u8; 200] = {
+    let mut pairs = [0u8; 200];
+    let mut pair = 0;
+    while pair < 100 {
+        pairs[2 * pair] = b'0' + (pair / 10) as u8;
+        pairs[2 * pair + 1] = b'0' + (pair % 10) as u8;
+        pair += 1;
+    }
+    pairs
+};
 
 /// An integer in decimal.
 pub fn integer(out: &mut Vec<u8>, value: impl Into<u64>) {
@@ -121,17 +139,16 @@ fn millionths_text(room: &mut [u8; 32], millionths: u64) -> usize {
     let digits = decimal(&mut whole, millionths / 1_000_000);
     room[..20].copy_from_slice(&whole);
     room[digits] = b'.';
-    let mut fraction = millionths % 1_000_000;
-    let mut end = digits + 2;
+    let fraction = millionths % 1_000_000;
     if fraction == 0 {
         room[digits + 1] = b'0';
-        return end;
+        return digits + 2;
     }
-    for at in (digits + 1..digits + 7).rev() {
-        room[at] = b'0' + (fraction % 10) as u8;
-        fraction /= 10;
-    }
-    end = digits + 7;
+    // Six digits with their leading zeros: those of 10^6 + fraction, but its 1.
+    let mut padded = [0u8; 20];
+    decimal(&mut padded, 1_000_000 + fraction);
+    room[digits + 1..digits + 7].copy_from_slice(&padded[1..7]);
+    let mut end = digits + 7;
     while room[end - 1] == b'0' {
         end -= 1;
     }
@@ -361,11 +378,9 @@ impl RfcTime {
         let mut stamp = [0u8; 27];
         stamp[..19].copy_from_slice(&text);
         stamp[19] = b'.';
-        let mut micros = since.subsec_micros();
-        for digit in stamp[20..26].iter_mut().rev() {
-            *digit = b'0' + (micros % 10) as u8;
-            micros /= 10;
-        }
+        let mut padded = [0u8; 20];
+        decimal(&mut padded, 1_000_000 + u64::from(since.subsec_micros()));
+        stamp[20..26].copy_from_slice(&padded[1..7]);
         stamp[26] = b'Z';
         out.extend_from_slice(&stamp);
     }
