@@ -376,7 +376,7 @@ impl<O: Observer> Monitor<O> {
     fn deliver(&mut self, call: Call) {
         let out = &mut self.output.buffer;
         match call {
-            Call::Transition(t, seen) => return self.deliver_transition(&t, seen),
+            Call::Transition(t, seen) => return self.deliver_transition(&t, &seen),
             Call::OwnerChanged(ts_ns, change) => {
                 self.observer
                     .owner_changed(ts_ns, &change, &self.clock, out)
@@ -386,7 +386,7 @@ impl<O: Observer> Monitor<O> {
         self.output.flush_when_full();
     }
 
-    fn deliver_transition(&mut self, t: &Transition, seen: Observed) {
+    fn deliver_transition(&mut self, t: &Transition, seen: &Observed) {
         let out = &mut self.output.buffer;
         self.observer.transition(t, seen, &self.clock, out);
         self.output.flush_when_full();
@@ -454,7 +454,7 @@ impl<O: Observer> Monitor<O> {
         if self.deferred.holds() || observed.waits_for_image() {
             self.deferred.hold(Call::Transition(transition, observed));
         } else {
-            self.deliver_transition(&transition, observed);
+            self.deliver_transition(&transition, &observed);
         }
     }
 

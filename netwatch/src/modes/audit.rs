@@ -189,7 +189,13 @@ impl Observer for Audit {
         }
     }
 
-    fn transition(&mut self, t: &Transition, seen: Observed, clock: &WallClock, out: &mut Records) {
+    fn transition(
+        &mut self,
+        t: &Transition,
+        seen: &Observed,
+        clock: &WallClock,
+        out: &mut Records,
+    ) {
         let now = clock.at(t.ts_ns);
         if let Some(vanished) = &seen.replaced {
             if vanished.state == TcpState::Listen {
@@ -199,13 +205,13 @@ impl Observer for Audit {
                 self.conn(vanished, Ending::Vanished(now), Some(t.bytes), clock, out);
             }
         }
-        match (t.old, t.new, seen.closed) {
+        match (t.old, t.new, &seen.closed) {
             (TcpState::Listen, TcpState::Close, Some(listener)) => {
                 let start = listener.opened_ns.map(|ns| clock.at(ns));
-                self.listener(&listener, start, Some(now), out)
+                self.listener(listener, start, Some(now), out)
             }
             (_, TcpState::Close, Some(conn)) => self.conn(
-                &conn,
+                conn,
                 Ending::Closed(now, t.error),
                 Some(t.bytes),
                 clock,

@@ -128,7 +128,7 @@ impl Observer for Verify {
     fn transition(
         &mut self,
         t: &Transition,
-        _seen: Observed,
+        _seen: &Observed,
         _clock: &WallClock,
         _out: &mut Records,
     ) {

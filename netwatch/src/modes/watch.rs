@@ -95,7 +95,13 @@ impl Observer for Stream {
         }
     }
 
-    fn transition(&mut self, t: &Transition, seen: Observed, clock: &WallClock, out: &mut Records) {
+    fn transition(
+        &mut self,
+        t: &Transition,
+        seen: &Observed,
+        clock: &WallClock,
+        out: &mut Records,
+    ) {
         let owner = seen.owner.as_ref();
         let pid = owner.map(|owner| owner.pid);
         if !self.args.filters.matches(&t.tuple, pid, &[t.old, t.new])
@@ -205,7 +211,7 @@ mod tests {
                     closed: None,
                     replaced: None,
                 };
-                stream.transition(&t, observed, &clock, &mut out);
+                stream.transition(&t, &observed, &clock, &mut out);
             }
         }
         for (k, new) in owners.iter().flatten().enumerate() {

@@ -17,7 +17,7 @@ pub trait Observer {
     /// The baseline is in the table (once, before any transition).
     fn baseline(&mut self, _snapshot: &Snapshot, _table: &SocketTable, _out: &mut Records) {}
     /// A transition was applied to the table.
-    fn transition(&mut self, t: &Transition, seen: Observed, clock: &WallClock, out: &mut Records);
+    fn transition(&mut self, t: &Transition, seen: &Observed, clock: &WallClock, out: &mut Records);
     /// A socket's owner became another process, at monotonic time `ts_ns`.
     fn owner_changed(
         &mut self,

@@ -20,7 +20,7 @@ struct Recorder {
 }
 
 impl Observer for Recorder {
-    fn transition(&mut self, t: &Transition, _: Observed, _: &WallClock, _: &mut Records) {
+    fn transition(&mut self, t: &Transition, _: &Observed, _: &WallClock, _: &mut Records) {
         self.transitions.push(t.clone());
     }
     fn notice(&mut self, notice: &Notice, _: &mut Records) {

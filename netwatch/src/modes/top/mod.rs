@@ -111,8 +111,8 @@ impl Observer for Feed {
         lock(&self.state).baseline(table);
     }
 
-    fn transition(&mut self, t: &Transition, seen: Observed, clock: &WallClock, _: &mut Records) {
-        lock(&self.state).transition(t, seen.owner, clock.at(t.ts_ns));
+    fn transition(&mut self, t: &Transition, seen: &Observed, clock: &WallClock, _: &mut Records) {
+        lock(&self.state).transition(t, seen.owner.clone(), clock.at(t.ts_ns));
     }
 
     fn owner_changed(
