@@ -32,10 +32,12 @@ use crate::model::{
 };
 use crate::snapshot::Snapshot;
 
+mod closes;
 mod listeners;
 mod process;
 
 use crate::engine::images::ImageReader;
+use closes::RecentCloses;
 use listeners::Listener;
 pub use process::{NameLookup, Process};
 
@@ -143,15 +145,12 @@ pub struct SocketTable {
     /// Reads each owner's command line and executable, where asked to.
     images: Option<ImageReader>,
     /// Sockets that reached CLOSE lately, with the state they left.
-    closed: FxHashMap<u64, TcpState>,
+    closed: RecentCloses,
     capacity: usize,
     evicted: u64,
     /// Sockets found freed without a traced CLOSE (their address reused).
     vanished: u64,
 }
-
-/// Closed sockets remembered at most, to recognise a duplicated close.
-const CLOSED_LIMIT: usize = 65536;
 
 /// Whether a transition starts a new socket (`tcp_state::opens`, the state
 /// program's rule too).
@@ -201,7 +200,7 @@ impl SocketTable {
             processes: FxHashMap::default(),
             lookup_name,
             images: None,
-            closed: FxHashMap::default(),
+            closed: RecentCloses::default(),
             capacity: capacity.max(1),
             evicted: 0,
             vanished: 0,
@@ -321,7 +320,7 @@ impl SocketTable {
     pub fn is_duplicate(&self, t: &Transition) -> bool {
         match self.bound.get(&t.skaddr) {
             Some(socket) => socket.state == t.new && socket.previous == Some(t.old),
-            None => t.new == TcpState::Close && self.closed.get(&t.skaddr) == Some(&t.old),
+            None => t.new == TcpState::Close && self.closed.latest(t.skaddr) == Some(t.old),
         }
     }
 
@@ -387,10 +386,7 @@ impl SocketTable {
         let mut closed = None;
         match t.new {
             TcpState::Close => {
-                if self.closed.len() >= CLOSED_LIMIT {
-                    self.closed.clear();
-                }
-                self.closed.insert(t.skaddr, t.old);
+                self.closed.remember(t.skaddr, t.old);
                 closed = Some(socket);
             }
             TcpState::Listen => {
