@@ -313,6 +313,8 @@ struct Monitor<O> {
     resync: ResyncSchedule,
     /// Observer calls waiting for the images they show.
     deferred: Deferred,
+    /// The most bytes the ring buffer held, read from the source at the stop.
+    ring_buffer_peak: Option<u64>,
 }
 
 impl<O: Observer> Monitor<O> {
@@ -333,6 +335,7 @@ impl<O: Observer> Monitor<O> {
             ledger: LossLedger::default(),
             resync: ResyncSchedule::new(no_resync),
             deferred: Deferred::new(IMAGE_WAIT),
+            ring_buffer_peak: None,
         }
     }
 
@@ -525,6 +528,7 @@ impl<O: Observer> Monitor<O> {
         let skipped_since = counters.recovery_skipped - at_stop.recovery_skipped;
         counters.fired = counters.fired.map(|fired| fired - skipped_since);
         self.check_losses(source, counters, true)?;
+        self.ring_buffer_peak = source.ring_buffer_peak();
         self.release_all().await;
         let summary = self.summary(started.elapsed());
         let end = End {
@@ -604,6 +608,7 @@ impl<O: Observer> Monitor<O> {
             resyncs: self.resync.done,
             sockets: self.table.len(),
             vanished: self.table.vanished(),
+            ring_buffer_peak_bytes: self.ring_buffer_peak,
         }
     }
 }

@@ -47,6 +47,8 @@ pub(crate) trait EventSource {
     fn stop_sending(&mut self) -> io::Result<()>;
     /// The bytes counted so far for an open socket, by its kernel address.
     fn bytes(&self, skaddr: u64) -> Option<ByteCounts>;
+    /// The most bytes the ring buffer held when drained, if known.
+    fn ring_buffer_peak(&self) -> Option<u64>;
     /// The TCP sockets open now in every network namespace, with their
     /// owners: the baseline, and the table after losses.
     fn baseline(&mut self) -> anyhow::Result<Snapshot>;
@@ -80,6 +82,10 @@ impl EventSource for KernelSource {
 
     fn bytes(&self, skaddr: u64) -> Option<ByteCounts> {
         self.probe.bytes(skaddr)
+    }
+
+    fn ring_buffer_peak(&self) -> Option<u64> {
+        self.probe.ring_buffer_peak()
     }
 
     fn baseline(&mut self) -> anyhow::Result<Snapshot> {

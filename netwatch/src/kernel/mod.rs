@@ -3,6 +3,7 @@
 //!
 //! - `prerequisites`: root or capabilities, tracefs and tracepoint record layouts where needed;
 //! - `probe`: the state, recovery and owner programs, their ring buffer and loss counters;
+//! - `ring_fill`: how full the ring buffer gets;
 //! - `events`: their events as netwatch's records;
 //! - `program_log`: their own log;
 //! - `iterators`: every TCP socket and every process's socket fds, read in the kernel;
@@ -18,6 +19,7 @@ mod prerequisites;
 mod privileges;
 mod probe;
 mod program_log;
+mod ring_fill;
 
 #[cfg(feature = "fuzzing")]
 pub use btf::Btf;

@@ -27,6 +27,7 @@ use super::prerequisites::{
     PrerequisiteError, FORMAT, TRACEFS,
 };
 use super::program_log::{start_kernel_log, KernelLog};
+use super::ring_fill::RingFill;
 use super::NETWATCH_OBJECT;
 use crate::model::LossCounters;
 
@@ -68,6 +69,8 @@ pub enum ProbeError {
 /// The attached program, its ring buffer and its loss counters.
 pub struct StateProbe {
     ring: AsyncFd<RingBuf<MapData>>,
+    /// How full the ring gets, where its pages could be mapped again.
+    fill: Option<RingFill>,
     kernel_log: Option<KernelLog>,
     drops: PerCpuArray<MapData, u64>,
     fired: PerCpuArray<MapData, u64>,
@@ -152,6 +155,8 @@ impl StateProbe {
             (attach_tracepoint(&mut ebpf)?, None)
         };
         let ring: RingBuf<MapData> = take_map(&mut ebpf, EVENTS_MAP)?;
+        // Only a measure: netwatch runs the same without it.
+        let fill = RingFill::of(&ring).ok();
         // SAFETY: the ring buffer owns its map fd, which stays open and the
         // same for as long as the AsyncFd (which owns the ring buffer) lives.
         let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
@@ -168,6 +173,7 @@ impl StateProbe {
             stopping,
             fired,
             ring,
+            fill,
             kernel_log,
             drops,
             state_fd,
@@ -186,6 +192,9 @@ impl StateProbe {
     /// [`super::to_record`]) to `handle` until it is empty.
     pub async fn drain(&mut self, mut handle: impl FnMut(&[u8])) -> io::Result<()> {
         let mut guard = self.ring.readable_mut().await?;
+        if let Some(fill) = &mut self.fill {
+            fill.sample();
+        }
         drain_ready(guard.get_inner_mut(), &mut handle);
         guard.clear_ready();
         Ok(())
@@ -194,6 +203,12 @@ impl StateProbe {
     /// Hands every item already in the ring buffer to `handle`, without waiting.
     pub fn drain_now(&mut self, mut handle: impl FnMut(&[u8])) {
         drain_ready(self.ring.get_mut(), &mut handle);
+    }
+
+    /// The most bytes the ring buffer held when the reader woke to drain
+    /// it, if its pages could be mapped to see.
+    pub fn ring_buffer_peak(&self) -> Option<u64> {
+        self.fill.as_ref().map(RingFill::peak)
     }
 
     /// The eBPF program's log, to be polled beside the ring buffer.

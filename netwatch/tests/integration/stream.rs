@@ -266,6 +266,12 @@ fn losses_are_reported_and_the_table_resyncs() {
         stopped.stderr
     );
     assert_eq!(lost, summary_count(&stopped.records, "ring_buffer_full"));
+    // The ring was found full, or nearly (a record did not fit), and never more.
+    let peak = summary_count(&stopped.records, "ring_buffer_peak_bytes");
+    assert!(
+        (2048..=4096).contains(&peak),
+        "a full 4 KiB ring held {peak} bytes at most"
+    );
     // Each transition counted once: a skipped call whose recovery the full
     // ring refused is lost once, not also as a skip not recovered.
     let delivered = summary_count(&stopped.records, "transitions");

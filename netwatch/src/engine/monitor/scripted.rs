@@ -49,6 +49,9 @@ impl EventSource for ScriptedSource {
     fn bytes(&self, _: u64) -> Option<ByteCounts> {
         None
     }
+    fn ring_buffer_peak(&self) -> Option<u64> {
+        None
+    }
     fn baseline(&mut self) -> anyhow::Result<Snapshot> {
         self.baselines_read += 1;
         self.losses.ring_buffer_full += self.lost_during_read;

@@ -31,6 +31,9 @@ pub struct Summary {
     pub sockets: usize,
     /// Sockets found freed without a traced CLOSE.
     pub vanished: u64,
+    /// The most bytes the ring buffer held when netwatch woke to drain it
+    /// (records with their 8-byte headers), where it could see.
+    pub ring_buffer_peak_bytes: Option<u64>,
 }
 
 impl std::fmt::Display for Summary {
@@ -53,6 +56,14 @@ impl std::fmt::Display for Summary {
             self.resyncs,
             self.sockets,
             self.vanished
-        )
+        )?;
+        match self.ring_buffer_peak_bytes {
+            Some(bytes) => write!(
+                f,
+                "; the ring buffer held {} KiB at most",
+                bytes.div_ceil(1024)
+            ),
+            None => Ok(()),
+        }
     }
 }
