@@ -132,8 +132,9 @@ pub enum SnapshotSource {
 /// Flags of every mode that loads the eBPF programs.
 #[derive(Debug, Args, Clone)]
 pub struct ProbeArgs {
-    /// Ring buffer size in KiB (a power of two, at least 4).
-    #[arg(long, value_name = "KIB", default_value_t = 2048, value_parser = parse_ring_kib)]
+    /// Ring buffer size in KiB (a power of two, at least 4); the summary
+    /// says how full it got.
+    #[arg(long, value_name = "KIB", default_value_t = 1024, value_parser = parse_ring_kib)]
     pub ring_buffer_kib: u32,
     /// After lost events, keep going without re-reading /proc (the table may drift).
     #[arg(long)]
