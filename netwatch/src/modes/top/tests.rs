@@ -399,3 +399,51 @@ fn round_trip_times_read_short() {
         .collect();
     assert_eq!(shown, ["45us", "999us", "1.2ms", "38ms", "999ms", "1.3s"]);
 }
+
+#[test]
+fn round_trip_times_and_retransmissions_sort_as_they_show() {
+    // A connection still retransmitting its SYN has retransmissions
+    // counted but no round trip measured: both its cells show "-", and it
+    // sorts with the unmeasured, not above one that shows a number.
+    let mut state = TopState::new(true, Duration::from_secs(3600));
+    let curl = Some(owner(4242, "curl", None));
+    let unanswered = tuple("10.0.0.1:43210", "10.0.0.9:443");
+    let answered = tuple("10.0.0.1:43211", "10.0.0.9:443");
+    for (skaddr, tuple, states) in [
+        (1, unanswered, (TcpState::Close, TcpState::SynSent)),
+        (2, answered, (TcpState::Close, TcpState::SynSent)),
+        (2, answered, (TcpState::SynSent, TcpState::Established)),
+    ] {
+        let t = Transition::scripted(0, skaddr, tuple, states, task(1, 1, b"x"));
+        state.transition(&t, curl.clone(), now());
+    }
+    let counted = |rtt_us, retransmits| TcpCounters {
+        bytes: ByteCounts::default(),
+        rtt_us,
+        retransmits,
+    };
+    let counters = [(1, counted(0, 5)), (2, counted(300, 1))];
+    state.refresh(&Refresh {
+        bytes: &|_| None,
+        counters: &counters.into_iter().collect(),
+    });
+    let columns = View::Connections.columns();
+    for title in ["RTT", "RETR"] {
+        let mut sorted = choices();
+        let column = columns.iter().position(|column| column.title == title);
+        sorted.sort = Some(column.expect("a column of the connections view"));
+        let rows = screen(&state, &sorted, &args(&[]), now()).rows;
+        let remotes: Vec<&str> = rows.iter().map(|row| row.cells[3].as_str()).collect();
+        assert_eq!(
+            remotes[..2],
+            ["10.0.0.9:443"; 2],
+            "{title}: the two connections, {rows:?}"
+        );
+        let local = |row: &super::view::Row| row.cells[2].clone();
+        assert_eq!(
+            local(&rows[0]),
+            "10.0.0.1:43211",
+            "{title}: the measured one first, {rows:?}"
+        );
+    }
+}

@@ -507,7 +507,8 @@ fn numbers(view: View, members: &[&Connection], now: SystemTime) -> Vec<f64> {
     };
     numbers.extend([sent as f64, received as f64, rates.0, rates.1]);
     if let (View::Connections, [c]) = (view, members) {
-        let counters = c.counters.unwrap_or_default();
+        // As the cells show them: nothing until a round trip is measured.
+        let counters = c.measured().unwrap_or_default();
         numbers.extend([f64::from(counters.rtt_us), f64::from(counters.retransmits)]);
     }
     numbers.push(0.0);
