@@ -54,9 +54,15 @@ pub fn json_opt_str(out: &mut Vec<u8>, text: Option<&str>) {
 /// user time in copies of a few bytes.
 fn append<const N: usize>(out: &mut Vec<u8>, write: impl FnOnce(&mut [u8; N]) -> usize) {
     let mut room = [0u8; N];
-    let len = write(&mut room).min(N);
-    out.extend_from_slice(&room);
-    out.truncate(out.len() - (N - len));
+    let len = write(&mut room);
+    append_prefix(out, &room, len);
+}
+
+/// Appends the first `len` bytes of `room` (all of it, if `len` is past
+/// its end) by copying it whole, a copy of constant size, and cutting back.
+pub fn append_prefix<const N: usize>(out: &mut Vec<u8>, room: &[u8; N], len: usize) {
+    out.extend_from_slice(room);
+    out.truncate(out.len() - (N - len.min(N)));
 }
 
 /// Writes `value`'s decimal digits at the start of `room`; returns how many.
@@ -74,6 +80,19 @@ fn decimal(room: &mut [u8; 20], value: u64) -> usize {
         room[0] = b'0' + rest as u8;
     }
     digits
+}
+
+/// `value`'s last `W` decimal digits, with leading zeros: those of
+/// `10^W + value` but its first.
+fn zero_padded<const W: usize>(value: u64) -> [u8; W] {
+    let mut digits = [0u8; 20];
+    decimal(
+        &mut digits,
+        10u64.pow(W as u32) + value % 10u64.pow(W as u32),
+    );
+    let mut padded = [0u8; W];
+    padded.copy_from_slice(&digits[1..=W]);
+    padded
 }
 
 /// "00" to "99".
@@ -144,10 +163,7 @@ fn millionths_text(room: &mut [u8; 32], millionths: u64) -> usize {
         room[digits + 1] = b'0';
         return digits + 2;
     }
-    // Six digits with their leading zeros: those of 10^6 + fraction, but its 1.
-    let mut padded = [0u8; 20];
-    decimal(&mut padded, 1_000_000 + fraction);
-    room[digits + 1..digits + 7].copy_from_slice(&padded[1..7]);
+    room[digits + 1..digits + 7].copy_from_slice(&zero_padded::<6>(fraction));
     let mut end = digits + 7;
     while room[end - 1] == b'0' {
         end -= 1;
@@ -317,13 +333,7 @@ pub fn fixed3_right7(out: &mut Vec<u8>, value: f64) {
         room[pad..pad + 20].copy_from_slice(&whole);
         let point = pad + digits;
         room[point] = b'.';
-        let fraction = thousandths % 1000;
-        for (at, digit) in [fraction / 100, fraction / 10 % 10, fraction % 10]
-            .into_iter()
-            .enumerate()
-        {
-            room[point + 1 + at] = b'0' + digit as u8;
-        }
+        room[point + 1..point + 4].copy_from_slice(&zero_padded::<3>(thousandths % 1000));
         point + 4
     });
 }
@@ -378,9 +388,7 @@ impl RfcTime {
         let mut stamp = [0u8; 27];
         stamp[..19].copy_from_slice(&text);
         stamp[19] = b'.';
-        let mut padded = [0u8; 20];
-        decimal(&mut padded, 1_000_000 + u64::from(since.subsec_micros()));
-        stamp[20..26].copy_from_slice(&padded[1..7]);
+        stamp[20..26].copy_from_slice(&zero_padded::<6>(u64::from(since.subsec_micros())));
         stamp[26] = b'Z';
         out.extend_from_slice(&stamp);
     }

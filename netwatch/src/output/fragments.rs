@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use rustc_hash::FxHasher;
 
+use super::bytes;
 use crate::model::{Owner, Tuple};
 
 /// Owners remembered: a server's worker and a client, a pre-fork pool's few.
@@ -129,10 +130,7 @@ impl TupleFragments {
         tuple.hash(&mut hasher);
         let slot = &mut self.slots[hasher.finish() as usize % TUPLE_SLOTS];
         if slot.tuple.as_ref() == Some(tuple) {
-            // A copy of the whole room, of constant size, then cut back: a
-            // few moves rather than a call to memmove.
-            out.extend_from_slice(&slot.bytes);
-            out.truncate(out.len() - (TUPLE_FRAGMENT_BYTES - usize::from(slot.len)));
+            bytes::append_prefix(out, &slot.bytes, usize::from(slot.len));
             return;
         }
         let start = out.len();
