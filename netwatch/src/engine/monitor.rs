@@ -237,7 +237,7 @@ async fn monitor<O: Observer>(config: Config, observer: O, sink: Sink) -> anyhow
     // Even when the output failed, stop writes what it still can and the
     // summary goes to stderr; the first error is the one reported.
     let stopped = monitor.stop(&mut source, started).await;
-    log::info!("{}", monitor.summary(started.elapsed()));
+    log::info!("{}", monitor.summary(started.elapsed(), &source));
     if let Some(err) = write_failed {
         return Err(err.into());
     }
@@ -313,8 +313,6 @@ struct Monitor<O> {
     resync: ResyncSchedule,
     /// Observer calls waiting for the images they show.
     deferred: Deferred,
-    /// The most bytes the ring buffer held, read from the source at the stop.
-    ring_buffer_peak: Option<u64>,
 }
 
 impl<O: Observer> Monitor<O> {
@@ -335,7 +333,6 @@ impl<O: Observer> Monitor<O> {
             ledger: LossLedger::default(),
             resync: ResyncSchedule::new(no_resync),
             deferred: Deferred::new(IMAGE_WAIT),
-            ring_buffer_peak: None,
         }
     }
 
@@ -528,9 +525,8 @@ impl<O: Observer> Monitor<O> {
         let skipped_since = counters.recovery_skipped - at_stop.recovery_skipped;
         counters.fired = counters.fired.map(|fired| fired - skipped_since);
         self.check_losses(source, counters, true)?;
-        self.ring_buffer_peak = source.ring_buffer_peak();
         self.release_all().await;
-        let summary = self.summary(started.elapsed());
+        let summary = self.summary(started.elapsed(), source);
         let end = End {
             table: &self.table,
             bytes: &|skaddr| source.bytes(skaddr),
@@ -592,7 +588,7 @@ impl<O: Observer> Monitor<O> {
         Ok(())
     }
 
-    fn summary(&self, runtime: Duration) -> Summary {
+    fn summary(&self, runtime: Duration, source: &impl EventSource) -> Summary {
         let (lost, counters) = (self.ledger.lost(), self.ledger.counters());
         Summary {
             seconds: runtime.as_secs_f64(),
@@ -608,7 +604,7 @@ impl<O: Observer> Monitor<O> {
             resyncs: self.resync.done,
             sockets: self.table.len(),
             vanished: self.table.vanished(),
-            ring_buffer_peak_bytes: self.ring_buffer_peak,
+            ring_buffer_peak_bytes: source.ring_buffer_peak(),
         }
     }
 }

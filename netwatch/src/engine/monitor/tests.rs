@@ -110,7 +110,7 @@ fn stop(monitor: &mut Monitor<Recorder>, source: &mut ScriptedSource) -> Summary
         .block_on(monitor.stop(source, Instant::now()))
         .expect("scripted stop");
     assert!(source.stopped);
-    monitor.summary(Duration::ZERO)
+    monitor.summary(Duration::ZERO, source)
 }
 
 #[test]
